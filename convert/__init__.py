@@ -1,0 +1,1 @@
+"""Offline conversion: checkpoint (HF directory | GGUF) -> edge-llm bundle."""
