@@ -1,0 +1,82 @@
+"""Write a bundle atomically: everything goes into a temporary sibling directory, is fsynced,
+and only then renamed into place, so a failed or interrupted conversion leaves nothing behind."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from edge.bundle import ALIGN, FORMAT_VERSION, MANIFEST, sha256_of
+
+
+class TensorFile:
+    """Appends arrays to one binary file, each at an ALIGN-aligned offset."""
+
+    def __init__(self, f: BinaryIO, name: str, index: dict):
+        self.f, self.name, self.index = f, name, index
+
+    def add(self, key: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        pad = (-self.f.tell()) % ALIGN
+        self.f.write(b"\0" * pad)
+        self.index[key] = {"file": self.name, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                           "offset": self.f.tell()}
+        self.f.write(arr.tobytes())
+
+
+class BundleWriter:
+    def __init__(self, tmp: Path):
+        self.dir = tmp
+        self.tensors: dict[str, dict] = {}
+
+    @contextmanager
+    def tensor_file(self, name: str) -> Iterator[TensorFile]:
+        with open(self.dir / name, "wb") as f:
+            yield TensorFile(f, name, self.tensors)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with open(self.dir / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, manifest: dict) -> None:
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
+                 for p in sorted(self.dir.iterdir()) if p.is_file()}
+        manifest = {"format_version": FORMAT_VERSION, **manifest, "tensors": self.tensors, "files": files}
+        self.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+@contextmanager
+def atomic_bundle(dest: Path, overwrite: bool = False) -> Iterator[BundleWriter]:
+    dest = Path(dest).resolve()
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest}: already exists (pass --force to replace it)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield BundleWriter(tmp)
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+        fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

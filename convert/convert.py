@@ -1,0 +1,75 @@
+"""checkpoint (HF directory | GGUF) -> bundle. The one entry point of the conversion step."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convert.bundle_writer import atomic_bundle
+from convert.checkpoint import Checkpoint, CheckpointError
+from convert.progress import Progress
+
+FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
+QUANTS = tuple(FLOAT_QUANTS)
+
+
+def read_checkpoint(src: Path) -> Checkpoint:
+    src = Path(src)
+    if src.is_dir():
+        from convert.hf_reader import read_hf
+        return read_hf(src)
+    if src.is_file():
+        with open(src, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF":
+            from convert.gguf_reader import read_gguf
+            return read_gguf(src)
+        raise CheckpointError(f"{src}: neither a GGUF file nor a Hugging Face checkpoint directory")
+    raise CheckpointError(f"{src}: no such file or directory")
+
+
+def convert(src: Path, dest: Path, quant: str = "f16", overwrite: bool = False, name: str | None = None,
+            quiet: bool = False) -> Path:
+    if quant not in QUANTS:
+        raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
+    ckpt = read_checkpoint(src)
+    _check_tokenizer(ckpt)
+    names = ckpt.names()
+    bar = Progress(len(names), f"converting {Path(src).name}", **({"stream": _Null()} if quiet else {}))
+    with atomic_bundle(dest, overwrite) as w:
+        with w.tensor_file("weights.bin") as tf:
+            for n in names:
+                tf.add(n, ckpt.tensor(n).astype(FLOAT_QUANTS[quant]))
+                bar.step(n)
+        w.write_bytes("tokenizer.json", ckpt.tokenizer_json.encode("utf-8"))
+        w.finish({
+            "name": name or Path(src).name, "source": str(Path(src).resolve()), "quant": quant,
+            "config": ckpt.config.to_dict(), "tokenizer": "tokenizer.json",
+            "chat_template": ckpt.chat_template, "special_tokens": ckpt.special_tokens,
+            "add_bos": ckpt.add_bos,
+        })
+    bar.close()
+    return Path(dest)
+
+
+def _check_tokenizer(ckpt: Checkpoint) -> None:
+    """Refuse a tokenizer that cannot load or whose ids overrun the embedding table."""
+    from tokenizers import Tokenizer
+    try:
+        tok = Tokenizer.from_str(ckpt.tokenizer_json)
+    except Exception as e:
+        raise CheckpointError(f"{ckpt.source}: tokenizer cannot be loaded ({e})") from e
+    if tok.get_vocab_size(with_added_tokens=True) > ckpt.config.vocab_size:
+        raise CheckpointError(f"{ckpt.source}: tokenizer has {tok.get_vocab_size()} tokens but the model "
+                              f"only {ckpt.config.vocab_size} embeddings")
+
+
+class _Null:
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False

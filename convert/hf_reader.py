@@ -1,0 +1,136 @@
+"""Read a Hugging Face Llama checkpoint directory into a `Checkpoint`.
+
+Needs config.json, model.safetensors (or model-*.safetensors + index) and tokenizer.json;
+tokenizer_config.json / chat_template.jinja give the chat template, generation_config.json
+the eos ids. LlamaForCausalLM only (Llama 3.x, SmolLM2, ...).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from convert.checkpoint import Checkpoint, CheckpointError
+from convert.safetensors_file import SafetensorsFile
+from edge.config import ModelConfig, RopeScaling
+
+_HF_NAMES = {
+    "attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",
+    "wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj",
+}
+
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    if not path.exists():
+        if required:
+            raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint needs it)")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _model_config(path: Path, c: dict, gen: dict) -> ModelConfig:
+    arch = c.get("architectures") or [c.get("model_type")]
+    if c.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+        raise CheckpointError(f"{path}: architecture {arch} is not supported (only LlamaForCausalLM)")
+    try:
+        rs = c.get("rope_scaling") or (c.get("rope_parameters") if c.get("rope_parameters", {}).get("rope_type") == "llama3" else None)
+        scaling = None
+        if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            if rs.get("rope_type", rs.get("type")) != "llama3":
+                raise CheckpointError(f"{path}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported")
+            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
+                                  int(rs["original_max_position_embeddings"]))
+        heads = int(c["num_attention_heads"])
+        theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        return ModelConfig(
+            vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads", heads)),
+            head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(_as_list(gen.get("eos_token_id")) + _as_list(c.get("eos_token_id")))),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: config.json lacks {e.args[0]!r}") from e
+
+
+def _shards(root: Path) -> list[SafetensorsFile]:
+    single = root / "model.safetensors"
+    index = root / "model.safetensors.index.json"
+    if single.exists():
+        return [SafetensorsFile(single)]
+    if index.exists():
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [f for f in files if not (root / f).exists()]
+        if missing or not files:
+            raise CheckpointError(f"{index}: shard(s) missing: {', '.join(missing) or 'none listed'}")
+        return [SafetensorsFile(root / f) for f in files]
+    raise CheckpointError(f"{root}: no model.safetensors or model.safetensors.index.json")
+
+
+def _chat_template(root: Path, tok_cfg: dict) -> str | None:
+    jinja = root / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text(encoding="utf-8")
+    t = tok_cfg.get("chat_template")
+    if isinstance(t, list):   # named templates: take "default"
+        t = next((x["template"] for x in t if x.get("name") == "default"), None)
+    return t
+
+
+def _token_text(x) -> str | None:
+    return x.get("content") if isinstance(x, dict) else x
+
+
+def read_hf(root: Path) -> Checkpoint:
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    cfg = _model_config(root / "config.json", _read_json(root / "config.json"),
+                        _read_json(root / "generation_config.json", required=False))
+    tok_path = root / "tokenizer.json"
+    if not tok_path.exists():
+        raise CheckpointError(f"{tok_path}: missing (convert needs the Hugging Face tokenizer.json)")
+    tok_cfg = _read_json(root / "tokenizer_config.json", required=False)
+
+    loaders = {}
+    for shard in _shards(root):
+        for hf_name in shard.names():
+            name = _canonical(hf_name)
+            if name:
+                loaders[name] = (lambda s=shard, n=hf_name: s.load(n))
+    if cfg.tie_word_embeddings:
+        loaders.pop("lm_head", None)
+    ckpt = Checkpoint(
+        config=cfg, source=str(root), loaders=loaders, tokenizer_json=tok_path.read_text(encoding="utf-8"),
+        chat_template=_chat_template(root, tok_cfg),
+        special_tokens={k: _token_text(tok_cfg[k]) for k in ("bos_token", "eos_token") if tok_cfg.get(k)},
+        add_bos=bool(tok_cfg.get("add_bos_token", cfg.bos_token_id is not None)),
+    )
+    ckpt.validate()
+    return ckpt
+
+
+def _canonical(hf_name: str) -> str | None:
+    fixed = {"model.embed_tokens.weight": "embed", "model.norm.weight": "final_norm", "lm_head.weight": "lm_head"}
+    if hf_name in fixed:
+        return fixed[hf_name]
+    parts = hf_name.split(".")   # model.layers.{i}.{module...}.weight
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[-1] == "weight":
+        module = ".".join(parts[3:-1])
+        for short, hf in _HF_NAMES.items():
+            if hf == module:
+                return f"layers.{parts[2]}.{short}"
+    return None

@@ -1,0 +1,138 @@
+"""Weight quantizers for the graph's FULLY_CONNECTED weights ([N, K], HF's [out, in] layout).
+
+Every scheme returns a `QuantizedWeight` that holds exactly the bytes the .tflite file stores,
+plus `dequantize()` so tests and the NumPy reference backend can reproduce the graph's math.
+
+Schemes (all symmetric, zero point 0, as XNNPACK's hybrid FC kernels require):
+    f32, f16      float reference paths
+    int8          per output channel, scale = max|w| / 127
+    int4          per output channel, clipping ratio searched per channel
+    int4-b32      blocks of 32 along K, fp16 scales (XNNPACK requires fp16 block scales)
+
+int4 scales are searched over clipping ratios (`CLIP_RATIOS`, 0.70..1.00) per channel/block,
+minimising squared reconstruction error: with only 16 levels, clipping the rare large weights
+buys resolution for the many small ones. Ratio 1.00 is in the grid, so the search is never
+worse than plain max-abs scaling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMES = ("f32", "f16", "int8", "int4", "int4-b32")
+CLIP_RATIOS = np.linspace(0.70, 1.00, 16)
+INT4_BLOCK = 32
+_ROWS_PER_CHUNK_ELEMS = 1 << 22   # bound temporaries to ~16 MB per array while searching
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A [N, K] weight as stored in the graph file.
+
+    data:   f32 [N, K] | f16 [N, K] | int8 [N, K] | int4 packed uint8 [N*K/2]
+    scales: None (float) | f32 [N] (per channel) | f16 [N, K/block] (blockwise)
+    """
+    scheme: str
+    shape: tuple[int, int]
+    data: np.ndarray
+    scales: np.ndarray | None = None
+    block_size: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    def int_values(self) -> np.ndarray:
+        """The integer levels [N, K] (int8) of a quantized weight."""
+        if self.scheme == "int8":
+            return self.data
+        return unpack_int4(self.data, self.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [N, K] exactly as the runtime sees the weight."""
+        if self.scheme in ("f32", "f16"):
+            return self.data.astype(np.float32)
+        q = self.int_values().astype(np.float32)
+        if self.block_size:
+            n, k = self.shape
+            s = self.scales.astype(np.float32)[:, :, None]
+            return (q.reshape(n, k // self.block_size, self.block_size) * s).reshape(n, k)
+        return q * self.scales[:, None]
+
+
+def quantize(w: np.ndarray, scheme: str) -> QuantizedWeight:
+    """Quantize a float [N, K] matrix with one of `SCHEMES`."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a [N, K] matrix, got shape {w.shape}")
+    shape = (int(w.shape[0]), int(w.shape[1]))
+    if scheme == "f32":
+        return QuantizedWeight(scheme, shape, w)
+    if scheme == "f16":
+        return QuantizedWeight(scheme, shape, w.astype(np.float16))
+    if scheme == "int8":
+        scale = _safe_scale(np.abs(w).max(axis=1) / 127.0)
+        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+        return QuantizedWeight(scheme, shape, q, scale)
+    if scheme == "int4":
+        if shape[1] % 2:
+            raise ValueError(f"int4 needs an even K, got {shape}")
+        q, scale = _search_int4(w, np.float32)
+        return QuantizedWeight(scheme, shape, pack_int4(q), scale)
+    if scheme == "int4-b32":
+        if shape[1] % INT4_BLOCK:
+            raise ValueError(f"int4-b32 needs K divisible by {INT4_BLOCK}, got {shape}")
+        q, scale = _search_int4(w.reshape(-1, INT4_BLOCK), np.float16)
+        return QuantizedWeight(scheme, shape, pack_int4(q.reshape(shape)),
+                               scale.reshape(shape[0], -1), INT4_BLOCK)
+    raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES}")
+
+
+def _safe_scale(scale: np.ndarray) -> np.ndarray:
+    """An all-zero group gets scale 1 (its levels are 0 either way) instead of a 0 divisor."""
+    return np.where(scale > 0, scale, 1).astype(scale.dtype)
+
+
+def _search_int4(groups: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (group) int4 levels [G, n] int8 and scales [G] (scale_dtype), error-minimising."""
+    q = np.empty(groups.shape, np.int8)
+    scales = np.empty(groups.shape[0], scale_dtype)
+    step = max(1, _ROWS_PER_CHUNK_ELEMS // groups.shape[1])
+    for lo in range(0, groups.shape[0], step):
+        q[lo:lo + step], scales[lo:lo + step] = _search_rows(groups[lo:lo + step], scale_dtype)
+    return q, scales
+
+
+def _search_rows(g: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Try every clipping ratio on a chunk of rows; keep each row's best scale.
+
+    Scales are rounded to their stored dtype before they are tried, so the error that is
+    minimised is the error the runtime actually sees.
+    """
+    amax = np.abs(g).max(axis=1)
+    best_err = np.full(g.shape[0], np.inf, np.float32)
+    best_scale = np.ones(g.shape[0], np.float32)
+    for r in CLIP_RATIOS:
+        s = _safe_scale((amax * r / 7.0).astype(scale_dtype)).astype(np.float32)
+        err = np.square(_levels(g, s) * s[:, None] - g).sum(axis=1)
+        better = err < best_err
+        best_err[better], best_scale[better] = err[better], s[better]
+    return _levels(g, best_scale).astype(np.int8), best_scale.astype(scale_dtype)
+
+
+def _levels(g: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(g / s[:, None]), -8, 7)
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """Row-major int4 levels -> bytes: element 2i in the low nibble, 2i+1 in the high nibble."""
+    flat = q.reshape(-1).astype(np.uint8) & 0x0F
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of `pack_int4`: sign-extend each nibble to int8."""
+    lo = (packed << 4).view(np.int8) >> 4
+    hi = packed.view(np.int8) >> 4
+    return np.stack([lo, hi], axis=-1).reshape(shape)

@@ -1,0 +1,184 @@
+"""`edge-llm`: run, chat, convert (and the commands other modules add)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+from edge.models import DEFAULT_QUANT
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", help="bundle directory, HF checkpoint directory or GGUF file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="numpy", choices=["numpy"], help="model backend")
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "--temp", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def generation_params(a):
+    from edge.engine import GenerationParams
+    from edge.sampler import SamplingParams
+    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                              repetition_penalty=a.repeat_penalty, seed=a.seed)
+    return GenerationParams(max_tokens=a.max_tokens, stop=a.stop, sampling=sampling)
+
+
+def load_engine(a):
+    from edge.engine import Engine
+    from edge.models import open_bundle
+    bundle = open_bundle(a.model, log=_log)
+    return Engine(bundle, backend=a.backend, max_ctx=a.ctx, threads=a.threads)
+
+
+def stream(events, out=sys.stdout):
+    """Print events as they come; return the final event."""
+    last = None
+    for ev in events:
+        if ev.text:
+            out.write(ev.text)
+            out.flush()
+        last = ev
+    return last
+
+
+def format_stats(usage) -> str:
+    return (f"prompt {usage.prompt_tokens} tok ({usage.cached_tokens} cached), "
+            f"generated {usage.completion_tokens} tok, first token {usage.time_to_first_token * 1000:.0f} ms, "
+            f"{usage.decode_tokens_per_second:.1f} tok/s")
+
+
+def cmd_run(a) -> int:
+    engine = load_engine(a)
+    params = generation_params(a)
+    if a.raw:
+        ids = engine.encode_text(a.prompt)
+    else:
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        ids = engine.encode_chat(msgs)
+    last = stream(engine.generate(ids, params))
+    print()
+    if a.verbose:
+        _log(format_stats(last.usage))
+    return 0
+
+
+def read_user_input(prompt: str = "> ") -> str:
+    """One message: a line, or several joined while lines end with a backslash."""
+    lines = []
+    line = input(prompt)
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input("… ")
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def cmd_chat(a) -> int:
+    from edge.conversation import Conversation
+    from edge.kv_cache import ContextFull
+    engine = load_engine(a)
+    params = generation_params(a)
+    conv = Conversation(engine, a.system)
+    print(f"edge-llm chat with {engine.name}. /reset, /system TEXT, /stats; end a line with \\ to continue; "
+          "Ctrl-C stops a reply, Ctrl-D exits.", file=sys.stderr)
+    while True:
+        try:
+            text = read_user_input()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        cmd, _, arg = text.strip().partition(" ")
+        if cmd == "/reset":
+            conv.reset()
+            print("(conversation cleared)")
+        elif cmd == "/system":
+            conv.reset(arg.strip() or None)
+            print("(system prompt set; conversation cleared)")
+        elif cmd == "/stats":
+            print(format_stats(conv.last_usage) if conv.last_usage else "(no reply yet)")
+            print(f"context: {engine.count_context()}/{engine.max_ctx} tokens")
+        elif cmd in ("/exit", "/quit"):
+            return 0
+        elif text.strip():
+            cancel = threading.Event()
+            try:
+                stream(conv.ask(text, params, cancel))
+            except KeyboardInterrupt:
+                cancel.set()
+                print(" [stopped]", end="")
+            except ContextFull as e:
+                conv.reset()
+                print(f"(context full: {e}; conversation cleared, ask again)")
+            print()
+
+
+def cmd_convert(a) -> int:
+    from convert.convert import convert
+    convert(a.src, a.output, quant=a.quant, overwrite=a.force)
+    _log(f"wrote {a.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-llm", description="Llama-family LLMs on a Raspberry Pi 5")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="answer one prompt, streaming")
+    r.add_argument("prompt")
+    r.add_argument("--system", help="system prompt")
+    r.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
+    r.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
+    add_model_args(r)
+    add_sampling_args(r)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive chat")
+    c.add_argument("--system", help="system prompt")
+    add_model_args(c)
+    add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle")
+    v.add_argument("src")
+    v.add_argument("-o", "--output", required=True)
+    v.add_argument("--quant", default=DEFAULT_QUANT, choices=["f32", "f16"])
+    v.add_argument("--force", action="store_true", help="replace an existing output")
+    v.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:
+        if os.environ.get("EDGE_LLM_DEBUG"):
+            raise
+        _log(f"edge-llm: error: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

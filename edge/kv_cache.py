@@ -1,0 +1,47 @@
+"""The preallocated, contiguous key/value cache of one sequence."""
+from __future__ import annotations
+
+import numpy as np
+
+from edge.config import ModelConfig
+
+
+class ContextFull(ValueError):
+    """The sequence would not fit in the cache."""
+
+
+class KVCache:
+    """K and V as [layers, kv_heads, max_ctx, head_dim]: one step's attention reads one
+    contiguous [kv_heads, length, head_dim] slice per layer, shared by the grouped heads."""
+
+    def __init__(self, cfg: ModelConfig, max_ctx: int, dtype=np.float32):
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_ctx, cfg.head_dim)
+        self.k = np.zeros(shape, dtype=dtype)
+        self.v = np.zeros(shape, dtype=dtype)
+        self.max_ctx = max_ctx
+        self.tokens: list[int] = []     # the token ids whose K/V are stored, in order
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def check_room(self, n_new: int) -> None:
+        if self.length + n_new > self.max_ctx:
+            raise ContextFull(f"{self.length} cached + {n_new} new tokens exceed the context of {self.max_ctx}")
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n tokens (their slots get overwritten later)."""
+        del self.tokens[n:]
+
+    def common_prefix(self, ids) -> int:
+        """How many leading ids are already cached (prefix reuse)."""
+        n = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            n += 1
+        return n
