@@ -13,7 +13,7 @@ import numpy as np
 
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.gguf_metadata import read_metadata
-from convert.gguf_tokenizer import tokenizer_json_from_gguf
+from convert.gguf_tokenizer import add_bos_token, tokenizer_json_from_gguf
 from edge.config import ModelConfig, RopeScaling
 from edge.rope import inverse_frequencies
 
@@ -112,7 +112,7 @@ def read_gguf(path: Path) -> Checkpoint:
             special[key] = tokens[meta[meta_key]]
     ckpt = Checkpoint(config=cfg, source=str(path), loaders=loaders, tokenizer_json=tokenizer_json,
                       chat_template=meta.get("tokenizer.chat_template"), special_tokens=special,
-                      add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+                      add_bos=add_bos_token(meta))
     ckpt.validate()
     return ckpt
 

@@ -9,6 +9,11 @@ Schemes (all symmetric, zero point 0, as XNNPACK's hybrid FC kernels require):
     int4          per output channel, clipping ratio searched per channel
     int4-b32      blocks of 32 along K, fp16 scales (XNNPACK requires fp16 block scales)
 
+XNNPACK converts fp16 block scales to bfloat16 (round to nearest even) when it packs the
+weights (measured: its outputs match bf16 scales to 5e-7 and fp16 ones only to 2e-3). So
+block scales are chosen on the bf16 grid, stored exactly as fp16, and `dequantize()` applies
+them as bf16: the error the search minimises is the error the runtime produces.
+
 int4 scales are searched over clipping ratios (`CLIP_RATIOS`, 0.70..1.00) per channel/block,
 minimising squared reconstruction error: with only 16 levels, clipping the rare large weights
 buys resolution for the many small ones. Ratio 1.00 is in the grid, so the search is never
@@ -17,13 +22,14 @@ worse than plain max-abs scaling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 SCHEMES = ("f32", "f16", "int8", "int4", "int4-b32")
 CLIP_RATIOS = np.linspace(0.70, 1.00, 16)
 INT4_BLOCK = 32
-_ROWS_PER_CHUNK_ELEMS = 1 << 22   # bound temporaries to ~16 MB per array while searching
+_ROWS_PER_CHUNK_ELEMS = 1 << 22   # elements per chunk while quantizing (see _by_rows)
 
 
 @dataclass(frozen=True)
@@ -39,10 +45,6 @@ class QuantizedWeight:
     scales: np.ndarray | None = None
     block_size: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
-
     def int_values(self) -> np.ndarray:
         """The integer levels [N, K] (int8) of a quantized weight."""
         if self.scheme == "int8":
@@ -56,7 +58,7 @@ class QuantizedWeight:
         q = self.int_values().astype(np.float32)
         if self.block_size:
             n, k = self.shape
-            s = self.scales.astype(np.float32)[:, :, None]
+            s = _BLOCK.load(self.scales)[:, :, None]
             return (q.reshape(n, k // self.block_size, self.block_size) * s).reshape(n, k)
         return q * self.scales[:, None]
 
@@ -72,53 +74,81 @@ def quantize(w: np.ndarray, scheme: str) -> QuantizedWeight:
     if scheme == "f16":
         return QuantizedWeight(scheme, shape, w.astype(np.float16))
     if scheme == "int8":
-        scale = _safe_scale(np.abs(w).max(axis=1) / 127.0)
-        q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+        q, scale = _by_rows(_int8_rows, w, _CHANNEL)
         return QuantizedWeight(scheme, shape, q, scale)
     if scheme == "int4":
         if shape[1] % 2:
             raise ValueError(f"int4 needs an even K, got {shape}")
-        q, scale = _search_int4(w, np.float32)
+        q, scale = _by_rows(_search_rows, w, _CHANNEL)
         return QuantizedWeight(scheme, shape, pack_int4(q), scale)
     if scheme == "int4-b32":
         if shape[1] % INT4_BLOCK:
             raise ValueError(f"int4-b32 needs K divisible by {INT4_BLOCK}, got {shape}")
-        q, scale = _search_int4(w.reshape(-1, INT4_BLOCK), np.float16)
+        q, scale = _by_rows(_search_rows, w.reshape(-1, INT4_BLOCK), _BLOCK)
         return QuantizedWeight(scheme, shape, pack_int4(q.reshape(shape)),
                                scale.reshape(shape[0], -1), INT4_BLOCK)
     raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES}")
 
 
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (nearest even), returned as float32."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
+
+
+@dataclass(frozen=True)
+class _ScaleFormat:
+    """How scales are stored (store: float32 -> file dtype) and applied (load: -> float32)."""
+    store: Callable[[np.ndarray], np.ndarray]
+    load: Callable[[np.ndarray], np.ndarray]
+    dtype: type
+
+
+_CHANNEL = _ScaleFormat(lambda s: s.astype(np.float32), lambda s: s, np.float32)
+_BLOCK = _ScaleFormat(lambda s: _bf16(s).astype(np.float16),
+                      lambda s: _bf16(s.astype(np.float32)), np.float16)
+
+
 def _safe_scale(scale: np.ndarray) -> np.ndarray:
     """An all-zero group gets scale 1 (its levels are 0 either way) instead of a 0 divisor."""
-    return np.where(scale > 0, scale, 1).astype(scale.dtype)
+    return np.where(scale > 0, scale, 1).astype(np.float32)
 
 
-def _search_int4(groups: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row (group) int4 levels [G, n] int8 and scales [G] (scale_dtype), error-minimising."""
+def _by_rows(fn, groups: np.ndarray, fmt: _ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Apply fn(rows, fmt) -> (int8 levels, stored scales) chunk by chunk.
+
+    Chunking bounds the float temporaries (~16 MB each) whatever the matrix: the 1B model's
+    tied embedding is 1 GB in float32 and must not be copied several times over.
+    """
     q = np.empty(groups.shape, np.int8)
-    scales = np.empty(groups.shape[0], scale_dtype)
+    scales = np.empty(groups.shape[0], fmt.dtype)
     step = max(1, _ROWS_PER_CHUNK_ELEMS // groups.shape[1])
     for lo in range(0, groups.shape[0], step):
-        q[lo:lo + step], scales[lo:lo + step] = _search_rows(groups[lo:lo + step], scale_dtype)
+        q[lo:lo + step], scales[lo:lo + step] = fn(groups[lo:lo + step], fmt)
     return q, scales
 
 
-def _search_rows(g: np.ndarray, scale_dtype) -> tuple[np.ndarray, np.ndarray]:
+def _int8_rows(g: np.ndarray, fmt: _ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
+    scale = _safe_scale(np.abs(g).max(axis=1) / 127.0)
+    return np.clip(np.rint(g / scale[:, None]), -127, 127).astype(np.int8), fmt.store(scale)
+
+
+def _search_rows(g: np.ndarray, fmt: _ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
     """Try every clipping ratio on a chunk of rows; keep each row's best scale.
 
-    Scales are rounded to their stored dtype before they are tried, so the error that is
-    minimised is the error the runtime actually sees.
+    Each candidate goes through the scale's storage and runtime rounding before it is tried,
+    so the error minimised is the error the runtime sees.
     """
     amax = np.abs(g).max(axis=1)
     best_err = np.full(g.shape[0], np.inf, np.float32)
-    best_scale = np.ones(g.shape[0], np.float32)
+    best = np.ones(g.shape[0], fmt.dtype)
     for r in CLIP_RATIOS:
-        s = _safe_scale((amax * r / 7.0).astype(scale_dtype)).astype(np.float32)
+        stored = fmt.store(_safe_scale(amax * r / 7.0))
+        s = fmt.load(stored)
         err = np.square(_levels(g, s) * s[:, None] - g).sum(axis=1)
         better = err < best_err
-        best_err[better], best_scale[better] = err[better], s[better]
-    return _levels(g, best_scale).astype(np.int8), best_scale.astype(scale_dtype)
+        best_err[better], best[better] = err[better], stored[better]
+    return _levels(g, fmt.load(best)).astype(np.int8), best
 
 
 def _levels(g: np.ndarray, s: np.ndarray) -> np.ndarray:

@@ -75,12 +75,15 @@ class ModelBuilder:
         return g
 
     def buffer(self, data: np.ndarray) -> int:
-        """Store constant bytes once; returns the model-level buffer index (0 is the empty one)."""
+        """Append constant bytes to the data section; returns the model-level buffer index.
+
+        Index 0 is the schema's empty buffer, so the first stored buffer is 1.
+        """
         raw = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
         align = ALIGN_LARGE if raw.nbytes >= LARGE_BUFFER else ALIGN_SMALL
         offset = -self._spill_size % align + self._spill_size
         self._spill.seek(offset)
-        self._spill.write(raw.tobytes())
+        self._spill.write(raw.data)
         self._spill_size = offset + raw.nbytes
         self._buffers.append((offset, raw.nbytes))
         return len(self._buffers)

