@@ -6,15 +6,19 @@ with the chat template; the engine's prefix reuse makes that cost only the new t
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 from edge.engine import Engine, Event, GenerationParams
 from edge.kv_cache import ContextFull
 
 
 class Conversation:
-    def __init__(self, engine: Engine, system: str | None = None):
+    def __init__(self, engine: Engine, system: str | None = None,
+                 generate: Callable[..., Iterator[Event]] | None = None):
+        """`generate(ids, params, cancel)` runs a request: the engine directly (terminal) or
+        through the shared scheduler (`Scheduler.stream`) when other interfaces share it."""
         self.engine = engine
+        self.generate = generate or engine.generate
         self.system = system
         self.turns: list[dict] = []
         self.last_usage = None
@@ -39,7 +43,7 @@ class Conversation:
             raise ContextFull(f"this conversation needs {len(ids)} tokens; the context holds "
                               f"{self.engine.max_ctx}")
         reply = []
-        for ev in self.engine.generate(ids, params, cancel):
+        for ev in self.generate(ids, params, cancel):
             reply.append(ev.text)
             if ev.usage is not None:
                 self.last_usage = ev.usage

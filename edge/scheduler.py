@@ -1,0 +1,123 @@
+"""One queue in front of the engine, shared by every interface (HTTP, serial, ...).
+
+The engine runs one sequence at a time, so requests wait in a bounded FIFO and a single
+worker thread feeds them to the engine. Each submitted `Job` streams the engine's events
+back through its own queue; cancelling a job (client gone, Ctrl-C, time limit) stops its
+generation at the next token and frees the engine for the next job.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Iterator
+
+from edge.engine import Engine, Event, GenerationParams
+
+_END = object()
+
+
+class QueueFull(RuntimeError):
+    """Too many requests waiting; try again later."""
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    params: GenerationParams
+    time_limit: float | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+    _events: queue.Queue = field(default_factory=queue.Queue)
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def events(self) -> Iterator[Event]:
+        """Blocking stream of events; re-raises the engine's error if the job failed."""
+        while (item := self._events.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """The same stream for asyncio code, without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        while (item := await loop.run_in_executor(None, self._events.get)) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.time_limit = time_limit
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._waiting = 0
+        self._lock = threading.Lock()
+        self.busy = False
+        self.last_progress = time.monotonic()    # for health checks (watchdog)
+        self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. metrics
+        self._worker = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
+        self._worker.start()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def submit(self, prompt_ids: list[int], params: GenerationParams, time_limit: float | None = None,
+               cancel: threading.Event | None = None) -> Job:
+        with self._lock:
+            if self._waiting >= self.max_queue:
+                raise QueueFull(f"{self._waiting} requests are already waiting; try again shortly")
+            self._waiting += 1
+        job = Job(list(prompt_ids), params, time_limit if time_limit is not None else self.time_limit)
+        if cancel is not None:
+            job.cancel_event = cancel
+        self._jobs.put(job)
+        return job
+
+    def stream(self, prompt_ids: list[int], params: GenerationParams,
+               cancel: threading.Event | None = None) -> Iterator[Event]:
+        """submit + events, with the signature of Engine.generate (for Conversation)."""
+        return self.submit(prompt_ids, params, cancel=cancel).events()
+
+    def healthy(self, stall_seconds: float = 60.0) -> bool:
+        """Idle, or busy and still producing tokens."""
+        return not self.busy or time.monotonic() - self.last_progress < stall_seconds
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            with self._lock:
+                self._waiting -= 1
+            if job.cancelled:
+                job._events.put(Event(finish_reason="cancelled"))
+                job._events.put(_END)
+                continue
+            self.busy, self.last_progress = True, time.monotonic()
+            try:
+                self._serve(job)
+            except BaseException as e:   # reported to the job's reader; the worker lives on
+                job._events.put(e)
+            finally:
+                self.busy = False
+                job._events.put(_END)
+
+    def _serve(self, job: Job) -> None:
+        deadline = job.submitted + job.time_limit if job.time_limit else None
+        for ev in self.engine.generate(job.prompt_ids, job.params, job.cancel_event):
+            self.last_progress = time.monotonic()
+            if deadline is not None and self.last_progress > deadline:
+                job.cancel()     # the engine ends the stream with finish_reason "cancelled"
+            for listener in self.listeners:
+                listener(job, ev)
+            job._events.put(ev)
