@@ -10,7 +10,8 @@ from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
-QUANTS = tuple(FLOAT_QUANTS)
+QUANTS = ("int8", "int4", "int4-b32", "f16", "f32")
+DEFAULT_QUANT = "int8"
 
 
 def read_checkpoint(src: Path) -> Checkpoint:
@@ -28,19 +29,41 @@ def read_checkpoint(src: Path) -> Checkpoint:
     raise CheckpointError(f"{src}: no such file or directory")
 
 
-def convert(src: Path, dest: Path, quant: str = "f16", overwrite: bool = False, name: str | None = None,
-            quiet: bool = False) -> Path:
+def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row: the embedding lookup reads 1 byte per value, not 4."""
+    scale = np.abs(table).max(axis=1) / 127.0
+    scale[scale == 0] = 1.0
+    return np.round(table / scale[:, None]).astype(np.int8), scale.astype(np.float32)
+
+
+def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
+            name: str | None = None, quiet: bool = False) -> Path:
+    """Graph for the matmuls (any quant) + NumPy tensors: the embedding table, and for float
+    quants every tensor, so the bundle also runs on the NumPy reference backend."""
+    from convert.llama_graph import write_llama_graph
     if quant not in QUANTS:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
     ckpt = read_checkpoint(src)
     _check_tokenizer(ckpt)
     names = ckpt.names()
-    bar = Progress(len(names), f"converting {Path(src).name}", **({"stream": _Null()} if quiet else {}))
+    floats = quant in FLOAT_QUANTS
+    total = len(names) * (2 if floats else 1) + 1
+    bar = Progress(total, f"converting {Path(src).name} ({quant})", **({"stream": _Null()} if quiet else {}))
+
+    def tensor(n: str) -> np.ndarray:
+        bar.step(n)
+        return ckpt.tensor(n)
+
     with atomic_bundle(dest, overwrite) as w:
+        write_llama_graph(w.dir / "model.tflite", tensor, ckpt.config, quant)
         with w.tensor_file("weights.bin") as tf:
-            for n in names:
-                tf.add(n, ckpt.tensor(n).astype(FLOAT_QUANTS[quant]))
-                bar.step(n)
+            if floats:
+                for n in names:
+                    tf.add(n, tensor(n).astype(FLOAT_QUANTS[quant]))
+            else:
+                rows, scale = int8_rows(tensor("embed"))
+                tf.add("embed", rows)
+                tf.add("embed_scale", scale)
         w.write_bytes("tokenizer.json", ckpt.tokenizer_json.encode("utf-8"))
         w.finish({
             "name": name or Path(src).name, "source": str(Path(src).resolve()), "quant": quant,

@@ -3,7 +3,10 @@
     manifest.json   format version, config, quantization, tokenizer/chat facts, tensor index,
                     size and sha256 of every other file
     tokenizer.json  Hugging Face `tokenizers` format, whatever the source format was
-    weights.bin     the tensors NumPy reads, each at a 16 KB-aligned offset (Pi 5 pages)
+    model.tflite    the weight matmuls as a TFLite graph (int8 / int4 / int4-b32 / f16 / f32)
+    weights.bin     the tensors NumPy reads, each at a 16 KB-aligned offset (Pi 5 pages): the
+                    embedding table (int8 rows + scales when the graph is quantized), and in
+                    f32/f16 bundles every float tensor, for the NumPy reference backend
 
 Loading checks the format version and every file's hash before anything else reads it, and
 refuses a damaged bundle with a message naming the bad file. Tensors are memory-mapped.
@@ -95,6 +98,15 @@ class Bundle:
             raise BundleError(f"{self.path / MANIFEST}: no tensor {name!r}") from None
         return np.memmap(self.path / t["file"], dtype=np.dtype(t["dtype"]), mode="r",
                          offset=t["offset"], shape=tuple(t["shape"]))
+
+    @property
+    def has_graph(self) -> bool:
+        return "model.tflite" in self.manifest["files"]
+
+    @property
+    def has_float_weights(self) -> bool:
+        """All float tensors stored (f32/f16 bundles): what the NumPy reference backend reads."""
+        return self.has_tensor("layers.0.wq")
 
     def has_tensor(self, name: str) -> bool:
         return name in self.manifest["tensors"]

@@ -16,7 +16,8 @@ def _log(msg: str) -> None:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", help="bundle directory, HF checkpoint directory or GGUF file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="numpy", choices=["numpy"], help="model backend")
+    p.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"],
+                   help="litert: the bundle's TFLite graph (default); numpy: float reference")
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
     p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
 
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle")
     v.add_argument("src")
     v.add_argument("-o", "--output", required=True)
-    v.add_argument("--quant", default=DEFAULT_QUANT, choices=["f32", "f16"])
+    v.add_argument("--quant", default=DEFAULT_QUANT, choices=["int8", "int4", "int4-b32", "f16", "f32"],
+                   help="weight format of the graph (f16/f32 bundles also run on the numpy backend)")
     v.add_argument("--force", action="store_true", help="replace an existing output")
     v.set_defaults(func=cmd_convert)
     return p

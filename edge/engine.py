@@ -58,7 +58,7 @@ class GenerationParams:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, backend: str = "numpy", max_ctx: int | None = None,
+    def __init__(self, bundle: Bundle, backend: str = "auto", max_ctx: int | None = None,
                  threads: int | None = None):
         self.bundle = bundle
         self.config = cfg = bundle.config
@@ -157,8 +157,21 @@ class Engine:
         yield Event(text=tail, finish_reason=finish, usage=usage)
 
 
+BACKENDS = ("auto", "litert", "numpy")
+
+
 def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | None):
+    """litert runs the bundle's graph; numpy is the float reference (f32/f16 bundles only)."""
+    if backend == "auto":
+        backend = "litert" if bundle.has_graph else "numpy"
+    if backend == "litert":
+        from edge.model_litert import LiteRTModel, default_threads
+        from edge.models import home
+        return LiteRTModel(bundle, max_ctx, threads or default_threads(), weight_cache=home() / "xnnpack-cache")
     if backend == "numpy":
+        if not bundle.has_float_weights:
+            raise ValueError(f"{bundle.path}: a {bundle.quant} bundle has no float weights for the numpy "
+                             "backend; convert with --quant f32 or f16 for a reference bundle")
         from edge.model_numpy import NumpyModel
         return NumpyModel(bundle.config, bundle.tensor, max_ctx)
-    raise ValueError(f"unknown backend {backend!r} (available: numpy)")
+    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
