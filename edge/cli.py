@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight format of the graph (f16/f32 bundles also run on the numpy backend)")
     v.add_argument("--force", action="store_true", help="replace an existing output")
     v.set_defaults(func=cmd_convert)
+
+    from edge import bench, perplexity
+    bench.register(sub)
+    perplexity.register(sub)
     return p
 
 

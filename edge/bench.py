@@ -1,0 +1,100 @@
+"""`edge-llm bench`: like llama-bench. Prompt processing (pp) and generation (tg) tokens/s,
+time to first token, load time and peak RSS, over repetitions and thread counts."""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from edge.bundle import Bundle
+from edge.engine import PREFILL_CHUNK, load_backend
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
+    t0 = time.perf_counter()
+    model = load_backend(bundle, backend, max(n_prompt, n_gen) + 8, threads)
+    load_s = time.perf_counter() - t0
+    cache = model.new_cache()
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, bundle.config.vocab_size, n_prompt)
+
+    def prefill():
+        cache.truncate(0)
+        for i in range(0, n_prompt, PREFILL_CHUNK):
+            logits = model.forward(prompt[i:i + PREFILL_CHUNK], cache)
+        int(np.argmax(logits))      # the first token, as a user would get it
+
+    def generate():
+        cache.truncate(0)
+        token = 1
+        for _ in range(n_gen):
+            token = int(np.argmax(model.forward([token], cache)))
+
+    prefill()                       # warm-up: buffers, T-resizes, caches
+    pp = [_timed(prefill) for _ in range(reps)]
+    tg = [_timed(generate) for _ in range(reps)]
+    return {
+        "model": bundle.name, "quant": bundle.quant, "backend": backend, "threads": threads,
+        "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "load_s": load_s,
+        "ttft_s": statistics.median(pp),
+        "pp_tokens_per_s": n_prompt / statistics.median(pp),
+        "pp_std": statistics.pstdev([n_prompt / t for t in pp]),
+        "tg_tokens_per_s": n_gen / statistics.median(tg),
+        "tg_std": statistics.pstdev([n_gen / t for t in tg]),
+        "kv_cache_mb": cache.nbytes / 2**20,
+        "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def markdown(rows: list[dict]) -> str:
+    head = "| model | quant | backend | threads | pp{p} t/s | tg{n} t/s | ttft s | load s | peak RSS MB |"
+    lines = [head.format(p=rows[0]["n_prompt"], n=rows[0]["n_gen"]), "|---" * 9 + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['quant']} | {r['backend']} | {r['threads']} | "
+                     f"{r['pp_tokens_per_s']:.1f} ± {r['pp_std']:.1f} | {r['tg_tokens_per_s']:.1f} ± {r['tg_std']:.1f} | "
+                     f"{r['ttft_s']:.3f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from edge.models import resolve
+    bundle_path = resolve(args.model, log=lambda m: print(m, file=sys.stderr))
+    t0 = time.perf_counter()
+    bundle = Bundle.open(bundle_path)
+    verify_s = time.perf_counter() - t0
+    rows = []
+    for threads in args.threads:
+        r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps)
+        r["load_s"] += verify_s           # opening includes checking every file's hash
+        rows.append(r)
+    print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1) if args.json else markdown(rows))
+    return 0
+
+
+def register(sub) -> None:
+    from edge.models import DEFAULT_QUANT  # noqa: F401  (documented default)
+    b = sub.add_parser("bench", help="measure prompt/generation speed, like llama-bench")
+    b.add_argument("--model", "-m")
+    b.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"])
+    b.add_argument("-p", "--n-prompt", type=int, default=128)
+    b.add_argument("-n", "--n-gen", type=int, default=64)
+    b.add_argument("-t", "--threads", type=lambda s: [int(x) for x in s.split(",")], default=[2],
+                   help="thread counts, comma separated (e.g. 1,2,4)")
+    b.add_argument("-r", "--reps", type=int, default=3)
+    b.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
+    b.set_defaults(func=run)
