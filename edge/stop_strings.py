@@ -1,9 +1,11 @@
 """Stop strings over streamed text.
 
 Text is released as soon as it cannot be part of a stop string: any tail that is a prefix of
-some stop is held back until later text confirms or rules out the match. When a stop string
-completes, output ends right before it (the earliest-starting match wins) and nothing more is
-emitted. Only the held tail (shorter than the longest stop) is ever searched again.
+some stop is held back until later text confirms or rules out the match. The first stop string
+to complete wins, as it would if text arrived one character at a time (so the result never
+depends on how the text was chunked); of those completing at the same character the longest
+wins. Output ends right before it and nothing more is emitted. Only the held tail (shorter
+than the longest stop) is ever searched again.
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ class StopMatcher:
         if self.stopped:
             return "", True
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        # (end, start) of each stop's first occurrence; the earliest end completed first
+        hits = [(i + len(s), i) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
             self.stopped, self._held = True, ""
-            return buffer[: min(hits)], True
+            return buffer[: min(hits)[1]], True
         keep = self._partial_match_length(buffer)
         self._held = buffer[len(buffer) - keep:]
         return buffer[: len(buffer) - keep], False

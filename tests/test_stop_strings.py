@@ -20,8 +20,12 @@ def run(stops, chunks) -> tuple[list[str], bool]:
 
 
 def reference(stops, text) -> tuple[str, bool]:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    """Text up to the first stop to complete, scanning one character at a time."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if text[:end].endswith(s)]
+        if ending:
+            return text[: end - max(map(len, ending))], True
+    return text, False
 
 
 def test_no_stops_passes_everything_through():
@@ -59,6 +63,15 @@ def test_overlapping_stops_earliest_complete_match_wins():
     assert stopped and "".join(out) == "xa"
     matcher = StopMatcher(["<b>", "<a>"])
     assert matcher.feed("xx<b>yy<a>") == ("xx", True)
+
+
+def test_first_completed_stop_wins_regardless_of_chunking():
+    # "abbb" starts earlier but "b" completes first, whether fed at once or char by char.
+    assert StopMatcher(["abbb", "b"]).feed("xabbbx") == ("xa", True)
+    out, stopped = run(["abbb", "b"], list("xabbbx"))
+    assert stopped and "".join(out) == "xa"
+    # completing at the same character, the longer stop (starting earlier) wins
+    assert StopMatcher(["b", "ab"]).feed("xab") == ("x", True)
 
 
 def test_self_overlapping_stop():

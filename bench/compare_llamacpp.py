@@ -1,0 +1,605 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of edge-llm and llama.cpp on a Llama-3.2-1B-shaped model.
+
+Steps (each one function below, each cached under --workdir and skipped when its output exists):
+
+  1. fetch_tokenizer_json   Meta's Llama 3 tokenizer.model from the pinned llama-models wheel
+                            on PyPI, rebuilt as a Hugging Face tokenizer.json.
+  2. write_hf_checkpoint    A Llama-3.2-1B-shaped Hugging Face directory with random weights
+                            (normal, std 0.02; norms 1), f16 safetensors written one shard per
+                            layer so RAM stays modest.
+  3. write_f16_gguf         The same tensors as an F16 GGUF with the metadata llama.cpp's
+                            convert_hf_to_gguf.py writes for Llama 3.2 (rope_freqs.weight,
+                            llama-bpe vocabulary, Q/K rows permuted the llama.cpp way).
+  4. convert_bundle         `edge-llm convert HF_DIR -o BUNDLE --quant int8|int4`.
+  5. build_llamacpp         llama.cpp from the llama-cpp-python sdist on PyPI (it vendors
+                            llama.cpp), built with cmake: llama-bench, llama-quantize,
+                            llama-perplexity. No prebuilt binaries are downloaded.
+  6. quantize_gguf          llama-quantize F16 -> Q8_0 and Q4_0.
+  7. run_edge_bench /       `edge-llm bench ... --json` and `llama-bench ... -o json`, interleaved
+     run_llama_bench        pair by pair at the same thread count; peak RSS of each process
+                            is taken from wait4().
+
+Prints a markdown table (or JSON with --json) and saves the JSON under WORKDIR/results/.
+
+Other scripts can use `llamacpp_bin("llama-perplexity")` to get a built llama.cpp tool:
+
+    from bench.compare_llamacpp import llamacpp_bin
+    subprocess.run([llamacpp_bin("llama-perplexity"), "-m", "model-Q8_0.gguf", "-f", "text.txt"])
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_WORKDIR = Path(os.environ.get("EDGE_LLM_BENCH_DIR", "~/.cache/edge-llm-bench")).expanduser()
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"      # the sdist whose vendor/llama.cpp we build
+LLAMACPP_TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
+MODEL_NAME = "llama-3.2-1b-random"
+
+# Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B config.json), with random weights.
+LLAMA_3_2_1B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "initializer_range": 0.02,
+    "torch_dtype": "float16",
+}
+LAYER_TENSORS = {   # HF name -> (GGUF name, shape as (rows, cols) of the HF weight)
+    "input_layernorm": ("attn_norm", lambda c: (c["hidden_size"],)),
+    "self_attn.q_proj": ("attn_q", lambda c: (c["num_attention_heads"] * c["head_dim"], c["hidden_size"])),
+    "self_attn.k_proj": ("attn_k", lambda c: (c["num_key_value_heads"] * c["head_dim"], c["hidden_size"])),
+    "self_attn.v_proj": ("attn_v", lambda c: (c["num_key_value_heads"] * c["head_dim"], c["hidden_size"])),
+    "self_attn.o_proj": ("attn_output", lambda c: (c["hidden_size"], c["num_attention_heads"] * c["head_dim"])),
+    "post_attention_layernorm": ("ffn_norm", lambda c: (c["hidden_size"],)),
+    "mlp.gate_proj": ("ffn_gate", lambda c: (c["intermediate_size"], c["hidden_size"])),
+    "mlp.up_proj": ("ffn_up", lambda c: (c["intermediate_size"], c["hidden_size"])),
+    "mlp.down_proj": ("ffn_down", lambda c: (c["hidden_size"], c["intermediate_size"])),
+}
+PAIRS = {"int8": "Q8_0", "int4": "Q4_0"}   # our --quant -> the llama.cpp type it is compared with
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A fresh temporary sibling of `final`; rename it to `final` when complete."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+
+
+def _mb(path: Path) -> float:
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+# ---------------------------------------------------------------- 1. tokenizer
+
+def fetch_tokenizer_json(workdir: Path) -> str:
+    """Llama 3's tokenizer.json, rebuilt from Meta's tokenizer.model (pinned wheel on PyPI)."""
+    out = workdir / "tokenizer" / "tokenizer.json"
+    if out.exists():
+        return out.read_text(encoding="utf-8")
+    from convert.llama3_tokenizer import tokenizer_json_from_tiktoken
+    from edge.wheel_fetch import LLAMA3_TIKTOKEN_MODEL, fetch
+    model = fetch(LLAMA3_TIKTOKEN_MODEL, out.parent, log=log)
+    log("building tokenizer.json from tokenizer.model ...")
+    text = tokenizer_json_from_tiktoken(model)
+    tmp = out.with_suffix(".part")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, out)
+    return text
+
+
+# ---------------------------------------------------------------- 2. HF checkpoint
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_hf_checkpoint(hf_dir: Path, tokenizer_json: str, seed: int = 0, std: float = 0.02) -> Path:
+    """A Llama-3.2-1B-shaped HF directory: random normal(0, std) f16 weights, norms = 1.
+
+    Shard 1 holds the embedding and the final norm, shards 2..17 one decoder layer each
+    (model.safetensors.index.json maps them), so only one layer is in memory at a time."""
+    if (hf_dir / "model.safetensors.index.json").exists():
+        return hf_dir
+    from safetensors.numpy import save_file
+    c = LLAMA_3_2_1B
+    log(f"writing a random Llama-3.2-1B-shaped checkpoint to {hf_dir} ...")
+    t0 = time.perf_counter()
+    tmp = _atomic_dir(hf_dir)
+    rng = np.random.default_rng(seed)
+
+    def normal(shape) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float16)
+
+    def ones(shape) -> np.ndarray:
+        return np.ones(shape, dtype=np.float16)
+
+    n_shards = 1 + c["num_hidden_layers"]
+    weight_map, total = {}, 0
+    shards = [{"model.embed_tokens.weight": normal((c["vocab_size"], c["hidden_size"])),
+               "model.norm.weight": ones((c["hidden_size"],))}]
+    for i in range(n_shards):
+        tensors = shards.pop() if i == 0 else {
+            f"model.layers.{i - 1}.{name}.weight": (ones if len(shape(c)) == 1 else normal)(shape(c))
+            for name, (_, shape) in LAYER_TENSORS.items()}
+        save_file(tensors, str(tmp / _shard_name(i, n_shards)), metadata={"format": "pt"})
+        for k, v in tensors.items():
+            weight_map[k] = _shard_name(i, n_shards)
+            total += v.nbytes
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(c, indent=2))
+    (tmp / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": 128000, "eos_token_id": 128001, "do_sample": True, "temperature": 0.6, "top_p": 0.9},
+        indent=2))
+    (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "model_max_length": 131072,
+         "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": True}, indent=2))
+    if hf_dir.exists():
+        shutil.rmtree(hf_dir)
+    tmp.rename(hf_dir)
+    log(f"  {total / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s")
+    return hf_dir
+
+
+# ---------------------------------------------------------------- 3. F16 GGUF
+
+def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf `permute`: per head, rows (2, pair) -> (pair, 2).
+    `convert.gguf_reader.unpermute_rope_rows` is its inverse."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(c: dict) -> np.ndarray:
+    """rope_freqs.weight as convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors makes it."""
+    rs, dim = c["rope_scaling"], c["head_dim"]
+    freqs = 1.0 / (np.float32(c["rope_theta"]) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    low_wavelen = rs["original_max_position_embeddings"] / rs["low_freq_factor"]
+    high_wavelen = rs["original_max_position_embeddings"] / rs["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(rs["factor"])
+        else:
+            smooth = (rs["original_max_position_embeddings"] / wavelen - rs["low_freq_factor"]) / (
+                rs["high_freq_factor"] - rs["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / rs["factor"] + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def _gguf_tensor_plan(c: dict) -> list[tuple[str, str | None, int]]:
+    """(GGUF name, HF name or None for rope_freqs, heads to permute by or 0) in file order."""
+    plan = [("rope_freqs.weight", None, 0), ("token_embd.weight", "model.embed_tokens.weight", 0)]
+    for i in range(c["num_hidden_layers"]):
+        for hf, (g, _) in LAYER_TENSORS.items():
+            heads = {"attn_q": c["num_attention_heads"], "attn_k": c["num_key_value_heads"]}.get(g, 0)
+            plan.append((f"blk.{i}.{g}.weight", f"model.layers.{i}.{hf}.weight", heads))
+    plan.append(("output_norm.weight", "model.norm.weight", 0))
+    return plan
+
+
+def write_f16_gguf(hf_dir: Path, gguf_path: Path, tokenizer_json: str) -> Path:
+    """The HF checkpoint's tensors as an F16 GGUF (1-D tensors F32, as convert_hf_to_gguf.py
+    writes them), streamed one tensor at a time."""
+    if gguf_path.exists():
+        return gguf_path
+    import gguf
+    from safetensors import safe_open
+    from convert.llama3_tokenizer import write_llama3_vocab_to_gguf
+    c = json.loads((hf_dir / "config.json").read_text())
+    weight_map = json.loads((hf_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    log(f"writing {gguf_path} ...")
+    t0 = time.perf_counter()
+    gguf_path.parent.mkdir(parents=True, exist_ok=True)
+    part = gguf_path.with_name(gguf_path.name + ".part")
+    w = gguf.GGUFWriter(part, "llama")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name("Llama 3.2 1B (random weights)")
+    w.add_size_label("1.2B")
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    w.add_rope_freq_base(c["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_vocab_size(c["vocab_size"])
+    w.add_rope_dimension_count(c["head_dim"])
+    write_llama3_vocab_to_gguf(w, tokenizer_json)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    plan = _gguf_tensor_plan(c)
+    shapes = {}
+    with open(hf_dir / "model.safetensors.index.json"):
+        pass
+    for name, hf, _ in plan:
+        if hf is None:
+            shape, dtype = (c["head_dim"] // 2,), np.float32
+        else:
+            with safe_open(hf_dir / weight_map[hf], framework="numpy") as f:
+                shape = tuple(f.get_slice(hf).get_shape())
+            dtype = np.float32 if len(shape) == 1 else np.float16
+        shapes[name] = shape
+        w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for name, hf, heads in plan:
+        if hf is None:
+            t = llama3_rope_factors(c)
+        else:
+            with safe_open(hf_dir / weight_map[hf], framework="numpy") as f:
+                t = f.get_tensor(hf)
+            t = t.astype(np.float32) if t.ndim == 1 else t.astype(np.float16, copy=False)
+            if heads:
+                t = permute_rope_rows(t, heads)
+        assert t.shape == shapes[name], (name, t.shape, shapes[name])
+        w.write_tensor_data(np.ascontiguousarray(t))
+    w.close()
+    os.replace(part, gguf_path)
+    log(f"  {_mb(gguf_path):.0f} MB in {time.perf_counter() - t0:.0f} s")
+    return gguf_path
+
+
+# ---------------------------------------------------------------- 4. our bundles
+
+def _edge_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edge.cli", *args]
+
+
+def _edge_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def convert_bundle(hf_dir: Path, bundle: Path, quant: str) -> Path:
+    """`edge-llm convert HF_DIR -o BUNDLE --quant QUANT` (skipped when the bundle exists)."""
+    if (bundle / "manifest.json").exists():
+        return bundle
+    log(f"edge-llm convert {hf_dir} -o {bundle} --quant {quant} ...")
+    t0 = time.perf_counter()
+    subprocess.run(_edge_cmd("convert", str(hf_dir), "-o", str(bundle), "--quant", quant, "--force"),
+                   check=True, env=_edge_env(), cwd=REPO)
+    log(f"  {_mb(bundle):.0f} MB in {time.perf_counter() - t0:.0f} s")
+    return bundle
+
+
+# ---------------------------------------------------------------- 5. llama.cpp
+
+def _llamacpp_dir(workdir: Path) -> Path:
+    return Path(workdir) / "llama.cpp"
+
+
+def download_llamacpp_source(workdir: Path) -> Path:
+    """vendor/llama.cpp out of the llama-cpp-python sdist (PyPI, source only, no install)."""
+    root = _llamacpp_dir(workdir)
+    src = root / "src"
+    if (src / "CMakeLists.txt").exists():
+        return src
+    root.mkdir(parents=True, exist_ok=True)
+    sdists = list(root.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
+    if not sdists:
+        log(f"pip download --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} ...")
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "--disable-pip-version-check", "-q", "-d", str(root),
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], check=True)
+        sdists = list(root.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+    tmp = _atomic_dir(src)
+    with tarfile.open(sdists[0]) as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name.startswith(prefix):
+                m.name = m.name[len(prefix):]
+                members.append(m)
+        tar.extractall(tmp, members=members, filter="data")
+    if not (tmp / "CMakeLists.txt").exists():
+        raise RuntimeError(f"{sdists[0]}: no vendor/llama.cpp inside")
+    tmp.rename(src)
+    return src
+
+
+def build_llamacpp(workdir: Path, jobs: int = 2, targets=LLAMACPP_TARGETS) -> Path:
+    """cmake Release build of the llama.cpp tools; returns the bin directory. Records the
+    build time and commit in llama.cpp/build-info.json."""
+    root = _llamacpp_dir(workdir)
+    bindir = root / "build" / "bin"
+    if all((bindir / t).exists() for t in targets):
+        return bindir
+    src = download_llamacpp_source(workdir)
+    flags = {
+        "CMAKE_BUILD_TYPE": "Release", "GGML_NATIVE": "ON", "GGML_OPENMP": "ON", "BUILD_SHARED_LIBS": "OFF",
+        "LLAMA_BUILD_TESTS": "OFF", "LLAMA_BUILD_EXAMPLES": "OFF", "LLAMA_BUILD_SERVER": "OFF",
+        "LLAMA_BUILD_APP": "OFF", "LLAMA_BUILD_UI": "OFF", "LLAMA_USE_PREBUILT_UI": "OFF",
+        "LLAMA_OPENSSL": "OFF", "FETCHCONTENT_FULLY_DISCONNECTED": "ON",
+    }
+    log(f"building llama.cpp ({', '.join(targets)}) with -j{jobs}; this takes a while ...")
+    t0 = time.perf_counter()
+    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), *[f"-D{k}={v}" for k, v in flags.items()]],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(root / "build"), "--config", "Release", f"-j{jobs}",
+                    "--target", *targets], check=True, stdout=subprocess.DEVNULL)
+    build_s = time.perf_counter() - t0
+    commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": commit, "build_s": round(build_s, 1),
+            "jobs": jobs, "cmake_flags": flags, "targets": list(targets), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "loadavg_after": os.getloadavg()}
+    (root / "build-info.json").write_text(json.dumps(info, indent=2))
+    log(f"  built in {build_s:.0f} s -> {bindir}")
+    return bindir
+
+
+def llamacpp_bin(name: str, workdir: Path = DEFAULT_WORKDIR, jobs: int = 2) -> Path:
+    """Path of a llama.cpp tool (llama-bench, llama-quantize, llama-perplexity), built if needed."""
+    targets = tuple(dict.fromkeys([*LLAMACPP_TARGETS, name]))
+    path = build_llamacpp(Path(workdir), jobs, targets) / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not built")
+    return path
+
+
+def quantize_gguf(f16: Path, qtype: str, workdir: Path) -> Path:
+    """llama-quantize F16 -> QTYPE (Q8_0, Q4_0, ...)."""
+    out = f16.with_name(f16.name.replace("-F16", f"-{qtype}"))
+    if out.exists():
+        return out
+    log(f"llama-quantize {f16.name} {qtype} ...")
+    part = out.with_name(out.name + ".part")
+    subprocess.run([str(llamacpp_bin("llama-quantize", workdir)), str(f16), str(part), qtype],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.replace(part, out)
+    return out
+
+
+# ---------------------------------------------------------------- 6. runs
+
+def run_measured(cmd: list[str], **kw) -> tuple[str, float, float]:
+    """Run cmd; return (stdout, peak RSS in MB of that process, wall seconds)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, **kw)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{stderr[-3000:]}")
+    return stdout, usage.ru_maxrss / 1024, wall
+
+
+def run_edge_bench(bundle: Path, threads: int, reps: int, n_prompt: int, n_gen: int) -> dict:
+    """`edge-llm bench --model BUNDLE -p N -n N -t T -r R --json`."""
+    out, rss, wall = run_measured(_edge_cmd("bench", "--model", str(bundle), "-p", str(n_prompt),
+                                            "-n", str(n_gen), "-t", str(threads), "-r", str(reps), "--json"),
+                                  env=_edge_env(), cwd=REPO)
+    r = json.loads(out)
+    r = r[0] if isinstance(r, list) else r
+    return {"engine": "edge-llm", "format": r.get("quant", bundle.name), "threads": threads,
+            "pp_tokens_per_s": r["pp_tokens_per_s"], "pp_std": r.get("pp_std"),
+            "tg_tokens_per_s": r["tg_tokens_per_s"], "tg_std": r.get("tg_std"),
+            "ttft_s": r.get("ttft_s"), "load_s": r.get("load_s"), "peak_rss_mb": rss,
+            "reported_peak_rss_mb": r.get("peak_rss_mb"), "size_mb": _mb(bundle), "wall_s": wall,
+            "backend": r.get("backend"), "path": str(bundle), "raw": r}
+
+
+def run_llama_bench(gguf_path: Path, threads: int, reps: int, n_prompt: int, n_gen: int, workdir: Path) -> dict:
+    """`llama-bench -m GGUF -p N -n N -t T -r R -o json` (one pp and one tg record)."""
+    out, rss, wall = run_measured([str(llamacpp_bin("llama-bench", workdir)), "-m", str(gguf_path),
+                                   "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", str(reps),
+                                   "-o", "json"])
+    records = json.loads(out)
+    pp = next(r for r in records if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    tg = next(r for r in records if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return {"engine": "llama.cpp", "format": gguf_path.stem.rsplit("-", 1)[-1], "threads": threads,
+            "pp_tokens_per_s": pp["avg_ts"], "pp_std": pp["stddev_ts"],
+            "tg_tokens_per_s": tg["avg_ts"], "tg_std": tg["stddev_ts"],
+            "ttft_s": n_prompt / pp["avg_ts"], "load_s": None, "peak_rss_mb": rss,
+            "size_mb": _mb(gguf_path), "wall_s": wall, "backend": pp.get("backends", "CPU"),
+            "path": str(gguf_path), "build_commit": pp.get("build_commit"), "raw": records}
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """Several rounds of one (engine, format) -> one row with median speeds and max RSS."""
+    if len(rows) == 1:
+        return rows[0]
+    m = dict(rows[-1])
+    for k in ("pp_tokens_per_s", "tg_tokens_per_s", "ttft_s"):
+        m[k] = statistics.median(r[k] for r in rows)
+    m["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
+    m["rounds"] = [{k: r[k] for k in ("pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb")} for r in rows]
+    return m
+
+
+# ---------------------------------------------------------------- 7. report
+
+def markdown(result: dict) -> str:
+    p, n = result["n_prompt"], result["n_gen"]
+    lines = [f"threads {result['threads']}, reps {result['reps']}, rounds {result['rounds']}; "
+             f"load average {result['loadavg_before'][0]:.2f} before, {result['loadavg_after'][0]:.2f} after; "
+             f"{result['cpu']}; llama.cpp {result.get('llama_cpp_commit', '?')}", "",
+             f"| weights | engine | file MB | pp{p} t/s | tg{n} t/s | TTFT s | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+
+    def speed(r, k):
+        std = r.get(k.replace("tokens_per_s", "std"))
+        return f"{r[k]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+
+    for pair in result["pairs"]:
+        ours, theirs = pair.get("edge"), pair.get("llamacpp")
+        for r in (ours, theirs):
+            if r:
+                lines.append(f"| {r['format']} | {r['engine']} | {r['size_mb']:.0f} | {speed(r, 'pp_tokens_per_s')} | "
+                             f"{speed(r, 'tg_tokens_per_s')} | {r['ttft_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        if ours and theirs:
+            q = lambda k: ours[k] / theirs[k]  # noqa: E731
+            lines.append(f"| **{ours['format']} / {theirs['format']}** | ours ÷ llama.cpp | {q('size_mb'):.2f}× | "
+                         f"**{q('pp_tokens_per_s'):.2f}×** | **{q('tg_tokens_per_s'):.2f}×** | "
+                         f"{q('ttft_s'):.2f}× | {q('peak_rss_mb'):.2f}× |")
+    return "\n".join(lines)
+
+
+def prepare(args) -> dict:
+    """Steps 1-6: every file the runs need, built or reused. Returns their paths."""
+    wd = args.workdir
+    tok = fetch_tokenizer_json(wd)
+    hf = write_hf_checkpoint(wd / MODEL_NAME, tok, seed=args.seed)
+    f16 = write_f16_gguf(hf, wd / "gguf" / f"{MODEL_NAME}-F16.gguf", tok)
+    bundles = {q: convert_bundle(hf, wd / "bundles" / f"{MODEL_NAME}-{q}", q) for q in args.quants}
+    ggufs = {}
+    if args.skip_build and not all((_llamacpp_dir(wd) / "build" / "bin" / t).exists() for t in LLAMACPP_TARGETS):
+        log("--skip-build and no llama.cpp build in the workdir: running edge-llm only")
+    else:
+        build_llamacpp(wd, args.jobs)
+        ggufs = {q: quantize_gguf(f16, PAIRS[q], wd) for q in args.quants}
+    return {"hf": hf, "f16_gguf": f16, "bundles": bundles, "ggufs": ggufs}
+
+
+def compare(args, files: dict) -> dict:
+    """Interleaved runs: for each round, for each pair, ours then llama.cpp."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    before = os.getloadavg()
+    for rnd in range(args.rounds):
+        for q in args.quants:
+            jobs = [("edge", lambda: run_edge_bench(files["bundles"][q], args.threads, args.reps, args.n_prompt, args.n_gen))]
+            if q in files["ggufs"]:
+                jobs.append(("llamacpp", lambda: run_llama_bench(files["ggufs"][q], args.threads, args.reps,
+                                                                 args.n_prompt, args.n_gen, args.workdir)))
+            for engine, job in jobs:
+                log(f"round {rnd + 1}/{args.rounds}: {engine} {q if engine == 'edge' else PAIRS[q]} "
+                    f"(load {os.getloadavg()[0]:.2f}) ...")
+                r = job()
+                r["loadavg_at_start"] = os.getloadavg()
+                runs.setdefault((q, engine), []).append(r)
+                log(f"  pp {r['pp_tokens_per_s']:.1f} t/s, tg {r['tg_tokens_per_s']:.1f} t/s, "
+                    f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    pairs = []
+    for q in args.quants:
+        pair = {"quant": q, "llamacpp_type": PAIRS[q]}
+        for engine in ("edge", "llamacpp"):
+            if (q, engine) in runs:
+                pair[engine] = _median_row(runs[(q, engine)])
+        if "edge" in pair and "llamacpp" in pair:
+            pair["ratio"] = {k: pair["edge"][k] / pair["llamacpp"][k]
+                             for k in ("pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb", "size_mb")}
+        pairs.append(pair)
+    info_path = _llamacpp_dir(args.workdir) / "build-info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    return {"model": MODEL_NAME, "threads": args.threads, "reps": args.reps, "rounds": args.rounds,
+            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "loadavg_before": before, "loadavg_after": os.getloadavg(),
+            "cpu": _cpu_name(), "machine": platform.machine(), "llama_cpp_commit": info.get("llama_cpp_commit"),
+            "llama_cpp_build": info, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "files": {k: str(v) if isinstance(v, Path) else {q: str(p) for q, p in v.items()} for k, v in files.items()},
+            "pairs": pairs}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cpus)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Everything is cached under --workdir; delete a file or folder there to redo its step.")
+    p.add_argument("--threads", "-t", type=int, default=2, help="threads for both engines (default 2)")
+    p.add_argument("--reps", "-r", type=int, default=3, help="repetitions inside each tool's run (default 3)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds of all runs; medians are reported (default 1)")
+    p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (default 128)")
+    p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (default 64)")
+    p.add_argument("--quants", type=lambda s: [q for q in s.split(",") if q], default=list(PAIRS),
+                   help=f"our quantizations to compare, comma separated (default int8,int4; pairs {PAIRS})")
+    p.add_argument("--workdir", type=lambda s: Path(s).expanduser(), default=DEFAULT_WORKDIR,
+                   help=f"cache for checkpoint, GGUFs, bundles and the llama.cpp build (default {DEFAULT_WORKDIR})")
+    p.add_argument("--skip-build", action="store_true",
+                   help="do not build llama.cpp; use an existing build in the workdir or run edge-llm alone")
+    p.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs for llama.cpp (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    p.add_argument("--prepare-only", action="store_true", help="make every file, run no benchmark")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [q for q in args.quants if q not in PAIRS]
+    if bad:
+        raise SystemExit(f"--quants: {bad} not among {list(PAIRS)}")
+    files = prepare(args)
+    if args.prepare_only:
+        print(json.dumps({k: str(v) if isinstance(v, Path) else {q: str(p) for q, p in v.items()}
+                          for k, v in files.items()}, indent=1))
+        return 0
+    result = compare(args, files)
+    out = args.workdir / "results" / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    log(f"results saved to {out}")
+    if args.json:
+        print(json.dumps({**result, "pairs": [{k: ({kk: vv for kk, vv in v.items() if kk != "raw"}
+                                                   if isinstance(v, dict) and "raw" in v else v)
+                                               for k, v in pr.items()} for pr in result["pairs"]]}, indent=1))
+    else:
+        print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
