@@ -133,7 +133,8 @@ def _shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def write_hf_checkpoint(hf_dir: Path, tokenizer_json: str, seed: int = 0, std: float = 0.02) -> Path:
+def write_hf_checkpoint(hf_dir: Path, tokenizer_json: str, seed: int = 0, std: float = 0.02,
+                        config: dict = LLAMA_3_2_1B) -> Path:
     """A Llama-3.2-1B-shaped HF directory: random normal(0, std) f16 weights, norms = 1.
 
     Shard 1 holds the embedding and the final norm, shards 2..17 one decoder layer each
@@ -141,7 +142,7 @@ def write_hf_checkpoint(hf_dir: Path, tokenizer_json: str, seed: int = 0, std: f
     if (hf_dir / "model.safetensors.index.json").exists():
         return hf_dir
     from safetensors.numpy import save_file
-    c = LLAMA_3_2_1B
+    c = config
     log(f"writing a random Llama-3.2-1B-shaped checkpoint to {hf_dir} ...")
     t0 = time.perf_counter()
     tmp = _atomic_dir(hf_dir)
@@ -259,8 +260,6 @@ def write_f16_gguf(hf_dir: Path, gguf_path: Path, tokenizer_json: str) -> Path:
 
     plan = _gguf_tensor_plan(c)
     shapes = {}
-    with open(hf_dir / "model.safetensors.index.json"):
-        pass
     for name, hf, _ in plan:
         if hf is None:
             shape, dtype = (c["head_dim"] // 2,), np.float32
@@ -349,6 +348,25 @@ def download_llamacpp_source(workdir: Path) -> Path:
     return src
 
 
+def llamacpp_commit(workdir: Path) -> str:
+    """The llama.cpp commit the sdist vendors (its git submodule HEAD, shipped in the sdist)."""
+    root = _llamacpp_dir(workdir)
+    cached = root / "commit.txt"
+    if cached.exists():
+        return cached.read_text().strip()
+    commit = "unknown"
+    sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if sdist.exists():
+        with tarfile.open(sdist) as tar:
+            try:
+                f = tar.extractfile(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/.git/modules/vendor/llama.cpp/HEAD")
+                commit = f.read().decode().strip()[:12]
+                cached.write_text(commit + "\n")
+            except KeyError:
+                pass
+    return commit
+
+
 def build_llamacpp(workdir: Path, jobs: int = 2, targets=LLAMACPP_TARGETS) -> Path:
     """cmake Release build of the llama.cpp tools; returns the bin directory. Records the
     build time and commit in llama.cpp/build-info.json."""
@@ -361,17 +379,20 @@ def build_llamacpp(workdir: Path, jobs: int = 2, targets=LLAMACPP_TARGETS) -> Pa
         "CMAKE_BUILD_TYPE": "Release", "GGML_NATIVE": "ON", "GGML_OPENMP": "ON", "BUILD_SHARED_LIBS": "OFF",
         "LLAMA_BUILD_TESTS": "OFF", "LLAMA_BUILD_EXAMPLES": "OFF", "LLAMA_BUILD_SERVER": "OFF",
         "LLAMA_BUILD_APP": "OFF", "LLAMA_BUILD_UI": "OFF", "LLAMA_USE_PREBUILT_UI": "OFF",
-        "LLAMA_OPENSSL": "OFF", "FETCHCONTENT_FULLY_DISCONNECTED": "ON",
+        "LLAMA_OPENSSL": "OFF",
     }
     log(f"building llama.cpp ({', '.join(targets)}) with -j{jobs}; this takes a while ...")
     t0 = time.perf_counter()
-    subprocess.run(["cmake", "-S", str(src), "-B", str(root / "build"), *[f"-D{k}={v}" for k, v in flags.items()]],
-                   check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--config", "Release", f"-j{jobs}",
-                    "--target", *targets], check=True, stdout=subprocess.DEVNULL)
+    build_log = root / "build.log"
+    with open(build_log, "w") as out:
+        for cmd in (["cmake", "-S", str(src), "-B", str(root / "build"), *[f"-D{k}={v}" for k, v in flags.items()]],
+                    ["cmake", "--build", str(root / "build"), "--config", "Release", f"-j{jobs}", "--target", *targets]):
+            out.write(f"$ {' '.join(cmd)}\n")
+            out.flush()
+            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                raise RuntimeError(f"llama.cpp build failed; see {build_log}:\n{build_log.read_text()[-3000:]}")
     build_s = time.perf_counter() - t0
-    commit = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
-                            capture_output=True, text=True).stdout.strip() or "unknown"
+    commit = llamacpp_commit(workdir)
     info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": commit, "build_s": round(build_s, 1),
             "jobs": jobs, "cmake_flags": flags, "targets": list(targets), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "loadavg_after": os.getloadavg()}
@@ -555,7 +576,7 @@ def _cpu_name() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\nOther scripts")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Everything is cached under --workdir; delete a file or folder there to redo its step.")
     p.add_argument("--threads", "-t", type=int, default=2, help="threads for both engines (default 2)")

@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     from edge import bench, perplexity
     bench.register(sub)
     perplexity.register(sub)
+    from edge import serial_console
+    serial_console.register(sub)
+    from edge import serve
+    serve.register(sub)
     return p
 
 

@@ -1,0 +1,568 @@
+"""The OpenAI-compatible HTTP API: `create_app(state)` builds the FastAPI app.
+
+It talks to the model only through `Engine.encode_chat/encode_text` and the shared
+`Scheduler` (submit a job, read its events, cancel it); it knows nothing of tensors.
+
+- One request = one scheduler job. A full queue answers 429 with Retry-After.
+- A client that goes away (mid-stream, or while waiting for a non-streamed answer) cancels
+  its job at once, so the engine moves on to the next request.
+- Every error, whoever raises it (validation, auth, routing, body cap, the engine), is
+  answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+- One log line per request (id, tokens, cached tokens, ttft, tokens/s, status); prompt
+  text only with `log_prompts`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, AsyncIterator
+
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge.engine import GenerationParams
+from edge.kv_cache import ContextFull
+from edge.metrics import Metrics
+from edge.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
+                                chat_delta, envelope, error_body, model_card, text_choice, usage_dict)
+from edge.sampler import SamplingParams
+from edge.scheduler import Job, QueueFull
+
+log = logging.getLogger("edge.http")
+
+MAX_BODY_BYTES = 1 << 20
+QUIET_PATHS = ("/health", "/metrics")     # logged at DEBUG: probes and scrapes come every few seconds
+OPEN_PATHS = ("/health",)                 # answered without the API key (systemd/LB probes)
+CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
+    max_body_bytes: int = MAX_BODY_BYTES
+    cors_origins: list[str] = field(default_factory=list)
+    log_prompts: bool = False
+    sampling: dict = field(default_factory=dict)   # server defaults, SamplingParams field names
+    max_tokens: int | None = None                  # default completion limit; None = rest of the context
+    stop: list[str] = field(default_factory=list)  # default stop strings
+
+
+class ServerState:
+    """What the routes need. The model arrives later: it loads in the background."""
+
+    def __init__(self, model_id: str, config: ServerConfig | None = None, metrics: Metrics | None = None):
+        self.model_id = model_id
+        self.config = config or ServerConfig()
+        self.metrics = metrics or Metrics()
+        self.metrics.loaded = lambda: self.ready
+        self.engine = None
+        self.scheduler = None
+        self.error: str | None = None
+        self.created = int(time.time())
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def set_ready(self, engine, scheduler) -> None:
+        scheduler.listeners.append(self.metrics.on_event)
+        self.metrics.queue_depth = lambda: scheduler.queue_depth
+        self.model_id = engine.name
+        self.engine, self.scheduler = engine, scheduler
+
+    def set_failed(self, message: str) -> None:
+        self.error = message
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """Threads reading job events: one per waiting or running job, plus a few abandoned
+        by clients that left (they end at their job's next event)."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + 8)
+        return self._limiter
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(error_body(self.message, self.type, self.param, self.code),
+                            status_code=self.status, headers=self.headers)
+
+
+def error_response(status: int, message: str, **kw) -> JSONResponse:
+    return ApiError(status, message, **kw).response()
+
+
+# --- the app ---------------------------------------------------------------------------
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="edge-llm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.include_router(router)
+    app.add_exception_handler(ApiError, lambda req, exc: exc.response())
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
+    app.add_middleware(Guard, state=state)          # innermost of the three
+    app.add_middleware(RequestLog, state=state)
+    if state.config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    return app
+
+
+router = APIRouter()
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+StateDep = Annotated[ServerState, Depends(server_state)]
+
+
+@router.get("/health")
+def health(state: StateDep):
+    if state.error:
+        return _health(503, "error", state, state.error, "model_load_failed")
+    if not state.ready:
+        return _health(503, "loading", state, "the model is loading", "model_loading")
+    if not state.scheduler.healthy():
+        return _health(503, "stalled", state, "the engine has made no progress for a minute", "engine_stalled")
+    return {"status": "ok", "model": state.model_id, "queue_depth": state.scheduler.queue_depth,
+            "busy": state.scheduler.busy}
+
+
+def _health(status: int, word: str, state: ServerState, message: str, code: str) -> JSONResponse:
+    body = {"status": word, "model": state.model_id, **error_body(message, "unavailable_error", None, code)}
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/metrics")
+def metrics(state: StateDep):
+    return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+def list_models(state: StateDep):
+    return {"object": "list", "data": [model_card(state.model_id, state.created)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+def get_model(model_id: str, state: StateDep):
+    if model_id != state.model_id:
+        raise ApiError(404, f"the model {model_id!r} does not exist; this server runs {state.model_id!r}",
+                       param="model", code="model_not_found")
+    return model_card(state.model_id, state.created)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
+    engine = _engine(state)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "messages")
+    _note_prompt(request, state, messages)
+    return await _respond(state, request, body, ids, CHAT, "messages")
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request, state: StateDep):
+    engine = _engine(state)
+    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
+        ids = _checked_token_ids(body.prompt, engine)
+    else:
+        text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+        ids = await run_in_threadpool(_encode, engine.encode_text, text, "prompt")
+    _note_prompt(request, state, body.prompt)
+    return await _respond(state, request, body, ids, TEXT, "prompt")
+
+
+# --- requests -> jobs ------------------------------------------------------------------
+
+def _engine(state: ServerState):
+    if state.error:
+        raise ApiError(503, f"the model failed to load: {state.error}", "unavailable_error", code="model_load_failed")
+    if not state.ready:
+        raise ApiError(503, "the model is still loading; retry in a few seconds", "unavailable_error",
+                       code="model_loading", headers={"Retry-After": "5"})
+    return state.engine
+
+
+def _encode(encode, value, param: str) -> list[int]:
+    try:
+        ids = encode(value)
+    except ValueError as e:       # includes the chat template's own raise_exception
+        raise ApiError(400, str(e), param=param) from e
+    if not ids:
+        raise ApiError(400, f"{param} is empty: there is nothing to complete", param=param)
+    return ids
+
+
+def _checked_token_ids(ids: list[int], engine) -> list[int]:
+    vocab = engine.config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return ids
+
+
+def _note_prompt(request: Request, state: ServerState, prompt) -> None:
+    if state.config.log_prompts:
+        request.state.prompt = prompt
+
+
+def generation_params(state: ServerState, body: GenerationRequest, n_prompt: int, param: str) -> GenerationParams:
+    max_ctx = state.engine.max_ctx
+    if n_prompt >= max_ctx:
+        raise ApiError(400, f"This model's maximum context length is {max_ctx} tokens, but the prompt has "
+                       f"{n_prompt} tokens (at least one more is needed to answer). Shorten the {param}.",
+                       param=param, code="context_length_exceeded")
+    limit = body.token_limit or state.config.max_tokens or max_ctx - n_prompt
+    try:
+        sampling = SamplingParams(**{**state.config.sampling, **body.sampling_overrides()})
+        return GenerationParams(max_tokens=limit, stop=body.stop or state.config.stop, sampling=sampling)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
+
+
+def submit(state: ServerState, ids: list[int], params: GenerationParams) -> Job:
+    try:
+        return state.scheduler.submit(ids, params, time_limit=state.config.request_timeout)
+    except QueueFull as e:
+        wait = max(1, math.ceil(state.metrics.last_duration))
+        raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(wait)}) from e
+
+
+async def _respond(state, request, body, ids, shape, param):
+    params = generation_params(state, body, len(ids), param)
+    job = submit(state, ids, params)
+    reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
+    if body.stream:
+        return JobStream(job, reply.stream(job, state.limiter, body.include_usage))
+    return await reply.whole(job, state.limiter)
+
+
+class JobStream(StreamingResponse):
+    """SSE whose job is cancelled however the response ends, even when the client leaves
+    before the body generator has started (then the generator's own cleanup never runs)."""
+
+    def __init__(self, job: Job, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
+    """The job's events without blocking the event loop. If the awaiting task is cancelled
+    (client gone) the reading thread is abandoned; it ends at the job's next event."""
+    events = job.events()
+    while (ev := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True,
+                                                limiter=limiter)) is not None:
+        yield ev
+
+
+# --- jobs -> OpenAI responses ----------------------------------------------------------
+
+class ChatShape:
+    id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def opening(self):
+        return chat_delta({"role": "assistant", "content": ""})
+
+    def piece(self, text):
+        return chat_delta({"content": text})
+
+    def closing(self, finish):
+        return chat_delta({}, finish)
+
+    def whole(self, text, finish):
+        return chat_choice(text, finish)
+
+
+class TextShape:
+    id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def opening(self):
+        return None
+
+    def piece(self, text):
+        return text_choice(text, None)
+
+    def closing(self, finish):
+        return text_choice("", finish)
+
+    def whole(self, text, finish):
+        return text_choice(text, finish)
+
+
+CHAT, TEXT = ChatShape(), TextShape()
+
+
+class Reply:
+    """One request's answer, streamed as SSE or returned whole."""
+
+    def __init__(self, shape, id_: str, model: str, request: Request):
+        self.shape, self.id, self.model, self.request = shape, id_, model, request
+        self.created = int(time.time())
+
+    def finish_reason(self, last) -> str:
+        self.request.state.usage = last.usage
+        self.request.state.finish = last.finish_reason
+        if last.finish_reason == "cancelled":    # the client is still here: the time limit hit
+            limit = self.request.app.state.server.config.request_timeout
+            raise ApiError(504, f"the request took longer than the server's time limit of {limit or 0:g} s "
+                           "(waiting in the queue + generating); ask for fewer tokens or retry later",
+                           "timeout_error", code="request_timeout")
+        return last.finish_reason
+
+    async def whole(self, job: Job, limiter) -> Response:
+        parts, last = [], None
+        async with _cancel_on_disconnect(self.request, job):
+            try:
+                async for ev in job_events(job, limiter):
+                    parts.append(ev.text)
+                    last = ev
+            except ContextFull as e:
+                raise ApiError(400, str(e), code="context_length_exceeded") from e
+        if getattr(self.request.state, "client_gone", False):
+            return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
+        finish = self.finish_reason(last)
+        return JSONResponse(envelope(self.id, self.shape.object, self.model,
+                                     [self.shape.whole("".join(parts), finish)], self.created,
+                                     usage=usage_dict(last.usage)))
+
+    async def stream(self, job: Job, limiter, include_usage: bool) -> AsyncIterator[str]:
+        extra = {"usage": None} if include_usage else {}
+        try:
+            if (opening := self.shape.opening()) is not None:
+                yield self.chunk(opening, **extra)
+            async for ev in job_events(job, limiter):
+                if ev.text:
+                    yield self.chunk(self.shape.piece(ev.text), **extra)
+                if ev.usage is not None:
+                    yield self.chunk(self.shape.closing(self.finish_reason(ev)), **extra)
+                    if include_usage:
+                        yield self.chunk_dict([], usage=usage_dict(ev.usage))
+        except ApiError as e:
+            yield _sse(error_body(e.message, e.type, e.param, e.code))
+        except ContextFull as e:
+            yield _sse(error_body(str(e), "invalid_request_error", None, "context_length_exceeded"))
+        except (asyncio.CancelledError, GeneratorExit):
+            self.request.state.client_gone = True
+            raise
+        except Exception:
+            log.exception("request %s failed while streaming", self.request.state.request_id)
+            self.request.state.failed = True
+            yield _sse(error_body("internal server error (see the server log)", "server_error"))
+        finally:
+            job.cancel()          # a no-op when the job ended; frees the engine when the client left
+        yield "data: [DONE]\n\n"
+
+    def chunk(self, choice: dict, **extra) -> str:
+        return self.chunk_dict([choice], **extra)
+
+    def chunk_dict(self, choices: list, **extra) -> str:
+        return _sse(envelope(self.id, self.shape.chunk_object, self.model, choices, self.created, **extra))
+
+
+def _sse(obj: dict) -> str:
+    return "data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n\n"
+
+
+@contextlib.asynccontextmanager
+async def _cancel_on_disconnect(request: Request, job: Job):
+    """Cancel the job as soon as the client disconnects (the request body is already read,
+    so the next ASGI message can only be the disconnect)."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        request.state.client_gone = True
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
+# --- errors in OpenAI's shape ----------------------------------------------------------
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    if exc.status_code == 404:
+        message = f"{request.method} {request.url.path}: no such endpoint"
+    elif exc.status_code == 405:
+        message = f"{request.url.path} does not accept {request.method}"
+    return error_response(exc.status_code, message, type_=ERROR_TYPES.get(exc.status_code, "server_error"),
+                          headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message, param = validation_message(exc.errors())
+    return error_response(400, message, param=param)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("request %s failed", getattr(request.state, "request_id", "?"), exc_info=exc)
+    return error_response(500, "internal server error (see the server log)", type_="server_error")
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def validation_message(errors) -> tuple[str, str | None]:
+    """FastAPI's error list -> one readable message naming the field, and the field path."""
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        return (f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')} "
+                f"(at character {first['loc'][-1]})"), None
+    param = _param(first["loc"])
+    if param is None and first["type"] in ("model_attributes_type", "model_type", "dict_type", "missing"):
+        return "the request body must be a JSON object (send Content-Type: application/json)", None
+    if first["type"] == "missing":
+        return f"{param} is required", param
+    same = [e["msg"].removeprefix("Value error, ") for e in errors if _param(e["loc"]) == param]
+    return f"{param}: {' or '.join(dict.fromkeys(same))}" if param else same[0], param
+
+
+def _param(loc) -> str | None:
+    """('body', 'messages', 0, 'content', 'list[TextPart]', 0) -> 'messages.0.content'"""
+    parts = []
+    for x in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(x, str) and ("[" in x or x.lower() in _TYPE_TAGS or "-" in x):
+            break          # pydantic names the union member it tried; not a field
+        parts.append(str(x))
+    return ".".join(parts) or None
+
+
+# --- middleware (pure ASGI, so that streaming is untouched) --------------------------
+
+class Guard:
+    """API key and request body cap, before any route runs."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if refusal := self.refuse_auth(scope):
+            return await refusal(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            body = await _read_capped(receive, self.state.config.max_body_bytes)
+            if body is None:
+                limit = self.state.config.max_body_bytes
+                return await error_response(413, f"the request body is larger than the limit of {limit} bytes",
+                                            code="request_too_large")(scope, receive, send)
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
+
+    def refuse_auth(self, scope) -> JSONResponse | None:
+        key = self.state.config.api_key
+        if not key or scope["path"] in OPEN_PATHS:
+            return None
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key.encode()):
+            return None
+        message = "Incorrect API key provided." if given else \
+            "Missing API key: send it as 'Authorization: Bearer YOUR_KEY'."
+        return error_response(401, message, type_="authentication_error", code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _read_capped(receive, limit: int, drain_limit: int = 64 << 20) -> bytes | None:
+    """The whole body, or None when it exceeds `limit`. An oversized body is still read (and
+    dropped, up to drain_limit) so that the client gets to see the 413 instead of a reset."""
+    chunks, size = [], 0
+    more = True
+    while more and size <= drain_limit:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        more = message.get("more_body", False)
+    return b"".join(chunks) if size <= limit else None
+
+
+def _replay(body: bytes, receive):
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+    return replayed
+
+
+class RequestLog:
+    """Request id, one log line per request, and the request counter by status."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = uuid.uuid4().hex[:16]
+        info = scope.setdefault("state", {})
+        info["request_id"] = request_id
+        t0, status = time.perf_counter(), [500]
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            code = CLIENT_GONE if info.get("client_gone") else 500 if info.get("failed") else status[0]
+            self.state.metrics.count_request(code)
+            self.log(scope, info, code, time.perf_counter() - t0)
+
+    def log(self, scope, info: dict, code: int, seconds: float) -> None:
+        path = scope["path"]
+        level = logging.DEBUG if path in QUIET_PATHS and code < 400 else logging.INFO
+        line = f"{info['request_id']} {scope['method']} {path} {code} {seconds:.3f}s"
+        if (u := info.get("usage")) is not None:
+            line += (f" prompt={u.prompt_tokens} cached={u.cached_tokens} generated={u.completion_tokens}"
+                     f" ttft={u.time_to_first_token:.3f}s tps={u.decode_tokens_per_second:.1f}"
+                     f" finish={info.get('finish')}")
+        if "prompt" in info:
+            line += f" prompt_text={info['prompt']!r}"
+        log.log(level, line)

@@ -1,0 +1,209 @@
+"""`edge-llm serve` (the OpenAI-compatible HTTP API) and `edge-llm prepare` (the installer's
+warm-up): one engine and one scheduler per process, uvicorn in the main thread.
+
+Start-up order, so that clients and systemd always see the truth:
+1. refuse an exposed bind without an API key (unless --no-auth), then bind the socket;
+2. uvicorn serves at once: /health says "loading" and generation requests get 503;
+3. a background thread loads the model and generates one warm-up token, then the API turns
+   ready, systemd gets READY=1 and the watchdog starts pinging while the scheduler is healthy.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from edge import sd_notify
+from edge.cli import add_model_args, add_sampling_args, load_engine
+
+log = logging.getLogger("edge.serve")
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+WARM_UP_PROMPT = "Hello"
+
+
+def register(sub) -> None:
+    from edge.http_api import MAX_BODY_BYTES
+    s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                       description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+                       "/v1/completions, /v1/models, /health, /metrics). Environment defaults: EDGE_LLM_MODEL, "
+                       "EDGE_LLM_API_KEY, EDGE_LLM_HOME.")
+    add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
+    s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
+    s.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond this get HTTP 429")
+    s.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds a request may take, queue wait included (0 = no limit)")
+    s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
+    s.add_argument("--cors-origin", action="append", default=[],
+                   help="allow browser requests from this origin (repeatable; CORS is off by default)")
+    s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g = s.add_argument_group("default sampling (a request's own fields win)")
+    add_sampling_args(g)
+    from edge import serial_console
+    serial_console.add_serial_args(s.add_argument_group("serial console"))
+    s.set_defaults(func=cmd_serve, max_tokens=None)   # default completion limit: the rest of the context
+
+    p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
+    add_model_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+
+def model_spec(a) -> str | None:
+    return a.model or os.environ.get("EDGE_LLM_MODEL") or None
+
+
+def api_key(a) -> str | None:
+    return a.api_key or os.environ.get("EDGE_LLM_API_KEY") or None
+
+
+# --- serve -----------------------------------------------------------------------------
+
+def cmd_serve(a) -> int:
+    import uvicorn
+    from edge.http_api import ServerState, create_app
+    _setup_logging(a.log_level)
+    key = check_exposure(a.host, api_key(a), a.no_auth)
+    sock = bind(a.host, a.port)
+    state = ServerState(_model_id(model_spec(a)), server_config(a, key))
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, access_log=False,
+                                           lifespan="off", timeout_graceful_shutdown=5))
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (auth %s); loading the model in the background",
+             _url_host(host), port, "on" if key else "OFF")
+    threading.Thread(target=load_and_start, args=(a, state, server), name="edge-llm-load", daemon=True).start()
+    server.run(sockets=[sock])     # after a SIGTERM/SIGINT uvicorn shuts down, then re-raises it
+    sd_notify.stopping()
+    return 1 if state.error else 0
+
+
+def server_config(a, key: str | None):
+    from edge.http_api import ServerConfig
+    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                    repetition_penalty=a.repeat_penalty, seed=a.seed)
+    return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
+                        cors_origins=a.cors_origin, log_prompts=a.log_prompts, sampling=sampling,
+                        max_tokens=a.max_tokens, stop=list(a.stop))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False          # a host name: assume it reaches the network
+
+
+def check_exposure(host: str, key: str | None, no_auth: bool) -> str | None:
+    """The API key to enforce. Refuses an open non-loopback bind unless the operator says
+    --no-auth, and then says so loudly."""
+    if no_auth and key:
+        raise ValueError("--no-auth and an API key (--api-key or EDGE_LLM_API_KEY) contradict each other; "
+                         "drop one")
+    if key or is_loopback(host):
+        return key
+    if not no_auth:
+        raise ValueError(f"refusing to serve on {host} without an API key: anyone on the network could use it. "
+                         "Pass --api-key KEY (or set EDGE_LLM_API_KEY), or --no-auth to serve it open on purpose")
+    log.warning("!" * 72)
+    log.warning("!!! --no-auth: serving on %s WITHOUT AUTHENTICATION; anyone who can reach it can use it", host)
+    log.warning("!" * 72)
+    return None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Bind before loading anything: a busy port fails at once, and port 0 picks a free one."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from e
+    sock.listen(128)
+    return sock
+
+
+def load_and_start(a, state, server) -> None:
+    """The background half of start-up; a failure stops the server (exit status 1)."""
+    try:
+        engine, scheduler = start_engine(a)
+        state.set_ready(engine, scheduler)
+        start_extra_interfaces(a, engine, scheduler)
+        sd_notify.Watchdog(scheduler.healthy).start()
+        sd_notify.ready(f"serving {engine.name}")
+        log.info("ready: %s (context %d tokens, queue %d)", engine.name, engine.max_ctx, scheduler.max_queue)
+    except Exception as e:
+        log.error("could not load the model: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
+        state.set_failed(str(e))
+        sd_notify.status(f"failed: {e}")
+        server.should_exit = True
+
+
+def start_engine(a):
+    from edge.scheduler import Scheduler
+    a.model = model_spec(a)
+    sd_notify.status(f"loading {a.model or DEFAULT_MODEL_ID}")
+    sd_notify.extend_timeout(600)       # a first use may fetch and convert the model
+    engine = load_engine(a)
+    scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None)
+    sd_notify.status(f"warming up {engine.name}")
+    seconds = warm_up(engine, scheduler.stream)
+    log.info("warm-up token in %.0f ms", seconds * 1000)
+    return engine, scheduler
+
+
+def warm_up(engine, generate) -> float:
+    """One greedy token through `generate(ids, params)`: the first run allocates and packs."""
+    from edge.engine import GenerationParams
+    from edge.sampler import SamplingParams
+    t0 = time.perf_counter()
+    *_, last = generate(engine.encode_text(WARM_UP_PROMPT),
+                        GenerationParams(max_tokens=1, sampling=SamplingParams(temperature=0.0)))
+    if last.usage is None or last.usage.completion_tokens != 1:
+        raise RuntimeError("the warm-up generation produced no token")
+    return time.perf_counter() - t0
+
+
+def start_extra_interfaces(args, engine, scheduler) -> None:
+    """Other interfaces sharing this process's engine and scheduler start here, once the
+    model is ready (the serial console's `--serial PORT` goes here)."""
+    from edge import serial_console
+    try:
+        serial_console.start_from_args(args, engine, scheduler)
+    except serial_console.SerialConsoleError as e:   # a busy port must not take HTTP down
+        logging.getLogger("edge.serve").error("serial console not started: %s (HTTP keeps serving)", e)
+
+
+def _model_id(spec: str | None) -> str:
+    return Path(spec).name if spec else DEFAULT_MODEL_ID
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- prepare ---------------------------------------------------------------------------
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    _setup_logging("info")
+    a.model = model_spec(a)
+    engine = load_engine(a)
+    seconds = warm_up(engine, engine.generate)
+    log.info("prepared %s: loaded, first token in %.0f ms", engine.name, seconds * 1000)
+    return 0

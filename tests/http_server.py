@@ -1,0 +1,50 @@
+"""Run the HTTP API on a real uvicorn server on a free loopback port, in a thread."""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import uvicorn
+
+from edge.engine import GenerationParams
+from edge.http_api import ServerConfig, ServerState, create_app
+from edge.scheduler import Scheduler
+from edge.serve import bind
+
+
+@contextmanager
+def running(state: ServerState) -> Iterator[str]:
+    """Serve `state` on 127.0.0.1:<free port>; yields the base URL."""
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, access_log=False,
+                                           lifespan="off", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def ready_state(engine, max_queue: int = 8, **config) -> ServerState:
+    """A loaded server state over `engine`, with its own scheduler."""
+    state = ServerState(engine.name, ServerConfig(**config))
+    state.set_ready(engine, Scheduler(engine, max_queue=max_queue, time_limit=config.get("request_timeout")))
+    return state
+
+
+def engine_text(engine, ids, max_tokens: int, stop=(), **sampling):
+    """What the engine alone produces: (text, finish_reason, usage)."""
+    from edge.sampler import SamplingParams
+    params = GenerationParams(max_tokens=max_tokens, stop=list(stop), sampling=SamplingParams(**sampling))
+    events = list(engine.generate(ids, params))
+    return "".join(e.text for e in events), events[-1].finish_reason, events[-1].usage
