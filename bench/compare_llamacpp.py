@@ -559,7 +559,7 @@ def compare(args, files: dict) -> dict:
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     return {"model": MODEL_NAME, "threads": args.threads, "reps": args.reps, "rounds": args.rounds,
             "n_prompt": args.n_prompt, "n_gen": args.n_gen, "loadavg_before": before, "loadavg_after": os.getloadavg(),
-            "cpu": _cpu_name(), "machine": platform.machine(), "llama_cpp_commit": info.get("llama_cpp_commit"),
+            "cpu": _cpu_name(), "machine": platform.machine(), "llama_cpp_commit": llamacpp_commit(args.workdir),
             "llama_cpp_build": info, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "files": {k: str(v) if isinstance(v, Path) else {q: str(p) for q, p in v.items()} for k, v in files.items()},
             "pairs": pairs}
