@@ -440,6 +440,33 @@ def run_measured(cmd: list[str], **kw) -> tuple[str, float, float]:
     return stdout, usage.ru_maxrss / 1024, wall
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs busy over the next `seconds` (other processes, as we are asleep)."""
+    b0, t0 = _cpu_times()
+    time.sleep(seconds)
+    b1, t1 = _cpu_times()
+    return (b1 - b0) / max(t1 - t0, 1)
+
+
+def wait_for_idle(max_busy: float, timeout: float) -> float:
+    """Wait (up to `timeout` s) until the CPUs are less than `max_busy` busy; return the last reading.
+    Other jobs on a shared machine wreck spin-waiting thread pools (llama.cpp's OpenMP above all)."""
+    deadline = time.monotonic() + timeout
+    busy = cpu_busy()
+    while busy > max_busy and time.monotonic() < deadline:
+        log(f"  machine {busy:.0%} busy; waiting for it to be under {max_busy:.0%} ...")
+        time.sleep(8)
+        busy = cpu_busy()
+    return busy
+
+
 def run_edge_bench(bundle: Path, threads: int, reps: int, n_prompt: int, n_gen: int) -> dict:
     """`edge-llm bench --model BUNDLE -p N -n N -t T -r R --json`."""
     out, rss, wall = run_measured(_edge_cmd("bench", "--model", str(bundle), "-p", str(n_prompt),
@@ -452,6 +479,7 @@ def run_edge_bench(bundle: Path, threads: int, reps: int, n_prompt: int, n_gen: 
             "tg_tokens_per_s": r["tg_tokens_per_s"], "tg_std": r.get("tg_std"),
             "ttft_s": r.get("ttft_s"), "load_s": r.get("load_s"), "peak_rss_mb": rss,
             "reported_peak_rss_mb": r.get("peak_rss_mb"), "size_mb": _mb(bundle), "wall_s": wall,
+            "pp_samples": r.get("pp_samples"), "tg_samples": r.get("tg_samples"),
             "backend": r.get("backend"), "path": str(bundle), "raw": r}
 
 
@@ -468,6 +496,7 @@ def run_llama_bench(gguf_path: Path, threads: int, reps: int, n_prompt: int, n_g
             "tg_tokens_per_s": tg["avg_ts"], "tg_std": tg["stddev_ts"],
             "ttft_s": n_prompt / pp["avg_ts"], "load_s": None, "peak_rss_mb": rss,
             "size_mb": _mb(gguf_path), "wall_s": wall, "backend": pp.get("backends", "CPU"),
+            "pp_samples": pp.get("samples_ts"), "tg_samples": tg.get("samples_ts"),
             "path": str(gguf_path), "build_commit": pp.get("build_commit"), "raw": records}
 
 
@@ -478,6 +507,9 @@ def _median_row(rows: list[dict]) -> dict:
     m = dict(rows[-1])
     for k in ("pp_tokens_per_s", "tg_tokens_per_s", "ttft_s"):
         m[k] = statistics.median(r[k] for r in rows)
+    for k in ("pp", "tg"):      # ± becomes the spread of the rounds
+        m[f"{k}_std"] = statistics.pstdev(r[f"{k}_tokens_per_s"] for r in rows)
+        m[f"{k}_samples"] = [x for r in rows for x in (r.get(f"{k}_samples") or [])] or None
     m["peak_rss_mb"] = max(r["peak_rss_mb"] for r in rows)
     m["rounds"] = [{k: r[k] for k in ("pp_tokens_per_s", "tg_tokens_per_s", "peak_rss_mb")} for r in rows]
     return m
@@ -538,10 +570,11 @@ def compare(args, files: dict) -> dict:
                 jobs.append(("llamacpp", lambda: run_llama_bench(files["ggufs"][q], args.threads, args.reps,
                                                                  args.n_prompt, args.n_gen, args.workdir)))
             for engine, job in jobs:
+                busy = wait_for_idle(args.max_busy, args.idle_wait) if args.idle_wait > 0 else cpu_busy(1)
                 log(f"round {rnd + 1}/{args.rounds}: {engine} {q if engine == 'edge' else PAIRS[q]} "
-                    f"(load {os.getloadavg()[0]:.2f}) ...")
+                    f"(load {os.getloadavg()[0]:.2f}, cpu {busy:.0%} busy) ...")
                 r = job()
-                r["loadavg_at_start"] = os.getloadavg()
+                r["loadavg_at_start"], r["cpu_busy_at_start"] = os.getloadavg(), busy
                 runs.setdefault((q, engine), []).append(r)
                 log(f"  pp {r['pp_tokens_per_s']:.1f} t/s, tg {r['tg_tokens_per_s']:.1f} t/s, "
                     f"peak RSS {r['peak_rss_mb']:.0f} MB")
@@ -594,6 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs for llama.cpp (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--prepare-only", action="store_true", help="make every file, run no benchmark")
+    p.add_argument("--idle-wait", type=float, default=300,
+                   help="before each run wait up to this many seconds for other jobs to leave the CPUs "
+                        "(0: don't wait; default 300)")
+    p.add_argument("--max-busy", type=float, default=0.15,
+                   help="CPU share other processes may use when a run starts (default 0.15)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
     return p
 

@@ -16,7 +16,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from convert.checkpoint import expected_shapes
-from convert.llama_graph import build_llama_graph
+from convert.llama_graph import build_llama_graph, head_scheme
 import convert.quantize as quantize_mod
 from convert.quantize import CLIP_RATIOS, SCHEMES, pack_int4, quantize, unpack_int4
 from convert.tflite_writer import ALIGN_LARGE, ALIGN_SMALL, LARGE_BUFFER, ModelBuilder
@@ -275,8 +275,8 @@ def _reference(w, cfg, quant):
     """Straightforward NumPy of the four signature formulas (weights through the quantizer)."""
     eps, L = cfg.rms_norm_eps, cfg.num_layers
 
-    def fc(x, m):
-        return _fc_ref(x, quantize(m, quant))
+    def fc(x, m, scheme=quant):
+        return _fc_ref(x, quantize(m, scheme))
 
     def qkv(x, i):
         p = f"layers.{i}."
@@ -295,7 +295,7 @@ def _reference(w, cfg, quant):
     head = w["embed"] if cfg.tie_word_embeddings else w["lm_head"]
     return {"entry": lambda x: {"qkv": qkv(x, 0)},
             **{f"layer_{i}": (lambda x, attn, i=i: layer(x, attn, i)) for i in range(L)},
-            "lm_head": lambda h: {"logits": fc(h, head)}}
+            "lm_head": lambda h: {"logits": fc(h, head, head_scheme(quant))}}
 
 
 @pytest.mark.parametrize("quant,tied,rtol", [("f32", True, FLOAT_RTOL), ("f32", False, FLOAT_RTOL),
