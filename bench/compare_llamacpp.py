@@ -483,6 +483,10 @@ def run_edge_bench(bundle: Path, threads: int, reps: int, n_prompt: int, n_gen: 
             "backend": r.get("backend"), "path": str(bundle), "raw": r}
 
 
+def _median_ts(record: dict) -> float:
+    return statistics.median(record["samples_ts"]) if record.get("samples_ts") else record["avg_ts"]
+
+
 def run_llama_bench(gguf_path: Path, threads: int, reps: int, n_prompt: int, n_gen: int, workdir: Path) -> dict:
     """`llama-bench -m GGUF -p N -n N -t T -r R -o json` (one pp and one tg record)."""
     out, rss, wall = run_measured([str(llamacpp_bin("llama-bench", workdir)), "-m", str(gguf_path),
@@ -492,9 +496,10 @@ def run_llama_bench(gguf_path: Path, threads: int, reps: int, n_prompt: int, n_g
     pp = next(r for r in records if r["n_prompt"] > 0 and r["n_gen"] == 0)
     tg = next(r for r in records if r["n_gen"] > 0 and r["n_prompt"] == 0)
     return {"engine": "llama.cpp", "format": gguf_path.stem.rsplit("-", 1)[-1], "threads": threads,
-            "pp_tokens_per_s": pp["avg_ts"], "pp_std": pp["stddev_ts"],
-            "tg_tokens_per_s": tg["avg_ts"], "tg_std": tg["stddev_ts"],
-            "ttft_s": n_prompt / pp["avg_ts"], "load_s": None, "peak_rss_mb": rss,
+            # the median repetition, as edge-llm bench reports it (llama-bench's avg_ts is the mean)
+            "pp_tokens_per_s": _median_ts(pp), "pp_std": pp["stddev_ts"], "pp_mean": pp["avg_ts"],
+            "tg_tokens_per_s": _median_ts(tg), "tg_std": tg["stddev_ts"], "tg_mean": tg["avg_ts"],
+            "ttft_s": n_prompt / _median_ts(pp), "load_s": None, "peak_rss_mb": rss,
             "size_mb": _mb(gguf_path), "wall_s": wall, "backend": pp.get("backends", "CPU"),
             "pp_samples": pp.get("samples_ts"), "tg_samples": tg.get("samples_ts"),
             "path": str(gguf_path), "build_commit": pp.get("build_commit"), "raw": records}
@@ -522,12 +527,15 @@ def markdown(result: dict) -> str:
     lines = [f"threads {result['threads']}, reps {result['reps']}, rounds {result['rounds']}; "
              f"load average {result['loadavg_before'][0]:.2f} before, {result['loadavg_after'][0]:.2f} after; "
              f"{result['cpu']}; llama.cpp {result.get('llama_cpp_commit', '?')}", "",
+             "t/s: median ± spread of the repetitions (of the rounds' medians with --rounds > 1); "
+             "max: the best single repetition, where the tool reports them", "",
              f"| weights | engine | file MB | pp{p} t/s | tg{n} t/s | TTFT s | peak RSS MB |",
              "|---|---|---:|---:|---:|---:|---:|"]
 
     def speed(r, k):
-        std = r.get(k.replace("tokens_per_s", "std"))
-        return f"{r[k]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+        std, samples = r.get(k.replace("tokens_per_s", "std")), r.get(k.replace("tokens_per_s", "samples"))
+        return (f"{r[k]:.1f}" + (f" ± {std:.1f}" if std is not None else "")
+                + (f" (max {max(samples):.1f})" if samples else ""))
 
     for pair in result["pairs"]:
         ours, theirs = pair.get("edge"), pair.get("llamacpp")

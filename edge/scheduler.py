@@ -56,8 +56,10 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0):
+    def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0,
+                 stall_seconds: float = 60.0):
         self.engine = engine
+        self.stall_seconds = stall_seconds      # busy this long without a token = wedged
         self.max_queue = max_queue
         self.time_limit = time_limit
         self._jobs: queue.Queue[Job] = queue.Queue()
@@ -90,9 +92,9 @@ class Scheduler:
         """submit + events, with the signature of Engine.generate (for Conversation)."""
         return self.submit(prompt_ids, params, cancel=cancel).events()
 
-    def healthy(self, stall_seconds: float = 60.0) -> bool:
-        """Idle, or busy and still producing tokens."""
-        return not self.busy or time.monotonic() - self.last_progress < stall_seconds
+    def healthy(self) -> bool:
+        """Idle, or busy and still producing tokens (what the systemd watchdog is fed on)."""
+        return not self.busy or time.monotonic() - self.last_progress < self.stall_seconds
 
     def _run(self) -> None:
         while True:

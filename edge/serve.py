@@ -46,6 +46,8 @@ def register(sub) -> None:
     s.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
+    s.add_argument("--watchdog-stall", type=float, default=60.0,
+                   help="seconds busy without a new token before the systemd watchdog is no longer fed")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = s.add_argument_group("default sampling (a request's own fields win)")
     add_sampling_args(g)
@@ -157,7 +159,8 @@ def start_engine(a):
     sd_notify.status(f"loading {a.model or DEFAULT_MODEL_ID}")
     sd_notify.extend_timeout(600)       # a first use may fetch and convert the model
     engine = load_engine(a)
-    scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None)
+    scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
+                          stall_seconds=a.watchdog_stall)
     sd_notify.status(f"warming up {engine.name}")
     seconds = warm_up(engine, scheduler.stream)
     log.info("warm-up token in %.0f ms", seconds * 1000)
