@@ -448,13 +448,14 @@ def test_help(script):
     assert "--root DIR" in r.stdout and "--dry-run" in r.stdout
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.glob("*.sh")))
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(REPO)) for p in
+                                           [*SCRIPTS.glob("*.sh"), *REPO.glob("tests/**/*.sh")]))
 def test_shellcheck_clean(script):
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.fail("shellcheck is missing: apt-get install -y shellcheck")
-    r = subprocess.run([shellcheck, "-x", "--severity=style", script], cwd=SCRIPTS,
-                       capture_output=True, text=True)
+    r = subprocess.run([shellcheck, "-x", "--severity=style", Path(script).name],
+                       cwd=REPO / Path(script).parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
