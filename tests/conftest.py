@@ -43,3 +43,14 @@ def llama3_reference_tokenizer(llama3_tiktoken_model: Path):
         sys.path.remove(str(root))
     assert Path(module.__file__).is_relative_to(root), f"imported {module.__file__}, not the wheel's copy"
     return module.Tokenizer(llama3_tiktoken_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """An f32 bundle of the small random Llama 3.2-style model (tests/tiny_llama.py): fast
+    enough for every engine and interface test, and it runs on both backends."""
+    from convert.convert import convert
+    from tests.tiny_llama import write_tiny_llama
+    src = tmp_path_factory.mktemp("tiny-src")
+    write_tiny_llama(src)
+    return convert(src, tmp_path_factory.mktemp("tiny-bundle") / "tiny", quant="f32", quiet=True)

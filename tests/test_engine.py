@@ -4,22 +4,18 @@ import threading
 import numpy as np
 import pytest
 
-from convert.convert import convert
 from edge.bundle import Bundle, BundleError
 from edge.engine import Engine, GenerationParams
 from edge.kv_cache import ContextFull
 from edge.sampler import SamplingParams
-from tests.tiny_llama import write_tiny_llama
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, seed=3)   # the tiny random model repeats itself when greedy
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src")
-    write_tiny_llama(src)
-    return convert(src, tmp_path_factory.mktemp("b") / "tiny", quant="f32", quiet=True)
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import time
 import pytest
 import serial
 
-from convert.convert import convert
 from edge import cli, serial_console
 from edge.bundle import Bundle
 from edge.engine import Engine, GenerationParams
@@ -32,7 +31,6 @@ from edge.sampler import SamplingParams
 from edge.scheduler import Scheduler
 from edge.serial_console import (PortSettings, SerialConsole, SerialConsoleError, add_serial_args,
                                  start_from_args)
-from tests.tiny_llama import write_tiny_llama
 
 PROMPT = b"\r\n> "
 WORDS = re.compile(rb"^(w\d+( w\d+)*)?$")     # the tiny model's replies: "w12 w99 ..."
@@ -102,10 +100,8 @@ def test_limit_counts_bytes_not_characters():
 
 # --- a console on a pseudo-terminal -----------------------------------------------------
 @pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory):
-    src = tmp_path_factory.mktemp("src")
-    write_tiny_llama(src)
-    return convert(src, tmp_path_factory.mktemp("b") / "tiny", quant="f32", quiet=True)
+def bundle_dir(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture
