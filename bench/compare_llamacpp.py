@@ -383,8 +383,9 @@ def build_llamacpp(workdir: Path, jobs: int = 2, targets=LLAMACPP_TARGETS) -> Pa
     }
     log(f"building llama.cpp ({', '.join(targets)}) with -j{jobs}; this takes a while ...")
     t0 = time.perf_counter()
+    fresh = not (root / "build" / "CMakeCache.txt").exists()
     build_log = root / "build.log"
-    with open(build_log, "w") as out:
+    with open(build_log, "w" if fresh else "a") as out:
         for cmd in (["cmake", "-S", str(src), "-B", str(root / "build"), *[f"-D{k}={v}" for k, v in flags.items()]],
                     ["cmake", "--build", str(root / "build"), "--config", "Release", f"-j{jobs}", "--target", *targets]):
             out.write(f"$ {' '.join(cmd)}\n")
@@ -392,11 +393,15 @@ def build_llamacpp(workdir: Path, jobs: int = 2, targets=LLAMACPP_TARGETS) -> Pa
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
                 raise RuntimeError(f"llama.cpp build failed; see {build_log}:\n{build_log.read_text()[-3000:]}")
     build_s = time.perf_counter() - t0
-    commit = llamacpp_commit(workdir)
-    info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": commit, "build_s": round(build_s, 1),
-            "jobs": jobs, "cmake_flags": flags, "targets": list(targets), "built_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "loadavg_after": os.getloadavg()}
-    (root / "build-info.json").write_text(json.dumps(info, indent=2))
+    info_path = root / "build-info.json"
+    if fresh or not info_path.exists():
+        info = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "llama_cpp_commit": llamacpp_commit(workdir),
+                "build_s": round(build_s, 1), "jobs": jobs, "cmake_flags": flags, "targets": list(targets),
+                "built_at": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_after": os.getloadavg()}
+    else:       # one more target on an existing build: keep the first build's record
+        info = json.loads(info_path.read_text())
+        info["targets"] = list(dict.fromkeys([*info.get("targets", []), *targets]))
+    info_path.write_text(json.dumps(info, indent=2))
     log(f"  built in {build_s:.0f} s -> {bindir}")
     return bindir
 
@@ -417,8 +422,7 @@ def quantize_gguf(f16: Path, qtype: str, workdir: Path) -> Path:
         return out
     log(f"llama-quantize {f16.name} {qtype} ...")
     part = out.with_name(out.name + ".part")
-    subprocess.run([str(llamacpp_bin("llama-quantize", workdir)), str(f16), str(part), qtype],
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_measured([str(llamacpp_bin("llama-quantize", workdir)), str(f16), str(part), qtype])
     os.replace(part, out)
     return out
 

@@ -217,7 +217,8 @@ def test_runner_shapes_copies_and_errors(tmp_path, rng):
     y5 = r.run("fc", x=x5)["y"]
     assert y5.shape == (5, 24)
     y1 = r.run("fc", x=x5[2:3])["y"]
-    np.testing.assert_allclose(y1, y5[2:3], rtol=0, atol=1e-6)     # rows are independent
+    # rows are independent; only the f32 summation order may differ (arm64's GEMM vs GEMV: 2e-6)
+    np.testing.assert_allclose(y1, y5[2:3], rtol=0, atol=1e-6 * np.abs(y5).max())
     fast = r.runner("fc")
     out = fast(x5[:1])[0]
     assert fast(x5[1:2])[0] is out                                  # reused buffer
