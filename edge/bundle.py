@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from edge.config import ModelConfig
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ALIGN = 16384   # Raspberry Pi OS runs the Pi 5 with 16 KB pages
+VERIFIED_STAMP = ".verified.json"
 
 
 class BundleError(ValueError):
@@ -38,6 +40,23 @@ def sha256_of(path: Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_stamp(path: Path, stamp: dict) -> None:
+    """Best effort: a read-only bundle just gets hashed in full every time."""
+    try:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stamp))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def is_bundle(path: Path) -> bool:
@@ -70,14 +89,26 @@ class Bundle:
         return bundle
 
     def verify(self) -> None:
+        """Check every file's size and sha256. Hashing a 1B bundle takes seconds on a Pi, so
+        a stamp records each file's (size, mtime, inode) once it has hashed clean; later
+        opens re-hash only files whose stat differs (any rewrite or replacement changes it).
+        EDGE_LLM_VERIFY=full hashes everything every time."""
+        stamp_path = self.path / VERIFIED_STAMP
+        stamp = {} if os.environ.get("EDGE_LLM_VERIFY") == "full" else _read_stamp(stamp_path)
+        fresh = {}
         for name, info in self.manifest["files"].items():
             f = self.path / name
             if not f.is_file():
                 raise BundleError(f"{f}: missing from the bundle")
-            if f.stat().st_size != info["size"]:
-                raise BundleError(f"{f}: size {f.stat().st_size} != {info['size']} in the manifest (damaged)")
-            if sha256_of(f) != info["sha256"]:
+            st = f.stat()
+            if st.st_size != info["size"]:
+                raise BundleError(f"{f}: size {st.st_size} != {info['size']} in the manifest (damaged)")
+            key = [st.st_size, st.st_mtime_ns, st.st_ino, info["sha256"]]
+            if stamp.get(name) != key and sha256_of(f) != info["sha256"]:
                 raise BundleError(f"{f}: sha256 does not match the manifest (damaged)")
+            fresh[name] = key
+        if fresh != stamp:
+            _write_stamp(stamp_path, fresh)
 
     @property
     def quant(self) -> str:

@@ -129,3 +129,20 @@ def test_damaged_bundle_refused_by_hash(bundle_dir, tmp_path):
 def test_bundle_tensors_are_aligned_for_16k_pages(bundle_dir):
     b = Bundle.open(bundle_dir)
     assert all(t["offset"] % 16384 == 0 for t in b.manifest["tensors"].values())
+
+
+def test_verified_stamp_skips_rehash_but_not_a_rewritten_file(tiny_bundle, tmp_path, monkeypatch):
+    import shutil
+    import edge.bundle as eb
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, d)
+    Bundle.open(d)                                  # hashes everything, writes the stamp
+    hashed = []
+    monkeypatch.setattr(eb, "sha256_of", lambda f: hashed.append(f.name) or "x")
+    Bundle.open(d)
+    assert hashed == []                             # nothing changed: nothing re-hashed
+    data = (d / "tokenizer.json").read_bytes()
+    (d / "tokenizer.json").write_bytes(data[:-1] + b" ")   # same size, rewritten
+    with pytest.raises(BundleError, match="tokenizer.json.*sha256"):
+        Bundle.open(d)
+    assert hashed == ["tokenizer.json"]
