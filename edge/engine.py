@@ -167,7 +167,9 @@ def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | None
     if backend == "litert":
         from edge.model_litert import LiteRTModel, default_threads
         from edge.models import home
-        return LiteRTModel(bundle, max_ctx, threads or default_threads(), weight_cache=home() / "xnnpack-cache")
+        # one cache directory per graph: the runner keeps a single cache file per directory
+        cache = home() / "xnnpack-cache" / bundle.manifest["files"]["model.tflite"]["sha256"][:16]
+        return LiteRTModel(bundle, max_ctx, threads or default_threads(), weight_cache=cache)
     if backend == "numpy":
         if not bundle.has_float_weights:
             raise ValueError(f"{bundle.path}: a {bundle.quant} bundle has no float weights for the numpy "
