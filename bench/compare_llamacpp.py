@@ -90,7 +90,9 @@ LAYER_TENSORS = {   # HF name -> (GGUF name, shape as (rows, cols) of the HF wei
     "mlp.up_proj": ("ffn_up", lambda c: (c["intermediate_size"], c["hidden_size"])),
     "mlp.down_proj": ("ffn_down", lambda c: (c["hidden_size"], c["intermediate_size"])),
 }
-PAIRS = {"int8": "Q8_0", "int4": "Q4_0"}   # our --quant -> the llama.cpp type it is compared with
+# our --quant -> the llama.cpp type it is compared with (int4-b32, blocks of 32 like Q4_0: opt-in)
+PAIRS = {"int8": "Q8_0", "int4": "Q4_0", "int4-b32": "Q4_0"}
+DEFAULT_QUANTS = ["int8", "int4"]
 
 
 def log(msg: str) -> None:
@@ -630,8 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved rounds of all runs; medians are reported (default 1)")
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (default 64)")
-    p.add_argument("--quants", type=lambda s: [q for q in s.split(",") if q], default=list(PAIRS),
-                   help=f"our quantizations to compare, comma separated (default int8,int4; pairs {PAIRS})")
+    p.add_argument("--quants", type=lambda s: [q for q in s.split(",") if q], default=DEFAULT_QUANTS,
+                   help=f"our quantizations to compare, comma separated (default {','.join(DEFAULT_QUANTS)}; "
+                        f"pairs {PAIRS})")
     p.add_argument("--workdir", type=lambda s: Path(s).expanduser(), default=DEFAULT_WORKDIR,
                    help=f"cache for checkpoint, GGUFs, bundles and the llama.cpp build (default {DEFAULT_WORKDIR})")
     p.add_argument("--skip-build", action="store_true",
