@@ -87,7 +87,6 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    from edge.models import DEFAULT_QUANT  # noqa: F401  (documented default)
     b = sub.add_parser("bench", help="measure prompt/generation speed, like llama-bench")
     b.add_argument("--model", "-m")
     b.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"])
