@@ -1,6 +1,7 @@
 """checkpoint (HF directory | GGUF) -> bundle. The one entry point of the conversion step."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,11 @@ def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
-            name: str | None = None, quiet: bool = False) -> Path:
+            name: str | None = None, quiet: bool = False, smooth: bool = True) -> Path:
     """Graph for the matmuls (any quant) + NumPy tensors: the embedding table, and for float
-    quants every tensor, so the bundle also runs on the NumPy reference backend."""
+    quants every tensor, so the bundle also runs on the NumPy reference backend.
+
+    Integer quants are smoothed first (convert/smoothing.py) unless smooth=False."""
     from convert.llama_graph import write_llama_graph
     if quant not in QUANTS:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
@@ -47,15 +50,23 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     _check_tokenizer(ckpt)
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS
-    total = len(names) * (2 if floats else 1) + 1
-    bar = Progress(total, f"converting {Path(src).name} ({quant})", **({"stream": _Null()} if quiet else {}))
+    stream = {"stream": _Null()} if quiet else {}
+    smoothing = _fit_smoothing(ckpt, quant, stream) if smooth and not floats else None
+    graph_weights, importance = ckpt.tensor, {}
+    if smoothing:
+        graph_weights, importance = smoothing.weights(ckpt.tensor), smoothing.importance
 
-    def tensor(n: str) -> np.ndarray:
-        bar.step(n)
-        return ckpt.tensor(n)
+    bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({quant})", **stream)
+
+    def counted(get):
+        def tensor(n: str) -> np.ndarray:
+            bar.step(n)
+            return get(n)
+        return tensor
+    tensor = counted(ckpt.tensor)
 
     with atomic_bundle(dest, overwrite) as w:
-        write_llama_graph(w.dir / "model.tflite", tensor, ckpt.config, quant)
+        write_llama_graph(w.dir / "model.tflite", counted(graph_weights), ckpt.config, quant, importance)
         with w.tensor_file("weights.bin") as tf:
             if floats:
                 for n in names:
@@ -67,12 +78,29 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
         w.write_bytes("tokenizer.json", ckpt.tokenizer_json.encode("utf-8"))
         w.finish({
             "name": name or Path(src).name, "source": str(Path(src).resolve()), "quant": quant,
-            "config": ckpt.config.to_dict(), "tokenizer": "tokenizer.json",
+            "smoothing": smoothing is not None, "config": ckpt.config.to_dict(), "tokenizer": "tokenizer.json",
             "chat_template": ckpt.chat_template, "special_tokens": ckpt.special_tokens,
             "add_bos": ckpt.add_bos,
         })
     bar.close()
     return Path(dest)
+
+
+def _fit_smoothing(ckpt: Checkpoint, quant: str, stream: dict):
+    """Calibrated smoothing scales (convert/smoothing.py), or None if the tokenizer cannot
+    read the calibration text."""
+    from convert.calibration import calibration_tokens
+    from convert.llama_graph import head_scheme
+    from convert.smoothing import Smoothing
+    tokens = calibration_tokens(ckpt.tokenizer_json, ckpt.config.bos_token_id if ckpt.add_bos else None)
+    if tokens is None:
+        print("note: the tokenizer cannot read the calibration text; quantizing without smoothing",
+              file=stream.get("stream", sys.stderr))
+        return None
+    bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {len(tokens)} tokens", **stream)
+    smoothing = Smoothing.fit(ckpt.tensor, ckpt.config, tokens, quant, head_scheme(quant), on_group=bar.step)
+    bar.close()
+    return smoothing
 
 
 def _check_tokenizer(ckpt: Checkpoint) -> None:

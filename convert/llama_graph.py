@@ -33,42 +33,48 @@ from convert.tflite_writer import Act, GraphBuilder, ModelBuilder
 from edge.config import ModelConfig
 
 Weights = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
+Importance = Mapping[str, np.ndarray]
 
 
-def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str) -> bytes:
+def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
+                      importance: Importance = {}) -> bytes:
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`."""
-    return _build(weights_by_name, config, quant).finish()
+    return _build(weights_by_name, config, quant, importance).finish()
 
 
 def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config: ModelConfig,
-                      quant: str) -> int:
-    """Write the graph file to `path` (streams weights; use for real models). Returns bytes."""
-    return _build(weights_by_name, config, quant).write(path)
+                      quant: str, importance: Importance = {}) -> int:
+    """Write the graph file to `path` (streams weights; use for real models). Returns bytes.
+
+    importance maps a matmul group ("layers.{i}.qkv", ".wo", ".gate_up", ".down", "head"; see
+    convert/calibration.py) to E[x^2] of its input, which steers the int4 clip search."""
+    return _build(weights_by_name, config, quant, importance).write(path)
 
 
-def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str) -> ModelBuilder:
+def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance) -> ModelBuilder:
     """Quantize tensor by tensor into a spilling builder: float weights never pile up."""
     if quant not in SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose from {SCHEMES}")
     get = weights_by_name if callable(weights_by_name) else weights_by_name.__getitem__
+    quant_for = lambda w, group, scheme=quant: quantize(w, scheme, importance.get(group))
     mb = ModelBuilder(f"edge-llm llama {quant}")
     D, L, eps = cfg.hidden_size, cfg.num_layers, cfg.rms_norm_eps
 
     g = mb.subgraph("entry")
-    g.output("qkv", _qkv(g, g.input("x", D), get, 0, quant, eps))
+    g.output("qkv", _qkv(g, g.input("x", D), get, 0, quant_for, eps))
     for i in range(L):
         g = mb.subgraph(f"layer_{i}")
         x_out = _layer(g, g.input("x", D), g.input("attn", cfg.num_heads * cfg.head_dim),
-                       get, i, quant, eps)
+                       get, i, quant_for, eps)
         if i < L - 1:
             g.output("x_out", x_out)
-            g.output("qkv", _qkv(g, x_out, get, i + 1, quant, eps))
+            g.output("qkv", _qkv(g, x_out, get, i + 1, quant_for, eps))
         else:
             g.output("h_final", g.rms_norm(x_out, get("final_norm"), eps))
 
     g = mb.subgraph("lm_head")
     head = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    g.output("logits", g.fully_connected(g.input("h", D), quantize(head, head_scheme(quant)), "logits"))
+    g.output("logits", g.fully_connected(g.input("h", D), quant_for(head, "head", head_scheme(quant)), "logits"))
     return mb
 
 
@@ -79,18 +85,19 @@ def head_scheme(quant: str) -> str:
     return "int8" if quant.startswith("int4") else quant
 
 
-def _qkv(g: GraphBuilder, x: Act, get, i: int, quant: str, eps: float) -> Act:
+def _qkv(g: GraphBuilder, x: Act, get, i: int, quant_for, eps: float) -> Act:
     p = f"layers.{i}."
     w = np.concatenate([get(p + "wq"), get(p + "wk"), get(p + "wv")], axis=0)
-    return g.fully_connected(g.rms_norm(x, get(p + "attn_norm"), eps), quantize(w, quant), "qkv")
+    return g.fully_connected(g.rms_norm(x, get(p + "attn_norm"), eps), quant_for(w, p + "qkv"), "qkv")
 
 
-def _layer(g: GraphBuilder, x: Act, attn: Act, get, i: int, quant: str, eps: float) -> Act:
+def _layer(g: GraphBuilder, x: Act, attn: Act, get, i: int, quant_for, eps: float) -> Act:
     p = f"layers.{i}."
 
-    def fc(t: Act, name: str) -> Act:
-        return g.fully_connected(t, quantize(get(p + name), quant), name)
+    def fc(t: Act, name: str, group: str) -> Act:
+        return g.fully_connected(t, quant_for(get(p + name), p + group), name)
 
-    h = g.add(x, fc(attn, "wo"))
+    h = g.add(x, fc(attn, "wo", "wo"))
     n = g.rms_norm(h, get(p + "ffn_norm"), eps)
-    return g.add(h, fc(g.mul(g.silu(fc(n, "w_gate")), fc(n, "w_up")), "w_down"))
+    gate_up = g.mul(g.silu(fc(n, "w_gate", "gate_up")), fc(n, "w_up", "gate_up"))
+    return g.add(h, fc(gate_up, "w_down", "down"))

@@ -63,30 +63,39 @@ class QuantizedWeight:
         return q * self.scales[:, None]
 
 
-def quantize(w: np.ndarray, scheme: str) -> QuantizedWeight:
-    """Quantize a float [N, K] matrix with one of `SCHEMES`."""
+def quantize(w: np.ndarray, scheme: str, importance: np.ndarray | None = None) -> QuantizedWeight:
+    """Quantize a float [N, K] matrix with one of `SCHEMES`.
+
+    importance [K] (optional, int4 only): how much an error in each input column costs, e.g.
+    E[x_k^2] of the activations the matrix meets. The int4 clip search then minimises
+    sum_k importance_k * err_k^2, the expected squared error of the output, instead of the
+    plain weight error.
+    """
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a [N, K] matrix, got shape {w.shape}")
     shape = (int(w.shape[0]), int(w.shape[1]))
+    imp = np.ones(shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
+    if imp.shape != (shape[1],):
+        raise ValueError(f"importance must have shape ({shape[1]},), got {imp.shape}")
     if scheme == "f32":
         return QuantizedWeight(scheme, shape, w)
     if scheme == "f16":
         return QuantizedWeight(scheme, shape, w.astype(np.float16))
     if scheme == "int8":
-        q, scale = _by_rows(_int8_rows, w, _CHANNEL)
-        return QuantizedWeight(scheme, shape, q, scale)
+        q, scale = _by_rows(_int8_rows, w[:, None, :], _CHANNEL, imp[None])
+        return QuantizedWeight(scheme, shape, q.reshape(shape), scale.reshape(-1))
     if scheme == "int4":
         if shape[1] % 2:
             raise ValueError(f"int4 needs an even K, got {shape}")
-        q, scale = _by_rows(_search_rows, w, _CHANNEL)
-        return QuantizedWeight(scheme, shape, pack_int4(q), scale)
+        q, scale = _by_rows(_search_rows, w[:, None, :], _CHANNEL, imp[None])
+        return QuantizedWeight(scheme, shape, pack_int4(q), scale.reshape(-1))
     if scheme == "int4-b32":
         if shape[1] % INT4_BLOCK:
             raise ValueError(f"int4-b32 needs K divisible by {INT4_BLOCK}, got {shape}")
-        q, scale = _by_rows(_search_rows, w.reshape(-1, INT4_BLOCK), _BLOCK)
-        return QuantizedWeight(scheme, shape, pack_int4(q.reshape(shape)),
-                               scale.reshape(shape[0], -1), INT4_BLOCK)
+        blocks = w.reshape(shape[0], -1, INT4_BLOCK)
+        q, scale = _by_rows(_search_rows, blocks, _BLOCK, imp.reshape(-1, INT4_BLOCK))
+        return QuantizedWeight(scheme, shape, pack_int4(q.reshape(shape)), scale, INT4_BLOCK)
     raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES}")
 
 
@@ -114,45 +123,47 @@ def _safe_scale(scale: np.ndarray) -> np.ndarray:
     return np.where(scale > 0, scale, 1).astype(np.float32)
 
 
-def _by_rows(fn, groups: np.ndarray, fmt: _ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
-    """Apply fn(rows, fmt) -> (int8 levels, stored scales) chunk by chunk.
+def _by_rows(fn, groups: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Apply fn(groups, fmt, imp) -> (int8 levels, stored scales) chunk by chunk of rows.
 
-    Chunking bounds the float temporaries (~16 MB each) whatever the matrix: the 1B model's
-    tied embedding is 1 GB in float32 and must not be copied several times over.
+    groups is [N, B, G]: B scale groups of G weights per row (per channel: B = 1, G = K);
+    imp [B, G] weighs each weight's error. Chunking bounds the float temporaries (~16 MB
+    each) whatever the matrix: the 1B model's tied embedding is 1 GB in float32 and must
+    not be copied several times over.
     """
     q = np.empty(groups.shape, np.int8)
-    scales = np.empty(groups.shape[0], fmt.dtype)
-    step = max(1, _ROWS_PER_CHUNK_ELEMS // groups.shape[1])
+    scales = np.empty(groups.shape[:2], fmt.dtype)
+    step = max(1, _ROWS_PER_CHUNK_ELEMS // (groups.shape[1] * groups.shape[2]))
     for lo in range(0, groups.shape[0], step):
-        q[lo:lo + step], scales[lo:lo + step] = fn(groups[lo:lo + step], fmt)
+        q[lo:lo + step], scales[lo:lo + step] = fn(groups[lo:lo + step], fmt, imp)
     return q, scales
 
 
-def _int8_rows(g: np.ndarray, fmt: _ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
-    scale = _safe_scale(np.abs(g).max(axis=1) / 127.0)
-    return np.clip(np.rint(g / scale[:, None]), -127, 127).astype(np.int8), fmt.store(scale)
+def _int8_rows(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = _safe_scale(np.abs(g).max(axis=2) / 127.0)
+    return np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8), fmt.store(scale)
 
 
-def _search_rows(g: np.ndarray, fmt: _ScaleFormat) -> tuple[np.ndarray, np.ndarray]:
-    """Try every clipping ratio on a chunk of rows; keep each row's best scale.
+def _search_rows(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Try every clipping ratio on a chunk of rows; keep each group's best scale.
 
     Each candidate goes through the scale's storage and runtime rounding before it is tried,
     so the error minimised is the error the runtime sees.
     """
-    amax = np.abs(g).max(axis=1)
-    best_err = np.full(g.shape[0], np.inf, np.float32)
-    best = np.ones(g.shape[0], fmt.dtype)
+    amax = np.abs(g).max(axis=2)
+    best_err = np.full(amax.shape, np.inf, np.float32)
+    best = np.ones(amax.shape, fmt.dtype)
     for r in CLIP_RATIOS:
         stored = fmt.store(_safe_scale(amax * r / 7.0))
-        s = fmt.load(stored)
-        err = np.square(_levels(g, s) * s[:, None] - g).sum(axis=1)
+        s = fmt.load(stored)[..., None]
+        err = (np.square(_levels(g, s) * s - g) * imp).sum(axis=2)
         better = err < best_err
         best_err[better], best[better] = err[better], stored[better]
-    return _levels(g, fmt.load(best)).astype(np.int8), best
+    return _levels(g, fmt.load(best)[..., None]).astype(np.int8), best
 
 
 def _levels(g: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(g / s[:, None]), -8, 7)
+    return np.clip(np.rint(g / s), -8, 7)
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

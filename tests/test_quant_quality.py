@@ -1,9 +1,9 @@
 """Quantized SmolLM2 bundles against the float NumPy reference on the shipped text.
 
 The bounds are the measured figures less a margin, NOT the issue's targets (int8 >= 95 %,
-int4 >= 90 % top-1 agreement): XNNPACK's dynamic int8 activations cost int8 most of its
-gap (simulated in NumPy: +1.9 % perplexity from activations, +0.6 % from weights), and
-SmolLM2-135M (itself dequantized from Q4_1) loses much more at 4 bits. See the README."""
+int4 >= 90 % top-1 agreement): XNNPACK's dynamic int8 activations still cost int8 most of
+its gap after smoothing, and SmolLM2-135M (itself dequantized from Q4_1) loses much more at
+4 bits. The bundles are converted as users get them: calibrated smoothing on. See README."""
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,10 @@ def reference(smollm2_gguf):
     return ids, ppl, np.array(top1)
 
 
-# measured (1023 positions): int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %
+# measured (1023 positions, smoothed): int8 0.914 / +0.6 %, int4 0.629 / +31 %, int4-b32 0.754 / +9.1 %
+# (before smoothing: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
 @pytest.mark.parametrize("quant,min_agree,max_ppl_increase", [
-    ("int8", 0.85, 0.04), ("int4", 0.35, 2.2), ("int4-b32", 0.60, 0.35)])
+    ("int8", 0.88, 0.02), ("int4", 0.58, 0.45), ("int4-b32", 0.70, 0.16)])
 def test_top1_agreement(smollm2_gguf, reference, tmp_path, quant, min_agree, max_ppl_increase):
     ids, ref_ppl, ref_top1 = reference
     bundle = Bundle.open(convert(smollm2_gguf, tmp_path / quant, quant=quant, quiet=True))

@@ -4,7 +4,8 @@ Error bounds for hybrid (float in/out, quantized weight) FCs: XNNPACK quantizes 
 activation row to int8 on the fly, asymmetrically over [min(0, min x), max(0, max x)], so
 every element moves by at most s_x / 2 with s_x = range / 255. Output j then moves by at most
 s_x / 2 * sum_i |W_ji| (W dequantized): that is the bound asserted against float math. The
-runtime's arithmetic is also reproduced exactly (`_qd8`), which pins the scheme down.
+runtime's arithmetic is also reproduced exactly by `fake_quant_rows`, the simulation the
+converter's smoothing search relies on; that pins the scheme down.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from convert.checkpoint import expected_shapes
 from convert.llama_graph import build_llama_graph, head_scheme
 import convert.quantize as quantize_mod
 from convert.quantize import CLIP_RATIOS, SCHEMES, pack_int4, quantize, unpack_int4
+from convert.smoothing import fake_quant_rows
 from convert.tflite_writer import ALIGN_LARGE, ALIGN_SMALL, LARGE_BUFFER, ModelBuilder
 from edge.config import ModelConfig
 from edge.litert_runner import GraphNotDelegated, GraphRunner
@@ -28,21 +30,16 @@ QUANT_SCHEMES = [s for s in SCHEMES if s not in ("f32", "f16")]
 
 
 # -- helpers ----------------------------------------------------------------------------
-def _qd8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """XNNPACK's dynamic activation quantization per row: (dequantized x, row scale)."""
-    lo = np.minimum(x.min(axis=1, keepdims=True), 0)
-    hi = np.maximum(x.max(axis=1, keepdims=True), 0)
-    s = (hi - lo) / 255
-    zp = np.clip(np.rint(-128 - lo / s), -128, 127)
-    q = np.clip(np.rint(x / s) + zp, -128, 127)
-    return ((q - zp) * s).astype(np.float32), s
+def _qd8_step(x: np.ndarray) -> np.ndarray:
+    """The int8 step of each row under XNNPACK's dynamic activation quantization."""
+    return (np.maximum(x.max(axis=1, keepdims=True), 0) - np.minimum(x.min(axis=1, keepdims=True), 0)) / 255
 
 
 def _fc_ref(x: np.ndarray, qw) -> np.ndarray:
     """The runtime's FC: dequantized weights; activations through qd8 for int schemes."""
     if qw.scheme in ("f32", "f16"):
         return x @ qw.dequantize().T
-    return _qd8(x)[0] @ qw.dequantize().T
+    return fake_quant_rows(x) @ qw.dequantize().T
 
 
 def _rms(x, w, eps):
@@ -144,7 +141,7 @@ def test_fc_matches_numpy_within_derived_bound(tmp_path, rng, scheme):
         if scheme in ("f32", "f16"):
             np.testing.assert_allclose(y, ref, rtol=0, atol=FLOAT_RTOL * scale)
             continue
-        s_x = _qd8(x)[1]
+        s_x = _qd8_step(x)
         bound = s_x / 2 * np.abs(wd).sum(axis=1)[None, :]
         assert (np.abs(y - ref) <= bound + FLOAT_RTOL * scale).all()
         np.testing.assert_allclose(y, _fc_ref(x, qw), rtol=0, atol=FLOAT_RTOL * scale)

@@ -1,0 +1,149 @@
+"""Activation-aware per-channel scales, folded into the float weights before quantization.
+
+A matmul y = x W^T equals (x / s) (W * s)^T for any positive s over the input channels. Two
+errors depend on s:
+  - XNNPACK quantizes each row of x to int8 at run time (asymmetric, per row). A few large
+    channels set the row's range and crush the others; dividing them by s evens the row out
+    (SmoothQuant, Xiao et al. 2022).
+  - int4 weights lose most where large activations meet them; scaling those columns up
+    gives them more of the 16 levels (AWQ, Lin et al. 2023).
+Both are one search. For each matmul group, try s = amax|x|^a / amax|W|^(1-a) over `ALPHAS`
+(and s = 1), simulate the runtime's quantization of x / s and of W * s on calibration inputs
+(convert/calibration.py), and keep the s whose output is closest to the float output. s = 1
+is a candidate, so the chosen s is never worse than none on the calibration text.
+
+Each 1/s lands exactly in a tensor that already exists; the graph gains no op:
+    qkv      attn_norm /= s                 wq, wk, wv columns *= s
+    wo       wv rows /= s (per KV channel)  wo columns *= s     attention is linear in v
+    gate_up  ffn_norm /= s                  w_gate, w_up columns *= s
+    down     w_up rows /= s                 w_down columns *= s  silu(g) * u is linear in u
+    head     final_norm /= s                head columns *= s    (the graph's copy only: the
+                                                                  embedding table is untouched)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from convert.calibration import matmul_inputs
+from convert.quantize import quantize
+from edge.config import ModelConfig
+
+ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+SEARCH_ROWS = 512          # output rows the search simulates (evenly spaced; s is per column)
+_S_RANGE = (1e-4, 1e4)
+
+
+def fake_quant_rows(x: np.ndarray) -> np.ndarray:
+    """XNNPACK's dynamic activation quantization (qd8): each row to int8 with its own scale
+    and zero point over [min(row, 0), max(row, 0)], then back to float."""
+    lo = np.minimum(x.min(axis=1, keepdims=True), 0)
+    hi = np.maximum(x.max(axis=1, keepdims=True), 0)
+    scale = np.where(hi > lo, (hi - lo) / 255.0, 1.0).astype(np.float32)
+    zero = np.clip(np.rint(-128 - lo / scale), -128, 127)
+    return (np.clip(np.rint(x / scale) + zero, -128, 127) - zero) * scale
+
+
+def search_scale(x: np.ndarray, w: np.ndarray, scheme: str,
+                 tie: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> np.ndarray:
+    """The s [K] for input x [T, K] and weight w [N, K] that minimises the simulated error.
+
+    tie maps a per-channel statistic to one that respects a constraint (GQA: the query
+    heads sharing a KV head must share s), by taking the max over each tied set.
+    """
+    rows = np.unique(np.linspace(0, w.shape[0] - 1, min(SEARCH_ROWS, w.shape[0])).astype(int))
+    w = w[rows]
+    y = x @ w.T
+    ax = np.maximum(tie(np.abs(x).max(axis=0)), 1e-8)
+    aw = np.maximum(tie(np.abs(w).max(axis=0)), 1e-8)
+    best, best_err = np.ones(x.shape[1], np.float32), np.inf
+    candidates = [best] + [np.clip(ax ** a / aw ** (1 - a), *_S_RANGE) for a in ALPHAS]
+    for s in candidates:
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # centre the range near 1
+        wq = quantize(w * s, scheme, input_importance(x / s)).dequantize()
+        err = float(np.square(fake_quant_rows(x / s) @ wq.T - y).sum())
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+def input_importance(x: np.ndarray) -> np.ndarray:
+    """E[x_k^2] per input channel: what an error in weight column k costs the output."""
+    return np.mean(np.square(x), axis=0) + 1e-12
+
+
+class Smoothing:
+    """Per-group scales for one checkpoint and scheme; `weights(get)` applies them, and
+    `importance[group]` is E[x^2] of the smoothed input, for the quantizer's clip search."""
+
+    def __init__(self, scales: dict[str, np.ndarray], importance: dict[str, np.ndarray],
+                 cfg: ModelConfig):
+        self.scales, self.importance, self.cfg = scales, importance, cfg
+
+    @classmethod
+    def fit(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
+            scheme: str, head_scheme: str, on_group: Callable[[str], None] = lambda g: None) -> "Smoothing":
+        kv_tie = _kv_tie(cfg)
+        scales, importance = {}, {}
+        for group, x in matmul_inputs(get, cfg, tokens):
+            layer, _, kind = group.rpartition(".")
+            w = lambda n: get(f"{layer}.{n}")
+            if kind == "qkv":
+                scales[group] = search_scale(x, np.concatenate([w("wq"), w("wk"), w("wv")]), scheme)
+            elif kind == "wo":
+                scales[group] = search_scale(x, w("wo"), scheme, kv_tie)
+            elif kind == "gate_up":
+                scales[group] = search_scale(x, np.concatenate([w("w_gate"), w("w_up")]), scheme)
+            elif kind == "down":
+                scales[group] = search_scale(x, w("w_down"), scheme)
+            else:
+                head = get("embed") if cfg.tie_word_embeddings else get("lm_head")
+                scales[group] = search_scale(x, head, head_scheme)
+            importance[group] = input_importance(x / scales[group])
+            on_group(group)
+        return cls(scales, importance, cfg)
+
+    def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+        """An accessor with the same names as `get` whose tensors carry the scales. "embed"
+        means the lm_head here: only the graph reads through this accessor."""
+        cfg, s = self.cfg, self.scales
+        per_v = lambda layer: s[f"{layer}.wo"].reshape(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1)
+
+        def smoothed(name: str) -> np.ndarray:
+            t = get(name)
+            layer, _, kind = name.rpartition(".")
+            col = lambda g: t * s[f"{layer}.{g}"][None, :]
+            if kind == "attn_norm":
+                return t / s[f"{layer}.qkv"]
+            if kind in ("wq", "wk"):
+                return col("qkv")
+            if kind == "wv":
+                return col("qkv") / per_v(layer)[:, None]
+            if kind == "wo":
+                return col("wo")
+            if kind == "ffn_norm":
+                return t / s[f"{layer}.gate_up"]
+            if kind == "w_gate":
+                return col("gate_up")
+            if kind == "w_up":
+                return col("gate_up") / s[f"{layer}.down"][:, None]
+            if kind == "w_down":
+                return col("down")
+            if name == "final_norm":
+                return t / s["head"]
+            if name in ("embed", "lm_head"):
+                return t * s["head"][None, :]
+            return t
+        return smoothed
+
+
+def _kv_tie(cfg: ModelConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Channels of the attention output [H*hd] that come from one v channel share a scale."""
+    H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = H // KV
+
+    def tie(stat: np.ndarray) -> np.ndarray:
+        per_kv = stat.reshape(KV, G, hd).max(axis=1, keepdims=True)       # [KV, 1, hd]
+        return np.broadcast_to(per_kv, (KV, G, hd)).reshape(H * hd)
+    return tie

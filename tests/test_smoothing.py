@@ -1,0 +1,123 @@
+"""Calibrated smoothing (convert/smoothing.py) and activation-weighted quantization.
+
+Smoothing must be an exact rewrite in float (only quantization may notice it), the search
+must never pick scales worse than none on its own inputs, and the importance-weighted clip
+search must never be worse in the metric it minimises. Its effect on a real model is
+measured in test_quant_quality.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import convert.quantize as quantize_mod
+from convert.calibration import MIN_DISTINCT, calibration_tokens, matmul_inputs
+from convert.convert import convert, read_checkpoint
+from convert.quantize import quantize
+from convert.smoothing import Smoothing, fake_quant_rows, search_scale
+from edge.bundle import Bundle
+from edge.model_numpy import NumpyModel
+from tests.tiny_llama import write_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-src")
+    write_tiny_llama(d)
+    return d, read_checkpoint(d)
+
+
+def _outlier_tokens(ckpt, n=48):
+    return np.random.default_rng(3).integers(0, ckpt.config.vocab_size, n)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_smoothed_weights_are_an_exact_rewrite_in_float(tiny, scheme):
+    _, ckpt = tiny
+    cfg = ckpt.config
+    sm = Smoothing.fit(ckpt.tensor, cfg, _outlier_tokens(ckpt), scheme, "int8")
+    assert any(np.ptp(s) > 0.1 for s in sm.scales.values())     # not the identity
+    smoothed = sm.weights(ckpt.tensor)
+    model = NumpyModel(cfg, lambda n: ckpt.tensor(n) if n == "embed" else smoothed(n), 64)
+    model.lm_head = smoothed("embed")                             # the graph's head copy
+    ref = NumpyModel(cfg, ckpt.tensor, 64)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40)
+    a = ref.forward(ids, ref.new_cache(), all_logits=True)
+    b = model.forward(ids, model.new_cache(), all_logits=True)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+
+
+def test_gqa_heads_sharing_a_kv_head_share_scales(tiny):
+    _, ckpt = tiny
+    cfg = ckpt.config
+    sm = Smoothing.fit(ckpt.tensor, cfg, _outlier_tokens(ckpt), "int8", "int8")
+    s = sm.scales["layers.0.wo"].reshape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    assert np.array_equal(s, np.broadcast_to(s[:, :1], s.shape))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-b32"])
+def test_search_never_worse_than_no_smoothing(scheme):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 128)).astype(np.float32)
+    x[:, [3, 70]] *= 40                                     # outlier channels, as in real LLMs
+    w = (rng.standard_normal((96, 128)) * 0.05).astype(np.float32)
+    y = x @ w.T
+
+    def err(s):
+        return np.square(fake_quant_rows(x / s) @ quantize(w * s, scheme, np.mean((x / s) ** 2, 0)).dequantize().T - y).sum()
+
+    s = search_scale(x, w, scheme)
+    assert err(s) <= err(np.ones(128, np.float32))
+    if scheme == "int8":                                    # activations dominate: smoothing pays
+        assert err(s) < 0.5 * err(np.ones(128, np.float32))
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int4-b32"])
+def test_importance_weighted_clip_search_never_worse_in_its_metric(monkeypatch, scheme):
+    rng = np.random.default_rng(1)
+    w = rng.standard_t(3, size=(32, 128)).astype(np.float32)
+    imp = rng.uniform(0.01, 1, 128).astype(np.float32) ** 4
+    weighted, plain = quantize(w, scheme, imp), quantize(w, scheme)
+
+    def err(qw):
+        return (np.square(qw.dequantize() - w) * imp).sum()
+
+    assert err(weighted) < err(plain)
+    with pytest.raises(ValueError, match="importance"):
+        quantize(w, scheme, imp[:-1])
+
+
+def test_fake_quant_rows_keeps_zero_and_the_row_range():
+    x = np.array([[0.0, 1.0, -3.0, 2.5], [0.0, 0.0, 0.0, 0.0], [5.0, 6.0, 7.0, 8.0]], np.float32)
+    q = fake_quant_rows(x)
+    assert q[:, 0].tolist()[:2] == [0.0, 0.0] and np.array_equal(q[1], x[1])
+    assert np.abs(q - x).max() <= (8.0 / 255) / 2 + 1e-6
+
+
+def test_matmul_inputs_match_the_reference_forward(tiny):
+    """The calibration pass sees what the model computes: its last capture, the head input,
+    times the head gives the reference model's logits."""
+    _, ckpt = tiny
+    tokens = _outlier_tokens(ckpt, 20)
+    groups = list(matmul_inputs(ckpt.tensor, ckpt.config, tokens))
+    assert [g for g, _ in groups[:4]] == ["layers.0.qkv", "layers.0.wo", "layers.0.gate_up", "layers.0.down"]
+    assert len(groups) == 4 * ckpt.config.num_layers + 1
+    ref = NumpyModel(ckpt.config, ckpt.tensor, 32)
+    np.testing.assert_allclose(groups[-1][1] @ ckpt.tensor("embed").T,
+                               ref.forward(tokens, ref.new_cache(), all_logits=True), atol=1e-4)
+
+
+def test_unreadable_calibration_text_falls_back_to_plain_quantization(tiny, tmp_path, capsys):
+    """The tiny model's 256-token vocabulary reads the text as <unk>: no scales are fitted
+    to that, the converter says so, and the manifest records it."""
+    src, ckpt = tiny
+    assert calibration_tokens(ckpt.tokenizer_json, 1) is None
+    b = Bundle.open(convert(src, tmp_path / "q", quant="int8"))
+    assert b.manifest["smoothing"] is False
+    assert "cannot read the calibration text" in capsys.readouterr().err
+
+
+def test_smollm2_reads_the_calibration_text(smollm2_gguf):
+    ckpt = read_checkpoint(smollm2_gguf)
+    tokens = calibration_tokens(ckpt.tokenizer_json, None)
+    assert tokens is not None and len(set(tokens.tolist())) > 4 * MIN_DISTINCT
