@@ -63,7 +63,7 @@ def search_scale(x: np.ndarray, w: np.ndarray, scheme: str,
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # centre the range near 1
         wq = quantize(w * s, scheme, input_importance(x / s)).dequantize()
         err = float(np.square(fake_quant_rows(x / s) @ wq.T - y).sum())
-        if err < best_err:
+        if err < best_err:                        # a NaN error (overflowing candidate) never wins
             best, best_err = s, err
     return best
 
