@@ -5,8 +5,8 @@ plus `dequantize()` so tests and the NumPy reference backend can reproduce the g
 
 Schemes (all symmetric, zero point 0, as XNNPACK's hybrid FC kernels require):
     f32, f16      float reference paths
-    int8          per output channel, scale = max|w| / 127
-    int4          per output channel, clipping ratio searched per channel
+    int8          per output channel, clipping ratio searched per channel (0.80..1.00)
+    int4          per output channel, clipping ratio searched per channel (0.70..1.00)
     int4-b32      blocks of 32 along K, fp16 scales (XNNPACK requires fp16 block scales)
 
 XNNPACK converts fp16 block scales to bfloat16 (round to nearest even) when it packs the
@@ -14,10 +14,11 @@ weights (measured: its outputs match bf16 scales to 5e-7 and fp16 ones only to 2
 block scales are chosen on the bf16 grid, stored exactly as fp16, and `dequantize()` applies
 them as bf16: the error the search minimises is the error the runtime produces.
 
-int4 scales are searched over clipping ratios (`CLIP_RATIOS`, 0.70..1.00) per channel/block,
-minimising squared reconstruction error: with only 16 levels, clipping the rare large weights
-buys resolution for the many small ones. Ratio 1.00 is in the grid, so the search is never
-worse than plain max-abs scaling.
+Scales are searched over clipping ratios per channel/block, minimising the squared
+reconstruction error, weighted per input column by `importance` when the converter has
+calibration statistics (E[x^2]: then it is the expected output error). Clipping the rare
+large weights buys resolution for the many small ones, most of all with int4's 16 levels.
+Ratio 1.00 is in every grid, so the search is never worse than plain max-abs scaling.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Callable
 import numpy as np
 
 SCHEMES = ("f32", "f16", "int8", "int4", "int4-b32")
-CLIP_RATIOS = np.linspace(0.70, 1.00, 16)
+CLIP_RATIOS = np.linspace(0.70, 1.00, 16)       # int4
+INT8_CLIP_RATIOS = np.linspace(0.80, 1.00, 11)  # int8: 255 levels, little to gain below 0.8
 INT4_BLOCK = 32
 _ROWS_PER_CHUNK_ELEMS = 1 << 22   # elements per chunk while quantizing (see _by_rows)
 
@@ -66,8 +68,8 @@ class QuantizedWeight:
 def quantize(w: np.ndarray, scheme: str, importance: np.ndarray | None = None) -> QuantizedWeight:
     """Quantize a float [N, K] matrix with one of `SCHEMES`.
 
-    importance [K] (optional, int4 only): how much an error in each input column costs, e.g.
-    E[x_k^2] of the activations the matrix meets. The int4 clip search then minimises
+    importance [K] (optional): how much an error in each input column costs, e.g.
+    E[x_k^2] of the activations the matrix meets. The clip search then minimises
     sum_k importance_k * err_k^2, the expected squared error of the output, instead of the
     plain weight error.
     """
@@ -83,18 +85,18 @@ def quantize(w: np.ndarray, scheme: str, importance: np.ndarray | None = None) -
     if scheme == "f16":
         return QuantizedWeight(scheme, shape, w.astype(np.float16))
     if scheme == "int8":
-        q, scale = _by_rows(_int8_rows, w[:, None, :], _CHANNEL, imp[None])
+        q, scale = _by_rows(_search_int8, w[:, None, :], _CHANNEL, imp[None])
         return QuantizedWeight(scheme, shape, q.reshape(shape), scale.reshape(-1))
     if scheme == "int4":
         if shape[1] % 2:
             raise ValueError(f"int4 needs an even K, got {shape}")
-        q, scale = _by_rows(_search_rows, w[:, None, :], _CHANNEL, imp[None])
+        q, scale = _by_rows(_search_int4, w[:, None, :], _CHANNEL, imp[None])
         return QuantizedWeight(scheme, shape, pack_int4(q), scale.reshape(-1))
     if scheme == "int4-b32":
         if shape[1] % INT4_BLOCK:
             raise ValueError(f"int4-b32 needs K divisible by {INT4_BLOCK}, got {shape}")
         blocks = w.reshape(shape[0], -1, INT4_BLOCK)
-        q, scale = _by_rows(_search_rows, blocks, _BLOCK, imp.reshape(-1, INT4_BLOCK))
+        q, scale = _by_rows(_search_int4, blocks, _BLOCK, imp.reshape(-1, INT4_BLOCK))
         return QuantizedWeight(scheme, shape, pack_int4(q.reshape(shape)), scale, INT4_BLOCK)
     raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES}")
 
@@ -139,31 +141,34 @@ def _by_rows(fn, groups: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tupl
     return q, scales
 
 
-def _int8_rows(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    scale = _safe_scale(np.abs(g).max(axis=2) / 127.0)
-    return np.clip(np.rint(g / scale[..., None]), -127, 127).astype(np.int8), fmt.store(scale)
+def _search_int8(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray):
+    return _search_rows(g, fmt, imp, 127, INT8_CLIP_RATIOS)
 
 
-def _search_rows(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _search_int4(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray):
+    return _search_rows(g, fmt, imp, 7, CLIP_RATIOS)
+
+
+def _search_rows(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray, qmax: int,
+                 ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Try every clipping ratio on a chunk of rows; keep each group's best scale.
 
-    Each candidate goes through the scale's storage and runtime rounding before it is tried,
-    so the error minimised is the error the runtime sees.
+    Levels run from -qmax-1 (int4: -8; int8 stays symmetric at -127) to qmax. Each candidate
+    goes through the scale's storage and runtime rounding before it is tried, so the error
+    minimised is the error the runtime sees.
     """
+    lo = -qmax - 1 if qmax == 7 else -qmax
     amax = np.abs(g).max(axis=2)
     best_err = np.full(amax.shape, np.inf, np.float32)
     best = np.ones(amax.shape, fmt.dtype)
-    for r in CLIP_RATIOS:
-        stored = fmt.store(_safe_scale(amax * r / 7.0))
+    for r in ratios:
+        stored = fmt.store(_safe_scale(amax * r / qmax))
         s = fmt.load(stored)[..., None]
-        err = (np.square(_levels(g, s) * s - g) * imp).sum(axis=2)
+        err = (np.square(np.clip(np.rint(g / s), lo, qmax) * s - g) * imp).sum(axis=2)
         better = err < best_err
         best_err[better], best[better] = err[better], stored[better]
-    return _levels(g, fmt.load(best)[..., None]).astype(np.int8), best
-
-
-def _levels(g: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(g / s), -8, 7)
+    s = fmt.load(best)[..., None]
+    return np.clip(np.rint(g / s), lo, qmax).astype(np.int8), best
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

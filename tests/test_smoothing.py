@@ -72,7 +72,7 @@ def test_search_never_worse_than_no_smoothing(scheme):
         assert err(s) < 0.5 * err(np.ones(128, np.float32))
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int4-b32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-b32"])
 def test_importance_weighted_clip_search_never_worse_in_its_metric(monkeypatch, scheme):
     rng = np.random.default_rng(1)
     w = rng.standard_t(3, size=(32, 128)).astype(np.float32)

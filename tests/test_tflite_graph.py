@@ -90,15 +90,17 @@ def test_int8_round_trip_within_half_step(rng):
     w = rng.standard_normal((16, 48)).astype(np.float32)
     qw = quantize(w, "int8")
     err = np.abs(qw.dequantize() - w)
-    assert (err <= qw.scales[:, None] / 2 * (1 + 1e-6)).all()
-    assert (np.abs(qw.data).max(axis=1) == 127).all()     # max |w| maps to the last level
+    inside = np.abs(w) <= 127 * qw.scales[:, None]           # not clipped by the search
+    assert (err[inside] <= (qw.scales[:, None] / 2 * (1 + 1e-6)).repeat(48, 1)[inside]).all()
+    assert (np.abs(qw.data).max(axis=1) == 127).all()     # max |w| maps to (or past) the last level
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int4-b32"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int4-b32"])
 def test_clipping_search_never_worse_than_max_abs(rng, monkeypatch, scheme):
     w = rng.standard_t(3, size=(32, 128)).astype(np.float32)    # heavy tails: clipping pays
     searched = quantize(w, scheme)
     monkeypatch.setattr(quantize_mod, "CLIP_RATIOS", np.array([1.0]))
+    monkeypatch.setattr(quantize_mod, "INT8_CLIP_RATIOS", np.array([1.0]))
     plain = quantize(w, scheme)                                 # max-abs scale, same rounding
     block = searched.block_size or w.shape[1]
 
@@ -106,7 +108,8 @@ def test_clipping_search_never_worse_than_max_abs(rng, monkeypatch, scheme):
         return np.square(qw.dequantize() - w).reshape(-1, block).sum(axis=1)
 
     assert (err(searched) <= err(plain)).all()
-    assert err(searched).sum() < 0.95 * err(plain).sum()
+    if scheme != "int8":       # 255 levels: unweighted, int8 clipping only pays with importance
+        assert err(searched).sum() < 0.95 * err(plain).sum()
     assert CLIP_RATIOS.min() == pytest.approx(0.70) and CLIP_RATIOS.max() == 1.0
 
 
