@@ -17,8 +17,8 @@ Each 1/s lands exactly in a tensor that already exists; the graph gains no op:
     wo       wv rows /= s (per KV channel)  wo columns *= s     attention is linear in v
     gate_up  ffn_norm /= s                  w_gate, w_up columns *= s
     down     w_up rows /= s                 w_down columns *= s  silu(g) * u is linear in u
-    head     final_norm /= s                head columns *= s    (the graph's copy only: the
-                                                                  embedding table is untouched)
+    head     final_norm /= s                lm_head columns *= s (the model is untied first:
+                                                                  the embedding table is untouched)
 """
 from __future__ import annotations
 
@@ -98,15 +98,14 @@ class Smoothing:
             elif kind == "down":
                 scales[group] = search_scale(x, w("w_down"), scheme)
             else:
-                head = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-                scales[group] = search_scale(x, head, head_scheme)
+                scales[group] = search_scale(x, get("lm_head"), head_scheme)
             importance[group] = input_importance(x / scales[group])
             on_group(group)
         return cls(scales, importance, cfg)
 
     def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
-        """An accessor with the same names as `get` whose tensors carry the scales. "embed"
-        means the lm_head here: only the graph reads through this accessor."""
+        """An accessor with the same names as `get` whose tensors carry the scales. The
+        embedding table is untouched: the graph's lm_head is its own tensor (see untie)."""
         cfg, s = self.cfg, self.scales
         per_v = lambda layer: s[f"{layer}.wo"].reshape(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1)
 
@@ -132,7 +131,7 @@ class Smoothing:
                 return col("down")
             if name == "final_norm":
                 return t / s["head"]
-            if name in ("embed", "lm_head"):
+            if name == "lm_head":
                 return t * s["head"][None, :]
             return t
         return smoothed

@@ -135,7 +135,8 @@ def cmd_chat(a) -> int:
 
 def cmd_convert(a) -> int:
     from convert.convert import convert
-    convert(a.src, a.output, quant=a.quant, overwrite=a.force, smooth=not a.no_smooth)
+    convert(a.src, a.output, quant=a.quant, overwrite=a.force, rotate=a.rotate,
+            smooth=not a.no_smooth)
     _log(f"wrote {a.output}")
     return 0
 
@@ -165,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--quant", default=DEFAULT_QUANT, choices=["int8", "int4", "int4-b32", "f16", "f32"],
                    help="weight format of the graph (f16/f32 bundles also run on the numpy backend)")
     v.add_argument("--force", action="store_true", help="replace an existing output")
+    v.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="integer quants: fold outlier-spreading rotations into the weights "
+                        "(default: int8 only, where it measured better)")
     v.add_argument("--no-smooth", action="store_true",
-                   help="skip the calibrated per-channel smoothing of integer quants (for comparison)")
+                   help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
     v.set_defaults(func=cmd_convert)
 
     from edge import bench, perplexity

@@ -1,6 +1,7 @@
-"""Calibrated smoothing (convert/smoothing.py) and activation-weighted quantization.
+"""Rotation (convert/rotation.py), calibrated smoothing (convert/smoothing.py) and
+activation-weighted quantization.
 
-Smoothing must be an exact rewrite in float (only quantization may notice it), the search
+Rotation and smoothing must be exact rewrites in float (only quantization may notice it), the search
 must never pick scales worse than none on its own inputs, and the importance-weighted clip
 search must never be worse in the metric it minimises. Its effect on a real model is
 measured in test_quant_quality.py.
@@ -12,8 +13,9 @@ import pytest
 
 import convert.quantize as quantize_mod
 from convert.calibration import MIN_DISTINCT, calibration_tokens, matmul_inputs
-from convert.convert import convert, read_checkpoint
+from convert.convert import ROTATE_BY_DEFAULT, convert, read_checkpoint, untie
 from convert.quantize import quantize
+from convert.rotation import Rotation, random_orthogonal
 from convert.smoothing import Smoothing, fake_quant_rows, search_scale
 from edge.bundle import Bundle
 from edge.model_numpy import NumpyModel
@@ -34,13 +36,11 @@ def _outlier_tokens(ckpt, n=48):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_smoothed_weights_are_an_exact_rewrite_in_float(tiny, scheme):
     _, ckpt = tiny
-    cfg = ckpt.config
-    sm = Smoothing.fit(ckpt.tensor, cfg, _outlier_tokens(ckpt), scheme, "int8")
+    get, cfg = untie(ckpt.tensor, ckpt.config)
+    sm = Smoothing.fit(get, cfg, _outlier_tokens(ckpt), scheme, "int8")
     assert any(np.ptp(s) > 0.1 for s in sm.scales.values())     # not the identity
-    smoothed = sm.weights(ckpt.tensor)
-    model = NumpyModel(cfg, lambda n: ckpt.tensor(n) if n == "embed" else smoothed(n), 64)
-    model.lm_head = smoothed("embed")                             # the graph's head copy
-    ref = NumpyModel(cfg, ckpt.tensor, 64)
+    model = NumpyModel(cfg, sm.weights(get), 64)
+    ref = NumpyModel(ckpt.config, ckpt.tensor, 64)
     ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40)
     a = ref.forward(ids, ref.new_cache(), all_logits=True)
     b = model.forward(ids, model.new_cache(), all_logits=True)
@@ -50,7 +50,7 @@ def test_smoothed_weights_are_an_exact_rewrite_in_float(tiny, scheme):
 def test_gqa_heads_sharing_a_kv_head_share_scales(tiny):
     _, ckpt = tiny
     cfg = ckpt.config
-    sm = Smoothing.fit(ckpt.tensor, cfg, _outlier_tokens(ckpt), "int8", "int8")
+    sm = Smoothing.fit(*untie(ckpt.tensor, cfg), _outlier_tokens(ckpt), "int8", "int8")
     s = sm.scales["layers.0.wo"].reshape(cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
     assert np.array_equal(s, np.broadcast_to(s[:, :1], s.shape))
 
@@ -121,3 +121,39 @@ def test_smollm2_reads_the_calibration_text(smollm2_gguf):
     ckpt = read_checkpoint(smollm2_gguf)
     tokens = calibration_tokens(ckpt.tokenizer_json, None)
     assert tokens is not None and len(set(tokens.tolist())) > 4 * MIN_DISTINCT
+
+
+# -- rotation (convert/rotation.py) ----------------------------------------------------
+@pytest.mark.parametrize("n", [64, 96, 576])
+def test_rotation_is_orthogonal_and_spreads_every_channel(n):
+    q = random_orthogonal(n)
+    np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-10)
+    assert (np.abs(q) > 1e-6).all()                      # one channel lands on all of them
+    x = np.zeros(n)
+    x[5] = 100.0                                         # a massive activation
+    assert np.abs(x @ q).max() < 100.0 * 4 / np.sqrt(n)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_rotated_weights_are_an_exact_rewrite_in_float(tiny, smooth):
+    _, ckpt = tiny
+    get, cfg = untie(ckpt.tensor, ckpt.config)
+    get = Rotation(cfg).weights(get)
+    if smooth:
+        get = Smoothing.fit(get, cfg, _outlier_tokens(ckpt), "int8", "int8").weights(get)
+    assert np.abs(get("embed") - ckpt.tensor("embed")).max() > 0.01     # really rotated
+    model, ref = NumpyModel(cfg, get, 64), NumpyModel(ckpt.config, ckpt.tensor, 64)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40)
+    a = ref.forward(ids, ref.new_cache(), all_logits=True)
+    b = model.forward(ids, model.new_cache(), all_logits=True)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+
+
+def test_rotation_defaults_to_int8_and_is_recorded(tiny, tmp_path):
+    src, _ = tiny
+    assert ROTATE_BY_DEFAULT == ("int8",)
+    for quant, rotated in (("int8", True), ("int4", False), ("f32", False)):
+        b = Bundle.open(convert(src, tmp_path / quant, quant=quant, quiet=True))
+        assert b.manifest["rotation"] is rotated, quant
+    b = Bundle.open(convert(src, tmp_path / "r4", quant="int4", rotate=True, quiet=True))
+    assert b.manifest["rotation"] is True

@@ -1,0 +1,86 @@
+"""Orthogonal rotations folded into the float weights: outliers spread out, math unchanged.
+
+LLM activations carry a few huge channels. XNNPACK quantizes each activation row to int8 at
+run time, and int4 weights quantize each row with one scale, so a few large values cost every
+other value its resolution. Rotating by an orthogonal Q spreads each large channel over all
+of them (QuaRot, Ashkboos et al. 2024), and Q can be folded into weights that exist already:
+
+  residual stream x -> x Q. First the RMSNorm weights move into the matmuls that read the
+  normalized stream (rmsnorm(x) = x / rms(x) commutes with Q: rms(x Q) = rms(x)), then
+      embed -> embed Q                         (the lookup table the runtime reads)
+      wq, wk, wv, w_gate, w_up, lm_head -> (W diag(norm)) Q     norms become 1
+      wo, w_down -> Q^T W                      (they write into the stream)
+  attention values, per head: v -> v H (H orthogonal, head_dim wide), so
+      wv rows of each KV head -> H^T wv_j;  wo columns of each query head -> wo_h H
+  (attention mixes v linearly, so every query head sharing KV head j sees v_j H).
+
+The q/k outputs and the MLP's hidden state are untouched; no op is added to the graph.
+`weights()` reads an untied checkpoint (see convert.convert.untie): the lm_head is rotated
+and norm-folded on its own, the embedding table only rotated.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from edge.config import ModelConfig
+
+SEED = 20241123
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Sylvester's orthonormal Hadamard matrix, n a power of two."""
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.sqrt(n)
+
+
+def random_orthogonal(n: int, seed: int = SEED) -> np.ndarray:
+    """An orthogonal [n, n] matrix that spreads every coordinate over all n: a Hadamard block
+    for the power-of-two factor of n, a random orthogonal one (QR) for the rest, random
+    signs on the rows. float64 for exact folding; cast when applied."""
+    rng = np.random.default_rng(seed + n)
+    two = n & -n                                    # largest power of two dividing n
+    m = n // two
+    r = np.linalg.qr(rng.standard_normal((m, m)))[0] if m > 1 else np.ones((1, 1))
+    signs = rng.choice([-1.0, 1.0], n)
+    return signs[:, None] * np.kron(r, hadamard(two))
+
+
+class Rotation:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.q = random_orthogonal(cfg.hidden_size).astype(np.float32)
+        self.h = random_orthogonal(cfg.head_dim, SEED + 1).astype(np.float32)
+
+    def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
+        """An accessor over `get`'s names (plus "lm_head") returning rotated float tensors."""
+        cfg, q, h = self.cfg, self.q, self.h
+        hd = cfg.head_dim
+
+        def per_head(w: np.ndarray, heads: int, rows: bool) -> np.ndarray:
+            if rows:                                 # [heads*hd, K]: H^T w_j per head
+                return np.einsum("dk,jdn->jkn", h, w.reshape(heads, hd, -1)).reshape(w.shape)
+            return (w.reshape(w.shape[0], heads, hd) @ h).reshape(w.shape)   # w_h H per head
+
+        def rotated(name: str) -> np.ndarray:
+            layer, _, kind = name.rpartition(".")
+            if name == "embed":
+                return get("embed") @ q
+            if name == "lm_head":
+                return (get("lm_head") * get("final_norm")) @ q
+            if name == "final_norm" or kind in ("attn_norm", "ffn_norm"):
+                return np.ones_like(get(name))
+            if kind in ("wq", "wk", "wv"):
+                w = (get(name) * get(f"{layer}.attn_norm")) @ q
+                return per_head(w, cfg.num_kv_heads, rows=True) if kind == "wv" else w
+            if kind in ("w_gate", "w_up"):
+                return (get(name) * get(f"{layer}.ffn_norm")) @ q
+            if kind == "wo":
+                return q.T @ per_head(get(name), cfg.num_heads, rows=False)
+            if kind == "w_down":
+                return q.T @ get(name)
+            return get(name)
+        return rotated
