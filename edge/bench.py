@@ -48,13 +48,15 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
     pp = [_timed(prefill) for _ in range(reps)]
     tg = [_timed(generate) for _ in range(reps)]
     return {
-        "model": bundle.name, "quant": bundle.quant, "backend": backend, "threads": threads,
+        "model": bundle.name, "quant": bundle.quant, "threads": threads,
+        "backend": "litert" if type(model).__name__ == "LiteRTModel" else "numpy",
         "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "load_s": load_s,
         "ttft_s": statistics.median(pp),
         "pp_tokens_per_s": n_prompt / statistics.median(pp),
         "pp_std": statistics.pstdev([n_prompt / t for t in pp]),
         "tg_tokens_per_s": n_gen / statistics.median(tg),
         "tg_std": statistics.pstdev([n_gen / t for t in tg]),
+        "pp_samples_s": pp, "tg_samples_s": tg,
         "kv_cache_mb": cache.nbytes / 2**20,
         "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
         "peak_rss_mb": peak_rss_mb(),
@@ -78,7 +80,8 @@ def run(args) -> int:
     bundle = Bundle.open(bundle_path)
     verify_s = time.perf_counter() - t0
     rows = []
-    for threads in args.threads:
+    from edge.model_litert import default_threads
+    for threads in args.threads or [default_threads()]:
         r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps)
         r["load_s"] += verify_s           # opening includes checking every file's hash
         rows.append(r)
@@ -92,8 +95,8 @@ def register(sub) -> None:
     b.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"])
     b.add_argument("-p", "--n-prompt", type=int, default=128)
     b.add_argument("-n", "--n-gen", type=int, default=64)
-    b.add_argument("-t", "--threads", type=lambda s: [int(x) for x in s.split(",")], default=[2],
-                   help="thread counts, comma separated (e.g. 1,2,4)")
+    b.add_argument("-t", "--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help="thread counts, comma separated (e.g. 1,2,4); default: all cores")
     b.add_argument("-r", "--reps", type=int, default=3)
     b.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
     b.set_defaults(func=run)

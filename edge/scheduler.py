@@ -7,12 +7,11 @@ generation at the next token and frees the engine for the next job.
 """
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Iterator
+from typing import Callable, Iterator
 
 from edge.engine import Engine, Event, GenerationParams
 
@@ -42,14 +41,6 @@ class Job:
     def events(self) -> Iterator[Event]:
         """Blocking stream of events; re-raises the engine's error if the job failed."""
         while (item := self._events.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def aevents(self) -> AsyncIterator[Event]:
-        """The same stream for asyncio code, without blocking the event loop."""
-        loop = asyncio.get_running_loop()
-        while (item := await loop.run_in_executor(None, self._events.get)) is not _END:
             if isinstance(item, BaseException):
                 raise item
             yield item

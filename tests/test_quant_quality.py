@@ -1,9 +1,12 @@
-"""Quantized SmolLM2 bundles against the float NumPy reference on the shipped text.
+"""Quantized SmolLM2 bundles against the float NumPy reference on the shipped text, converted
+as users get them (int8: rotation + smoothing; int4 schemes: smoothing).
 
-The bounds are the measured figures less a margin, NOT the issue's targets (int8 >= 95 %,
-int4 >= 90 % top-1 agreement): XNNPACK's dynamic int8 activations still cost int8 most of
-its gap after smoothing, and SmolLM2-135M (itself dequantized from Q4_1) loses much more at
-4 bits. The bundles are converted as users get them: calibrated smoothing on. See README."""
+Perplexity bounds are the issue's targets where we meet them: int8 within +1 % of f32, and
+int4-b32 no worse than llama.cpp Q4_0's increase over F16 on the same text (+21.2 %, measured
+with llama-perplexity, see README). Per-channel int4 misses that (+31 % here), and no scheme
+meets the top-1 targets (95 % int8, 90 % int4; llama.cpp reaches 95.9 % with Q8_0 and 68.8 %
+with Q4_0): those bounds are the measured figures less a margin, so a regression still fails.
+"""
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +33,10 @@ def reference(smollm2_gguf):
     return ids, ppl, np.array(top1)
 
 
-# measured (1023 positions, smoothed): int8 0.914 / +0.6 %, int4 0.629 / +31 %, int4-b32 0.754 / +9.1 %
-# (before smoothing: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
+# measured (1023 positions): int8 0.924 / -0.1 %, int4 0.629 / +31 %, int4-b32 0.754 / +9.1 %
+# (plain round-to-nearest: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
 @pytest.mark.parametrize("quant,min_agree,max_ppl_increase", [
-    ("int8", 0.88, 0.02), ("int4", 0.58, 0.45), ("int4-b32", 0.70, 0.16)])
+    ("int8", 0.90, 0.01), ("int4", 0.58, 0.45), ("int4-b32", 0.70, 0.212)])
 def test_top1_agreement(smollm2_gguf, reference, tmp_path, quant, min_agree, max_ppl_increase):
     ids, ref_ppl, ref_top1 = reference
     bundle = Bundle.open(convert(smollm2_gguf, tmp_path / quant, quant=quant, quiet=True))
