@@ -8,6 +8,7 @@ one input:
     layers.{i}.wo       attention output             [T, H*hd]   -> wo
     layers.{i}.gate_up  rmsnorm(h) * ffn_norm        [T, D]      -> w_gate, w_up
     layers.{i}.down     silu(gate) * up              [T, F]      -> w_down
+                        (block-rotated first when the graph does that: `down_rotation`)
     head                rmsnorm(x) * final_norm      [T, D]      -> lm_head
 
 The text (convert/data/calibration.txt) is ours: everyday prose, Q&A, chat, code, numbers.
@@ -21,6 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from convert.rotation import rotate_blocks
 from edge.attention import Attention
 from edge.config import ModelConfig
 from edge.kv_cache import KVCache
@@ -42,8 +44,8 @@ def calibration_tokens(tokenizer_json: str, bos: int | None) -> np.ndarray | Non
     return np.array(ids, dtype=np.int64) if len(set(ids)) >= MIN_DISTINCT else None
 
 
-def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig,
-                  tokens: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
+                  down_rotation: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (group name, float32 input [T, K]) for every matmul group, layer by layer."""
     T, eps = len(tokens), cfg.rms_norm_eps
     attention = Attention(cfg, RopeTables(cfg, T))
@@ -60,6 +62,8 @@ def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig,
         n = rms_norm(x, w("ffn_norm"), eps)
         yield f"layers.{i}.gate_up", n
         a = silu(n @ w("w_gate").T) * (n @ w("w_up").T)
+        if down_rotation is not None:
+            a = rotate_blocks(a, down_rotation)
         yield f"layers.{i}.down", a
         x = x + a @ w("w_down").T
     yield "head", rms_norm(x, get("final_norm"), eps)

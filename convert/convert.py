@@ -74,10 +74,12 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     smooth = smooth and not floats
     if rotate or smooth:
         graph_weights, graph_cfg = untie(graph_weights, graph_cfg)
+    down_rotation = None
     if rotate:
         from convert.rotation import Rotation
-        graph_weights = Rotation(graph_cfg).weights(graph_weights)
-    smoothing = _fit_smoothing(ckpt, graph_weights, graph_cfg, quant, stream) if smooth else None
+        rotation = Rotation(graph_cfg)
+        graph_weights, down_rotation = rotation.weights(graph_weights), rotation.down_rotation
+    smoothing = _fit_smoothing(ckpt, graph_weights, graph_cfg, quant, stream, down_rotation) if smooth else None
     if smoothing:
         graph_weights, importance = smoothing.weights(graph_weights), smoothing.importance
 
@@ -91,7 +93,8 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     tensor = counted(ckpt.tensor)
 
     with atomic_bundle(dest, overwrite) as w:
-        write_llama_graph(w.dir / "model.tflite", counted(graph_weights), graph_cfg, quant, importance)
+        write_llama_graph(w.dir / "model.tflite", counted(graph_weights), graph_cfg, quant, importance,
+                          down_rotation)
         with w.tensor_file("weights.bin") as tf:
             if floats:
                 for n in names:
@@ -111,7 +114,8 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     return Path(dest)
 
 
-def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, stream: dict):
+def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, stream: dict,
+                   down_rotation: np.ndarray | None):
     """Calibrated smoothing scales (convert/smoothing.py), or None if the tokenizer cannot
     read the calibration text."""
     from convert.calibration import calibration_tokens
@@ -123,7 +127,8 @@ def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, stream: 
               file=stream.get("stream", sys.stderr))
         return None
     bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {len(tokens)} tokens", **stream)
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head_scheme(quant), on_group=bar.step)
+    smoothing = Smoothing.fit(get, cfg, tokens, quant, head_scheme(quant), on_group=bar.step,
+                              down_rotation=down_rotation)
     bar.close()
     return smoothing
 

@@ -37,21 +37,25 @@ Importance = Mapping[str, np.ndarray]
 
 
 def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
-                      importance: Importance = {}) -> bytes:
+                      importance: Importance = {}, down_rotation: np.ndarray | None = None) -> bytes:
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`."""
-    return _build(weights_by_name, config, quant, importance).finish()
+    return _build(weights_by_name, config, quant, importance, down_rotation).finish()
 
 
 def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config: ModelConfig,
-                      quant: str, importance: Importance = {}) -> int:
+                      quant: str, importance: Importance = {},
+                      down_rotation: np.ndarray | None = None) -> int:
     """Write the graph file to `path` (streams weights; use for real models). Returns bytes.
 
     importance maps a matmul group ("layers.{i}.qkv", ".wo", ".gate_up", ".down", "head"; see
-    convert/calibration.py) to E[x^2] of its input, which steers the int4 clip search."""
-    return _build(weights_by_name, config, quant, importance).write(path)
+    convert/calibration.py) to E[x^2] of its input, which steers the clip search.
+    down_rotation [B, B]: multiply each B-channel block of w_down's input by it in the graph
+    (convert/rotation.py; the weights must have been rotated to match)."""
+    return _build(weights_by_name, config, quant, importance, down_rotation).write(path)
 
 
-def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance) -> ModelBuilder:
+def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance,
+           down_rotation: np.ndarray | None) -> ModelBuilder:
     """Quantize tensor by tensor into a spilling builder: float weights never pile up."""
     if quant not in SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose from {SCHEMES}")
@@ -65,7 +69,7 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
     for i in range(L):
         g = mb.subgraph(f"layer_{i}")
         x_out = _layer(g, g.input("x", D), g.input("attn", cfg.num_heads * cfg.head_dim),
-                       get, i, quant_for, eps)
+                       get, i, quant_for, eps, down_rotation)
         if i < L - 1:
             g.output("x_out", x_out)
             g.output("qkv", _qkv(g, x_out, get, i + 1, quant_for, eps))
@@ -91,7 +95,8 @@ def _qkv(g: GraphBuilder, x: Act, get, i: int, quant_for, eps: float) -> Act:
     return g.fully_connected(g.rms_norm(x, get(p + "attn_norm"), eps), quant_for(w, p + "qkv"), "qkv")
 
 
-def _layer(g: GraphBuilder, x: Act, attn: Act, get, i: int, quant_for, eps: float) -> Act:
+def _layer(g: GraphBuilder, x: Act, attn: Act, get, i: int, quant_for, eps: float,
+           down_rotation: np.ndarray | None) -> Act:
     p = f"layers.{i}."
 
     def fc(t: Act, name: str, group: str) -> Act:
@@ -99,5 +104,7 @@ def _layer(g: GraphBuilder, x: Act, attn: Act, get, i: int, quant_for, eps: floa
 
     h = g.add(x, fc(attn, "wo", "wo"))
     n = g.rms_norm(h, get(p + "ffn_norm"), eps)
-    gate_up = g.mul(g.silu(fc(n, "w_gate", "gate_up")), fc(n, "w_up", "gate_up"))
-    return g.add(h, fc(gate_up, "w_down", "down"))
+    a = g.mul(g.silu(fc(n, "w_gate", "gate_up")), fc(n, "w_up", "gate_up"))
+    if down_rotation is not None:
+        a = g.rotate_blocks(a, down_rotation)
+    return g.add(h, fc(a, "w_down", "down"))

@@ -13,6 +13,10 @@ of them (QuaRot, Ashkboos et al. 2024), and Q can be folded into weights that ex
   attention values, per head: v -> v H (H orthogonal, head_dim wide), so
       wv rows of each KV head -> H^T wv_j;  wo columns of each query head -> wo_h H
   (attention mixes v linearly, so every query head sharing KV head j sees v_j H).
+  MLP hidden state a = silu(gate) * up, the input of w_down: nothing linear precedes it, so
+  this one rotation runs in the graph (`down_rotation`, a [B, B] block Hadamard applied to
+  each block of B channels, B = 64 where the width allows: 64 MACs per channel, nothing
+  next to w_down's), with w_down's columns rotated to match: w_down -> Q^T w_down Hb.
 
 The q/k outputs and the MLP's hidden state are untouched; no op is added to the graph.
 `weights()` reads an untied checkpoint (see convert.convert.untie): the lm_head is rotated
@@ -27,6 +31,13 @@ import numpy as np
 from edge.config import ModelConfig
 
 SEED = 20241123
+DOWN_BLOCK = 64
+
+
+def rotate_blocks(x: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """x [..., n] with each consecutive block of h.shape[0] channels multiplied by h."""
+    b = h.shape[0]
+    return (x.reshape(*x.shape[:-1], -1, b) @ h).reshape(x.shape)
 
 
 def hadamard(n: int) -> np.ndarray:
@@ -54,6 +65,10 @@ class Rotation:
         self.cfg = cfg
         self.q = random_orthogonal(cfg.hidden_size).astype(np.float32)
         self.h = random_orthogonal(cfg.head_dim, SEED + 1).astype(np.float32)
+        block = np.gcd(cfg.intermediate_size, DOWN_BLOCK)
+        self.down_rotation = hadamard(block).astype(np.float32) * \
+            np.random.default_rng(SEED + 2).choice([-1, 1], block)[:, None].astype(np.float32) \
+            if block >= 16 else None
 
     def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
         """An accessor over `get`'s names (plus "lm_head") returning rotated float tensors."""
@@ -81,6 +96,7 @@ class Rotation:
             if kind == "wo":
                 return q.T @ per_head(get(name), cfg.num_heads, rows=False)
             if kind == "w_down":
-                return q.T @ get(name)
+                w = get(name)
+                return q.T @ (w if self.down_rotation is None else rotate_blocks(w, self.down_rotation))
             return get(name)
         return rotated

@@ -83,10 +83,13 @@ class Smoothing:
 
     @classmethod
     def fit(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
-            scheme: str, head_scheme: str, on_group: Callable[[str], None] = lambda g: None) -> "Smoothing":
+            scheme: str, head_scheme: str, on_group: Callable[[str], None] = lambda g: None,
+            down_rotation: np.ndarray | None = None) -> "Smoothing":
+        """down_rotation: the graph rotates w_down's input (convert/rotation.py); its channels
+        are then mixtures, so no 1/s can fold into w_up and that group keeps s = 1."""
         kv_tie = _kv_tie(cfg)
         scales, importance = {}, {}
-        for group, x in matmul_inputs(get, cfg, tokens):
+        for group, x in matmul_inputs(get, cfg, tokens, down_rotation):
             layer, _, kind = group.rpartition(".")
             w = lambda n: get(f"{layer}.{n}")
             if kind == "qkv":
@@ -96,7 +99,8 @@ class Smoothing:
             elif kind == "gate_up":
                 scales[group] = search_scale(x, np.concatenate([w("w_gate"), w("w_up")]), scheme)
             elif kind == "down":
-                scales[group] = search_scale(x, w("w_down"), scheme)
+                scales[group] = (np.ones(x.shape[1], np.float32) if down_rotation is not None
+                                 else search_scale(x, w("w_down"), scheme))
             else:
                 scales[group] = search_scale(x, get("lm_head"), head_scheme)
             importance[group] = input_importance(x / scales[group])

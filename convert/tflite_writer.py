@@ -37,7 +37,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
-from convert.quantize import QuantizedWeight
+from convert.quantize import QuantizedWeight, quantize
 
 ALIGN_LARGE = 16384          # Pi 5 page size
 ALIGN_SMALL = 64
@@ -193,6 +193,22 @@ class GraphBuilder:
         self._op(_OP.FULLY_CONNECTED, [x.index, wt, -1], [out.index],
                  fb.BuiltinOptions.FullyConnectedOptions, opts, version)
         return out
+
+    def rotate_blocks(self, x: Act, h: np.ndarray) -> Act:
+        """x [T, W] with every block of B = h.shape[0] channels multiplied by h (f32).
+
+        One FC with the [B, B] weight: FULLY_CONNECTED flattens its input to rows of B, so
+        the output is x as [T*W/B, B] rows; the next FC flattens it back to [T, W]."""
+        b = h.shape[0]
+        if x.width % b:
+            raise ValueError(f"width {x.width} is not a multiple of the block {b}")
+        wt = self._weight(quantize(np.ascontiguousarray(h.T), "f32"))
+        opts = fb.FullyConnectedOptionsT()
+        opts.keepNumDims = False
+        out = self._tensor([x.width // b, b], fb.TensorType.FLOAT32, f"t{len(self._tensors)}",
+                           signature=[-1, b])
+        self._op(_OP.FULLY_CONNECTED, [x.index, wt, -1], [out], fb.BuiltinOptions.FullyConnectedOptions, opts)
+        return Act(out, x.width)
 
     def add(self, a: Act, b: Act | int) -> Act:
         return self._binary(_OP.ADD, fb.BuiltinOptions.AddOptions, fb.AddOptionsT(), a, b)

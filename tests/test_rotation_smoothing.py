@@ -15,9 +15,11 @@ import convert.quantize as quantize_mod
 from convert.calibration import MIN_DISTINCT, calibration_tokens, matmul_inputs
 from convert.convert import ROTATE_BY_DEFAULT, convert, read_checkpoint, untie
 from convert.quantize import quantize
-from convert.rotation import Rotation, random_orthogonal
+from convert.llama_graph import build_llama_graph
+from convert.rotation import Rotation, random_orthogonal, rotate_blocks
 from convert.smoothing import Smoothing, fake_quant_rows, search_scale
 from edge.bundle import Bundle
+from edge.litert_runner import GraphRunner
 from edge.model_numpy import NumpyModel
 from tests.tiny_llama import write_tiny_llama
 
@@ -138,7 +140,9 @@ def test_rotation_is_orthogonal_and_spreads_every_channel(n):
 def test_rotated_weights_are_an_exact_rewrite_in_float(tiny, smooth):
     _, ckpt = tiny
     get, cfg = untie(ckpt.tensor, ckpt.config)
-    get = Rotation(cfg).weights(get)
+    rotation = Rotation(cfg)
+    rotation.down_rotation = None        # the NumPy model has no online rotation; see below
+    get = rotation.weights(get)
     if smooth:
         get = Smoothing.fit(get, cfg, _outlier_tokens(ckpt), "int8", "int8").weights(get)
     assert np.abs(get("embed") - ckpt.tensor("embed")).max() > 0.01     # really rotated
@@ -157,3 +161,34 @@ def test_rotation_defaults_to_int8_and_is_recorded(tiny, tmp_path):
         assert b.manifest["rotation"] is rotated, quant
     b = Bundle.open(convert(src, tmp_path / "r4", quant="int4", rotate=True, quiet=True))
     assert b.manifest["rotation"] is True
+
+
+def test_rotated_graph_computes_the_same_layers(tiny, tmp_path):
+    """f32 graphs of the plain and the rotated weights, layer by layer: the rotated one sees
+    x Q and per-head-rotated attention, and returns x_out Q, the same q/k, v per head
+    rotated, and the same logits; the w_down input is rotated inside the graph."""
+    _, ckpt = tiny
+    get, cfg = untie(ckpt.tensor, ckpt.config)
+    rot = Rotation(cfg)
+    assert rot.down_rotation is not None and rot.down_rotation.shape == (32, 32)   # F = 160
+    paths = {"plain": build_llama_graph(get, cfg, "f32"),
+             "rotated": build_llama_graph(rot.weights(get), cfg, "f32", down_rotation=rot.down_rotation)}
+    for name, data in paths.items():
+        (tmp_path / name).write_bytes(data)
+    plain, rotated = (GraphRunner(tmp_path / n, threads=2) for n in paths)
+    assert rotated.delegated
+    rng = np.random.default_rng(2)
+    D, A, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    x = rng.standard_normal((5, D)).astype(np.float32)
+    attn = rng.standard_normal((5, A)).astype(np.float32)
+    want = plain.run("layer_0", x=x, attn=attn)
+    got = rotated.run("layer_0", x=x @ rot.q, attn=rotate_blocks(attn, rot.h))
+    tol = lambda a: 1e-4 * np.abs(a).max()
+    np.testing.assert_allclose(got["x_out"], want["x_out"] @ rot.q, atol=tol(want["x_out"]))
+    np.testing.assert_allclose(got["qkv"][:, :-kv], want["qkv"][:, :-kv], atol=tol(want["qkv"]))
+    np.testing.assert_allclose(got["qkv"][:, -kv:], rotate_blocks(want["qkv"][:, -kv:], rot.h), atol=tol(want["qkv"]))
+    last = f"layer_{cfg.num_layers - 1}"
+    h_plain = plain.run(last, x=x, attn=attn)["h_final"]
+    h_rot = rotated.run(last, x=x @ rot.q, attn=rotate_blocks(attn, rot.h))["h_final"]
+    logits = plain.run("lm_head", h=h_plain)["logits"]
+    np.testing.assert_allclose(rotated.run("lm_head", h=h_rot)["logits"], logits, atol=tol(logits))
