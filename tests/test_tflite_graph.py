@@ -193,6 +193,25 @@ def test_split_halves_the_last_axis(tmp_path, rng):
     assert r.delegated
 
 
+@pytest.mark.parametrize("scheme", ["f32", "int8"])
+def test_rotate_blocks_feeds_the_next_fc_as_whole_rows(tmp_path, rng, scheme):
+    """[T, W] through an FC with a [B, B] weight comes out as [T*W/B, B] rows; the next FC
+    (K = W) must read them back as [T, W], delegated, for any T (decode and prefill)."""
+    h = np.linalg.qr(rng.standard_normal((16, 16)))[0].astype(np.float32)
+    qw = quantize(rng.standard_normal((24, 64)).astype(np.float32), scheme)
+    mb = ModelBuilder()
+    g = mb.subgraph("r")
+    g.output("y", g.fully_connected(g.rotate_blocks(g.input("x", 64), h), qw))
+    r = _runner(tmp_path, mb.finish())
+    for t in (1, 7, 2):
+        x = rng.standard_normal((t, 64)).astype(np.float32)
+        xr = (x.reshape(t, 4, 16) @ h).reshape(t, 64)
+        y = r.run("r", x=x)["y"]
+        assert y.shape == (t, 24)
+        np.testing.assert_allclose(y, _fc_ref(xr, qw), rtol=0, atol=1e-5 * np.abs(y).max())
+        assert r.delegated
+
+
 def test_non_delegated_graph_is_refused(tmp_path, rng):
     qw = quantize(rng.standard_normal((32, 64)).astype(np.float32), "int8")
     mb = ModelBuilder()
