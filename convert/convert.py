@@ -16,9 +16,10 @@ from edge.config import ModelConfig
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 QUANTS = ("int8", "int4", "int4-b32", "f16", "f32")
 DEFAULT_QUANT = "int8"
-# Rotation spreads activation outliers: on SmolLM2 int8 perplexity +0.70 % -> +0.52 % over
-# f32, top-1 agreement 0.927 -> 0.942. It hurt int4 there (int4-b32 +12.6 % -> +41 %), whose
-# GGUF weights sit on a Q4_1 grid that a rotation scatters; re-measure on a bf16 checkpoint.
+# Rotation spreads activation outliers: on SmolLM2 int8 perplexity over f32 +0.70 % -> +0.25 %,
+# top-1 agreement 0.927 -> 0.949 (folded rotations, then the in-graph one before w_down). It
+# hurt int4 there (int4-b32 +12.6 % -> +41 %), whose GGUF weights sit on a Q4_1 grid that a
+# rotation scatters; re-measure on a bf16 checkpoint.
 ROTATE_BY_DEFAULT = ("int8",)
 
 
@@ -69,19 +70,9 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS
     stream = {"stream": _Null()} if quiet else {}
-    graph_weights, graph_cfg, importance = ckpt.tensor, ckpt.config, {}
-    rotate = quant in ROTATE_BY_DEFAULT if rotate is None else rotate and not floats
-    smooth = smooth and not floats
-    if rotate or smooth:
-        graph_weights, graph_cfg = untie(graph_weights, graph_cfg)
-    down_rotation = None
-    if rotate:
-        from convert.rotation import Rotation
-        rotation = Rotation(graph_cfg)
-        graph_weights, down_rotation = rotation.weights(graph_weights), rotation.down_rotation
-    smoothing = _fit_smoothing(ckpt, graph_weights, graph_cfg, quant, stream, down_rotation) if smooth else None
-    if smoothing:
-        graph_weights, importance = smoothing.weights(graph_weights), smoothing.importance
+    g = _GraphWeights.plain(ckpt)
+    if not floats:
+        g = g.transformed(ckpt, quant, quant in ROTATE_BY_DEFAULT if rotate is None else rotate, smooth, stream)
 
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({quant})", **stream)
 
@@ -93,25 +84,55 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     tensor = counted(ckpt.tensor)
 
     with atomic_bundle(dest, overwrite) as w:
-        write_llama_graph(w.dir / "model.tflite", counted(graph_weights), graph_cfg, quant, importance,
-                          down_rotation)
+        write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance, g.down_rotation)
         with w.tensor_file("weights.bin") as tf:
             if floats:
                 for n in names:
                     tf.add(n, tensor(n).astype(FLOAT_QUANTS[quant]))
             else:
-                rows, scale = int8_rows(counted(graph_weights)("embed"))
+                rows, scale = int8_rows(counted(g.get)("embed"))
                 tf.add("embed", rows)
                 tf.add("embed_scale", scale)
         w.write_bytes("tokenizer.json", ckpt.tokenizer_json.encode("utf-8"))
         w.finish({
             "name": name or Path(src).name, "source": str(Path(src).resolve()), "quant": quant,
-            "rotation": rotate, "smoothing": smoothing is not None, "config": ckpt.config.to_dict(), "tokenizer": "tokenizer.json",
+            "rotation": g.rotated, "smoothing": g.smoothed, "config": ckpt.config.to_dict(),
+            "tokenizer": "tokenizer.json",
             "chat_template": ckpt.chat_template, "special_tokens": ckpt.special_tokens,
             "add_bos": ckpt.add_bos,
         })
     bar.close()
     return Path(dest)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GraphWeights:
+    """What the graph is built from: float tensors by name (possibly rewritten), the config
+    they follow, and what the quantizer and graph writer need to know about the rewrite."""
+    get: Callable[[str], np.ndarray]
+    cfg: ModelConfig
+    importance: dict = dataclasses.field(default_factory=dict)
+    down_rotation: np.ndarray | None = None
+    rotated: bool = False
+    smoothed: bool = False
+
+    @classmethod
+    def plain(cls, ckpt: Checkpoint) -> "_GraphWeights":
+        return cls(ckpt.tensor, ckpt.config)
+
+    def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool, smooth: bool, stream: dict):
+        """Untied, then rotated and/or smoothed: exact in float, kinder to quantization."""
+        get, cfg = untie(self.get, self.cfg)
+        down_rotation = None
+        if rotate:
+            from convert.rotation import Rotation
+            rotation = Rotation(cfg)
+            get, down_rotation = rotation.weights(get), rotation.down_rotation
+        smoothing = _fit_smoothing(ckpt, get, cfg, quant, stream, down_rotation) if smooth else None
+        if smoothing:
+            get = smoothing.weights(get)
+        return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
+                             rotate, smoothing is not None)
 
 
 def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, stream: dict,
