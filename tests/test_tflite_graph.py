@@ -10,6 +10,7 @@ converter's smoothing search relies on; that pins the scheme down.
 from __future__ import annotations
 
 import os
+import platform
 import time
 
 import numpy as np
@@ -40,6 +41,24 @@ def _fc_ref(x: np.ndarray, qw) -> np.ndarray:
     if qw.scheme in ("f32", "f16"):
         return x @ qw.dequantize().T
     return fake_quant_rows(x) @ qw.dequantize().T
+
+
+# XNNPACK's x86 kernels reproduce `fake_quant_rows` exactly. Its arm64 kernels (seen under
+# the emulated Bookworm, LiteRT 2.3.0) round some rows' zero point differently: one row of
+# five came out 0.0035 off, inside the derived bound. So the exact check is x86's only.
+EXACT_QD8 = platform.machine() in ("x86_64", "AMD64")
+
+
+def _assert_hybrid_fc(y: np.ndarray, x: np.ndarray, qw) -> None:
+    """A quantized FC's output: within the derived bound of float math everywhere, and equal
+    to the simulated runtime arithmetic where that is known to be exact."""
+    wd = qw.dequantize()
+    ref = x @ wd.T
+    scale = np.abs(ref).max()
+    bound = _qd8_step(x) / 2 * np.abs(wd).sum(axis=1)[None, :]
+    assert (np.abs(y - ref) <= bound + FLOAT_RTOL * scale).all()
+    if EXACT_QD8:
+        np.testing.assert_allclose(y, _fc_ref(x, qw), rtol=0, atol=FLOAT_RTOL * scale)
 
 
 def _rms(x, w, eps):
@@ -144,10 +163,7 @@ def test_fc_matches_numpy_within_derived_bound(tmp_path, rng, scheme):
         if scheme in ("f32", "f16"):
             np.testing.assert_allclose(y, ref, rtol=0, atol=FLOAT_RTOL * scale)
             continue
-        s_x = _qd8_step(x)
-        bound = s_x / 2 * np.abs(wd).sum(axis=1)[None, :]
-        assert (np.abs(y - ref) <= bound + FLOAT_RTOL * scale).all()
-        np.testing.assert_allclose(y, _fc_ref(x, qw), rtol=0, atol=FLOAT_RTOL * scale)
+        _assert_hybrid_fc(y, x, qw)
 
 
 def test_weight_shared_between_subgraphs_is_stored_once(rng):
@@ -208,7 +224,10 @@ def test_rotate_blocks_feeds_the_next_fc_as_whole_rows(tmp_path, rng, scheme):
         xr = (x.reshape(t, 4, 16) @ h).reshape(t, 64)
         y = r.run("r", x=x)["y"]
         assert y.shape == (t, 24)
-        np.testing.assert_allclose(y, _fc_ref(xr, qw), rtol=0, atol=1e-5 * np.abs(y).max())
+        if scheme == "f32":
+            np.testing.assert_allclose(y, xr @ qw.dequantize().T, rtol=0, atol=1e-5 * np.abs(y).max())
+        else:
+            _assert_hybrid_fc(y, xr, qw)
         assert r.delegated
 
 
