@@ -18,8 +18,8 @@ of them (QuaRot, Ashkboos et al. 2024), and Q can be folded into weights that ex
   each block of B channels, B = 64 where the width allows: 64 MACs per channel, nothing
   next to w_down's), with w_down's columns rotated to match: w_down -> Q^T w_down Hb.
 
-The q/k outputs and the MLP's hidden state are untouched; no op is added to the graph.
-`weights()` reads an untied checkpoint (see convert.convert.untie): the lm_head is rotated
+The q/k outputs are untouched, and the one op the graph gains is the small block rotation
+before w_down. `weights()` reads an untied checkpoint (see convert.convert.untie): the lm_head is rotated
 and norm-folded on its own, the embedding table only rotated.
 """
 from __future__ import annotations
@@ -66,9 +66,7 @@ class Rotation:
         self.q = random_orthogonal(cfg.hidden_size).astype(np.float32)
         self.h = random_orthogonal(cfg.head_dim, SEED + 1).astype(np.float32)
         block = np.gcd(cfg.intermediate_size, DOWN_BLOCK)
-        self.down_rotation = hadamard(block).astype(np.float32) * \
-            np.random.default_rng(SEED + 2).choice([-1, 1], block)[:, None].astype(np.float32) \
-            if block >= 16 else None
+        self.down_rotation = random_orthogonal(block, SEED + 2).astype(np.float32) if block >= 16 else None
 
     def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
         """An accessor over `get`'s names (plus "lm_head") returning rotated float tensors."""

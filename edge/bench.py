@@ -49,7 +49,7 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
     tg = [_timed(generate) for _ in range(reps)]
     return {
         "model": bundle.name, "quant": bundle.quant, "threads": threads,
-        "backend": "litert" if type(model).__name__ == "LiteRTModel" else "numpy",
+        "backend": model.backend,
         "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "load_s": load_s,
         "ttft_s": statistics.median(pp),
         "pp_tokens_per_s": n_prompt / statistics.median(pp),

@@ -19,6 +19,8 @@ from edge.rope import RopeTables
 
 
 class LiteRTModel:
+    backend = "litert"
+
     def __init__(self, bundle: Bundle, max_ctx: int, threads: int | None = None,
                  weight_cache: Path | None = None):
         from edge.litert_runner import GraphRunner

@@ -26,6 +26,7 @@ def silu(x: np.ndarray) -> np.ndarray:
 
 class NumpyModel:
     """forward(tokens, cache) appends tokens to the cache and returns their logits."""
+    backend = "numpy"
 
     def __init__(self, cfg: ModelConfig, tensor: Callable[[str], np.ndarray], max_ctx: int):
         self.cfg = cfg
