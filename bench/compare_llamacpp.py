@@ -119,7 +119,7 @@ def fetch_tokenizer_json(workdir: Path) -> str:
     if out.exists():
         return out.read_text(encoding="utf-8")
     from convert.llama3_tokenizer import tokenizer_json_from_tiktoken
-    from edge.wheel_fetch import LLAMA3_TIKTOKEN_MODEL, fetch
+    from edge.launch.wheel_fetch import LLAMA3_TIKTOKEN_MODEL, fetch
     model = fetch(LLAMA3_TIKTOKEN_MODEL, out.parent, log=log)
     log("building tokenizer.json from tokenizer.model ...")
     text = tokenizer_json_from_tiktoken(model)

@@ -12,7 +12,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from edge.bundle import ALIGN, FORMAT_VERSION, MANIFEST, sha256_of
+from edge.model.bundle import ALIGN, FORMAT_VERSION, MANIFEST, sha256_of
 
 
 class TensorFile:

@@ -23,11 +23,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from convert.rotation import rotate_blocks
-from edge.attention import Attention
-from edge.config import ModelConfig
-from edge.kv_cache import KVCache
-from edge.model_numpy import rms_norm, silu
-from edge.rope import RopeTables
+from edge.model.attention import Attention
+from edge.model.config import ModelConfig
+from edge.model.kv_cache import KVCache
+from edge.model.numpy_model import layer_weights, llama_layer, rms_norm
+from edge.model.rope import RopeTables
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 MAX_TOKENS = 512
@@ -46,24 +46,21 @@ def calibration_tokens(tokenizer_json: str, bos: int | None) -> np.ndarray | Non
 
 def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
                   down_rotation: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (group name, float32 input [T, K]) for every matmul group, layer by layer."""
+    """Yield (group name, float32 input [T, K]) for every matmul group, layer by layer: the
+    reference model's own `llama_layer`, observed."""
     T, eps = len(tokens), cfg.rms_norm_eps
     attention = Attention(cfg, RopeTables(cfg, T))
     cache = KVCache(cfg, T)
     x = get("embed")[tokens]
     for i in range(cfg.num_layers):
-        w = lambda name: get(f"layers.{i}.{name}")
-        n = rms_norm(x, w("attn_norm"), eps)
-        yield f"layers.{i}.qkv", n
-        qkv = n @ np.concatenate([w("wq"), w("wk"), w("wv")]).T
-        attn = attention(i, qkv, cache, 0)
-        yield f"layers.{i}.wo", attn
-        x = x + attn @ w("wo").T
-        n = rms_norm(x, w("ffn_norm"), eps)
-        yield f"layers.{i}.gate_up", n
-        a = silu(n @ w("w_gate").T) * (n @ w("w_up").T)
-        if down_rotation is not None:
-            a = rotate_blocks(a, down_rotation)
-        yield f"layers.{i}.down", a
-        x = x + a @ w("w_down").T
+        seen: list[tuple[str, np.ndarray]] = []
+
+        def observe(group: str, v: np.ndarray) -> np.ndarray:
+            if group == "down" and down_rotation is not None:
+                v = rotate_blocks(v, down_rotation)      # what the graph's block rotation feeds w_down
+            seen.append((f"layers.{i}.{group}", v))
+            return v
+
+        x = llama_layer(x, layer_weights(get, i), i, attention, cache, 0, eps, observe)
+        yield from seen
     yield "head", rms_norm(x, get("final_norm"), eps)

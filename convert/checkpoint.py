@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge.config import ModelConfig
+from edge.model.config import ModelConfig
 
 LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
 

@@ -11,11 +11,10 @@ import numpy as np
 from convert.bundle_writer import atomic_bundle
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
-from edge.config import ModelConfig
+from convert.quantize import DEFAULT_QUANT, SCHEMES
+from edge.model.config import ModelConfig
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
-QUANTS = ("int8", "int4", "int4-b32", "f16", "f32")
-DEFAULT_QUANT = "int8"
 # Rotation spreads activation outliers: on SmolLM2 int8 perplexity over f32 +0.70 % -> +0.19 %,
 # top-1 agreement 0.927 -> 0.949 (folded rotations, then the in-graph one before w_down). It
 # hurt int4 there (int4-b32 +12.6 % -> +41 %), whose GGUF weights sit on a Q4_1 grid that a
@@ -63,8 +62,8 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     `ROTATE_BY_DEFAULT`) and smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison)."""
     from convert.llama_graph import write_llama_graph
-    if quant not in QUANTS:
-        raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
+    if quant not in SCHEMES:
+        raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
     ckpt = read_checkpoint(src)
     _check_tokenizer(ckpt)
     names = ckpt.names()

@@ -14,8 +14,8 @@ import numpy as np
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.gguf_metadata import read_metadata
 from convert.gguf_tokenizer import add_bos_token, tokenizer_json_from_gguf
-from edge.config import ModelConfig, RopeScaling
-from edge.rope import inverse_frequencies
+from edge.model.config import ModelConfig, RopeScaling
+from edge.model.rope import inverse_frequencies
 
 _GGUF_NAMES = {
     "attn_norm": "attn_norm", "wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output",

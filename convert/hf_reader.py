@@ -11,7 +11,7 @@ from pathlib import Path
 
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.safetensors_file import SafetensorsFile
-from edge.config import ModelConfig, RopeScaling
+from edge.model.config import ModelConfig, RopeScaling
 
 _HF_NAMES = {
     "attn_norm": "input_layernorm", "wq": "self_attn.q_proj", "wk": "self_attn.k_proj",

@@ -16,7 +16,7 @@ from pathlib import Path
 from gguf import GGUFWriter, TokenType
 from tokenizers import AddedToken, Tokenizer
 
-from convert.gguf_tokenizer import LLAMA3_SPLIT, byte_level_bpe, bytes_to_unicode, template_processor
+from convert.gguf_tokenizer import byte_level_bpe, bytes_to_unicode, template_processor
 
 NUM_SPECIAL_TOKENS = 256
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"

@@ -30,7 +30,7 @@ import numpy as np
 
 from convert.quantize import SCHEMES, quantize
 from convert.tflite_writer import Act, GraphBuilder, ModelBuilder
-from edge.config import ModelConfig
+from edge.model.config import ModelConfig
 
 Weights = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
 Importance = Mapping[str, np.ndarray]

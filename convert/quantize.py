@@ -27,7 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-SCHEMES = ("f32", "f16", "int8", "int4", "int4-b32")
+SCHEMES = ("int8", "int4", "int4-b32", "f16", "f32")
+DEFAULT_QUANT = "int8"     # chosen from the measured quant table in the README
 CLIP_RATIOS = np.linspace(0.70, 1.00, 16)       # int4
 INT8_CLIP_RATIOS = np.linspace(0.80, 1.00, 11)  # int8: 255 levels, little to gain below 0.8
 INT4_BLOCK = 32

@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from edge.config import ModelConfig
+from edge.model.config import ModelConfig
 
 SEED = 20241123
 DOWN_BLOCK = 64

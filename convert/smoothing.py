@@ -28,7 +28,7 @@ import numpy as np
 
 from convert.calibration import matmul_inputs
 from convert.quantize import quantize
-from edge.config import ModelConfig
+from edge.model.config import ModelConfig
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 SEARCH_ROWS = 512          # output rows the search simulates (evenly spaced; s is per column)

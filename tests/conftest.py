@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from edge import wheel_fetch
+from edge.launch import wheel_fetch
 
 ASSETS = Path(os.environ.get("EDGE_LLM_TEST_ASSETS", Path.home() / ".cache" / "edge-llm-test-assets"))
 

@@ -8,10 +8,12 @@ from typing import Iterator
 
 import uvicorn
 
-from edge.engine import GenerationParams
-from edge.http_api import ServerConfig, ServerState, create_app
-from edge.scheduler import Scheduler
-from edge.serve import bind
+from edge.engine.engine import GenerationParams
+from edge.engine.sampler import SamplingParams
+from edge.launch.request import RequestDefaults
+from edge.api.openai_api import ServerConfig, ServerState, create_app
+from edge.engine.scheduler import Scheduler
+from edge.service.serve import bind
 
 
 @contextmanager
@@ -36,7 +38,9 @@ def running(state: ServerState) -> Iterator[str]:
 
 
 def ready_state(engine, max_queue: int = 8, **config) -> ServerState:
-    """A loaded server state over `engine`, with its own scheduler."""
+    """A loaded server state over `engine`, with its own scheduler. Its default sampling is
+    neutral (no top-k/p, min-p or penalty), so replies can be compared with `engine_text`."""
+    config.setdefault("defaults", RequestDefaults(max_tokens=None, sampling=SamplingParams()))
     state = ServerState(engine.name, ServerConfig(**config))
     state.set_ready(engine, Scheduler(engine, max_queue=max_queue, time_limit=config.get("request_timeout")))
     return state
@@ -44,7 +48,6 @@ def ready_state(engine, max_queue: int = 8, **config) -> ServerState:
 
 def engine_text(engine, ids, max_tokens: int, stop=(), **sampling):
     """What the engine alone produces: (text, finish_reason, usage)."""
-    from edge.sampler import SamplingParams
     params = GenerationParams(max_tokens=max_tokens, stop=list(stop), sampling=SamplingParams(**sampling))
     events = list(engine.generate(ids, params))
     return "".join(e.text for e in events), events[-1].finish_reason, events[-1].usage

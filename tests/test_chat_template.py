@@ -10,8 +10,8 @@ import tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import chat_template_utils
 
-from edge import chat_template as ct
-from edge.chat_template import DEFAULT_CHATML, ChatTemplate, ChatTemplateError
+from edge.engine import chat_template as ct
+from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate, ChatTemplateError
 
 # Copied verbatim from llama.cpp's models/templates/meta-llama-Llama-3.2-3B-Instruct.jinja
 # (ggerganov/llama.cpp @ 7b5e0803c84435e8005725d8f9ddceb5d1820443), a dump of the "chat_template"

@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoTokenizer
 
-from edge.detokenizer import StreamDecoder
+from edge.engine.detokenizer import StreamDecoder
 
 TEXTS = [
     "plain ascii, nothing special.",

@@ -4,10 +4,10 @@ import threading
 import numpy as np
 import pytest
 
-from edge.bundle import Bundle, BundleError
-from edge.engine import Engine, GenerationParams
-from edge.kv_cache import ContextFull
-from edge.sampler import SamplingParams
+from edge.model.bundle import Bundle, BundleError
+from edge.engine.engine import Engine, GenerationParams
+from edge.model.kv_cache import ContextFull
+from edge.engine.sampler import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 SAMPLED = SamplingParams(temperature=1.0, seed=3)   # the tiny random model repeats itself when greedy
@@ -133,7 +133,7 @@ def test_bundle_tensors_are_aligned_for_16k_pages(bundle_dir):
 
 def test_verified_stamp_skips_rehash_but_not_a_rewritten_file(tiny_bundle, tmp_path, monkeypatch):
     import shutil
-    import edge.bundle as eb
+    import edge.model.bundle as eb
     d = tmp_path / "copy"
     shutil.copytree(tiny_bundle, d)
     Bundle.open(d)                                  # hashes everything, writes the stamp

@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from convert.gguf_reader import read_gguf  # noqa: E402
-from edge.model_numpy import NumpyModel  # noqa: E402
+from edge.model.numpy_model import NumpyModel  # noqa: E402
 
 PROMPT = "<|im_start|>user\nWhat is the capital of France? Answer briefly.<|im_end|>\n<|im_start|>assistant\n"
 

@@ -22,11 +22,12 @@ import openai
 import pytest
 
 from convert.convert import convert
-from edge import cli, serve
-from edge.bundle import Bundle
-from edge.engine import Engine
-from edge.http_api import ServerState
-from edge.scheduler import Scheduler
+from edge.cli import main as cli
+from edge.service import serve
+from edge.model.bundle import Bundle
+from edge.engine.engine import Engine
+from edge.api.openai_api import ServerState
+from edge.engine.scheduler import Scheduler
 from tests.http_server import engine_text, ready_state, running
 from tests.tiny_llama import write_tiny_llama
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from convert.convert import convert
-from edge.bundle import Bundle, BundleError
-from edge.engine import load_backend
+from edge.model.bundle import Bundle, BundleError
+from edge.engine.engine import load_backend
 from tests.tiny_llama import write_tiny_llama
 
 
@@ -63,7 +63,7 @@ def test_damaged_graph_refused_before_litert(f32_bundle, tmp_path, monkeypatch):
     with open(d / "model.tflite", "r+b") as f:
         f.seek(100)
         f.write(b"\xde\xad")
-    import edge.litert_runner as lr
+    import edge.model.litert_runner as lr
     monkeypatch.setattr(lr, "GraphRunner", lambda *a, **k: pytest.fail("LiteRT touched a damaged graph"))
     with pytest.raises(BundleError, match="model.tflite.*sha256"):
         Bundle.open(d)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from convert.hf_reader import read_hf
-from edge.model_numpy import NumpyModel
+from edge.model.numpy_model import NumpyModel
 from tests.tiny_llama import write_tiny_llama
 
 TOL = 1e-3

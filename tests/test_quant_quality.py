@@ -14,10 +14,10 @@ import pytest
 
 from convert.convert import convert
 from convert.gguf_reader import read_gguf
-from edge.bundle import Bundle
-from edge.engine import load_backend
-from edge.model_numpy import NumpyModel
-from edge.perplexity import perplexity
+from edge.model.bundle import Bundle
+from edge.engine.engine import load_backend
+from edge.model.numpy_model import NumpyModel
+from edge.cli.perplexity import perplexity
 
 TEXT = Path(__file__).parents[1] / "edge" / "data" / "perplexity" / "shakespeare-coriolanus.txt"
 CTX, STRIDE, N_TOKENS = 256, 128, 1024

@@ -11,16 +11,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import convert.quantize as quantize_mod
 from convert.calibration import MIN_DISTINCT, calibration_tokens, matmul_inputs
 from convert.convert import ROTATE_BY_DEFAULT, convert, read_checkpoint, untie
 from convert.quantize import quantize
 from convert.llama_graph import build_llama_graph
 from convert.rotation import Rotation, random_orthogonal, rotate_blocks
 from convert.smoothing import Smoothing, fake_quant_rows, search_scale
-from edge.bundle import Bundle
-from edge.litert_runner import GraphRunner
-from edge.model_numpy import NumpyModel
+from edge.model.bundle import Bundle
+from edge.model.litert_runner import GraphRunner
+from edge.model.numpy_model import NumpyModel
 from tests.tiny_llama import write_tiny_llama
 
 

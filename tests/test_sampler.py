@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.sampler import Sampler, SamplingParams
+from edge.engine.sampler import Sampler, SamplingParams
 
 V = 128256  # Llama 3 vocabulary
 

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from edge import sd_notify
+from edge.service import sd_notify
 
 
 @pytest.fixture

@@ -23,13 +23,15 @@ import time
 import pytest
 import serial
 
-from edge import cli, serial_console
-from edge.bundle import Bundle
-from edge.engine import Engine, GenerationParams
-from edge.line_editor import Discarded, Interrupt, Line, LineEditor, TooLong
-from edge.sampler import SamplingParams
-from edge.scheduler import Scheduler
-from edge.serial_console import (PortSettings, SerialConsole, SerialConsoleError, add_serial_args,
+from edge.cli import main as cli
+from edge.launch.args import add_sampling_args
+from edge.serial import console as serial_console
+from edge.model.bundle import Bundle
+from edge.engine.engine import Engine, GenerationParams
+from edge.serial.line_editor import Discarded, Interrupt, Line, LineEditor, TooLong
+from edge.engine.sampler import SamplingParams
+from edge.engine.scheduler import Scheduler
+from edge.serial.console import (PortSettings, SerialConsole, SerialConsoleError, add_serial_args,
                                  start_from_args)
 
 PROMPT = b"\r\n> "
@@ -576,8 +578,7 @@ def test_blocked_port_cancels_the_reply_and_frees_the_engine(engine, scheduler, 
 def test_start_from_args_with_serve_style_args(engine, scheduler, term, consoles):
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, default=8080)                  # serve's HTTP port
-    cli.add_sampling_args(p)
-    p.set_defaults(max_tokens=None)                                   # as serve does
+    add_sampling_args(p)                                              # as serve does
     add_serial_args(p)
     assert start_from_args(p.parse_args([]), engine, scheduler) is None
     a = p.parse_args(["--serial", term.path, "--serial-baud", "9600", "--serial-mode", "jsonl",
@@ -592,7 +593,7 @@ def test_start_from_args_with_serve_style_args(engine, scheduler, term, consoles
 def test_serial_and_http_at_the_same_time(engine, scheduler, console, term):
     from fastapi.testclient import TestClient
 
-    from edge.http_api import ServerState, create_app
+    from edge.api.openai_api import ServerState, create_app
     slow_down(engine, 0.02)
     state = ServerState("tiny")
     state.set_ready(engine, scheduler)

@@ -9,10 +9,10 @@ import time
 import pytest
 
 from convert.convert import convert
-from edge import serve
-from edge.cli import build_parser
-from edge.engine import GenerationParams
-from edge.http_api import ServerState
+from edge.service import serve
+from edge.cli.main import build_parser
+from edge.engine.engine import GenerationParams
+from edge.api.openai_api import ServerState
 from tests.tiny_llama import write_tiny_llama
 
 

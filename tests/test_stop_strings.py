@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from edge.stop_strings import StopMatcher
+from edge.engine.stop_strings import StopMatcher
 
 
 def run(stops, chunks) -> tuple[list[str], bool]:

@@ -23,8 +23,8 @@ import convert.quantize as quantize_mod
 from convert.quantize import CLIP_RATIOS, SCHEMES, pack_int4, quantize, unpack_int4
 from convert.smoothing import fake_quant_rows
 from convert.tflite_writer import ALIGN_LARGE, ALIGN_SMALL, LARGE_BUFFER, ModelBuilder
-from edge.config import ModelConfig
-from edge.litert_runner import GraphNotDelegated, GraphRunner
+from edge.model.config import ModelConfig
+from edge.model.litert_runner import GraphNotDelegated, GraphRunner
 
 FLOAT_RTOL = 1e-5        # f32/f16 weights: only the summation order differs
 QUANT_SCHEMES = [s for s in SCHEMES if s not in ("f32", "f16")]

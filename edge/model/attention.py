@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.config import ModelConfig
-from edge.kv_cache import KVCache
-from edge.rope import RopeTables
+from edge.model.config import ModelConfig
+from edge.model.kv_cache import KVCache
+from edge.model.rope import RopeTables
 
 
 class Attention:

@@ -14,15 +14,15 @@ from typing import Iterator
 
 import numpy as np
 
-from edge.bundle import Bundle
-from edge.chat_template import DEFAULT_CHATML, ChatTemplate
-from edge.detokenizer import StreamDecoder
-from edge.kv_cache import ContextFull
-from edge.sampler import Sampler, SamplingParams
-from edge.stop_strings import StopMatcher
+from pathlib import Path
 
-PREFILL_CHUNK = 64
-
+from edge.model.backends import load_backend
+from edge.model.bundle import Bundle
+from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
+from edge.engine.detokenizer import StreamDecoder
+from edge.model.kv_cache import ContextFull
+from edge.engine.sampler import Sampler, SamplingParams
+from edge.engine.stop_strings import StopMatcher
 
 @dataclass
 class Usage:
@@ -48,28 +48,31 @@ class Event:
 
 @dataclass
 class GenerationParams:
-    max_tokens: int = 256
+    """One request's settings. Interfaces build it with `edge.launch.request`, which holds the
+    defaults; the field defaults here only mean "off" (no stop strings, neutral sampling)."""
+    max_tokens: int | None = None      # None: until the context is full
     stop: list[str] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self):
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, backend: str = "auto", max_ctx: int | None = None,
-                 threads: int | None = None):
+    def __init__(self, bundle: Bundle, *, max_ctx: int, backend: str = "auto", threads: int | None = None,
+                 weight_cache: Path | None = None):
         self.bundle = bundle
         self.config = cfg = bundle.config
-        self.max_ctx = min(max_ctx or 4096, cfg.max_position_embeddings)
+        self.max_ctx = min(max_ctx, cfg.max_position_embeddings)
         self.tokenizer = bundle.tokenizer()
         m = bundle.manifest
         sp = m.get("special_tokens", {})
         self.template = ChatTemplate(m.get("chat_template") or DEFAULT_CHATML,
                                      bos_token=sp.get("bos_token", ""), eos_token=sp.get("eos_token", ""))
         self.eos_ids = frozenset(cfg.eos_token_ids)
-        self.model = load_backend(bundle, backend, self.max_ctx, threads)
+        self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
         self.cache = self.model.new_cache()
         self._lock = threading.Lock()
 
@@ -98,15 +101,19 @@ class Engine:
             self.cache.truncate(0)
 
     # --- generation -------------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: GenerationParams,
-                 cancel: threading.Event | None = None) -> Iterator[Event]:
-        """Stream events for one request; raises ContextFull before any work if the prompt
-        cannot fit. Holding the lock for the whole stream keeps one sequence per engine."""
+    def check_fits(self, prompt_ids: list[int]) -> None:
+        """The one context rule: a prompt fits when at least one token can follow it.
+        Raises ValueError for an empty prompt and ContextFull for one too long."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_ctx:
-            raise ContextFull(f"the prompt has {len(prompt_ids)} tokens but the context holds "
-                              f"{self.max_ctx}; shorten it")
+            raise ContextFull(len(prompt_ids), self.max_ctx)
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams,
+                 cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Stream events for one request; `check_fits` runs before any work. Holding the lock
+        for the whole stream keeps one sequence per engine."""
+        self.check_fits(prompt_ids)
         with self._lock:
             yield from self._generate(list(prompt_ids), params, cancel)
 
@@ -114,10 +121,7 @@ class Engine:
         cached = self.cache.common_prefix(ids)
         cached = min(cached, len(ids) - 1)      # the last prompt token must run to give logits
         self.cache.truncate(cached)
-        logits = None
-        for i in range(cached, len(ids), PREFILL_CHUNK):
-            logits = self.model.forward(ids[i:i + PREFILL_CHUNK], self.cache)
-        return logits, cached
+        return self.model.prefill(ids[cached:], self.cache), cached
 
     def _generate(self, ids, params, cancel) -> Iterator[Event]:
         t0 = time.perf_counter()
@@ -128,7 +132,8 @@ class Engine:
         logits, usage.cached_tokens = self._prefill(ids)
         history = list(ids)
         finish, stopped, t_first = "length", False, None
-        while usage.completion_tokens < params.max_tokens:
+        limit = params.max_tokens or self.max_ctx
+        while usage.completion_tokens < limit:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
@@ -149,31 +154,9 @@ class Engine:
                 break
             if self.cache.length + 1 >= self.max_ctx:
                 break                            # context full: "length", truthfully
-            if usage.completion_tokens < params.max_tokens:
+            if usage.completion_tokens < limit:
                 logits = self.model.forward([token], self.cache)
         tail = "" if stopped else stops.feed(decoder.flush())[0] + stops.flush()
         if t_first is not None:
             usage.decode_seconds = time.perf_counter() - t_first
         yield Event(text=tail, finish_reason=finish, usage=usage)
-
-
-BACKENDS = ("auto", "litert", "numpy")
-
-
-def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | None):
-    """litert runs the bundle's graph; numpy is the float reference (f32/f16 bundles only)."""
-    if backend == "auto":
-        backend = "litert" if bundle.has_graph else "numpy"
-    if backend == "litert":
-        from edge.model_litert import LiteRTModel, default_threads
-        from edge.models import home
-        # one cache directory per graph: the runner keeps a single cache file per directory
-        cache = home() / "xnnpack-cache" / bundle.manifest["files"]["model.tflite"]["sha256"][:16]
-        return LiteRTModel(bundle, max_ctx, threads or default_threads(), weight_cache=cache)
-    if backend == "numpy":
-        if not bundle.has_float_weights:
-            raise ValueError(f"{bundle.path}: a {bundle.quant} bundle has no float weights for the numpy "
-                             "backend; convert with --quant f32 or f16 for a reference bundle")
-        from edge.model_numpy import NumpyModel
-        return NumpyModel(bundle.config, bundle.tensor, max_ctx)
-    raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")

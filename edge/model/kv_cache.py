@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.config import ModelConfig
+from edge.model.config import ModelConfig
 
 
 class ContextFull(ValueError):
-    """The sequence would not fit in the cache."""
+    """The sequence would not fit in the cache: `needed` tokens against a context of `max_ctx`."""
+
+    def __init__(self, needed: int, max_ctx: int, message: str | None = None):
+        self.needed, self.max_ctx = needed, max_ctx
+        super().__init__(message or f"{needed} tokens do not fit in the context of {max_ctx} "
+                                    "(at least one more is needed to answer)")
 
 
 class KVCache:
@@ -31,7 +36,12 @@ class KVCache:
 
     def check_room(self, n_new: int) -> None:
         if self.length + n_new > self.max_ctx:
-            raise ContextFull(f"{self.length} cached + {n_new} new tokens exceed the context of {self.max_ctx}")
+            raise ContextFull(self.length + n_new, self.max_ctx,
+                              f"{self.length} cached + {n_new} new tokens exceed the context of {self.max_ctx}")
+
+    def append(self, tokens) -> None:
+        """Record tokens whose K/V the layers have just written at the next positions."""
+        self.tokens.extend(int(t) for t in tokens)
 
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens (their slots get overwritten later)."""

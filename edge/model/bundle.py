@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.config import ModelConfig
+from edge.model.config import ModelConfig
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

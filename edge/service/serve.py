@@ -18,8 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-from edge import sd_notify
-from edge.cli import add_model_args, add_sampling_args, load_engine
+from edge.launch import engine_from_args
+from edge.launch.args import add_model_args, add_sampling_args, request_defaults
+from edge.launch.request import RequestDefaults
+from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
 
@@ -28,7 +30,7 @@ WARM_UP_PROMPT = "Hello"
 
 
 def register(sub) -> None:
-    from edge.http_api import MAX_BODY_BYTES
+    from edge.api.openai_api import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
                        "/v1/completions, /v1/models, /health, /metrics). Environment defaults: EDGE_LLM_MODEL, "
@@ -50,10 +52,10 @@ def register(sub) -> None:
                    help="seconds busy without a new token before the systemd watchdog is no longer fed")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = s.add_argument_group("default sampling (a request's own fields win)")
-    add_sampling_args(g)
-    from edge import serial_console
+    add_sampling_args(g, max_tokens_help="the rest of the context; the serial console: 256")
+    from edge.serial import console as serial_console
     serial_console.add_serial_args(s.add_argument_group("serial console"))
-    s.set_defaults(func=cmd_serve, max_tokens=None)   # default completion limit: the rest of the context
+    s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
     add_model_args(p)
@@ -72,7 +74,7 @@ def api_key(a) -> str | None:
 
 def cmd_serve(a) -> int:
     import uvicorn
-    from edge.http_api import ServerState, create_app
+    from edge.api.openai_api import ServerState, create_app
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
     sock = bind(a.host, a.port)
@@ -89,12 +91,10 @@ def cmd_serve(a) -> int:
 
 
 def server_config(a, key: str | None):
-    from edge.http_api import ServerConfig
-    sampling = dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                    repetition_penalty=a.repeat_penalty, seed=a.seed)
+    from edge.api.openai_api import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
-                        cors_origins=a.cors_origin, log_prompts=a.log_prompts, sampling=sampling,
-                        max_tokens=a.max_tokens, stop=list(a.stop))
+                        cors_origins=a.cors_origin, log_prompts=a.log_prompts,
+                        defaults=request_defaults(a, RequestDefaults(max_tokens=None)))
 
 
 def is_loopback(host: str) -> bool:
@@ -154,11 +154,11 @@ def load_and_start(a, state, server) -> None:
 
 
 def start_engine(a):
-    from edge.scheduler import Scheduler
+    from edge.engine.scheduler import Scheduler
     a.model = model_spec(a)
     sd_notify.status(f"loading {a.model or DEFAULT_MODEL_ID}")
     sd_notify.extend_timeout(600)       # a first use may fetch and convert the model
-    engine = load_engine(a)
+    engine = engine_from_args(a, log=log.info)
     scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
                           stall_seconds=a.watchdog_stall)
     sd_notify.status(f"warming up {engine.name}")
@@ -169,11 +169,8 @@ def start_engine(a):
 
 def warm_up(engine, generate) -> float:
     """One greedy token through `generate(ids, params)`: the first run allocates and packs."""
-    from edge.engine import GenerationParams
-    from edge.sampler import SamplingParams
     t0 = time.perf_counter()
-    *_, last = generate(engine.encode_text(WARM_UP_PROMPT),
-                        GenerationParams(max_tokens=1, sampling=SamplingParams(temperature=0.0)))
+    *_, last = generate(engine.encode_text(WARM_UP_PROMPT), RequestDefaults().build(max_tokens=1, temperature=0.0))
     if last.usage is None or last.usage.completion_tokens != 1:
         raise RuntimeError("the warm-up generation produced no token")
     return time.perf_counter() - t0
@@ -182,7 +179,7 @@ def warm_up(engine, generate) -> float:
 def start_extra_interfaces(args, engine, scheduler) -> None:
     """Other interfaces sharing this process's engine and scheduler start here, once the
     model is ready (the serial console's `--serial PORT` goes here)."""
-    from edge import serial_console
+    from edge.serial import console as serial_console
     try:
         serial_console.start_from_args(args, engine, scheduler)
     except serial_console.SerialConsoleError as e:   # a busy port must not take HTTP down
@@ -206,7 +203,7 @@ def _setup_logging(level: str) -> None:
 def cmd_prepare(a: argparse.Namespace) -> int:
     _setup_logging("info")
     a.model = model_spec(a)
-    engine = load_engine(a)
+    engine = engine_from_args(a, log=log.info)
     seconds = warm_up(engine, engine.generate)
     log.info("prepared %s: loaded, first token in %.0f ms", engine.name, seconds * 1000)
     return 0

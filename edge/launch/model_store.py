@@ -6,10 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
-from edge import wheel_fetch
-from edge.bundle import Bundle, is_bundle
+from convert.quantize import DEFAULT_QUANT
+from edge.launch import wheel_fetch
+from edge.model.bundle import Bundle, is_bundle
 
-DEFAULT_QUANT = "int8"   # chosen from the measured quant table in the README
 
 
 def home() -> Path:
@@ -49,6 +49,12 @@ def resolve(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such bundle, checkpoint directory or GGUF file")
     return _convert_once(p, quant, p.stem if p.is_file() else p.name, log)
+
+
+def weight_cache_dir(bundle: Bundle) -> Path:
+    """XNNPACK's packed weights for this bundle's graph: one directory per graph, because the
+    runner keeps a single cache file per directory."""
+    return home() / "xnnpack-cache" / bundle.manifest["files"]["model.tflite"]["sha256"][:16]
 
 
 def open_bundle(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Bundle:

@@ -1,4 +1,4 @@
-"""`edge-llm`: run, chat, convert (and the commands other modules add)."""
+"""`edge-llm`: run, chat, convert, and the commands the other layers register (bench,\nperplexity, serial, serve, prepare)."""
 from __future__ import annotations
 
 import argparse
@@ -6,46 +6,17 @@ import os
 import sys
 import threading
 
-from edge.models import DEFAULT_QUANT
+from convert.quantize import DEFAULT_QUANT, SCHEMES
+from edge.launch import engine_from_args
+from edge.launch.args import add_model_args, add_sampling_args, request_defaults
 
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", help="bundle directory, HF checkpoint directory or GGUF file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"],
-                   help="litert: the bundle's TFLite graph (default); numpy: float reference")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=2048, help="context length in tokens")
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", "-n", type=int, default=256)
-    p.add_argument("--temperature", "--temp", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-
-
-def generation_params(a):
-    from edge.engine import GenerationParams
-    from edge.sampler import SamplingParams
-    sampling = SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                              repetition_penalty=a.repeat_penalty, seed=a.seed)
-    return GenerationParams(max_tokens=a.max_tokens, stop=a.stop, sampling=sampling)
-
-
 def load_engine(a):
-    from edge.engine import Engine
-    from edge.models import open_bundle
-    bundle = open_bundle(a.model, log=_log)
-    return Engine(bundle, backend=a.backend, max_ctx=a.ctx, threads=a.threads)
+    return engine_from_args(a, log=_log)
 
 
 def stream(events, out=sys.stdout):
@@ -67,7 +38,7 @@ def format_stats(usage) -> str:
 
 def cmd_run(a) -> int:
     engine = load_engine(a)
-    params = generation_params(a)
+    params = request_defaults(a).build()
     if a.raw:
         ids = engine.encode_text(a.prompt)
     else:
@@ -92,10 +63,10 @@ def read_user_input(prompt: str = "> ") -> str:
 
 
 def cmd_chat(a) -> int:
-    from edge.conversation import Conversation
-    from edge.kv_cache import ContextFull
+    from edge.engine.conversation import Conversation
+    from edge.model.kv_cache import ContextFull
     engine = load_engine(a)
-    params = generation_params(a)
+    params = request_defaults(a).build()
     conv = Conversation(engine, a.system)
     print(f"edge-llm chat with {engine.name}. /reset, /system TEXT, /stats; end a line with \\ to continue; "
           "Ctrl-C stops a reply, Ctrl-D exits.", file=sys.stderr)
@@ -163,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle")
     v.add_argument("src")
     v.add_argument("-o", "--output", required=True)
-    v.add_argument("--quant", default=DEFAULT_QUANT, choices=["int8", "int4", "int4-b32", "f16", "f32"],
-                   help="weight format of the graph (f16/f32 bundles also run on the numpy backend)")
+    v.add_argument("--quant", default=DEFAULT_QUANT, choices=SCHEMES,
+                   help=f"weight format of the graph (default {DEFAULT_QUANT}; f16/f32 bundles also run "
+                        "on the numpy backend)")
     v.add_argument("--force", action="store_true", help="replace an existing output")
     v.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="integer quants: fold outlier-spreading rotations into the weights "
@@ -173,12 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
     v.set_defaults(func=cmd_convert)
 
-    from edge import bench, perplexity
+    from edge.cli import bench, perplexity
+    from edge.serial import console as serial_console
+    from edge.service import serve
     bench.register(sub)
     perplexity.register(sub)
-    from edge import serial_console
     serial_console.register(sub)
-    from edge import serve
     serve.register(sub)
     return p
 

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from edge.config import ModelConfig, RopeScaling
+from edge.model.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:

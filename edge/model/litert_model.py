@@ -7,25 +7,24 @@ Prefill runs the same signatures on [T, D] chunks.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from edge.attention import Attention
-from edge.bundle import Bundle
-from edge.kv_cache import KVCache
-from edge.rope import RopeTables
+from edge.model.attention import Attention
+from edge.model.bundle import Bundle
+from edge.model.forward import CausalLM
+from edge.model.rope import RopeTables
 
 
-class LiteRTModel:
+class LiteRTModel(CausalLM):
     backend = "litert"
 
     def __init__(self, bundle: Bundle, max_ctx: int, threads: int | None = None,
                  weight_cache: Path | None = None):
-        from edge.litert_runner import GraphRunner
-        self.cfg = cfg = bundle.config
-        self.max_ctx = max_ctx
+        from edge.model.litert_runner import GraphRunner
+        super().__init__(bundle.config, max_ctx)
+        cfg = bundle.config
         self.graph = GraphRunner(bundle.file("model.tflite"), threads=threads, weight_cache=weight_cache)
         self.embed_rows = bundle.tensor("embed")                     # int8/f16/f32 [V, D], mmapped
         self.embed_scale = bundle.tensor("embed_scale") if bundle.has_tensor("embed_scale") else None
@@ -34,20 +33,13 @@ class LiteRTModel:
         self.layers = [self.graph.runner(f"layer_{i}") for i in range(cfg.num_layers)]
         self.lm_head = self.graph.runner("lm_head")
 
-    def new_cache(self, dtype=np.float32) -> KVCache:
-        return KVCache(self.cfg, self.max_ctx, dtype)
-
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         x = self.embed_rows[tokens].astype(np.float32)
         if self.embed_scale is not None:
             x *= self.embed_scale[tokens, None]
         return x
 
-    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Logits [T, V] (all_logits) or [V] for the last token; tokens join the cache."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        cache.check_room(len(tokens))
-        start = cache.length
+    def _forward(self, tokens, cache, start, all_logits):
         x = self.embed(tokens)
         (qkv,) = self.entry(x)
         last = len(self.layers) - 1
@@ -57,10 +49,5 @@ class LiteRTModel:
                 x, qkv = (a.copy() for a in layer(x, attn))   # the runner reuses its buffers
             else:
                 (h,) = layer(x, attn)
-        cache.tokens.extend(int(t) for t in tokens)
         (logits,) = self.lm_head(np.ascontiguousarray(h if all_logits else h[-1:]))
         return logits.copy() if all_logits else logits[0].copy()
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -8,8 +8,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Iterator
 
-from edge.engine import Engine, Event, GenerationParams
-from edge.kv_cache import ContextFull
+from edge.engine.engine import Engine, Event, GenerationParams
 
 
 class Conversation:
@@ -39,9 +38,7 @@ class Conversation:
             ) -> Iterator[Event]:
         """Stream the reply; on a full context, raise ContextFull and leave history unchanged."""
         ids = self.engine.encode_chat(self.messages(text))
-        if len(ids) + 1 >= self.engine.max_ctx:
-            raise ContextFull(f"this conversation needs {len(ids)} tokens; the context holds "
-                              f"{self.engine.max_ctx}")
+        self.engine.check_fits(ids)
         reply = []
         for ev in self.generate(ids, params, cancel):
             reply.append(ev.text)

@@ -82,14 +82,12 @@ class GenerationRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_overrides(self) -> dict:
-        """The sampler fields this request sets (None means: the server's default)."""
+        """The sampler fields of this request (None means: the server's default; seed -1
+        means a random seed whatever the server's default)."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
                       presence_penalty=self.presence_penalty, seed=self.seed)
-        overrides = {k: v for k, v in fields.items() if v is not None}
-        if self.seed == -1:
-            overrides["seed"] = None
-        return overrides
+        return fields
 
 
 def _refuse(flag, message: str) -> None:

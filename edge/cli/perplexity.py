@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.bundle import Bundle
-from edge.engine import PREFILL_CHUNK, load_backend
+from edge.launch.model_store import resolve, weight_cache_dir
+from edge.launch.args import add_model_args
+from edge.model.backends import load_backend
+from edge.model.bundle import Bundle
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,8 +34,7 @@ def perplexity(model, ids: list[int], ctx: int, stride: int, bos: int | None = N
         window = ids[start:start + body]
         tokens = ([bos] if bos is not None else []) + window
         cache.truncate(0)
-        logits = np.concatenate([model.forward(tokens[i:i + PREFILL_CHUNK], cache, all_logits=True)
-                                 for i in range(0, len(tokens), PREFILL_CHUNK)])
+        logits = model.prefill(tokens, cache, all_logits=True)
         first = 0 if w == 0 else len(window) - stride     # score only what earlier windows did not
         offset = len(tokens) - len(window)
         for j in range(max(first, 1 - offset), len(window)):
@@ -47,13 +48,12 @@ def perplexity(model, ids: list[int], ctx: int, stride: int, bos: int | None = N
 
 
 def run(args) -> int:
-    from edge.models import resolve
     bundle = Bundle.open(resolve(args.model, log=lambda m: print(m, file=sys.stderr)))
     text = Path(args.file).read_text(encoding="utf-8")
     ids = bundle.tokenizer().encode(text, add_special_tokens=False).ids
     if len(ids) < args.ctx + 1:
         raise ValueError(f"{args.file}: {len(ids)} tokens; need more than --ctx {args.ctx}")
-    model = load_backend(bundle, args.backend, args.ctx, args.threads)
+    model = load_backend(bundle, args.backend, args.ctx, args.threads, weight_cache_dir(bundle))
     bos = bundle.config.bos_token_id if bundle.manifest.get("add_bos") else None
 
     def show(i, n, ppl):
@@ -68,9 +68,6 @@ def run(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     p.add_argument("file")
-    p.add_argument("--model", "-m")
-    p.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--ctx", type=int, default=512)
+    add_model_args(p, ctx=512)
     p.add_argument("--stride", type=int, default=256)
     p.set_defaults(func=run)

@@ -32,13 +32,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.engine import GenerationParams
-from edge.kv_cache import ContextFull
-from edge.metrics import Metrics
-from edge.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
+from edge.engine.engine import GenerationParams
+from edge.launch.request import RequestDefaults
+from edge.model.kv_cache import ContextFull
+from edge.api.metrics import Metrics
+from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
                                 chat_delta, envelope, error_body, model_card, text_choice, usage_dict)
-from edge.sampler import SamplingParams
-from edge.scheduler import Job, QueueFull
+from edge.engine.scheduler import Job, QueueFull
 
 log = logging.getLogger("edge.http")
 
@@ -55,9 +55,8 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
-    sampling: dict = field(default_factory=dict)   # server defaults, SamplingParams field names
-    max_tokens: int | None = None                  # default completion limit; None = rest of the context
-    stop: list[str] = field(default_factory=list)  # default stop strings
+    # serve's flags over the product defaults; max_tokens None = the rest of the context
+    defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
 
 
 class ServerState:
@@ -230,16 +229,16 @@ def _note_prompt(request: Request, state: ServerState, prompt) -> None:
         request.state.prompt = prompt
 
 
-def generation_params(state: ServerState, body: GenerationRequest, n_prompt: int, param: str) -> GenerationParams:
-    max_ctx = state.engine.max_ctx
-    if n_prompt >= max_ctx:
-        raise ApiError(400, f"This model's maximum context length is {max_ctx} tokens, but the prompt has "
-                       f"{n_prompt} tokens (at least one more is needed to answer). Shorten the {param}.",
-                       param=param, code="context_length_exceeded")
-    limit = body.token_limit or state.config.max_tokens or max_ctx - n_prompt
+def generation_params(state: ServerState, body: GenerationRequest, ids: list[int], param: str) -> GenerationParams:
     try:
-        sampling = SamplingParams(**{**state.config.sampling, **body.sampling_overrides()})
-        return GenerationParams(max_tokens=limit, stop=body.stop or state.config.stop, sampling=sampling)
+        state.engine.check_fits(ids)
+    except ContextFull as e:
+        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the prompt has "
+                       f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
+                       param=param, code="context_length_exceeded") from e
+    try:
+        return state.config.defaults.build(max_tokens=body.token_limit, stop=body.stop or None,
+                                           **body.sampling_overrides())
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
@@ -254,7 +253,7 @@ def submit(state: ServerState, ids: list[int], params: GenerationParams) -> Job:
 
 
 async def _respond(state, request, body, ids, shape, param):
-    params = generation_params(state, body, len(ids), param)
+    params = generation_params(state, body, ids, param)
     job = submit(state, ids, params)
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:

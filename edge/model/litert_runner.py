@@ -183,7 +183,6 @@ class _Signature:
         self._write, self._read = _tb.WriteTensorBuffer, _tb.ReadTensorToBuffer
         self._run = model._model.RunByIndex
         ins = model.get_input_tensor_details(name)
-        outs = model.get_output_tensor_details(name)
         sig = model.get_signature_list()[name]
         self.inputs, self.outputs = sig["inputs"], sig["outputs"]
         self._in_widths = [ins[n]["shape"][-1] for n in self.inputs]

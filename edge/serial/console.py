@@ -37,11 +37,13 @@ from dataclasses import dataclass
 
 import serial
 
-from edge.engine import Engine, Event, GenerationParams
-from edge.kv_cache import ContextFull
-from edge.line_editor import Interrupt, Line, LineEditor, TooLong
-from edge.sampler import SamplingParams
-from edge.scheduler import QueueFull, Scheduler
+from edge.engine.engine import Engine, Event, GenerationParams
+from edge.model.kv_cache import ContextFull
+from edge.serial.line_editor import Interrupt, Line, LineEditor, TooLong
+from edge.engine.scheduler import QueueFull, Scheduler
+from edge.launch import engine_from_args
+from edge.launch.args import add_model_args, add_sampling_args, request_defaults
+from edge.launch.request import REQUEST_FIELDS, RequestDefaults
 
 PROMPT = "> "
 FLAP_SECONDS = 2.0         # a connection shorter than this that drops counts as flapping
@@ -152,8 +154,7 @@ HELP = [
     ("/model", "the model being served"),
 ]
 
-_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
-_REQUEST_FIELDS = {"id", "prompt", "system", "messages", "max_tokens", "stop"} | _SAMPLING_FIELDS
+_REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS
 
 
 class SerialConsole:
@@ -164,9 +165,9 @@ class SerialConsole:
                  retry: tuple[float, float] = (0.5, 10.0), log=_log):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        from edge.conversation import Conversation
+        from edge.engine.conversation import Conversation
         self.engine, self.scheduler, self.settings, self.mode = engine, scheduler, settings, mode
-        self.params = params or GenerationParams()
+        self.params = params or RequestDefaults().build()
         self.conv = Conversation(engine, system, generate=scheduler.stream)
         self.typeahead_limit, self.stall_timeout, self.retry, self.log = typeahead_limit, stall_timeout, retry, log
         human_echo = mode == "human" and echo
@@ -586,16 +587,9 @@ class SerialConsole:
         unknown = sorted(set(req) - _REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
-        sampling = dataclasses.replace(self.params.sampling, **{k: req[k] for k in _SAMPLING_FIELDS & req.keys()})
-        stop = req.get("stop", self.params.stop)
-        stop = [stop] if isinstance(stop, str) else stop
-        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            raise ValueError("stop must be a string or a list of strings")
-        params = GenerationParams(max_tokens=req.get("max_tokens", self.params.max_tokens), stop=stop,
-                                  sampling=sampling)
+        params = RequestDefaults.of(self.params).build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()})
         ids = self.engine.encode_chat(_messages(req))
-        if len(ids) + 1 >= self.engine.max_ctx:
-            raise ContextFull(f"the request has {len(ids)} tokens; the context holds {self.engine.max_ctx}")
+        self.engine.check_fits(ids)
         return ids, params
 
 
@@ -662,16 +656,9 @@ def console_from_args(a, engine: Engine, scheduler: Scheduler, port: str, prefix
 
 
 def _params(a) -> GenerationParams:
-    """The command's sampling flags; anything missing or None (serve's max_tokens means "the
-    rest of the context", too long for a terminal) takes `chat`'s default."""
-    from edge.cli import add_sampling_args, generation_params
-    p = argparse.ArgumentParser(add_help=False)
-    add_sampling_args(p)
-    merged = p.parse_args([])
-    for name, value in vars(a).items():
-        if hasattr(merged, name) and value is not None:
-            setattr(merged, name, value)
-    return generation_params(merged)
+    """The command's sampling flags over the product defaults (256 tokens a reply, not
+    serve's "rest of the context": too long for a terminal)."""
+    return request_defaults(a).build()
 
 
 def start_from_args(a, engine: Engine, scheduler: Scheduler, log=None) -> SerialConsole | None:
@@ -684,8 +671,7 @@ def start_from_args(a, engine: Engine, scheduler: Scheduler, log=None) -> Serial
 
 
 def cmd_serial(a) -> int:
-    from edge.cli import load_engine
-    engine = load_engine(a)
+    engine = engine_from_args(a, log=_log)
     console = console_from_args(a, engine, Scheduler(engine), a.port)
     try:
         console.start().wait()
@@ -698,7 +684,6 @@ def cmd_serial(a) -> int:
 
 
 def register(sub) -> None:
-    from edge.cli import add_model_args, add_sampling_args
     s = sub.add_parser("serial", help="chat over a serial port (GPIO UART or USB gadget)")
     s.add_argument("--port", required=True, help="e.g. /dev/ttyAMA0 (Pi 5 GPIO UART), /dev/ttyGS0 (USB gadget)")
     add_port_args(s)

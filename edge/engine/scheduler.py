@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from edge.engine import Engine, Event, GenerationParams
+from edge.engine.engine import Engine, Event, GenerationParams
 
 _END = object()
 

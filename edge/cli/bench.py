@@ -10,8 +10,10 @@ import time
 
 import numpy as np
 
-from edge.bundle import Bundle
-from edge.engine import PREFILL_CHUNK, load_backend
+from edge.launch.args import add_model_choice
+from edge.launch.model_store import resolve, weight_cache_dir
+from edge.model.backends import default_threads, load_backend
+from edge.model.bundle import Bundle
 
 
 def peak_rss_mb() -> float:
@@ -26,7 +28,7 @@ def _timed(fn) -> float:
 
 def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
     t0 = time.perf_counter()
-    model = load_backend(bundle, backend, max(n_prompt, n_gen) + 8, threads)
+    model = load_backend(bundle, backend, max(n_prompt, n_gen) + 8, threads, weight_cache_dir(bundle))
     load_s = time.perf_counter() - t0
     cache = model.new_cache()
     rng = np.random.default_rng(0)
@@ -34,9 +36,7 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
 
     def prefill():
         cache.truncate(0)
-        for i in range(0, n_prompt, PREFILL_CHUNK):
-            logits = model.forward(prompt[i:i + PREFILL_CHUNK], cache)
-        int(np.argmax(logits))      # the first token, as a user would get it
+        int(np.argmax(model.prefill(prompt, cache)))      # the first token, as a user would get it
 
     def generate():
         cache.truncate(0)
@@ -74,13 +74,11 @@ def markdown(rows: list[dict]) -> str:
 
 
 def run(args) -> int:
-    from edge.models import resolve
     bundle_path = resolve(args.model, log=lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
     bundle = Bundle.open(bundle_path)
     verify_s = time.perf_counter() - t0
     rows = []
-    from edge.model_litert import default_threads
     for threads in args.threads or [default_threads()]:
         r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps)
         r["load_s"] += verify_s           # opening includes checking every file's hash
@@ -91,8 +89,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     b = sub.add_parser("bench", help="measure prompt/generation speed, like llama-bench")
-    b.add_argument("--model", "-m")
-    b.add_argument("--backend", default="auto", choices=["auto", "litert", "numpy"])
+    add_model_choice(b)
     b.add_argument("-p", "--n-prompt", type=int, default=128)
     b.add_argument("-n", "--n-gen", type=int, default=64)
     b.add_argument("-t", "--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,

@@ -1,0 +1,3 @@
+"""The `edge-llm` command: run, chat, convert, bench, perplexity, and the commands the
+service and serial layers register. The top layer: it may import any other.
+"""

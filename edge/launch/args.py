@@ -1,0 +1,48 @@
+"""Command-line options every command shares (like llama.cpp's common/arg): which model and
+how to run it, and the sampling flags. Defaults come from `edge.launch.request`."""
+from __future__ import annotations
+
+import argparse
+
+from edge.launch.request import DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, RequestDefaults
+from edge.model.backends import BACKENDS
+
+
+def add_model_choice(p: argparse.ArgumentParser) -> None:
+    """--model and --backend."""
+    p.add_argument("--model", "-m", help="bundle directory, HF checkpoint directory or GGUF file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="litert: the bundle's TFLite graph (default); numpy: float reference")
+
+
+def add_model_args(p: argparse.ArgumentParser, ctx: int = DEFAULT_CTX) -> None:
+    """--model, --backend, --threads and --ctx."""
+    add_model_choice(p)
+    p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens (default {ctx})")
+
+
+def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None:
+    """Sampling flags default to None ("not given"): `request_overrides` passes on only what
+    the user set, and the one set of defaults in `edge.launch.request` fills the rest."""
+    s = DEFAULT_SAMPLING
+    p.add_argument("--max-tokens", "-n", type=int, default=None, help=f"tokens to generate (default {max_tokens_help})")
+    p.add_argument("--temperature", "--temp", type=float, default=None, help=f"0 = greedy (default {s.temperature})")
+    p.add_argument("--top-k", type=int, default=None, help=f"0 = off (default {s.top_k})")
+    p.add_argument("--top-p", type=float, default=None, help=f"1 = off (default {s.top_p})")
+    p.add_argument("--min-p", type=float, default=None, help=f"0 = off (default {s.min_p})")
+    p.add_argument("--repeat-penalty", type=float, default=None, help=f"1 = off (default {s.repetition_penalty})")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def request_overrides(a: argparse.Namespace) -> dict:
+    """The sampling flags as `RequestDefaults` field names (None = not given)."""
+    return dict(max_tokens=a.max_tokens, stop=a.stop, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed)
+
+
+def request_defaults(a: argparse.Namespace, base: RequestDefaults = RequestDefaults()) -> RequestDefaults:
+    """`base` with the command's sampling flags applied."""
+    return base.with_overrides(**request_overrides(a))

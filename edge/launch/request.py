@@ -1,0 +1,56 @@
+"""One request builder for every interface: interface options in, `GenerationParams` out.
+
+Each interface maps its own wire names onto the canonical ones (`max_tokens`, `stop` and the
+fields of `SamplingParams`) and calls `RequestDefaults.build(**overrides)`; a value of None
+means "not given". The product's defaults live here and nowhere else: the CLI flags show
+them, `serve`'s flags replace them for the server (`with_overrides`), and a request's own
+fields replace those.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from edge.engine.engine import GenerationParams
+from edge.engine.sampler import SamplingParams
+
+# llama.cpp's defaults for a chat: mildly creative, with the usual filters on.
+DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1)
+DEFAULT_MAX_TOKENS = 256        # terminal interfaces; the HTTP APIs default to "the rest of the context"
+DEFAULT_CTX = 2048              # tokens of KV cache per sequence
+
+SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+REQUEST_FIELDS = SAMPLING_FIELDS | {"max_tokens", "stop"}
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    max_tokens: int | None = DEFAULT_MAX_TOKENS     # None: until the context is full
+    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = field(default_factory=lambda: DEFAULT_SAMPLING)
+
+    @classmethod
+    def of(cls, params: GenerationParams) -> RequestDefaults:
+        """A built request as the defaults of further ones (a console's current settings)."""
+        return cls(max_tokens=params.max_tokens, stop=tuple(params.stop), sampling=params.sampling)
+
+    def with_overrides(self, **overrides) -> RequestDefaults:
+        """New defaults (e.g. from `serve`'s flags); raises ValueError like `build`."""
+        return RequestDefaults.of(self.build(**overrides))
+
+    def build(self, **overrides) -> GenerationParams:
+        """GenerationParams from these defaults and the given fields (None = not given).
+        Raises ValueError naming the field for a value the engine cannot run."""
+        unknown = set(overrides) - REQUEST_FIELDS
+        if unknown:
+            raise TypeError(f"unknown request field(s): {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given.get("seed") == -1:             # llama.cpp's "random", even over a default seed
+            given["seed"] = None
+        sampling = dataclasses.replace(self.sampling, **{k: given[k] for k in SAMPLING_FIELDS & given.keys()})
+        stop = given.get("stop", list(self.stop))
+        stop = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
+            raise ValueError("stop must be a string or a list of strings")
+        return GenerationParams(max_tokens=given.get("max_tokens", self.max_tokens), stop=list(stop),
+                                sampling=sampling)

@@ -1,0 +1,42 @@
+"""What every backend is: a causal LM that runs tokens at the next positions of a KV cache.
+
+A backend implements `_forward(tokens, cache, start, all_logits)`; `forward` owns the rules
+they share (room in the cache, the cache recording its tokens) and `prefill` the chunking that
+the engine, `bench` and `perplexity` all use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from edge.model.config import ModelConfig
+from edge.model.kv_cache import KVCache
+
+PREFILL_CHUNK = 64      # tokens per graph call in prefill (the graph's second input shape)
+
+
+class CausalLM:
+    backend = "?"
+
+    def __init__(self, cfg: ModelConfig, max_ctx: int):
+        self.cfg = cfg
+        self.max_ctx = max_ctx
+
+    def new_cache(self, dtype=np.float32) -> KVCache:
+        return KVCache(self.cfg, self.max_ctx, dtype)
+
+    def forward(self, tokens, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Logits [T, V] (all_logits) or [V] for the last token; the tokens join the cache."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        cache.check_room(len(tokens))
+        logits = self._forward(tokens, cache, cache.length, all_logits)
+        cache.append(tokens)
+        return logits
+
+    def prefill(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """`forward` over `ids` in chunks of PREFILL_CHUNK; logits as `forward` gives them."""
+        out = [self.forward(ids[i:i + PREFILL_CHUNK], cache, all_logits)
+               for i in range(0, len(ids), PREFILL_CHUNK)]
+        return np.concatenate(out) if all_logits else out[-1]
+
+    def _forward(self, tokens: np.ndarray, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
+        raise NotImplementedError
