@@ -140,18 +140,18 @@ class HumanProtocol(Protocol):
         self.say("system prompt set; conversation cleared" if arg else "system prompt removed; conversation cleared")
 
     def _cmd_temp(self, arg: str) -> None:
-        try:
-            self.console.params = self.console.params.with_overrides(temperature=float(arg))
-        except ValueError as e:
-            return self.say(f"usage: /temp X, a number >= 0 ({e})")
-        self.say(f"temperature {self.console.params.sampling.temperature:g}")
+        self._set("temperature", float, arg, "/temp X, a number >= 0", "temperature {p.sampling.temperature:g}")
 
     def _cmd_max(self, arg: str) -> None:
+        self._set("max_tokens", int, arg, "/max N, a whole number >= 1", "replies stop after {p.max_tokens} tokens")
+
+    def _set(self, field: str, parse, arg: str, usage: str, done: str) -> None:
+        """One request field for the next replies; the request builder says what is valid."""
         try:
-            self.console.params = self.console.params.with_overrides(max_tokens=int(arg))
+            self.console.params = self.console.params.with_overrides(**{field: parse(arg)})
         except ValueError as e:
-            return self.say(f"usage: /max N, a whole number >= 1 ({e})")
-        self.say(f"replies stop after {self.console.params.max_tokens} tokens")
+            return self.say(f"usage: {usage} ({e})")
+        self.say(done.format(p=self.console.params))
 
     def _cmd_stats(self, _arg: str) -> None:
         u = self.console.last_usage
