@@ -146,7 +146,8 @@ def health(state: StateDep):
     if not state.ready:
         return _health(503, "loading", state, "the model is loading", "model_loading")
     if not state.scheduler.healthy():
-        return _health(503, "stalled", state, "the engine has made no progress for a minute", "engine_stalled")
+        return _health(503, "stalled", state, f"the engine has made no progress for "
+                       f"{state.scheduler.stall_seconds:g} s", "engine_stalled")
     return {"status": "ok", "model": state.model_id, "queue_depth": state.scheduler.queue_depth,
             "busy": state.scheduler.busy}
 

@@ -53,8 +53,8 @@ def register(sub) -> None:
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g = s.add_argument_group("default sampling (a request's own fields win)")
     add_sampling_args(g, max_tokens_help="the rest of the context; the serial console: 256")
-    from edge.serial import console as serial_console
-    serial_console.add_serial_args(s.add_argument_group("serial console"))
+    from edge.serial import args as serial_args
+    serial_args.add_serial_args(s.add_argument_group("serial console"))
     s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
@@ -179,10 +179,10 @@ def warm_up(engine, generate) -> float:
 def start_extra_interfaces(args, engine, scheduler) -> None:
     """Other interfaces sharing this process's engine and scheduler start here, once the
     model is ready (the serial console's `--serial PORT` goes here)."""
-    from edge.serial import console as serial_console
+    from edge.serial import args as serial_args
     try:
-        serial_console.start_from_args(args, engine, scheduler)
-    except serial_console.SerialConsoleError as e:   # a busy port must not take HTTP down
+        serial_args.start_from_args(args, engine, scheduler)
+    except serial_args.SerialConsoleError as e:   # a busy port must not take HTTP down
         logging.getLogger("edge.serve").error("serial console not started: %s (HTTP keeps serving)", e)
 
 
