@@ -109,7 +109,7 @@ def test_a_client_that_leaves_mid_answer_stops_its_generation(service, monkeypat
         s.sendall(b'{"type": "transcript", "data": {"text": "Write a long story about a cat."}}\n')
         s.recv(100)                     # the answer has started
     deadline = time.monotonic() + 20
-    while service.scheduler.busy and time.monotonic() < deadline:
+    while (service.scheduler.busy or service.connections) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not service.scheduler.busy and service.connections == 0
     assert service.finished[-1] == "cancelled"
