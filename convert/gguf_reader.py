@@ -161,7 +161,7 @@ def read_gguf(path: Path) -> Checkpoint:
                 loaders[f"layers.{i}.{short}"] = loader(f"blk.{i}.{g}.weight", perm)
     consumed = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"} | {
         f"blk.{i}.{g}.weight" for i in range(cfg.num_layers) for g in _GGUF_NAMES.values()}
-    unused = [name for name in tensors if name not in consumed]
+    unused = sorted(name for name in tensors if name not in consumed)
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
         raise CheckpointError(f"{path}: tensor {', '.join(map(repr, unused[:3]))}{more} is not used by the Llama "

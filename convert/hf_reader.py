@@ -150,15 +150,19 @@ def read_hf(root: Path) -> Checkpoint:
         raise CheckpointError(f"{tok_path}: missing (convert needs the Hugging Face tokenizer.json)")
     tok_cfg = _read_json(root / "tokenizer_config.json", required=False)
 
-    loaders = {}
+    loaders, unused = {}, []
     for shard in _shards(root):
         for hf_name in shard.names():
             name = _canonical(hf_name)
             if name:
                 loaders[name] = (lambda s=shard, n=hf_name: s.load(n))
             elif not hf_name.endswith(_DERIVED):
-                raise CheckpointError(f"{shard.path}: tensor {hf_name!r} is not used by the Llama model we run "
-                                      "(refusing rather than ignoring it)")
+                unused.append((str(shard.path), hf_name))
+    if unused:
+        unused.sort()
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise CheckpointError(f"{unused[0][0]}: tensor {unused[0][1]!r}{more} is not used by the Llama model we run "
+                              "(refusing rather than ignoring it)")
     if cfg.tie_word_embeddings:
         loaders.pop("lm_head", None)
     ckpt = Checkpoint(
