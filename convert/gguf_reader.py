@@ -111,6 +111,13 @@ def read_gguf(path: Path) -> Checkpoint:
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     tensors = {t.name: t for t in reader.tensors}
+    consumed = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"} | {
+        f"blk.{i}.{g}.weight" for i in range(int(meta.get("llama.block_count", 0))) for g in _GGUF_NAMES.values()}
+    unused = sorted(name for name in tensors if name not in consumed)
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise CheckpointError(f"{path}: tensor {', '.join(map(repr, unused[:3]))}{more} is not used by the Llama "
+                              "model we run (refusing rather than ignoring it)")
     try:
         tokenizer_json = tokenizer_json_from_gguf(meta)
     except ValueError as e:
@@ -159,13 +166,6 @@ def read_gguf(path: Path) -> Checkpoint:
             if f"blk.{i}.{g}.weight" in tensors:
                 perm = heads if short == "wq" else kv_heads if short == "wk" else 0
                 loaders[f"layers.{i}.{short}"] = loader(f"blk.{i}.{g}.weight", perm)
-    consumed = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"} | {
-        f"blk.{i}.{g}.weight" for i in range(cfg.num_layers) for g in _GGUF_NAMES.values()}
-    unused = sorted(name for name in tensors if name not in consumed)
-    if unused:
-        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
-        raise CheckpointError(f"{path}: tensor {', '.join(map(repr, unused[:3]))}{more} is not used by the Llama "
-                              "model we run (refusing rather than ignoring it)")
     tokens = meta.get("tokenizer.ggml.tokens", [])
     special = {}
     for key, meta_key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):

@@ -114,13 +114,29 @@ def test_yarn_rope(tmp_path, extra):
     assert max_dlogit(ckpt, ref) <= TOL
 
 
-@pytest.mark.parametrize("scaling", [LINEAR, YARN], ids=["linear", "yarn"])
-def test_rope_scaling_via_llamacpp_gguf(tmp_path, llama3_tokenizer_json, llamacpp_convert, scaling):
-    ref = write_tiny_llama(tmp_path, tokenizer_json=llama3_tokenizer_json, vocab_size=128256,
-                           rope_scaling=scaling, **YARN_SHAPE)
-    gguf = llamacpp_convert(tmp_path, tmp_path / "model.gguf")
+def write_llama3_instruct_like(d, tokenizer_json, **overrides):
+    """A tiny model with Llama 3's vocabulary and Llama 3.2 Instruct's special-token files."""
+    ref = write_tiny_llama(d, tokenizer_json=tokenizer_json, vocab_size=128256, bos_token_id=128000,
+                           eos_token_id=list(LLAMA3_EOS), **overrides)
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": list(LLAMA3_EOS)}))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return ref
+
+
+@pytest.fixture(scope="module", params=["linear", "yarn"])
+def llamacpp_gguf(request, tmp_path_factory, llama3_tokenizer_json, llamacpp_convert):
+    """(HF dir, transformers model, the GGUF llama.cpp's converter writes from the HF dir)."""
+    d = tmp_path_factory.mktemp(f"llama3-{request.param}")
+    ref = write_llama3_instruct_like(d, llama3_tokenizer_json, rope_scaling={"linear": LINEAR, "yarn": YARN}[request.param],
+                                     **YARN_SHAPE)
+    return d, ref, llamacpp_convert(d, d / "model.gguf")
+
+
+def test_rope_scaling_via_llamacpp_gguf(llamacpp_gguf):
+    d, ref, gguf = llamacpp_gguf
     ckpt = read_gguf(gguf)
-    assert ckpt.config.rope_scaling == read_hf(tmp_path).config.rope_scaling
+    assert ckpt.config.rope_scaling == read_hf(d).config.rope_scaling
     assert max_dlogit(ckpt, ref, vocab=128000) <= TOL
 
 
@@ -134,15 +150,10 @@ def test_gguf_yarn_attention_factor_is_refused(tmp_path, llama3_tokenizer_json, 
 
 # ---------------------------------------------------------------- stop tokens
 
-def test_llamacpp_llama3_gguf_has_the_hf_eos_set(tmp_path, llama3_tokenizer_json, llamacpp_convert):
-    write_tiny_llama(tmp_path, tokenizer_json=llama3_tokenizer_json, vocab_size=128256, rope_scaling=None,
-                     bos_token_id=128000, eos_token_id=list(LLAMA3_EOS))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 128000, "eos_token_id": list(LLAMA3_EOS)}))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
-    gguf = llamacpp_convert(tmp_path, tmp_path / "model.gguf")
+def test_llamacpp_llama3_gguf_has_the_hf_eos_set(llamacpp_gguf):
+    d, _, gguf = llamacpp_gguf
     import gguf as gguf_py
     assert gguf_py.GGUFReader(gguf).fields["tokenizer.ggml.eos_token_id"].contents() == 128009   # one id only
-    hf = read_hf(tmp_path).config.eos_token_ids
+    hf = read_hf(d).config.eos_token_ids
     assert sorted(hf) == list(LLAMA3_EOS)
     assert sorted(read_gguf(gguf).config.eos_token_ids) == sorted(hf)
