@@ -116,12 +116,8 @@ def read_gguf(path: Path) -> Checkpoint:
     unused = sorted(name for name in tensors if name not in consumed)
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
-        raise CheckpointError(f"{path}: tensor {', '.join(map(repr, unused[:3]))}{more} is not used by the Llama "
-                              "model we run (refusing rather than ignoring it)")
-    try:
-        tokenizer_json = tokenizer_json_from_gguf(meta)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        listed = f"tensor {unused[0]!r} is" if len(unused) == 1 else f"tensors {', '.join(map(repr, unused[:3]))}{more} are"
+        raise CheckpointError(f"{path}: {listed} not used by the Llama model we run (refusing rather than ignoring)")
 
     def m(key, default=None):
         v = meta.get(f"llama.{key}", default)
@@ -139,6 +135,10 @@ def read_gguf(path: Path) -> Checkpoint:
         if scaling is not None:
             raise CheckpointError(f"{path}: rope_freqs.weight together with llama.rope.scaling.type {scaling.rope_type!r}")
         scaling = _llama3_scaling_from_rope_freqs(path, _dequantize(path, tensors["rope_freqs.weight"]), head_dim, theta)
+    try:
+        tokenizer_json = tokenizer_json_from_gguf(meta)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     cfg = ModelConfig(
         vocab_size=int(meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))),
         hidden_size=D, intermediate_size=int(m("feed_forward_length")), num_layers=int(m("block_count")),

@@ -160,9 +160,9 @@ def read_hf(root: Path) -> Checkpoint:
                 unused.append((str(shard.path), hf_name))
     if unused:
         unused.sort()
-        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
-        raise CheckpointError(f"{unused[0][0]}: tensor {unused[0][1]!r}{more} is not used by the Llama model we run "
-                              "(refusing rather than ignoring it)")
+        listed = f"tensor {unused[0][1]!r} is" if len(unused) == 1 else \
+            f"tensor {unused[0][1]!r} (and {len(unused) - 1} more) are"
+        raise CheckpointError(f"{unused[0][0]}: {listed} not used by the Llama model we run (refusing rather than ignoring)")
     if cfg.tie_word_embeddings:
         loaders.pop("lm_head", None)
     ckpt = Checkpoint(

@@ -126,16 +126,15 @@ def write_llama3_instruct_like(d, tokenizer_json, **overrides):
 
 @pytest.fixture(scope="module", params=["linear", "yarn"])
 def llamacpp_gguf(request, tmp_path_factory, llama3_tokenizer_json, llamacpp_convert):
-    """(HF dir, transformers model, the GGUF llama.cpp's converter writes from the HF dir)."""
+    """(HF dir, transformers model, our reading of the GGUF llama.cpp's converter writes from it)."""
     d = tmp_path_factory.mktemp(f"llama3-{request.param}")
     ref = write_llama3_instruct_like(d, llama3_tokenizer_json, rope_scaling={"linear": LINEAR, "yarn": YARN}[request.param],
                                      **YARN_SHAPE)
-    return d, ref, llamacpp_convert(d, d / "model.gguf")
+    return d, ref, read_gguf(llamacpp_convert(d, d / "model.gguf"))
 
 
 def test_rope_scaling_via_llamacpp_gguf(llamacpp_gguf):
-    d, ref, gguf = llamacpp_gguf
-    ckpt = read_gguf(gguf)
+    d, ref, ckpt = llamacpp_gguf
     assert ckpt.config.rope_scaling == read_hf(d).config.rope_scaling
     assert max_dlogit(ckpt, ref, vocab=128000) <= TOL
 
@@ -151,9 +150,38 @@ def test_gguf_yarn_attention_factor_is_refused(tmp_path, llama3_tokenizer_json, 
 # ---------------------------------------------------------------- stop tokens
 
 def test_llamacpp_llama3_gguf_has_the_hf_eos_set(llamacpp_gguf):
-    d, _, gguf = llamacpp_gguf
-    import gguf as gguf_py
-    assert gguf_py.GGUFReader(gguf).fields["tokenizer.ggml.eos_token_id"].contents() == 128009   # one id only
+    d, _, ckpt = llamacpp_gguf
+    assert ckpt.special_tokens["eos_token"] == "<|eot_id|>"     # the file names one eos only
     hf = read_hf(d).config.eos_token_ids
     assert sorted(hf) == list(LLAMA3_EOS)
-    assert sorted(read_gguf(gguf).config.eos_token_ids) == sorted(hf)
+    assert sorted(ckpt.config.eos_token_ids) == sorted(hf)
+
+
+def test_saved_inv_freq_buffers_are_accepted(tmp_path):
+    # older exporters save rotary_emb.inv_freq; it is recomputed from the config, not a weight
+    from safetensors.torch import load_file, save_file
+    ref = write_tiny_llama(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert max_dlogit(read_hf(tmp_path), ref) <= TOL
+
+
+@pytest.mark.parametrize("key, value, named", [
+    ("rope.dimension_count", 4, "llama.rope.dimension_count = 4"),
+    ("attention.value_length", 16, "llama.attention.value_length = 16"),
+    ("expert_count", 8, "llama.expert_count = 8"),
+    ("rope.scaling.type", "longrope", "llama.rope.scaling.type 'longrope'"),
+])
+def test_gguf_metadata_that_changes_the_math_is_refused(tmp_path, key, value, named):
+    import gguf
+    w = gguf.GGUFWriter(tmp_path / "m.gguf", "llama")
+    for k, v in {"embedding_length": 64, "attention.head_count": 8, "block_count": 1,
+                 "feed_forward_length": 160, key: value}.items():
+        (w.add_string if isinstance(v, str) else w.add_uint32)(f"llama.{k}", v)
+    w.add_float32("llama.rope.scaling.factor", 4.0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    refused(read_gguf, tmp_path / "m.gguf", named, "not supported")

@@ -98,6 +98,7 @@ class Engine:
                                 continue_final_message=continue_final_message, **template_vars)
 
     def encode_text(self, prompt: str) -> list[int]:
+        """A raw prompt: special-token text in it *is* parsed (the caller writes its own template)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         bos = self.config.bos_token_id
         if self.bundle.manifest.get("add_bos") and bos is not None and ids[:1] != [bos]:
