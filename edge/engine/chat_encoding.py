@@ -17,6 +17,7 @@ caller's own template.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -54,7 +55,7 @@ class ChatEncoder:
         if isinstance(obj, str):
             obj = obj.replace(MARK_START, "").replace(MARK_END, "")
             return self._special_text.sub(lambda m: MARK_START + m.group(0) + MARK_END, obj)
-        if isinstance(obj, dict):
+        if isinstance(obj, Mapping):
             return {k: self.mark(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
             return [self.mark(v) for v in obj]

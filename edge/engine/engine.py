@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -92,7 +93,7 @@ class Engine:
         continue_final_message), unless continue_final_message=False."""
         if continue_final_message is None:
             last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
-            continue_final_message = (isinstance(last, dict) and last.get("role") == "assistant"
+            continue_final_message = (isinstance(last, Mapping) and last.get("role") == "assistant"
                                       and isinstance(last.get("content"), str))
         return self.chat.encode(messages, add_generation_prompt=not continue_final_message,
                                 continue_final_message=continue_final_message, **template_vars)
