@@ -106,7 +106,8 @@ def test_linear_rope_via_old_rope_scaling_spelling(tmp_path):
     assert max_dlogit(read_hf(tmp_path), ref) <= TOL
 
 
-@pytest.mark.parametrize("extra", [{}, {"beta_fast": 16.0, "beta_slow": 2.0}, {"attention_factor": 1.3}])
+@pytest.mark.parametrize("extra", [{}, {"beta_fast": 16.0, "beta_slow": 2.0}, {"attention_factor": 1.3},
+                                   {"mscale": 0.9, "mscale_all_dim": 0.5}, {"truncate": False}])
 def test_yarn_rope(tmp_path, extra):
     ref = write_tiny_llama(tmp_path, rope_scaling={**YARN, **extra}, **YARN_SHAPE)
     ckpt = read_hf(tmp_path)
