@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.llamacpp_source import LLAMA_CPP_PYTHON_VERSION, extract_llamacpp, fetch_sdist  # noqa: E402
+
 DEFAULT_WORKDIR = Path(os.environ.get("EDGE_LLM_BENCH_DIR", "~/.cache/edge-llm-bench")).expanduser()
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"      # the sdist whose vendor/llama.cpp we build
 LLAMACPP_TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
 MODEL_NAME = "llama-3.2-1b-random"
 
@@ -324,29 +325,9 @@ def _llamacpp_dir(workdir: Path) -> Path:
 def download_llamacpp_source(workdir: Path) -> Path:
     """vendor/llama.cpp out of the llama-cpp-python sdist (PyPI, source only, no install)."""
     root = _llamacpp_dir(workdir)
-    src = root / "src"
-    if (src / "CMakeLists.txt").exists():
-        return src
-    root.mkdir(parents=True, exist_ok=True)
-    sdists = list(root.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
-    if not sdists:
-        log(f"pip download --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} ...")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--disable-pip-version-check", "-q", "-d", str(root),
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], check=True)
-        sdists = list(root.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-    tmp = _atomic_dir(src)
-    with tarfile.open(sdists[0]) as tar:
-        members = []
-        for m in tar.getmembers():
-            if m.name.startswith(prefix):
-                m.name = m.name[len(prefix):]
-                members.append(m)
-        tar.extractall(tmp, members=members, filter="data")
-    if not (tmp / "CMakeLists.txt").exists():
-        raise RuntimeError(f"{sdists[0]}: no vendor/llama.cpp inside")
-    tmp.rename(src)
+    src = extract_llamacpp(fetch_sdist(root, log), root / "src")
+    if not (src / "CMakeLists.txt").exists():
+        raise RuntimeError(f"{src}: no CMakeLists.txt (an incomplete extraction? delete it and retry)")
     return src
 
 

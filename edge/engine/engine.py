@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
+from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.detokenizer import StreamDecoder
 from edge.model.kv_cache import ContextFull
@@ -71,6 +73,7 @@ class Engine:
         sp = m.get("special_tokens", {})
         self.template = ChatTemplate(m.get("chat_template") or DEFAULT_CHATML,
                                      bos_token=sp.get("bos_token", ""), eos_token=sp.get("eos_token", ""))
+        self.chat = ChatEncoder(self.tokenizer, self.template)
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
         self.cache = self.model.new_cache()
@@ -81,12 +84,22 @@ class Engine:
         return self.bundle.name
 
     # --- prompts -> ids ---------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The checkpoint's own template; it writes BOS itself, so the tokenizer must not."""
-        text = self.template.render(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode_chat(self, messages: list[dict], *, continue_final_message: bool | None = None,
+                    **template_vars) -> list[int]:
+        """The checkpoint's own template; it writes BOS itself, so the tokenizer must not.
+        Text from the messages (and `template_vars`, e.g. tools=[...]) is tokenized as plain text:
+        only the template's markup becomes special tokens (see chat_encoding). A conversation
+        ending with an assistant message is continued, not closed (llama.cpp's default, transformers'
+        continue_final_message), unless continue_final_message=False."""
+        if continue_final_message is None:
+            last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+            continue_final_message = (isinstance(last, Mapping) and last.get("role") == "assistant"
+                                      and isinstance(last.get("content"), str))
+        return self.chat.encode(messages, add_generation_prompt=not continue_final_message,
+                                continue_final_message=continue_final_message, **template_vars)
 
     def encode_text(self, prompt: str) -> list[int]:
+        """A raw prompt: special-token text in it *is* parsed (the caller writes its own template)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         bos = self.config.bos_token_id
         if self.bundle.manifest.get("add_bos") and bos is not None and ids[:1] != [bos]:
