@@ -54,3 +54,10 @@ def tiny_bundle(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("tiny-src")
     write_tiny_llama(src)
     return convert(src, tmp_path_factory.mktemp("tiny-bundle") / "tiny", quant="f32", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium + chromedriver, apt-get installed once per session when missing."""
+    from tests.browser import ensure_chromium
+    return ensure_chromium()
