@@ -34,7 +34,7 @@ def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None
     p.add_argument("--min-p", type=float, default=None, help=f"0 = off (default {s.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=None, help=f"1 = off (default {s.repetition_penalty})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: none)")
 
 
 def request_overrides(a: argparse.Namespace) -> dict:
