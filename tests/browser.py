@@ -37,7 +37,8 @@ def ensure_chromium() -> tuple[str, str]:
     return browser, driver
 
 
-def start(paths: tuple[str, str], width: int = 1100, height: int = 800):
+def start(paths: tuple[str, str], width: int = 1100, height: int = 800, phone: bool = False):
+    """A headless browser; `phone`: a phone's viewport (width x height CSS pixels, touch)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     browser, driver = paths
@@ -50,6 +51,9 @@ def start(paths: tuple[str, str], width: int = 1100, height: int = 800):
                 # the network is blocked: no name resolves except the server's loopback address
                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
         options.add_argument(arg)
+    if phone:
+        options.add_experimental_option("mobileEmulation", {
+            "deviceMetrics": {"width": width, "height": height, "pixelRatio": 2.0, "touch": True}})
     options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 

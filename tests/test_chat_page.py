@@ -205,10 +205,12 @@ def test_edge_llm_serve_page_loads_offline_and_asks_for_the_key(edge_llm_serve, 
     page = httpx.get(base + "/")
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
     assert httpx.get(base + "/v1/models").status_code == 401          # the API itself still needs the key
-    d = browser.start(chromium_paths, 390, 844)                       # a phone's screen
+    d = browser.start(chromium_paths, 390, 844, phone=True)           # a phone's screen
     try:
         open_page(d, base)
+        assert d.execute_script("return window.innerWidth") == 390
         assert d.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        assert not d.find_element(By.ID, "settings").is_displayed()      # opens on 401, below
         send(d, "w9 w8")
         notice = wait(d, lambda d: d.find_element(By.ID, "notice").is_displayed() and d.find_element(By.ID, "notice").text)
         assert "API key" in notice
