@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 
 from convert.quantize import DEFAULT_QUANT, SCHEMES
 from edge.launch import engine_from_args
@@ -66,57 +65,10 @@ def cmd_run(a) -> int:
     return 0
 
 
-def read_user_input(prompt: str = "> ") -> str:
-    """One message: a line, or several joined while lines end with a backslash."""
-    lines = []
-    line = input(prompt)
-    while line.endswith("\\"):
-        lines.append(line[:-1])
-        line = input("… ")
-    lines.append(line)
-    return "\n".join(lines)
-
-
 def cmd_chat(a) -> int:
-    from edge.engine.conversation import Conversation
-    from edge.model.kv_cache import ContextFull
+    from edge.cli import chat
     engine = load_engine(a)
-    params = request_defaults(a).build()
-    conv = Conversation(engine, a.system)
-    print(f"edge-llm chat with {engine.name}. /reset, /system TEXT, /stats; end a line with \\ to continue; "
-          "Ctrl-C stops a reply, Ctrl-D exits.", file=sys.stderr)
-    while True:
-        try:
-            text = read_user_input()
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        cmd, _, arg = text.strip().partition(" ")
-        if cmd == "/reset":
-            conv.reset()
-            print("(conversation cleared)")
-        elif cmd == "/system":
-            conv.reset(arg.strip() or None)
-            print("(system prompt set; conversation cleared)")
-        elif cmd == "/stats":
-            print(format_stats(conv.last_usage) if conv.last_usage else "(no reply yet)")
-            print(f"context: {engine.count_context()}/{engine.max_ctx} tokens")
-        elif cmd in ("/exit", "/quit"):
-            return 0
-        elif text.strip():
-            cancel = threading.Event()
-            try:
-                stream(conv.ask(text, params, cancel))
-            except KeyboardInterrupt:
-                cancel.set()
-                print(" [stopped]", end="")
-            except ContextFull as e:
-                conv.reset()
-                print(f"(context full: {e}; conversation cleared, ask again)")
-            print()
+    return chat.run(a, engine, request_defaults(a).build(), format_stats)
 
 
 def cmd_convert(a) -> int:
@@ -181,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(r)
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("chat", help="interactive chat")
-    c.add_argument("--system", help="system prompt")
+    c = sub.add_parser("chat", help="interactive chat in the terminal (/help inside)",
+                       description='Chat in the terminal: line editing and history, """ for several lines, '
+                       "/help, /context, /stats; Ctrl-C stops a reply, Ctrl-D exits.")
+    c.add_argument("--system", "-p", help="system prompt (default: none)")
+    c.add_argument("--file", "-f", help="put this text file's contents before the first question (default: none)")
     add_model_args(c)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)

@@ -20,7 +20,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx: int = DEFAULT_CTX) -> None:
     """--model, --backend, --threads and --ctx."""
     add_model_choice(p)
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens (default {ctx})")
+    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens; 0 = the model's maximum, bounded by memory (default {ctx})")
 
 
 def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None:
