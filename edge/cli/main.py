@@ -156,9 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
     v.set_defaults(func=cmd_convert)
 
-    from edge.cli import bench, perplexity
+    from edge.cli import bench, models, perplexity
     from edge.serial import console as serial_console
     from edge.service import serve
+    models.register(sub)
     bench.register(sub)
     perplexity.register(sub)
     serial_console.register(sub)

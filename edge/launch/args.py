@@ -10,7 +10,7 @@ from edge.model.backends import BACKENDS
 
 def add_model_choice(p: argparse.ArgumentParser) -> None:
     """--model and --backend."""
-    p.add_argument("--model", "-m", help="bundle directory, HF checkpoint directory or GGUF file "
+    p.add_argument("--model", "-m", help="a converted model's name (edge-llm models), bundle directory, HF checkpoint directory or GGUF file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="litert: the bundle's TFLite graph (default); numpy: float reference")
