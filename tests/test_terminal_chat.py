@@ -105,8 +105,10 @@ def test_ctrl_c_keeps_the_partial_reply_and_stats_stay_current(tiny_bundle, tmp_
     assert re.search(r"2 assistant: (w\d+ ?)+.* \[interrupted\]", ctx), ctx
 
     # the next question is asked with the partial reply in the history
-    out = chat.say("w4 w5")
+    chat.p.send("w4 w5\r")
+    time.sleep(0.3)
     chat.p.send("\x03")                                  # (stop this one too, to be quick)
+    chat.p.expect_exact("[interrupted]")
     chat.wait()
     stats = chat.say("/stats")
     prompt, cached = map(int, re.search(r"prompt (\d+) tok \((\d+) cached\)", stats).groups())

@@ -154,8 +154,11 @@ class TerminalChat:
                 return 0
             except KeyboardInterrupt:
                 continue
-            if not self.handle(text):
-                return 0
+            try:
+                if not self.handle(text):
+                    return 0
+            except KeyboardInterrupt:     # Ctrl-C between Enter and the reply's first token
+                print(" [interrupted]", file=self.out)
 
     def handle(self, text: str) -> bool:
         """One message or command; False to quit."""
