@@ -485,7 +485,9 @@ def run_edge_bench(bundle: Path, threads: int, reps: int, n_prompt: int, n_gen: 
             "tg_tokens_per_s": r["tg_tokens_per_s"], "tg_std": r.get("tg_std"),
             "ttft_s": r.get("ttft_s"), "load_s": r.get("load_s"), "peak_rss_mb": rss,
             "reported_peak_rss_mb": r.get("peak_rss_mb"), "size_mb": _mb(bundle), "wall_s": wall,
-            "pp_samples": r.get("pp_samples"), "tg_samples": r.get("tg_samples"),
+            # each repetition in t/s, as llama-bench's samples_ts (edge-llm bench reports seconds)
+            "pp_samples": [r["n_prompt"] / t for t in r["pp_samples_s"]],
+            "tg_samples": [r["n_gen"] / t for t in r["tg_samples_s"]],
             "backend": r.get("backend"), "path": str(bundle), "raw": r}
 
 

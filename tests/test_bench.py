@@ -56,3 +56,18 @@ def test_bench_p0_and_n0_skip_that_test(tiny_bundle):
     assert nothing.returncode == 1 and "nothing to measure" in nothing.stderr
     bad = bench(tiny_bundle, "-p", "64,x")
     assert bad.returncode == 2 and "comma-separated list" in bad.stderr
+
+
+def test_compare_llamacpp_shows_each_repetition_of_edge_bench(tiny_bundle):
+    """bench/compare_llamacpp.py reads `edge-llm bench --json`'s per-repetition samples: the
+    table's "(max ...)" is the best repetition, in tokens/s."""
+    from bench.compare_llamacpp import markdown, run_edge_bench
+    row = run_edge_bench(tiny_bundle, threads=1, reps=3, n_prompt=16, n_gen=8)
+    raw = row["raw"]
+    assert row["pp_samples"] == pytest.approx([16 / t for t in raw["pp_samples_s"]])
+    assert row["tg_samples"] == pytest.approx([8 / t for t in raw["tg_samples_s"]])
+    assert len(row["pp_samples"]) == len(row["tg_samples"]) == 3
+    result = dict(n_prompt=16, n_gen=8, threads=1, reps=3, rounds=1, loadavg_before=(0.0,) * 3,
+                  loadavg_after=(0.0,) * 3, cpu="test", pairs=[{"edge": row}])
+    table = markdown(result)
+    assert f"(max {max(row['pp_samples']):.1f})" in table and f"(max {max(row['tg_samples']):.1f})" in table, table

@@ -157,12 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_convert)
 
     from edge.cli import bench, models, perplexity
-    from edge.serial import console as serial_console
+    from edge.serial import args as serial_args
     from edge.service import serve
     models.register(sub)
     bench.register(sub)
     perplexity.register(sub)
-    serial_console.register(sub)
+    serial_args.register(sub)
     serve.register(sub)
     _no_silent_options(p)
     return p
