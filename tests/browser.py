@@ -1,7 +1,7 @@
 """Headless Chromium for the chat page tests: Debian's `chromium` and `chromium-driver`,
 installed with apt-get the first time a session needs them (CI runs as root on a fresh
-Debian machine), driven by selenium. Nothing is downloaded at run time by selenium itself:
-the driver and browser paths are given, so Selenium Manager never runs.
+Debian machine; tests/system_tools.py), driven by selenium. Selenium itself downloads
+nothing: the driver and browser paths are given, so Selenium Manager never runs.
 
 Every browser started here resolves no host name but the loopback address
 (--host-resolver-rules), and records its network log, so a test can assert that a page
@@ -10,31 +10,13 @@ asked for nothing outside the server.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-
-PACKAGES = ("chromium", "chromium-driver")
-BROWSER, DRIVER = "chromium", "chromedriver"
 
 
 def ensure_chromium() -> tuple[str, str]:
-    """Paths of chromium and chromedriver, installing Debian's packages when missing."""
-    browser, driver = shutil.which(BROWSER), shutil.which(DRIVER)
-    if browser and driver:
-        return browser, driver
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError(f"the chat page tests need Debian's {' and '.join(PACKAGES)} "
-                           "(apt-get install them, or run the tests as root on Debian so they install themselves)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=600"]
-    subprocess.run(["apt-get", *lock, "update", "-q"], check=True, env=env, capture_output=True)
-    subprocess.run(["apt-get", *lock, "install", "-y", "-q", "--no-install-recommends", *PACKAGES],
-                   check=True, env=env, capture_output=True)
-    browser, driver = shutil.which(BROWSER), shutil.which(DRIVER)
-    if not (browser and driver):
-        raise RuntimeError(f"apt-get installed {PACKAGES} but {BROWSER}/{DRIVER} are not on PATH")
-    return browser, driver
+    """Paths of chromium and chromedriver, apt-get installed once per session when missing
+    (tests/system_tools.py, shared with the other Debian tools the tests need)."""
+    from tests.system_tools import from_debian
+    return from_debian("chromium", "chromium"), from_debian("chromedriver", "chromium-driver")
 
 
 def start(paths: tuple[str, str], width: int = 1100, height: int = 800, phone: bool = False):

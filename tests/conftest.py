@@ -58,6 +58,7 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chromium_paths() -> tuple[str, str]:
-    """Debian's chromium + chromedriver, apt-get installed once per session when missing."""
+    """Debian's chromium + chromedriver, apt-get installed once per session when missing
+    (tests/system_tools.py)."""
     from tests.browser import ensure_chromium
     return ensure_chromium()

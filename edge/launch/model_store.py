@@ -140,7 +140,9 @@ def stored_models() -> list[StoredModel]:
         if d.name.startswith(".") or not is_bundle(d):
             continue
         m = _read_json(d / MANIFEST)
-        out.append(StoredModel(d, m.get("name", d.name), m.get("quant", "?"), m.get("source", "?"), _du(d),
+        # a checkpoint converted here: its local path (the manifest keeps only its name)
+        source = _read_json(d / SOURCE_STAMP).get("source") or m.get("source", "?")
+        out.append(StoredModel(d, m.get("name", d.name), m.get("quant", "?"), source, _du(d),
                                m.get("files", {}).get("model.tflite", {}).get("sha256", "")))
     return out
 
