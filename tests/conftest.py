@@ -70,3 +70,11 @@ def llamacpp_convert():
     from bench.llamacpp_source import convert_hf_to_gguf, converter
     script = converter(ASSETS / "llama-cpp-python")
     return lambda hf_dir, out: convert_hf_to_gguf(script, hf_dir, out)
+
+
+@pytest.fixture(scope="session")
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium + chromedriver, apt-get installed once per session when missing
+    (tests/system_tools.py)."""
+    from tests.browser import ensure_chromium
+    return ensure_chromium()

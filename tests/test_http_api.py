@@ -386,7 +386,7 @@ def test_loading_then_ok(tiny):
         state.set_ready(tiny, Scheduler(tiny))
         r = httpx.get(f"{base}/health")
         assert r.status_code == 200 and r.json() == {"status": "ok", "model": tiny.name, "queue_depth": 0,
-                                                     "busy": False}
+                                                     "busy": False, "max_context": TINY_CTX}
 
 
 def test_health_names_the_stall_time(tiny):

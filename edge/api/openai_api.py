@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge.engine.engine import GenerationParams
 from edge.launch.request import RequestDefaults
 from edge.model.kv_cache import ContextFull
+from edge.api import chat_page
 from edge.api.metrics import Metrics
 from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
                                 chat_delta, envelope, error_body, model_card, text_choice, usage_dict)
@@ -44,7 +45,7 @@ log = logging.getLogger("edge.http")
 
 MAX_BODY_BYTES = 1 << 20
 QUIET_PATHS = ("/health", "/metrics")     # logged at DEBUG: probes and scrapes come every few seconds
-OPEN_PATHS = ("/health",)                 # answered without the API key (systemd/LB probes)
+OPEN_PATHS = ("/health", *chat_page.PAGE_PATHS)   # without the API key: probes, and the chat page (its JS sends the key)
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
 
 
@@ -117,6 +118,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edge-llm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.include_router(router)
+    app.include_router(chat_page.router)
     app.add_exception_handler(ApiError, lambda req, exc: exc.response())
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -149,7 +151,7 @@ def health(state: StateDep):
         return _health(503, "stalled", state, f"the engine has made no progress for "
                        f"{state.scheduler.stall_seconds:g} s", "engine_stalled")
     return {"status": "ok", "model": state.model_id, "queue_depth": state.scheduler.queue_depth,
-            "busy": state.scheduler.busy}
+            "busy": state.scheduler.busy, "max_context": state.engine.max_ctx}
 
 
 def _health(status: int, word: str, state: ServerState, message: str, code: str) -> JSONResponse:

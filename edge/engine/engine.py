@@ -114,12 +114,13 @@ class Engine:
             self.cache.truncate(0)
 
     # --- generation -------------------------------------------------------------------
-    def check_fits(self, prompt_ids: list[int]) -> None:
-        """The one context rule: a prompt fits when at least one token can follow it.
+    def check_fits(self, prompt_ids: list[int], reserve: int = 1) -> None:
+        """The one context rule: a prompt fits when at least one token (or `reserve` tokens,
+        for a caller that wants room for a reply) can follow it.
         Raises ValueError for an empty prompt and ContextFull for one too long."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_ctx:
+        if len(prompt_ids) + max(1, reserve) > self.max_ctx:
             raise ContextFull(len(prompt_ids), self.max_ctx)
 
     def generate(self, prompt_ids: list[int], params: GenerationParams,

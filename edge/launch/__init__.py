@@ -12,11 +12,46 @@ from __future__ import annotations
 from edge.engine.engine import Engine
 from edge.launch.model_store import open_bundle, weight_cache_dir
 from edge.launch.request import DEFAULT_CTX
+from edge.model.config import ModelConfig
+
+KV_MEMORY_SHARE = 0.5        # --ctx 0: the KV cache may take this share of the available memory
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def kv_bytes_per_token(cfg: ModelConfig) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4      # K and V, float32
+
+
+def max_context(cfg: ModelConfig, available: int | None) -> int:
+    """`--ctx 0`: the model's maximum, bounded so the KV cache takes at most half the memory."""
+    ctx = cfg.max_position_embeddings
+    if available:
+        ctx = min(ctx, int(available * KV_MEMORY_SHARE) // kv_bytes_per_token(cfg))
+    return max(ctx, 16)
 
 
 def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFAULT_CTX,
                 threads: int | None = None, log=print) -> Engine:
     bundle = open_bundle(model, log=log)
+    if ctx == 0:
+        avail = available_memory()
+        ctx = max_context(bundle.config, avail)
+        mib = kv_bytes_per_token(bundle.config) * ctx / 2**20
+        log(f"context: {ctx} tokens (model maximum {bundle.config.max_position_embeddings}; KV cache "
+            f"{mib:.0f} MiB" + (f" of {avail / 2**20:.0f} MiB available)" if avail else ")"))
+    elif ctx < 0:
+        raise ValueError(f"--ctx must be 0 (the model's maximum) or a positive number of tokens, got {ctx}")
     return Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle))
 
 

@@ -39,7 +39,7 @@ def register(sub) -> None:
     add_model_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
     s.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond this get HTTP 429")
@@ -51,7 +51,8 @@ def register(sub) -> None:
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
     s.add_argument("--watchdog-stall", type=float, default=60.0,
                    help="seconds busy without a new token before the systemd watchdog is no longer fed")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity")
     g = s.add_argument_group("default sampling (a request's own fields win)")
     add_sampling_args(g, max_tokens_help="the rest of the context; the serial console: 256")
     h = s.add_argument_group("Home Assistant")
