@@ -60,6 +60,15 @@ class GenerationRequest(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        """JSON may spell a lone surrogate ("\\ud800"); no tokenizer can encode it."""
+        if (where := _lone_surrogate(data)) is not None:
+            raise ValueError(f"{where or 'the body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                             "escape), which is not valid Unicode text")
+        return data
+
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
@@ -88,6 +97,26 @@ class GenerationRequest(BaseModel):
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
                       presence_penalty=self.presence_penalty, seed=self.seed)
         return fields
+
+
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (where := _lone_surrogate(k, path) if isinstance(k, str) else None) is not None:
+                return where
+            if (where := _lone_surrogate(v, f"{path}.{k}" if path else str(k))) is not None:
+                return where
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (where := _lone_surrogate(v, f"{path}.{i}" if path else str(i))) is not None:
+                return where
+    return None
 
 
 def _refuse(flag, message: str) -> None:

@@ -183,6 +183,7 @@ class SerialConsole:
         self._port: serial.Serial | None = None
         self._write_error: Exception | None = None
         self._typeahead = bytearray()
+        self._skip_line = False                  # dropping the tail of a line cut by an overflow
         self._busy = False
         self._cancel: threading.Event | None = None
         self._stop = threading.Event()
@@ -293,12 +294,26 @@ class SerialConsole:
         with self._lock:
             if self._busy:
                 data = self._ctrl_c_while_busy(data)
+            if self._skip_line:           # the rest of a line cut by an overflow (Ctrl-C ends it too)
+                end = min(i for i in (*map(data.find, (b"\r", b"\n", b"\x03")), len(data)) if i >= 0)
+                end += data[end:end + 1] in (b"\r", b"\n")
+                self.counters["typeahead_dropped"] += end
+                self._skip_line = end == len(data) and data[-1:] not in (b"\r", b"\n")
+                data = data[end:]
             self._typeahead += data
             if not self._busy:
                 self._pump()
             if len(self._typeahead) > self.typeahead_limit:
-                self.counters["typeahead_dropped"] += len(self._typeahead) - self.typeahead_limit
-                del self._typeahead[self.typeahead_limit:]
+                self._drop_overflow()
+
+    def _drop_overflow(self) -> None:
+        """Keep the complete lines that fit; drop the rest, and of a line cut in two also the
+        bytes still to come up to its end, so that no half line ever runs as a request."""
+        buf, limit = self._typeahead, self.typeahead_limit
+        keep = max(buf.rfind(b"\r", 0, limit), buf.rfind(b"\n", 0, limit)) + 1
+        self.counters["typeahead_dropped"] += len(buf) - keep
+        self._skip_line = buf[-1:] not in (b"\r", b"\n")
+        del buf[keep:]
 
     def _ctrl_c_while_busy(self, data: bytes) -> bytes:
         i = data.rfind(b"\x03")
@@ -306,6 +321,7 @@ class SerialConsole:
             return data
         self.counters["interrupts"] += 1
         self._typeahead.clear()
+        self._skip_line = False
         self._cancel.set()            # created with the line, so no Ctrl-C is ever lost
         self._outbox.clear()          # what is not written yet never will be: stop now
         return data[i + 1:]
@@ -571,6 +587,9 @@ class SerialConsole:
             return self._json_error(rid, "context_full", str(e))
         except QueueFull as e:
             return self._json_error(rid, "busy", str(e))
+        except Exception as e:        # still this request's error: keep its id
+            self.log(f"error: {type(e).__name__}: {e}")
+            return self._json_error(rid, "internal", f"error: {e}")
         if last is not None:
             self._json(rid, wait=self.stall_timeout, done=True, finish_reason=last.finish_reason,
                        usage=_usage_dict(last.usage))
