@@ -55,6 +55,9 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
+    # Host header names accepted (None = any): a loopback bind allows only loopback names, so
+    # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
+    allowed_hosts: frozenset[str] | None = None
     # serve's flags over the product defaults; max_tokens None = the rest of the context
     defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
 
@@ -476,16 +479,34 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if refusal := self.refuse_auth(scope):
+        if refusal := self.refuse_host(scope) or self.refuse_auth(scope):
             return await refusal(scope, receive, send)
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await _read_capped(receive, self.state.config.max_body_bytes)
+            limit = self.state.config.max_body_bytes
+            too_large = error_response(413, f"the request body is larger than the limit of {limit} bytes",
+                                       code="request_too_large", headers={"Connection": "close"})
+            if _content_length(scope) > limit:       # refused before "100 Continue" invites the body
+                return await too_large(scope, receive, send)
+            body = await _read_capped(receive, limit)
+            if body is _GONE:
+                scope.setdefault("state", {})["client_gone"] = True
+                return                                   # nobody to answer (or timed out: 408 sent)
             if body is None:
-                limit = self.state.config.max_body_bytes
-                return await error_response(413, f"the request body is larger than the limit of {limit} bytes",
-                                            code="request_too_large")(scope, receive, send)
+                return await too_large(scope, receive, send)
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+    def refuse_host(self, scope) -> JSONResponse | None:
+        allowed = self.state.config.allowed_hosts
+        if allowed is None:
+            return None
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        name = host.rpartition("]")[0] + "]" if host.startswith("[") else host.rpartition(":")[0] or host
+        if name in allowed:
+            return None
+        return error_response(403, f"Host {host!r} is not allowed: this server is bound to loopback and answers "
+                              f"only {', '.join(sorted(allowed))} (protection against DNS rebinding)",
+                              type_="permission_error", code="host_not_allowed")
 
     def refuse_auth(self, scope) -> JSONResponse | None:
         key = self.state.config.api_key
@@ -501,15 +522,26 @@ class Guard:
                               headers={"WWW-Authenticate": "Bearer"})
 
 
+_GONE = object()
+
+
+def _content_length(scope) -> int:
+    try:
+        return int(dict(scope["headers"]).get(b"content-length", b"0"))
+    except ValueError:
+        return 0                # h11 already refuses a malformed Content-Length
+
+
 async def _read_capped(receive, limit: int, drain_limit: int = 64 << 20) -> bytes | None:
-    """The whole body, or None when it exceeds `limit`. An oversized body is still read (and
+    """The whole body, None when it exceeds `limit`, _GONE if the client left (or its
+    request timed out) before the end. An oversized body is still read (and
     dropped, up to drain_limit) so that the client gets to see the 413 instead of a reset."""
     chunks, size = [], 0
     more = True
     while more and size <= drain_limit:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return _GONE
         chunk = message.get("body", b"")
         size += len(chunk)
         if size <= limit:
