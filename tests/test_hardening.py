@@ -9,7 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -175,3 +177,104 @@ def test_serve_refuses_a_zero_queue_and_a_negative_timeout(capsys):
             cli.main(["serve", *flags])
         assert e.value.code == 2
         assert "must be >=" in capsys.readouterr().err
+
+
+# --- item 2: tokenization inside the admission bound; item 8: ghost 429s ------------------
+
+def fresh_tiny(tiny_bundle, ctx: int = CTX) -> Engine:
+    engine = Engine(Bundle.open(tiny_bundle), max_ctx=ctx)
+    engine.eos_ids = frozenset()
+    return engine
+
+
+def test_prompts_are_tokenized_one_at_a_time_and_only_with_a_queue_place(tiny_bundle):
+    """issue 12: 32 concurrent 1 MB prompts were all tokenized at once, before any length
+    check or queue place (RSS 3 GB). Now: a queue place first (429 otherwise), one prompt in
+    the tokenizer at a time, and a prompt too large for the context by its size alone is
+    refused without being tokenized."""
+    engine = fresh_tiny(tiny_bundle)
+    lock, seen = threading.Lock(), {"active": 0, "peak": 0, "calls": 0}
+    encode = engine.encode_text
+
+    def counting(text):
+        with lock:
+            seen["active"] += 1
+            seen["calls"] += 1
+            seen["peak"] = max(seen["peak"], seen["active"])
+        try:
+            time.sleep(0.02)
+            return encode(text)
+        finally:
+            with lock:
+                seen["active"] -= 1
+    engine.encode_text = counting
+    state = ready_state(engine, max_queue=4)
+    big = {"prompt": "w1 " * 300_000, "max_tokens": 1}          # 900 KB: too long once tokenized
+    with running(state) as base, ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(lambda _: httpx.post(f"{base}/v1/completions", json=big, timeout=60).status_code,
+                              range(32)))
+        assert set(codes) <= {400, 429} and codes.count(429) > 0, codes
+        assert seen["peak"] == 1 and seen["calls"] == codes.count(400)
+        assert state.scheduler.queue_depth == 0
+
+        engine._longest = 4                       # as a byte-keeping tokenizer with 4-byte tokens would
+        calls = seen["calls"]
+        r = httpx.post(f"{base}/v1/completions", json=big, timeout=60)
+        assert r.status_code == 400 and "at least" in r.json()["error"]["message"], r.text
+        assert seen["calls"] == calls             # refused by its size, never tokenized
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "w1 w2", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+
+
+def test_a_request_that_left_the_queue_no_longer_counts_against_it(tiny_bundle):
+    """issue 12: a waiting request whose client left kept its queue place until the running
+    job ended, so newcomers got 429 from a queue with nobody in it."""
+    engine = fresh_tiny(tiny_bundle)
+    state = ready_state(engine, max_queue=1)
+    gate = threading.Event()
+    state.scheduler.listeners.append(lambda job, ev: gate.wait(30))
+    body = {"prompt": "w1 w2", "max_tokens": 3}
+    with running(state) as base, ThreadPoolExecutor(2) as pool:
+        try:
+            running_job = pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)
+            wait_for(lambda: state.scheduler.busy)
+            with pytest.raises(httpx.ReadTimeout):          # waits in the queue, then leaves
+                httpx.post(f"{base}/v1/completions", json=body, timeout=1.0)
+            wait_for(lambda: state.scheduler.queue_depth == 0, timeout=5)
+            waiting = pool.submit(httpx.post, f"{base}/v1/completions", json=body, timeout=60)
+            wait_for(lambda: state.scheduler.queue_depth == 1, timeout=5)
+        finally:
+            gate.set()
+        assert running_job.result().status_code == 200
+        assert waiting.result().status_code == 200
+
+
+def wait_for(condition, timeout: float = 10.0):
+    t0 = time.monotonic()
+    while not condition():
+        assert time.monotonic() - t0 < timeout, "timed out waiting"
+        time.sleep(0.01)
+
+
+# --- item 5: prefill is progress --------------------------------------------------------------
+
+def test_a_long_prefill_is_progress_not_a_stall(tiny_bundle):
+    """issue 12: progress was marked per token only, so a prefill longer than the watchdog's
+    stall time made /health say "stalled" and the service got killed."""
+    from edge.engine.engine import GenerationParams
+    from edge.engine.scheduler import Scheduler
+    engine = fresh_tiny(tiny_bundle, ctx=512)
+    forward = engine.model.forward
+
+    def slow_chunk(tokens, cache, all_logits=False):
+        time.sleep(0.4 if len(tokens) > 1 else 0)      # a Pi-sized prefill chunk
+        return forward(tokens, cache, all_logits)
+    engine.model.forward = slow_chunk
+    scheduler = Scheduler(engine, stall_seconds=1.2)
+    job = scheduler.submit([5] * 300, GenerationParams(max_tokens=1))   # 5 chunks: 2 s
+    health = []
+    while not job._events.qsize() or scheduler.busy:
+        health.append(scheduler.healthy())
+        time.sleep(0.02)
+    assert [ev.finish_reason for ev in job.events()][-1] == "length"
+    assert len(health) > 40 and all(health), "".join("x."[h] for h in health)

@@ -122,8 +122,8 @@ def slow_down(engine, seconds_per_token):
     """A model as slow as a big one on a Pi, so that replies last long enough to interrupt."""
     generate = engine.generate
 
-    def slow(ids, params, cancel=None):
-        for ev in generate(ids, params, cancel):
+    def slow(ids, params, cancel=None, **kw):
+        for ev in generate(ids, params, cancel, **kw):
             time.sleep(seconds_per_token)
             yield ev
     engine.generate = slow
@@ -485,7 +485,7 @@ def test_machine_mode_type_ahead_overflow_drops_whole_lines(engine, scheduler, t
 
 
 def test_machine_mode_engine_failure_keeps_the_request_id(engine, machine, term, monkeypatch):
-    def broken(ids, params, cancel=None):
+    def broken(ids, params, cancel=None, **kw):
         raise FloatingPointError("the model produced no finite logit")
         yield
     monkeypatch.setattr(engine, "generate", broken)

@@ -75,6 +75,7 @@ class ServerState:
         self.error: str | None = None
         self.created = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
+        self._tokenizing: anyio.Semaphore | None = None
 
     @property
     def ready(self) -> bool:
@@ -88,6 +89,12 @@ class ServerState:
 
     def set_failed(self, message: str) -> None:
         self.error = message
+
+    @property
+    def tokenizing(self) -> anyio.Semaphore:
+        if self._tokenizing is None:
+            self._tokenizing = anyio.Semaphore(1)
+        return self._tokenizing
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -181,21 +188,25 @@ def get_model(model_id: str, state: StateDep):
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "messages")
-    _note_prompt(request, state, messages)
-    return await _respond(state, request, body, ids, CHAT, "messages")
+    _check_bytes(engine, sum(len(m["content"].encode()) for m in messages), "messages")
+    with admit(state) as ticket:
+        ids = await tokenize(state, engine.encode_chat, messages, "messages")
+        _note_prompt(request, state, messages)
+        return await _respond(state, request, body, ids, CHAT, "messages", ticket)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
-    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
-        ids = _checked_token_ids(body.prompt, engine)
-    else:
-        text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        ids = await run_in_threadpool(_encode, engine.encode_text, text, "prompt")
-    _note_prompt(request, state, body.prompt)
-    return await _respond(state, request, body, ids, TEXT, "prompt")
+    with admit(state) as ticket:
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
+            ids = _checked_token_ids(body.prompt, engine)
+        else:
+            text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+            _check_bytes(engine, len(text.encode()), "prompt")
+            ids = await tokenize(state, engine.encode_text, text, "prompt")
+        _note_prompt(request, state, body.prompt)
+        return await _respond(state, request, body, ids, TEXT, "prompt", ticket)
 
 
 # --- requests -> jobs ------------------------------------------------------------------
@@ -207,6 +218,34 @@ def _engine(state: ServerState):
         raise ApiError(503, "the model is still loading; retry in a few seconds", "unavailable_error",
                        code="model_loading", headers={"Retry-After": "5"})
     return state.engine
+
+
+def admit(state: ServerState):
+    """A place in the queue before any work (tokenizing included); 429 when none is left.
+    The ticket goes back if the request fails before its job is queued."""
+    try:
+        return state.scheduler.admit()
+    except QueueFull as e:
+        wait = max(1, math.ceil(state.metrics.last_duration))
+        raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(wait)}) from e
+
+
+def _check_bytes(engine, nbytes: int, param: str) -> None:
+    """Refuse a prompt that cannot fit from its size alone, before a queue place or tokenizer."""
+    try:
+        engine.check_fits_bytes(nbytes)
+    except ContextFull as e:
+        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the {param} "
+                       f"({nbytes} bytes) have at least {e.needed} tokens. Shorten the {param}.",
+                       param=param, code="context_length_exceeded") from e
+
+
+async def tokenize(state: ServerState, encode, value, param: str) -> list[int]:
+    """One prompt tokenized at a time (a 1 MB prompt takes ~100 MB while it is encoded), and
+    only by requests holding a queue place: memory stays bounded whatever arrives."""
+    async with state.tokenizing:
+        return await run_in_threadpool(_encode, encode, value, param)
 
 
 def _encode(encode, value, param: str) -> list[int]:
@@ -246,18 +285,9 @@ def generation_params(state: ServerState, body: GenerationRequest, ids: list[int
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
 
-def submit(state: ServerState, ids: list[int], params: GenerationParams) -> Job:
-    try:
-        return state.scheduler.submit(ids, params, time_limit=state.config.request_timeout)
-    except QueueFull as e:
-        wait = max(1, math.ceil(state.metrics.last_duration))
-        raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(wait)}) from e
-
-
-async def _respond(state, request, body, ids, shape, param):
+async def _respond(state, request, body, ids, shape, param, ticket):
     params = generation_params(state, body, ids, param)
-    job = submit(state, ids, params)
+    job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:
         return JobStream(job, reply.stream(job, state.limiter, body.include_usage))

@@ -6,6 +6,8 @@ the engine, `bench` and `perplexity` all use.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from edge.model.config import ModelConfig
@@ -32,10 +34,15 @@ class CausalLM:
         cache.append(tokens)
         return logits
 
-    def prefill(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """`forward` over `ids` in chunks of PREFILL_CHUNK; logits as `forward` gives them."""
-        out = [self.forward(ids[i:i + PREFILL_CHUNK], cache, all_logits)
-               for i in range(0, len(ids), PREFILL_CHUNK)]
+    def prefill(self, ids, cache: KVCache, all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """`forward` over `ids` in chunks of PREFILL_CHUNK; logits as `forward` gives them.
+        `progress(done, total)` is called after each chunk (the scheduler's stall watch)."""
+        out = []
+        for i in range(0, len(ids), PREFILL_CHUNK):
+            out.append(self.forward(ids[i:i + PREFILL_CHUNK], cache, all_logits))
+            if progress is not None:
+                progress(min(i + PREFILL_CHUNK, len(ids)), len(ids))
         return np.concatenate(out) if all_logits else out[-1]
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
