@@ -131,8 +131,7 @@ class Engine:
             yield from self._generate(list(prompt_ids), params, cancel, progress)
 
     def _prefill(self, ids: list[int], progress=None) -> tuple[np.ndarray, int]:
-        cached = self.cache.common_prefix(ids)
-        cached = min(cached, len(ids) - 1)      # the last prompt token must run to give logits
+        cached = self.model.reusable(ids, self.cache)
         self.cache.truncate(cached)
         return self.model.prefill(ids[cached:], self.cache, progress=progress), cached
 
