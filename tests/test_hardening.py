@@ -333,3 +333,31 @@ def test_same_request_same_answer_cold_warm_and_after_another(which, tiny_bundle
         assert np.array_equal(first_logits(follow), warm_logits)
         engine.reset()
         assert run(follow) == warm_turn, "next chat turn, prefix cached vs cold"
+
+
+# --- item 9: every thread pool bounded by --threads --------------------------------------------
+
+def test_threads_bound_every_pool_blas_included(tiny_bundle):
+    """issue 12: NumPy's BLAS pool was never limited (one thread per core whatever --threads
+    said); next to two busy processes prefill fell from ~540 to 32 tokens/s."""
+    import threadpoolctl
+    script = ("import json, threadpoolctl\n"
+              "from edge.model.bundle import Bundle\n"
+              "from edge.engine.engine import Engine\n"
+              f"e = Engine(Bundle.open({str(tiny_bundle)!r}), max_ctx=64, threads=1)\n"
+              "import os, numpy as np\n"
+              "a = np.ones((256, 256), np.float32); a @ a\n"
+              "print(json.dumps([threadpoolctl.threadpool_info(), os.environ.get('RAYON_NUM_THREADS')]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    pools, rayon = json.loads(out.stdout.strip().splitlines()[-1])
+    assert any(p["user_api"] == "blas" for p in pools), pools
+    assert all(p["num_threads"] == 1 for p in pools), pools
+    assert rayon == "1"
+    # the same process without the bound: BLAS starts one thread per core (this box: 2+)
+    if (os.cpu_count() or 1) > 1:
+        unbounded = threadpoolctl.threadpool_info()
+        assert any(p["num_threads"] > 1 for p in unbounded if p["user_api"] == "blas") or \
+            os.environ.get("OPENBLAS_NUM_THREADS") == "1"
