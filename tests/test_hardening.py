@@ -361,3 +361,100 @@ def test_threads_bound_every_pool_blas_included(tiny_bundle):
         unbounded = threadpoolctl.threadpool_info()
         assert any(p["num_threads"] > 1 for p in unbounded if p["user_api"] == "blas") or \
             os.environ.get("OPENBLAS_NUM_THREADS") == "1"
+
+
+# --- items 6, 7, 4: bundle integrity, leftovers, full disk -------------------------------------
+
+def flip_byte(path: Path, offset: int, mask: int = 0x10) -> None:
+    """Bit rot: one bit changes, size and mtime stay."""
+    st = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("name", ["weights.bin", "model.tflite", "tokenizer.json", "manifest.json"])
+def test_a_flipped_byte_in_any_bundle_file_is_caught_before_use(name, tiny_bundle, tmp_path):
+    """issue 12: after the first open only size and mtime were checked, so SD-card bit rot in
+    weights.bin or model.tflite passed, and manifest.json had no hash at all."""
+    import shutil
+    from edge.model.bundle import BundleError
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, d)
+    Bundle.open(d)                                    # hashed clean once: the stat stamp is written
+    size = (d / name).stat().st_size
+    if name == "manifest.json":                       # eos id 2 -> 3: still valid JSON, runs past the answer
+        text = (d / name).read_text()
+        i = text.index("2", text.index('"eos_token_ids"'))
+        flip_byte(d / name, i, mask=0x01)
+        assert json.loads((d / name).read_text())["config"]["eos_token_ids"] == [3]
+    else:
+        flip_byte(d / name, size // 2)
+    with pytest.raises(BundleError, match=name.replace(".", r"\.")):
+        Bundle.open(d, verify="full")
+    if name == "manifest.json":
+        with pytest.raises(BundleError):              # its own hash is checked on every open
+            Bundle.open(d, verify=False)
+
+
+def test_serve_refuses_a_rotten_bundle_before_it_answers(tiny_bundle, tmp_path):
+    import shutil
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, d)
+    Bundle.open(d)
+    flip_byte(d / "weights.bin", 20000)
+    env = {**os.environ, "EDGE_LLM_HOME": str(tmp_path / "home")}
+    env.pop("EDGE_LLM_API_KEY", None)
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "--model", str(d), "--port", "0"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "could not load the model" in r.stderr
+    assert "weights.bin: sha256 does not match" in r.stderr
+
+
+def test_a_corrupt_tokenizer_is_a_clear_bundle_error(tiny_bundle, tmp_path):
+    import shutil
+    from edge.model.bundle import BundleError, manifest_digest, sha256_of
+    d = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, d)
+    (d / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "Nonsense"}}')
+    m = json.loads((d / "manifest.json").read_text())   # a converter bug, not bit rot: hashes agree
+    m["files"]["tokenizer.json"] = {"size": (d / "tokenizer.json").stat().st_size,
+                                    "sha256": sha256_of(d / "tokenizer.json")}
+    m["manifest_sha256"] = manifest_digest(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="tokenizer.json: not a readable tokenizer"):
+        Engine(Bundle.open(d), max_ctx=64)
+
+
+def test_leftovers_of_interrupted_work_are_cleaned(tiny_bundle, tmp_path, monkeypatch):
+    """issue 12: `.NAME.*.partial` bundle directories accumulated, and a first load killed
+    mid-way left a truncated XNNPACK cache that was never rebuilt."""
+    from edge.launch.model_store import STALE_SECONDS, clean_stale
+    from edge.model import litert_runner
+    root = tmp_path / "bundles"
+    stale, live = root / ".m.x1.partial", root / ".m.x2.partial"
+    for p in (stale, live):
+        p.mkdir(parents=True)
+        (p / "weights.bin").write_bytes(b"\0" * 1000)
+    old = time.time() - STALE_SECONDS - 5
+    for p in (stale / "weights.bin", stale):
+        os.utime(p, (old, old))
+    assert clean_stale(root, log=lambda m: None) == [stale] and live.exists() and not stale.exists()
+
+    graph, cache_dir = tiny_bundle / "model.tflite", tmp_path / "xnnpack"
+    litert_runner.GraphRunner(graph, 1, cache_dir)
+    (cache,) = cache_dir.iterdir()
+    good = cache.stat().st_size
+    cache.write_bytes(cache.read_bytes()[:4096])                 # killed mid-way (older edge-llm)
+    (cache_dir / f".{cache.name}.tmp-999999999").write_bytes(b"\0" * 4096)   # killed mid-way (a dead pid)
+    litert_runner.GraphRunner(graph, 1, cache_dir)
+    assert [p.name for p in cache_dir.iterdir()] == [cache.name] and cache.stat().st_size == good
+
+    cache.unlink()                                               # full disk: no cache, no abort
+    monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 10 << 20})())
+    with pytest.warns(RuntimeWarning, match="packing the weights in memory"):
+        runner = litert_runner.GraphRunner(graph, 1, cache_dir)
+    assert runner.signatures and list(cache_dir.iterdir()) == []

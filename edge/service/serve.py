@@ -216,7 +216,7 @@ def start_engine(a):
     a.model = model_spec(a)
     sd_notify.status(f"loading {a.model or DEFAULT_MODEL_ID}")
     sd_notify.extend_timeout(600)       # a first use may fetch and convert the model
-    engine = engine_from_args(a, log=log.info)
+    engine = engine_from_args(a, log=log.info, verify="full")   # bit rot keeps size and mtime
     scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
                           stall_seconds=a.watchdog_stall)
     sd_notify.status(f"warming up {engine.name}")
@@ -261,7 +261,7 @@ def _setup_logging(level: str) -> None:
 def cmd_prepare(a: argparse.Namespace) -> int:
     _setup_logging("info")
     a.model = model_spec(a)
-    engine = engine_from_args(a, log=log.info)
+    engine = engine_from_args(a, log=log.info, verify="full")
     seconds = warm_up(engine, engine.generate)
     log.info("prepared %s: loaded, first token in %.0f ms", engine.name, seconds * 1000)
     return 0
