@@ -458,3 +458,36 @@ def test_leftovers_of_interrupted_work_are_cleaned(tiny_bundle, tmp_path, monkey
     with pytest.warns(RuntimeWarning, match="packing the weights in memory"):
         runner = litert_runner.GraphRunner(graph, 1, cache_dir)
     assert runner.signatures and list(cache_dir.iterdir()) == []
+
+
+# --- item 8: SIGTERM drains -----------------------------------------------------------------
+
+def test_shutdown_ends_open_streams_with_an_error_event_and_done(tiny_bundle):
+    """issue 12: SIGTERM cut open streams with neither an error event nor [DONE]."""
+    engine = fresh_tiny(tiny_bundle)
+    state = ready_state(engine, max_queue=4)
+    state.scheduler.listeners.append(lambda job, ev: time.sleep(0.05))      # ~5 s for 100 tokens
+    servers = []
+    with running(state, server_out=servers) as base, ThreadPoolExecutor(2) as pool:
+        lines = []
+
+        def stream():
+            body = {"messages": user("w1 w2"), "max_tokens": 100, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    if line:
+                        lines.append(line)
+        streaming = pool.submit(stream)
+        wait_for(lambda: len(lines) > 3)
+        waiting = pool.submit(httpx.post, f"{base}/v1/completions", json={"prompt": "w3", "max_tokens": 5},
+                              timeout=30)
+        wait_for(lambda: state.scheduler.queue_depth == 1)
+        t0 = time.monotonic()
+        servers[0].should_exit = True                      # what uvicorn's SIGTERM handler does
+        streaming.result(timeout=30)
+        assert time.monotonic() - t0 < 2                    # not uvicorn's graceful timeout
+        assert lines[-1] == "data: [DONE]"
+        last = json.loads(lines[-2].removeprefix("data: "))
+        assert last["error"]["code"] == "server_shutdown", last
+        r = waiting.result(timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown"

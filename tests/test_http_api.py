@@ -393,7 +393,8 @@ def test_loading_then_ok(tiny):
 def test_metrics_in_prometheus_text_format(tiny):
     state = ready_state(tiny)
     with running(state) as base:
-        replies = [client(base).completions.create(model="t", prompt="w3 w4", max_tokens=n) for n in (3, 5)]
+        prompt = " ".join(f"w{i}" for i in range(3, 73))          # 64 of its tokens are reused
+        replies = [client(base).completions.create(model="t", prompt=prompt, max_tokens=n) for n in (3, 5)]
         httpx.post(f"{base}/v1/completions", json={"prompt": 5})
         text = httpx.get(f"{base}/metrics").text
     samples = {}

@@ -23,6 +23,7 @@ import json
 import logging
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from edge.api.openai_schema import error_body
@@ -41,6 +42,21 @@ def fds_needed(max_connections: int, others: int = 128) -> int:
     """File descriptors the server may hold: the bound, two accept bursts in flight (accepted,
     not yet closed by the bound), and `others` (model files, caches, pipes, serial, logs)."""
     return max_connections + 2 * ACCEPT_BACKLOG + others
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that, when shutdown starts (SIGTERM), first calls `on_drain`: the API
+    then ends every open stream with an error event and [DONE] and answers every waiting
+    request 503, instead of uvicorn cutting them after its graceful timeout."""
+
+    def __init__(self, config: uvicorn.Config, on_drain=None):
+        super().__init__(config)
+        self.on_drain = on_drain
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.on_drain is not None:
+            self.on_drain()
+        await super().shutdown(sockets)
 
 
 _PHRASES = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}

@@ -73,6 +73,7 @@ class ServerState:
         self.engine = None
         self.scheduler = None
         self.error: str | None = None
+        self.draining = False          # shutting down: open requests end with an error
         self.created = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
         self._tokenizing: anyio.Semaphore | None = None
@@ -89,6 +90,13 @@ class ServerState:
 
     def set_failed(self, message: str) -> None:
         self.error = message
+
+    def drain(self) -> None:
+        """Shutdown begins: every running or waiting job ends now; its client gets a 503 or,
+        mid-stream, an error event and [DONE]."""
+        self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.cancel_all()
 
     @property
     def tokenizing(self) -> anyio.Semaphore:
@@ -366,6 +374,9 @@ class Reply:
     def finish_reason(self, last) -> str:
         self.request.state.usage = last.usage
         self.request.state.finish = last.finish_reason
+        if last.finish_reason == "cancelled" and self.request.app.state.server.draining:
+            raise ApiError(503, "the server is shutting down; retry in a moment", "unavailable_error",
+                           code="server_shutdown", headers={"Retry-After": "10"})
         if last.finish_reason == "cancelled":    # the client is still here: the time limit hit
             limit = self.request.app.state.server.config.request_timeout
             raise ApiError(504, f"the request took longer than the server's time limit of {limit or 0:g} s "

@@ -85,6 +85,7 @@ class Scheduler:
         self._waiting = 0
         self._lock = threading.Lock()
         self.busy = False
+        self._current: Job | None = None
         self.last_progress = time.monotonic()    # for health checks (watchdog)
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. metrics
         self._worker = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
@@ -122,6 +123,14 @@ class Scheduler:
         `stall_seconds` (what the systemd watchdog is fed on)."""
         return not self.busy or time.monotonic() - self.last_progress < self.stall_seconds
 
+    def cancel_all(self) -> None:
+        """Cancel the running job and every waiting one (shutdown): each ends at once with
+        finish_reason "cancelled"."""
+        with self._jobs.mutex:
+            waiting = list(self._jobs.queue)
+        for job in waiting + ([self._current] if self._current is not None else []):
+            job.cancel()
+
     def _progress(self, done: int, total: int) -> None:
         """Called by the engine after each prefill chunk: a long prompt is work, not a stall."""
         self.last_progress = time.monotonic()
@@ -134,13 +143,13 @@ class Scheduler:
                 job._events.put(Event(finish_reason="cancelled"))
                 job._events.put(_END)
                 continue
-            self.busy, self.last_progress = True, time.monotonic()
+            self.busy, self.last_progress, self._current = True, time.monotonic(), job
             try:
                 self._serve(job)
             except BaseException as e:   # reported to the job's reader; the worker lives on
                 job._events.put(e)
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
                 job._events.put(_END)
 
     def _serve(self, job: Job) -> None:

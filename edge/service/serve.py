@@ -103,16 +103,17 @@ def cmd_serve(a) -> int:
     from edge.api.openai_api import ServerState, create_app
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
-    from edge.api.connections import ACCEPT_BACKLOG, guarded_protocol
+    from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
     max_connections = fit_fd_limit(a.max_connections)
     sock = bind(a.host, a.port)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
     # asyncio, not uvloop (if installed): its accept loop backs off on EMFILE; h11 with the
     # connection bound and the request deadline of edge.api.connections
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, access_log=False,
+    server = DrainingServer(uvicorn.Config(create_app(state), log_config=None, access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=5, loop="asyncio",
                                            http=guarded_protocol(max_connections, a.read_timeout),
-                                           timeout_keep_alive=5, backlog=ACCEPT_BACKLOG))
+                                           timeout_keep_alive=5, backlog=ACCEPT_BACKLOG),
+                            on_drain=state.drain)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (auth %s); loading the model in the background",
              _url_host(host), port, "on" if key else "OFF")
