@@ -59,6 +59,12 @@ class GenerationRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
+    logit_bias: dict | None = None
+
+    @model_validator(mode="after")
+    def _no_logit_bias(self):
+        _refuse(self.logit_bias, "logit_bias is not supported by this server")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -130,11 +136,15 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool | None = None
     tools: list | None = None
     response_format: dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
     @model_validator(mode="after")
     def _supported(self):
         _refuse(self.logprobs, "logprobs are not supported by this server")
         _refuse(self.tools, "tools (function calling) are not supported by this server")
+        _refuse(self.functions or self.function_call, "functions/function_call (function calling) are not "
+                "supported by this server")
         _refuse(self.response_format and self.response_format.get("type", "text") != "text",
                 "response_format other than text (JSON mode) is not supported by this server")
         return self
