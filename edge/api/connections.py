@@ -106,6 +106,11 @@ class GuardedH11Protocol(H11Protocol):
                 and not self.cycle.response_complete:
             self._disarm()                            # headers and body complete
 
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._waiting_since = self.loop.time()    # idle keep-alive: evictable (uvicorn closes it in 5 s)
+
     # --- request deadline -----------------------------------------------------------------
     def _between_requests(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
