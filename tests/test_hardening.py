@@ -500,3 +500,19 @@ def test_unsupported_fields_are_refused_by_name(tiny_base, extra, word):
     """issue 12: logit_bias and functions were silently ignored."""
     r = httpx.post(f"{tiny_base}/v1/chat/completions", json={"messages": user("w1"), "max_tokens": 2} | extra)
     assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
+
+
+def test_a_cancelled_request_stops_between_prefill_chunks(tiny_bundle):
+    """A client gone (or SIGTERM) during a long prefill frees the engine at the next chunk."""
+    from edge.engine.engine import GenerationParams
+    engine = fresh_tiny(tiny_bundle, ctx=512)
+    forward, cancel = engine.model.forward, threading.Event()
+
+    def slow_chunk(tokens, cache, all_logits=False):
+        out = forward(tokens, cache, all_logits)
+        cancel.set()                                  # the client leaves during the first chunk
+        return out
+    engine.model.forward = slow_chunk
+    events = list(engine.generate([5] * 300, GenerationParams(max_tokens=4), cancel))
+    assert [e.finish_reason for e in events] == ["cancelled"]
+    assert engine.cache.length == 64 and events[-1].usage.completion_tokens == 0

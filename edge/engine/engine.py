@@ -24,6 +24,10 @@ from edge.model.kv_cache import ContextFull
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.stop_strings import StopMatcher
 
+class _PrefillCancelled(Exception):
+    """Raised between prefill chunks when the request was cancelled (client gone, shutdown)."""
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -143,7 +147,16 @@ class Engine:
         decoder = StreamDecoder(self.tokenizer)
         stops = StopMatcher(params.stop)
         usage = Usage(prompt_tokens=len(ids))
-        logits, usage.cached_tokens = self._prefill(ids, progress)
+        def on_chunk(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            if cancel is not None and cancel.is_set() and done < total:
+                raise _PrefillCancelled    # the rows computed so far stay valid in the cache
+        try:
+            logits, usage.cached_tokens = self._prefill(ids, on_chunk)
+        except _PrefillCancelled:
+            yield Event(finish_reason="cancelled", usage=usage)
+            return
         history = list(ids)
         finish, stopped, t_first = "length", False, None
         limit = params.max_tokens or self.max_ctx

@@ -128,7 +128,8 @@ class Scheduler:
         finish_reason "cancelled"."""
         with self._jobs.mutex:
             waiting = list(self._jobs.queue)
-        for job in waiting + ([self._current] if self._current is not None else []):
+        current = self._current
+        for job in waiting + ([current] if current is not None else []):
             job.cancel()
 
     def _progress(self, done: int, total: int) -> None:
