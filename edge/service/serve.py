@@ -107,8 +107,8 @@ def cmd_serve(a) -> int:
     max_connections = fit_fd_limit(a.max_connections)
     sock = bind(a.host, a.port)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
-    # asyncio, not uvloop (if installed): its accept loop backs off on EMFILE; h11 with the
-    # connection bound and the request deadline of edge.api.connections
+    # h11 with the connection bound and request deadline of edge.api.connections; asyncio pinned
+    # (not uvloop, if installed: untested here) with a small backlog that bounds its accept bursts
     server = DrainingServer(uvicorn.Config(create_app(state), log_config=None, access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=5, loop="asyncio",
                                            http=guarded_protocol(max_connections, a.read_timeout),
