@@ -12,7 +12,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from edge.model.bundle import ALIGN, FORMAT_VERSION, MANIFEST, sha256_of
+from edge.model.bundle import ALIGN, FORMAT_VERSION, MANIFEST, manifest_digest, sha256_of
 
 
 class TensorFile:
@@ -52,6 +52,7 @@ class BundleWriter:
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
                  for p in sorted(self.dir.iterdir()) if p.is_file()}
         manifest = {"format_version": FORMAT_VERSION, **manifest, "tensors": self.tensors, "files": files}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         self.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
 
 

@@ -11,18 +11,24 @@ import uvicorn
 from edge.engine.engine import GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.launch.request import RequestDefaults
+from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
 from edge.api.openai_api import ServerConfig, ServerState, create_app
 from edge.engine.scheduler import Scheduler
 from edge.service.serve import bind
 
 
 @contextmanager
-def running(state: ServerState, make_app=create_app) -> Iterator[str]:
-    """Serve `make_app(state)` on 127.0.0.1:<free port>; yields the base URL."""
+def running(state: ServerState, server_out: list | None = None, make_app=create_app, **bounds) -> Iterator[str]:
+    """Serve `make_app(state)` on 127.0.0.1:<free port> as `serve` does (same connection bounds;
+    `bounds` go to guarded_protocol); yields the base URL."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(state), log_config=None, access_log=False,
-                                           lifespan="off", timeout_graceful_shutdown=2))
+    server = DrainingServer(uvicorn.Config(make_app(state), log_config=None, access_log=False,
+                                           lifespan="off", timeout_graceful_shutdown=2, loop="asyncio",
+                                           http=guarded_protocol(**bounds), backlog=ACCEPT_BACKLOG),
+                            on_drain=state.drain)
+    if server_out is not None:
+        server_out.append(server)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10

@@ -156,7 +156,8 @@ def test_openai_client_on_default_model_matches_engine(smol, smol_base):
 def test_second_chat_turn_reuses_prefix_and_matches_uncached(smol, smol_base):
     api = client(smol_base)
     system = ("You are the help desk of a small library in a mountain village. Answer briefly, politely "
-              "and only about the library: opening hours are 9 to 17 on weekdays, loans last three weeks.")
+              "and only about the library: opening hours are 9 to 17 on weekdays, loans last three weeks, "
+              "children's books are on the ground floor.")
     turns = [{"role": "system", "content": system}, {"role": "user", "content": "When are you open?"}]
     first = api.chat.completions.create(model="x", messages=turns, max_tokens=20, temperature=0)
     turns += [{"role": "assistant", "content": first.choices[0].message.content},
@@ -164,7 +165,7 @@ def test_second_chat_turn_reuses_prefix_and_matches_uncached(smol, smol_base):
     second = api.chat.completions.create(model="x", messages=turns, max_tokens=20, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 0 < cached < second.usage.prompt_tokens
-    assert cached >= len(smol.encode_chat(turns[:2])) - 1
+    assert cached == len(smol.encode_chat(turns[:2])) // 64 * 64     # whole prefill chunks are reused
 
     smol.reset()                                   # the same request without any cache
     want, _, usage = engine_text(smol, smol.encode_chat(turns), 20, temperature=0.0)
@@ -405,7 +406,8 @@ def test_health_names_the_stall_time(tiny):
 def test_metrics_in_prometheus_text_format(tiny):
     state = ready_state(tiny)
     with running(state) as base:
-        replies = [client(base).completions.create(model="t", prompt="w3 w4", max_tokens=n) for n in (3, 5)]
+        prompt = " ".join(f"w{i}" for i in range(3, 73))          # 64 of its tokens are reused
+        replies = [client(base).completions.create(model="t", prompt=prompt, max_tokens=n) for n in (3, 5)]
         httpx.post(f"{base}/v1/completions", json={"prompt": 5})
         text = httpx.get(f"{base}/metrics").text
     samples = {}

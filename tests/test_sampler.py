@@ -139,3 +139,32 @@ def test_callers_logits_are_not_modified(big_logits):
 def test_invalid_params_raise_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("extreme", [
+    dict(temperature=1e-50), dict(temperature=5e-324), dict(temperature=1e-50, top_p=1e-300),
+    dict(temperature=1.0, repetition_penalty=1e-300), dict(temperature=0.0, repetition_penalty=1e-300),
+    dict(temperature=2.0, repetition_penalty=1e300, top_k=40, top_p=0.5, min_p=1.0),
+])
+def test_extreme_values_the_schema_admits_never_give_nan_or_index_errors(extreme, big_logits):
+    """issue 12: temperature 1e-50 became 0 in float32 (NaN logits, IndexError); a tiny
+    repeat_penalty turned a logit into inf (NaN after the shift, then always the last id)."""
+    history = np.argsort(big_logits)[-3:]          # the 3 most likely ids were "seen"
+    picks = draws(SamplingParams(seed=0, **extreme), big_logits, 20, history)
+    assert ((picks >= 0) & (picks < V)).all()
+    if extreme["temperature"] < 1e-40 or extreme.get("repetition_penalty") == 1e-300:
+        # a vanishing temperature is greedy; a vanishing penalty makes a seen id win outright
+        want = int(np.argmax(big_logits))
+        assert (picks == want).all(), picks
+    else:
+        assert V - 1 not in picks
+
+
+def test_nan_logits_are_never_chosen_and_all_nan_is_an_error(big_logits):
+    logits = big_logits.copy()
+    best = int(np.argmax(logits))
+    logits[best] = np.nan
+    assert Sampler(SamplingParams(temperature=0)).sample(logits) != best
+    assert best not in draws(SamplingParams(temperature=1.0, seed=0), logits, 50)
+    with pytest.raises(FloatingPointError):
+        Sampler(SamplingParams(temperature=0.5)).sample(np.full(10, np.nan, np.float32))

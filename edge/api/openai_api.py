@@ -56,6 +56,9 @@ class ServerConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
+    # Host header names accepted (None = any): a loopback bind allows only loopback names, so
+    # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
+    allowed_hosts: frozenset[str] | None = None
     # serve's flags over the product defaults; max_tokens None = the rest of the context
     defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
 
@@ -71,8 +74,10 @@ class ServerState:
         self.engine = None
         self.scheduler = None
         self.error: str | None = None
+        self.draining = False          # shutting down: open requests end with an error
         self.created = int(time.time())
         self._limiter: anyio.CapacityLimiter | None = None
+        self._tokenizing: anyio.Semaphore | None = None
 
     @property
     def ready(self) -> bool:
@@ -86,6 +91,19 @@ class ServerState:
 
     def set_failed(self, message: str) -> None:
         self.error = message
+
+    def drain(self) -> None:
+        """Shutdown begins: every running or waiting job ends now; its client gets a 503 or,
+        mid-stream, an error event and [DONE]."""
+        self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.cancel_all()
+
+    @property
+    def tokenizing(self) -> anyio.Semaphore:
+        if self._tokenizing is None:
+            self._tokenizing = anyio.Semaphore(1)
+        return self._tokenizing
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
@@ -181,21 +199,27 @@ def get_model(model_id: str, state: StateDep):
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "messages")
-    _note_prompt(request, state, messages)
-    return await _respond(state, request, body, ids, CHAT, "messages")
+    nbytes = sum(len(m["content"].encode()) for m in messages)
+    _check_bytes(engine, nbytes, "messages")
+    with admit(state) as ticket:
+        ids = await tokenize(state, engine.encode_chat, messages, "messages", nbytes)
+        _note_prompt(request, state, messages)
+        return await _respond(state, request, body, ids, CHAT, "messages", ticket)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
-    if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
-        ids = _checked_token_ids(body.prompt, engine)
-    else:
-        text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
-        ids = await run_in_threadpool(_encode, engine.encode_text, text, "prompt")
-    _note_prompt(request, state, body.prompt)
-    return await _respond(state, request, body, ids, TEXT, "prompt")
+    with admit(state) as ticket:
+        if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
+            ids = _checked_token_ids(body.prompt, engine)
+        else:
+            text = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt)
+            nbytes = len(text.encode())
+            _check_bytes(engine, nbytes, "prompt")
+            ids = await tokenize(state, engine.encode_text, text, "prompt", nbytes)
+        _note_prompt(request, state, body.prompt)
+        return await _respond(state, request, body, ids, TEXT, "prompt", ticket)
 
 
 # --- requests -> jobs ------------------------------------------------------------------
@@ -207,6 +231,51 @@ def _engine(state: ServerState):
         raise ApiError(503, "the model is still loading; retry in a few seconds", "unavailable_error",
                        code="model_loading", headers={"Retry-After": "5"})
     return state.engine
+
+
+def admit(state: ServerState):
+    """A place in the queue before any work (tokenizing included); 429 when none is left.
+    The ticket goes back if the request fails before its job is queued."""
+    try:
+        return state.scheduler.admit()
+    except QueueFull as e:
+        wait = max(1, math.ceil(state.metrics.last_duration))
+        raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(wait)}) from e
+
+
+def _check_bytes(engine, nbytes: int, param: str) -> None:
+    """Refuse a prompt that cannot fit from its size alone, before a queue place or tokenizer."""
+    try:
+        engine.check_fits_bytes(nbytes)
+    except ContextFull as e:
+        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the {param} "
+                       f"({nbytes} bytes) have at least {e.needed} tokens. Shorten the {param}.",
+                       param=param, code="context_length_exceeded") from e
+
+
+async def tokenize(state: ServerState, encode, value, param: str, nbytes: int) -> list[int]:
+    """One prompt tokenized at a time (1 MB of text took ~600 MB while it was encoded), and
+    only by requests holding a queue place: memory stays bounded whatever arrives."""
+    async with state.tokenizing:
+        try:
+            return await run_in_threadpool(_encode, encode, value, param)
+        finally:
+            if nbytes >= BIG_PROMPT:
+                await run_in_threadpool(_release_free_memory)
+
+
+BIG_PROMPT = 1 << 16        # bytes: after tokenizing this much, give the memory back
+
+
+def _release_free_memory() -> None:
+    """glibc keeps what the tokenizer freed (~600 MB peak for a 1 MB prompt) in its arenas;
+    malloc_trim hands it back to the system, so RSS falls back after a huge prompt."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _encode(encode, value, param: str) -> list[int]:
@@ -252,18 +321,9 @@ def request_params(state: ServerState, ids: list[int], param: str, **overrides) 
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
 
-def submit(state: ServerState, ids: list[int], params: GenerationParams) -> Job:
-    try:
-        return state.scheduler.submit(ids, params, time_limit=state.config.request_timeout)
-    except QueueFull as e:
-        wait = max(1, math.ceil(state.metrics.last_duration))
-        raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
-                       headers={"Retry-After": str(wait)}) from e
-
-
-async def _respond(state, request, body, ids, shape, param):
+async def _respond(state, request, body, ids, shape, param, ticket):
     params = generation_params(state, body, ids, param)
-    job = submit(state, ids, params)
+    job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:
         return JobStream(job, reply.stream(job, state.limiter, body.include_usage))
@@ -342,6 +402,9 @@ class Reply:
     def finish_reason(self, last) -> str:
         self.request.state.usage = last.usage
         self.request.state.finish = last.finish_reason
+        if last.finish_reason == "cancelled" and self.request.app.state.server.draining:
+            raise ApiError(503, "the server is shutting down; retry in a moment", "unavailable_error",
+                           code="server_shutdown", headers={"Retry-After": "10"})
         if last.finish_reason == "cancelled":    # the client is still here: the time limit hit
             limit = self.request.app.state.server.config.request_timeout
             raise ApiError(504, f"the request took longer than the server's time limit of {limit or 0:g} s "
@@ -486,16 +549,34 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if refusal := self.refuse_auth(scope):
+        if refusal := self.refuse_host(scope) or self.refuse_auth(scope):
             return await refusal(scope, receive, send)
         if scope["method"] in ("POST", "PUT", "PATCH"):
-            body = await _read_capped(receive, self.state.config.max_body_bytes)
+            limit = self.state.config.max_body_bytes
+            too_large = self.error(413, f"the request body is larger than the limit of {limit} bytes",
+                                   code="request_too_large", headers={"Connection": "close"})
+            if _content_length(scope) > limit:       # refused before "100 Continue" invites the body
+                return await too_large(scope, receive, send)
+            body = await _read_capped(receive, limit)
+            if body is _GONE:
+                scope.setdefault("state", {})["client_gone"] = True
+                return                                   # nobody to answer (or timed out: 408 sent)
             if body is None:
-                limit = self.state.config.max_body_bytes
-                return await self.error(413, f"the request body is larger than the limit of {limit} bytes",
-                                        code="request_too_large")(scope, receive, send)
+                return await too_large(scope, receive, send)
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+    def refuse_host(self, scope) -> JSONResponse | None:
+        allowed = self.state.config.allowed_hosts
+        if allowed is None:
+            return None
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        name = host.rpartition("]")[0] + "]" if host.startswith("[") else host.rpartition(":")[0] or host
+        if name in allowed:
+            return None
+        return error_response(403, f"Host {host!r} is not allowed: this server is bound to loopback and answers "
+                              f"only {', '.join(sorted(allowed))} (protection against DNS rebinding)",
+                              type_="permission_error", code="host_not_allowed")
 
     def refuse_auth(self, scope) -> JSONResponse | None:
         key = self.state.config.api_key
@@ -511,15 +592,26 @@ class Guard:
                           headers={"WWW-Authenticate": "Bearer"})
 
 
+_GONE = object()
+
+
+def _content_length(scope) -> int:
+    try:
+        return int(dict(scope["headers"]).get(b"content-length", b"0"))
+    except ValueError:
+        return 0                # h11 already refuses a malformed Content-Length
+
+
 async def _read_capped(receive, limit: int, drain_limit: int = 64 << 20) -> bytes | None:
-    """The whole body, or None when it exceeds `limit`. An oversized body is still read (and
+    """The whole body, None when it exceeds `limit`, _GONE if the client left (or its
+    request timed out) before the end. An oversized body is still read (and
     dropped, up to drain_limit) so that the client gets to see the 413 instead of a reset."""
     chunks, size = [], 0
     more = True
     while more and size <= drain_limit:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return _GONE
         chunk = message.get("body", b"")
         size += len(chunk)
         if size <= limit:

@@ -58,6 +58,21 @@ class GenerationRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
+    logit_bias: dict | None = None
+
+    @model_validator(mode="after")
+    def _no_logit_bias(self):
+        _refuse(self.logit_bias, "logit_bias is not supported by this server")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        """JSON may spell a lone surrogate ("\\ud800"); no tokenizer can encode it."""
+        if (where := _lone_surrogate(data)) is not None:
+            raise ValueError(f"{where or 'the body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                             "escape), which is not valid Unicode text")
+        return data
 
     @field_validator("n")
     @classmethod
@@ -89,6 +104,26 @@ class GenerationRequest(BaseModel):
         return fields
 
 
+def _lone_surrogate(value, path: str = "") -> str | None:
+    """The path of the first string holding a lone surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if (where := _lone_surrogate(k, path) if isinstance(k, str) else None) is not None:
+                return where
+            if (where := _lone_surrogate(v, f"{path}.{k}" if path else str(k))) is not None:
+                return where
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            if (where := _lone_surrogate(v, f"{path}.{i}" if path else str(i))) is not None:
+                return where
+    return None
+
+
 def _refuse(flag, message: str) -> None:
     if flag:
         raise ValueError(message)
@@ -100,11 +135,15 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool | None = None
     tools: list | None = None
     response_format: dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
     @model_validator(mode="after")
     def _supported(self):
         _refuse(self.logprobs, "logprobs are not supported by this server")
         _refuse(self.tools, "tools (function calling) are not supported by this server")
+        _refuse(self.functions or self.function_call, "functions/function_call (function calling) are not "
+                "supported by this server")
         _refuse(self.response_format and self.response_format.get("type", "text") != "text",
                 "response_format other than text (JSON mode) is not supported by this server")
         return self

@@ -26,6 +26,10 @@ from edge.model.kv_cache import ContextFull
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.stop_strings import StopMatcher
 
+class _PrefillCancelled(Exception):
+    """Raised between prefill chunks when the request was cancelled (client gone, shutdown)."""
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
@@ -78,6 +82,7 @@ class Engine:
         self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
         self.cache = self.model.new_cache()
         self._lock = threading.Lock()
+        self._longest: int | None = None     # 0: the tokenizer drops bytes, no bound from size
 
     @property
     def name(self) -> str:
@@ -123,27 +128,49 @@ class Engine:
         if len(prompt_ids) + max(1, reserve) > self.max_ctx:
             raise ContextFull(len(prompt_ids), self.max_ctx)
 
+    def check_fits_bytes(self, nbytes: int) -> None:
+        """`check_fits` before tokenizing: with a tokenizer that keeps every byte, a text of
+        `nbytes` UTF-8 bytes has at least ceil(nbytes / longest token) tokens; ContextFull
+        when even that many do not fit."""
+        if nbytes < self.max_ctx:
+            return                   # fewer bytes than the context: cannot be too long by size
+        if self._longest is None:
+            self._longest = _longest_token_bytes(self.tokenizer)
+        if self._longest:
+            at_least = -(-nbytes // self._longest)
+            if at_least >= self.max_ctx:
+                raise ContextFull(at_least, self.max_ctx)
+
     def generate(self, prompt_ids: list[int], params: GenerationParams,
-                 cancel: threading.Event | None = None) -> Iterator[Event]:
+                 cancel: threading.Event | None = None, progress=None) -> Iterator[Event]:
         """Stream events for one request; `check_fits` runs before any work. Holding the lock
-        for the whole stream keeps one sequence per engine."""
+        for the whole stream keeps one sequence per engine. `progress(done, total)` is called
+        after each prefill chunk."""
         self.check_fits(prompt_ids)
         with self._lock:
-            yield from self._generate(list(prompt_ids), params, cancel)
+            yield from self._generate(list(prompt_ids), params, cancel, progress)
 
-    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
-        cached = self.cache.common_prefix(ids)
-        cached = min(cached, len(ids) - 1)      # the last prompt token must run to give logits
+    def _prefill(self, ids: list[int], progress=None) -> tuple[np.ndarray, int]:
+        cached = self.model.reusable(ids, self.cache)
         self.cache.truncate(cached)
-        return self.model.prefill(ids[cached:], self.cache), cached
+        return self.model.prefill(ids[cached:], self.cache, progress=progress), cached
 
-    def _generate(self, ids, params, cancel) -> Iterator[Event]:
+    def _generate(self, ids, params, cancel, progress=None) -> Iterator[Event]:
         t0 = time.perf_counter()
         sampler = Sampler(params.sampling)
         decoder = StreamDecoder(self.tokenizer)
         stops = StopMatcher(params.stop)
         usage = Usage(prompt_tokens=len(ids))
-        logits, usage.cached_tokens = self._prefill(ids)
+        def on_chunk(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total)
+            if cancel is not None and cancel.is_set() and done < total:
+                raise _PrefillCancelled    # the rows computed so far stay valid in the cache
+        try:
+            logits, usage.cached_tokens = self._prefill(ids, on_chunk)
+        except _PrefillCancelled:
+            yield Event(finish_reason="cancelled", usage=usage)
+            return
         history = list(ids)
         finish, stopped, t_first = "length", False, None
         limit = params.max_tokens or self.max_ctx
@@ -174,3 +201,20 @@ class Engine:
         if t_first is not None:
             usage.decode_seconds = time.perf_counter() - t_first
         yield Event(text=tail, finish_reason=finish, usage=usage)
+
+
+_PROBE = "a  b\t\n\n c  \u00e9 e\u0301 \u1100\u1161 ~"
+
+
+def _longest_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token stands for: every id decoded alone (a byte-level piece of
+    a character decodes to U+FFFD, 3 bytes: still an upper bound), added tokens included; ~0.2 s
+    for 49k ids, computed once, on the first prompt at least max_ctx bytes long. 0 when the
+    tokenizer does not keep every byte (a normalizer, or whitespace dropped: the probe does not
+    survive a round trip), so a text's size says nothing about its token count."""
+    if tokenizer.normalizer is not None or \
+            tokenizer.decode(tokenizer.encode(_PROBE, add_special_tokens=False).ids) != _PROBE:
+        return 0
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    pieces = tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
+    return max(len(p.encode()) for p in pieces)

@@ -67,12 +67,18 @@ class Sampler:
     def sample(self, logits: np.ndarray, history=()) -> int:
         """Pick the next token id from float logits [V]; `history` is the ids seen so far
         (the caller chooses the window the penalties look at). `logits` is never modified."""
+        with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+            return self._sample(logits, history)
+
+    def _sample(self, logits: np.ndarray, history) -> int:
         p = self.params
-        logits = self._penalized(np.asarray(logits, dtype=np.float32), history)
+        logits = _finite(self._penalized(np.asarray(logits, dtype=np.float64), history))
         if p.temperature == 0 or p.top_k == 1:
             return int(np.argmax(logits))
-        # Shift before dividing: a tiny temperature then sends logits to -inf (weight 0), never to +inf.
-        ids, weights = self._candidates((logits - logits.max()) / np.float32(p.temperature))
+        # Shift before dividing, in float64 (any positive temperature the schema admits stays
+        # positive there): a tiny temperature then sends logits to -inf (weight 0), never to
+        # +inf or NaN, and the most likely token keeps weight exactly 1.
+        ids, weights = self._candidates((logits - logits.max()) / p.temperature)
         cdf = np.cumsum(weights, dtype=np.float64)
         i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
         return int(ids[min(i, ids.size - 1)])
@@ -105,6 +111,16 @@ class Sampler:
         if p.top_p < 1:
             ids, weights = _nucleus(ids, weights, top_p_mass)
         return ids, weights
+
+
+def _finite(logits: np.ndarray) -> np.ndarray:
+    """Logits the sampler can always rank: NaN becomes -inf (never chosen), +inf (a tiny
+    penalty divisor) the largest finite value. A step with no finite logit at all is a broken
+    model, not something to sample from."""
+    logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
+    if not np.isfinite(logits.max()):
+        raise FloatingPointError("the model produced no finite logit (NaN or -inf everywhere)")
+    return logits
 
 
 def _nucleus(ids: np.ndarray, weights: np.ndarray, mass: float, head: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -42,8 +42,9 @@ def max_context(cfg: ModelConfig, available: int | None) -> int:
 
 
 def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFAULT_CTX,
-                threads: int | None = None, log=print) -> Engine:
-    bundle = open_bundle(model, log=log)
+                threads: int | None = None, log=print, verify: bool | str = True) -> Engine:
+    """verify="full" hashes every bundle file before anything reads it (serve, prepare)."""
+    bundle = open_bundle(model, log=log, verify=verify)
     if ctx == 0:
         avail = available_memory()
         ctx = max_context(bundle.config, avail)
@@ -55,6 +56,6 @@ def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFA
     return Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle))
 
 
-def engine_from_args(a, log=print) -> Engine:
+def engine_from_args(a, log=print, verify: bool | str = True) -> Engine:
     """For commands built with `args.add_model_args`."""
-    return load_engine(a.model, a.backend, a.ctx, a.threads, log=log)
+    return load_engine(a.model, a.backend, a.ctx, a.threads, log=log, verify=verify)

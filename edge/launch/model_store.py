@@ -249,5 +249,37 @@ def remove(name: str) -> tuple[Path, int]:
     return path, size
 
 
-def open_bundle(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Bundle:
-    return Bundle.open(resolve(model, quant, log))
+def open_bundle(model: str | None, quant: str = DEFAULT_QUANT, log=print, verify: bool | str = True) -> Bundle:
+    clean_stale(home() / "bundles", log)
+    path = resolve(model, quant, log)
+    if verify == "full":
+        log(f"verifying {path} (sha256 of every file) ...")
+    return Bundle.open(path, verify=verify)
+
+
+STALE_SECONDS = 600     # a conversion in progress writes all the time; one idle this long is dead
+
+
+def clean_stale(root: Path, log=print, now: float | None = None) -> list[Path]:
+    """Remove what interrupted conversions left in `root`: `.NAME.*.partial` directories (as
+    large as the bundle) and `.NAME.old` ones, once nothing in them changed for STALE_SECONDS
+    (another process may be converting right now)."""
+    import shutil
+    import time
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        candidates = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(".")
+                      and (p.name.endswith(".partial") or p.name.endswith(".old"))]
+    except OSError:
+        return removed
+    for p in candidates:
+        try:
+            newest = max([p.stat().st_mtime] + [f.stat().st_mtime for f in p.iterdir()])
+        except OSError:
+            continue
+        if now - newest >= STALE_SECONDS:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            log(f"removed {p}: left by an interrupted conversion")
+    return removed

@@ -13,15 +13,33 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def limit_thread_pools(threads: int) -> dict[str, int]:
+    """Bound every CPU thread pool of the process by `threads`, not only XNNPACK's: NumPy's
+    BLAS (OpenBLAS in the wheels; attention and the numpy backend) through threadpoolctl, which
+    resizes it at run time whatever was imported first, and the tokenizers' Rayon pool (created
+    on first use, so the variable still counts). Without this OpenBLAS starts one thread per
+    core; next to busy processes its spinning threads collapsed prefill (issue 12).
+    Returns {pool: threads} as now set."""
+    import threadpoolctl
+    threadpoolctl.threadpool_limits(limits=threads)
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    pools = {f"{p['internal_api']}:{Path(p['filepath']).name}": p["num_threads"]
+             for p in threadpoolctl.threadpool_info()}
+    return pools | {"rayon": threads}
+
+
 def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | None = None,
                  weight_cache: Path | None = None):
     """litert runs the bundle's graph (XNNPACK's packed weights cached in `weight_cache`, a
-    directory of its own per graph, when given); numpy is the float reference (f32/f16 only)."""
+    directory of its own per graph, when given); numpy is the float reference (f32/f16 only).
+    Every thread pool gets `threads` (default: the cores this process may use)."""
+    threads = threads or default_threads()
+    limit_thread_pools(threads)
     if backend == "auto":
         backend = "litert" if bundle.has_graph else "numpy"
     if backend == "litert":
         from edge.model.litert_model import LiteRTModel
-        return LiteRTModel(bundle, max_ctx, threads or default_threads(), weight_cache=weight_cache)
+        return LiteRTModel(bundle, max_ctx, threads, weight_cache=weight_cache)
     if backend == "numpy":
         if not bundle.has_float_weights:
             raise ValueError(f"{bundle.path}: a {bundle.quant} bundle has no float weights for the numpy "

@@ -1,7 +1,7 @@
 """A converted model on disk, and the one place that knows its layout.
 
     manifest.json   format version, config, quantization, tokenizer/chat facts, tensor index,
-                    size and sha256 of every other file
+                    size and sha256 of every other file, and its own sha256 (manifest_sha256)
     tokenizer.json  Hugging Face `tokenizers` format, whatever the source format was
     model.tflite    the weight matmuls as a TFLite graph (int8 / int4 / int4-b32 / f16 / f32)
     weights.bin     the tensors NumPy reads, each at a 16 KB-aligned offset (Pi 5 pages): the
@@ -42,6 +42,13 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def manifest_digest(manifest: dict) -> str:
+    """The manifest's own hash: sha256 of its canonical JSON without the `manifest_sha256` field
+    (a bit flipped in manifest.json either breaks the JSON or changes this)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _read_stamp(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -70,7 +77,10 @@ class Bundle:
     config: ModelConfig
 
     @classmethod
-    def open(cls, path: Path, verify: bool = True) -> "Bundle":
+    def open(cls, path: Path, verify: bool | str = True) -> "Bundle":
+        """verify: True checks sizes, re-hashing files whose stat changed since they last hashed
+        clean; "full" hashes every file (what serve does before it loads: bit rot keeps size and
+        mtime); False skips the files (the manifest's own hash is always checked)."""
         path = Path(path)
         mpath = path / MANIFEST
         try:
@@ -79,22 +89,31 @@ class Bundle:
             raise BundleError(f"{mpath}: missing; {path} is not an edge-llm bundle") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath}: damaged ({e})") from e
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{mpath}: damaged (not a JSON object)")
+        if "manifest_sha256" in manifest and manifest["manifest_sha256"] != manifest_digest(manifest):
+            raise BundleError(f"{mpath}: sha256 does not match its content (damaged)")
         version = manifest.get("format_version")
         if version != FORMAT_VERSION:
             raise BundleError(f"{mpath}: format version {version!r}, this edge-llm reads {FORMAT_VERSION}; "
                               "convert the checkpoint again")
-        bundle = cls(path, manifest, ModelConfig.from_dict(manifest["config"]))
+        try:
+            bundle = cls(path, manifest, ModelConfig.from_dict(manifest["config"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{mpath}: damaged ({type(e).__name__}: {e})") from e
         if verify:
-            bundle.verify()
+            bundle.verify(full=verify == "full")
         return bundle
 
-    def verify(self) -> None:
+    def verify(self, full: bool = False) -> None:
         """Check every file's size and sha256. Hashing a 1B bundle takes seconds on a Pi, so
         a stamp records each file's (size, mtime, inode) once it has hashed clean; later
         opens re-hash only files whose stat differs (any rewrite or replacement changes it).
-        EDGE_LLM_VERIFY=full hashes everything every time."""
+        `full` (or EDGE_LLM_VERIFY=full) hashes everything: the only way to catch bit rot,
+        which keeps size and mtime."""
         stamp_path = self.path / VERIFIED_STAMP
-        stamp = {} if os.environ.get("EDGE_LLM_VERIFY") == "full" else _read_stamp(stamp_path)
+        full = full or os.environ.get("EDGE_LLM_VERIFY") == "full"
+        stamp = {} if full else _read_stamp(stamp_path)
         fresh = {}
         for name, info in self.manifest["files"].items():
             f = self.path / name
@@ -144,4 +163,8 @@ class Bundle:
 
     def tokenizer(self):
         from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(self.path / self.manifest["tokenizer"]))
+        path = self.path / self.manifest["tokenizer"]
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:        # tokenizers raises its own Exception subclass with serde's text
+            raise BundleError(f"{path}: not a readable tokenizer ({e}); convert the checkpoint again") from e

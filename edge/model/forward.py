@@ -2,9 +2,13 @@
 
 A backend implements `_forward(tokens, cache, start, all_logits)`; `forward` owns the rules
 they share (room in the cache, the cache recording its tokens) and `prefill` the chunking that
-the engine, `bench` and `perplexity` all use.
+the engine, `bench` and `perplexity` all use: chunks start at multiples of PREFILL_CHUNK, so
+a row always runs in the same chunk layout, and `reusable` says which cached rows a request
+may keep without changing its answer.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
@@ -32,11 +36,32 @@ class CausalLM:
         cache.append(tokens)
         return logits
 
-    def prefill(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """`forward` over `ids` in chunks of PREFILL_CHUNK; logits as `forward` gives them."""
-        out = [self.forward(ids[i:i + PREFILL_CHUNK], cache, all_logits)
-               for i in range(0, len(ids), PREFILL_CHUNK)]
+    def prefill(self, ids, cache: KVCache, all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """`forward` over `ids` in chunks of PREFILL_CHUNK; logits as `forward` gives them.
+        `progress(done, total)` is called after each chunk (the scheduler's stall watch)."""
+        out, start, i = [], cache.length, 0
+        while i < len(ids):
+            n = min(PREFILL_CHUNK - (start + i) % PREFILL_CHUNK, len(ids) - i)   # chunk-aligned
+            canonical = cache.canonical == cache.length and n == PREFILL_CHUNK
+            out.append(self.forward(ids[i:i + n], cache, all_logits))
+            if canonical:
+                cache.canonical = cache.length
+            i += n
+            if progress is not None:
+                progress(i, len(ids))
         return np.concatenate(out) if all_logits else out[-1]
+
+    @staticmethod
+    def reusable(ids, cache: KVCache) -> int:
+        """How many leading `ids` may keep their cached K/V so that a prefill of the rest gives
+        bit for bit what a prefill from an empty cache gives (the same request, the same answer,
+        whatever ran before). A row's result depends on the chunk it ran in (XNNPACK quantizes
+        activations dynamically; attention and BLAS kernels differ with the row count), so only
+        whole aligned prefill chunks are reused, never rows from a decode step or a partial chunk.
+        The last id always runs again: its logits are needed."""
+        n = min(cache.common_prefix(ids), len(ids) - 1, cache.canonical)
+        return n - n % PREFILL_CHUNK
 
     def _forward(self, tokens: np.ndarray, cache: KVCache, start: int, all_logits: bool) -> np.ndarray:
         raise NotImplementedError

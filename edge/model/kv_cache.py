@@ -25,6 +25,9 @@ class KVCache:
         self.v = np.zeros(shape, dtype=dtype)
         self.max_ctx = max_ctx
         self.tokens: list[int] = []     # the token ids whose K/V are stored, in order
+        # Leading rows computed exactly as a prefill from an empty cache computes them (whole
+        # chunks at chunk-aligned positions); only these may be reused: see CausalLM.reusable
+        self.canonical = 0
 
     @property
     def length(self) -> int:
@@ -46,6 +49,7 @@ class KVCache:
     def truncate(self, n: int) -> None:
         """Forget everything after the first n tokens (their slots get overwritten later)."""
         del self.tokens[n:]
+        self.canonical = min(self.canonical, n)
 
     def common_prefix(self, ids) -> int:
         """How many leading ids are already cached (prefix reuse)."""

@@ -115,6 +115,51 @@ def weight_cache_file(model_path: Path, cache_dir: Path) -> Path:
     return path
 
 
+CACHE_SPARE_BYTES = 256 << 20     # free space left on the disk after a new weight cache
+
+
+def _weight_cache_paths(model: Path, cache_dir) -> tuple[Path | None, Path | None]:
+    """(the cache file, the file XNNPACK is given). A new cache is written under a temporary
+    name and renamed once the graph has loaded, so a load killed mid-way never leaves a
+    truncated cache that later starts would take as stale and never rebuild; leftovers of such
+    loads are removed. With too little free space (XNNPACK aborts the process when a write
+    fails) there is no cache: the weights are packed in memory, with a warning."""
+    if cache_dir is None:
+        return None, None
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = weight_cache_file(model, cache_dir)
+    if final.exists():
+        # a cache truncated by an older edge-llm (no rename then) is far smaller than the graph
+        # (measured: int8 SmolLM2 138.5 MB graph, 137.4 MB cache); XNNPACK would only warn
+        if final.stat().st_size >= model.stat().st_size // 2:
+            return final, final
+        final.unlink(missing_ok=True)
+    for old in cache_dir.glob(".*.xnnpack.tmp-*"):
+        pid = old.name.rpartition("-")[2]
+        if not (pid.isdigit() and _alive(int(pid))):
+            old.unlink(missing_ok=True)
+    import shutil
+    need = model.stat().st_size + CACHE_SPARE_BYTES      # packed weights are about the graph's size
+    free = shutil.disk_usage(cache_dir).free
+    if free < need:
+        warnings.warn(f"{cache_dir}: {free >> 20} MB free, a weight cache needs ~{need >> 20} MB; packing the "
+                      "weights in memory instead (slower start, more RAM). Free some disk space.",
+                      RuntimeWarning, stacklevel=3)
+        return None, None
+    return final, final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class GraphRunner:
     """A loaded graph file: `run(signature, **inputs)` or the faster `runner(signature)`."""
 
@@ -122,15 +167,19 @@ class GraphRunner:
                  weight_cache: str | os.PathLike | None = None, require_delegation: bool = True):
         """weight_cache: a directory for XNNPACK's packed-weight cache (None: pack in RAM)."""
         path = Path(path)
-        cache = ""
-        if weight_cache is not None:
-            Path(weight_cache).mkdir(parents=True, exist_ok=True)
-            cache = str(weight_cache_file(path, Path(weight_cache)))
+        final, cache = _weight_cache_paths(path, weight_cache)
         cpu = CpuOptions(num_threads=threads or os.cpu_count() or 1,
-                         xnnpack_weight_cache_path=cache)
-        with quiet_litert():
-            self._model = CompiledModel.from_file(str(path), environment=_environment(),
-                                                  options=Options(cpu_options=cpu))
+                         xnnpack_weight_cache_path=str(cache or ""))
+        try:
+            with quiet_litert():
+                self._model = CompiledModel.from_file(str(path), environment=_environment(),
+                                                      options=Options(cpu_options=cpu))
+        except BaseException:
+            if cache is not None and cache != final:
+                cache.unlink(missing_ok=True)
+            raise
+        if cache is not None and cache != final:
+            os.replace(cache, final)     # complete now: XNNPACK wrote it while loading
         self.path = path
         if not self.delegated:
             msg = f"{path}: not every op is delegated to XNNPACK; this graph would run slowly"

@@ -67,6 +67,7 @@ class SerialConsole:
         self._lines: queue.Queue[Line] = queue.Queue()
         self._lock = threading.Lock()            # editor, type-ahead, busy, current cancel
         self._typeahead = bytearray()
+        self._skip_line = False                  # dropping the tail of a line cut by an overflow
         self._busy = False
         self._cancel: threading.Event | None = None
         self._threads: list[threading.Thread] = []
@@ -166,12 +167,26 @@ class SerialConsole:
         with self._lock:
             if self._busy:
                 data = self._ctrl_c_while_busy(data)
+            if self._skip_line:           # the rest of a line cut by an overflow (Ctrl-C ends it too)
+                end = min(i for i in (*map(data.find, (b"\r", b"\n", b"\x03")), len(data)) if i >= 0)
+                end += data[end:end + 1] in (b"\r", b"\n")
+                self.counters["typeahead_dropped"] += end
+                self._skip_line = end == len(data) and data[-1:] not in (b"\r", b"\n")
+                data = data[end:]
             self._typeahead += data
             if not self._busy:
                 self._pump()
             if len(self._typeahead) > self.typeahead_limit:
-                self.counters["typeahead_dropped"] += len(self._typeahead) - self.typeahead_limit
-                del self._typeahead[self.typeahead_limit:]
+                self._drop_overflow()
+
+    def _drop_overflow(self) -> None:
+        """Keep the complete lines that fit; drop the rest, and of a line cut in two also the
+        bytes still to come up to its end, so that no half line ever runs as a request."""
+        buf, limit = self._typeahead, self.typeahead_limit
+        keep = max(buf.rfind(b"\r", 0, limit), buf.rfind(b"\n", 0, limit)) + 1
+        self.counters["typeahead_dropped"] += len(buf) - keep
+        self._skip_line = buf[-1:] not in (b"\r", b"\n")
+        del buf[keep:]
 
     def _ctrl_c_while_busy(self, data: bytes) -> bytes:
         i = data.rfind(b"\x03")
@@ -179,6 +194,7 @@ class SerialConsole:
             return data
         self.counters["interrupts"] += 1
         self._typeahead.clear()
+        self._skip_line = False
         self._cancel.set()            # created with the line, so no Ctrl-C is ever lost
         self.transport.outbox.clear()  # what is not written yet never will be: stop now
         return data[i + 1:]

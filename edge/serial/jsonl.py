@@ -68,6 +68,9 @@ class JsonlProtocol(Protocol):
             return self.error(rid, "context_full", str(e))
         except QueueFull as e:
             return self.error(rid, "busy", str(e))
+        except Exception as e:        # still this request's error: keep its id
+            self.console.log(f"error: {type(e).__name__}: {e}")
+            return self.error(rid, "internal", f"error: {e}")
         if last is not None:
             self.send(rid, wait=self.console.stall_timeout, done=True, finish_reason=last.finish_reason,
                       usage=_usage_dict(last.usage))

@@ -30,7 +30,23 @@ OLLAMA_PORT = 11434             # Ollama's own port, where its clients look firs
 WARM_UP_PROMPT = "Hello"
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def _at_least(low, kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+        if not value >= low:        # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return value
+    return parse
+
+
 def register(sub) -> None:
+    from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_SECONDS
     from edge.api.openai_api import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
@@ -42,9 +58,19 @@ def register(sub) -> None:
     s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
-    s.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond this get HTTP 429")
-    s.add_argument("--request-timeout", type=float, default=300.0,
+    s.add_argument("--max-queue", type=_at_least(1, int), default=8,
+                   help="requests waiting beyond this get HTTP 429 (at least 1)")
+    s.add_argument("--request-timeout", type=_at_least(0, float), default=300.0,
                    help="seconds a request may take, queue wait included (0 = no limit)")
+    s.add_argument("--max-connections", type=_at_least(1, int), default=DEFAULT_MAX_CONNECTIONS,
+                   help="open HTTP connections at most; beyond it the oldest one still waiting for its "
+                   f"request is closed (default {DEFAULT_MAX_CONNECTIONS}; must fit the file-descriptor limit)")
+    s.add_argument("--read-timeout", type=_at_least(0.001, float), default=DEFAULT_REQUEST_SECONDS,
+                   help="seconds a client may take to send a whole request, headers and body (408 after; "
+                   f"default {DEFAULT_REQUEST_SECONDS:g})")
+    s.add_argument("--allow-host", action="append", default=[],
+                   help="also accept this Host header name on a loopback bind (e.g. a reverse proxy's name; "
+                   "repeatable). Other names are refused there against DNS rebinding")
     s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
@@ -98,6 +124,8 @@ def cmd_serve(a) -> int:
     from edge.api.openai_api import ServerState, create_app
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
+    from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
+    max_connections = fit_fd_limit(a.max_connections)
     sock = bind(a.host, a.port)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
     sockets, app = [sock], create_app(state)
@@ -105,8 +133,13 @@ def cmd_serve(a) -> int:
     if ollama is not None:
         sockets.append(ollama)
         app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
-                                           lifespan="off", timeout_graceful_shutdown=5))
+    # h11 with the connection bound and request deadline of edge.api.connections; asyncio pinned
+    # (not uvloop, if installed: untested here) with a small backlog that bounds its accept bursts
+    server = DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
+                                           lifespan="off", timeout_graceful_shutdown=5, loop="asyncio",
+                                           http=guarded_protocol(max_connections, a.read_timeout),
+                                           timeout_keep_alive=5, backlog=ACCEPT_BACKLOG),
+                            on_drain=state.drain)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (auth %s); loading the model in the background",
              _url_host(host), port, "on" if key else "OFF")
@@ -147,7 +180,32 @@ def server_config(a, key: str | None):
     from edge.api.openai_api import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
                         cors_origins=a.cors_origin, log_prompts=a.log_prompts,
+                        allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
+                        if is_loopback(a.host) else None,
                         defaults=request_defaults(a, RequestDefaults(max_tokens=None)))
+
+
+def fit_fd_limit(max_connections: int) -> int:
+    """The connection bound must stay below RLIMIT_NOFILE, or accept() fails with EMFILE and
+    nothing is answered: raise the soft limit as far as the hard one allows, and if that is
+    not enough lower the bound (loudly)."""
+    import resource
+    from edge.api.connections import fds_needed
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = fds_needed(max_connections)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        fitted = max(1, max_connections - (need - soft))
+        log.warning("--max-connections %d does not fit the file-descriptor limit %d (LimitNOFILE); using %d",
+                    max_connections, soft, fitted)
+        return fitted
+    return max_connections
 
 
 def is_loopback(host: str) -> bool:
@@ -186,7 +244,8 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from e
-    sock.listen(128)
+    from edge.api.connections import ACCEPT_BACKLOG
+    sock.listen(ACCEPT_BACKLOG)
     return sock
 
 
@@ -211,7 +270,7 @@ def start_engine(a):
     a.model = model_spec(a)
     sd_notify.status(f"loading {a.model or DEFAULT_MODEL_ID}")
     sd_notify.extend_timeout(600)       # a first use may fetch and convert the model
-    engine = engine_from_args(a, log=log.info)
+    engine = engine_from_args(a, log=log.info, verify="full")   # bit rot keeps size and mtime
     scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
                           stall_seconds=a.watchdog_stall)
     sd_notify.status(f"warming up {engine.name}")
@@ -277,7 +336,7 @@ def _setup_logging(level: str) -> None:
 def cmd_prepare(a: argparse.Namespace) -> int:
     _setup_logging("info")
     a.model = model_spec(a)
-    engine = engine_from_args(a, log=log.info)
+    engine = engine_from_args(a, log=log.info, verify="full")
     seconds = warm_up(engine, engine.generate)
     log.info("prepared %s: loaded, first token in %.0f ms", engine.name, seconds * 1000)
     return 0
