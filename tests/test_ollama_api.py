@@ -19,7 +19,7 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def smol_ollama(smol):
-    with running(ready_state(smol), create_ollama_app) as base:
+    with running(ready_state(smol), make_app=create_ollama_app) as base:
         yield ollama.Client(host=base), base
 
 
@@ -92,7 +92,7 @@ def test_empty_prompt_loads_and_answers_at_once(smol_ollama, smol):
 
 
 def test_api_key_applies_to_the_ollama_port(smol):
-    with running(ready_state(smol, api_key="k3y"), create_ollama_app) as base:
+    with running(ready_state(smol, api_key="k3y"), make_app=create_ollama_app) as base:
         assert httpx.get(f"{base}/api/tags").status_code == 401
         assert httpx.get(f"{base}/api/tags").json()["error"].startswith("Missing API key")
         ok = ollama.Client(host=base, headers={"Authorization": "Bearer k3y"}).list()

@@ -21,11 +21,10 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.api.openai_api import (ApiError, Guard, JobStream, RequestLog, ServerState, StateDep, _encode, _engine,
-                                 job_events, request_params, submit, validation_message)
+from edge.api.openai_api import (ApiError, Guard, JobStream, RequestLog, ServerState, StateDep, _check_bytes,
+                                 _engine, admit, job_events, request_params, tokenize, validation_message)
 from edge.model.kv_cache import ContextFull
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
@@ -200,9 +199,12 @@ async def chat(body: ChatBody, request: Request, state: StateDep):
     messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
     if not messages:       # Ollama: an empty chat loads the model and returns at once
         return _loaded(state, {"message": {"role": "assistant", "content": ""}})
-    ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "messages")
-    return await _respond(state, request, body, ids, "messages",
-                          lambda text: {"message": {"role": "assistant", "content": text}})
+    nbytes = sum(len(m["content"].encode()) for m in messages)
+    _check_bytes(engine, nbytes, "messages")
+    with admit(state) as ticket:
+        ids = await tokenize(state, engine.encode_chat, messages, "messages", nbytes)
+        return await _respond(state, request, body, ids, "messages", ticket,
+                              lambda text: {"message": {"role": "assistant", "content": text}})
 
 
 @router.post("/api/generate")
@@ -218,13 +220,16 @@ async def generate(body: GenerateBody, request: Request, state: StateDep):
     _refuse_unsupported(body.format, None)
     if not body.prompt:
         return _loaded(state, {"response": ""})
-    if body.raw:
-        ids = await run_in_threadpool(_encode, engine.encode_text, body.prompt, "prompt")
-    else:
-        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                   [{"role": "user", "content": body.prompt}]
-        ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "prompt")
-    return await _respond(state, request, body, ids, "prompt", lambda text: {"response": text})
+    nbytes = len(body.prompt.encode()) + len((body.system or "").encode())
+    _check_bytes(engine, nbytes, "prompt")
+    with admit(state) as ticket:
+        if body.raw:
+            ids = await tokenize(state, engine.encode_text, body.prompt, "prompt", nbytes)
+        else:
+            messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                       [{"role": "user", "content": body.prompt}]
+            ids = await tokenize(state, engine.encode_chat, messages, "prompt", nbytes)
+        return await _respond(state, request, body, ids, "prompt", ticket, lambda text: {"response": text})
 
 
 # --- requests -> jobs -> NDJSON ------------------------------------------------------------
@@ -250,10 +255,10 @@ def overrides(options: dict | None) -> dict:
     return out
 
 
-async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, shape):
+async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape):
     t0 = time.perf_counter()
     params = request_params(state, ids, param, **overrides(body.options))
-    job = submit(state, ids, params)
+    job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     model = body.model
     if body.stream:
         return JobStream(job, _ndjson(state, job, model, shape, t0), media_type=NDJSON)
