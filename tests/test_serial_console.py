@@ -120,13 +120,12 @@ def scheduler(engine):
 
 def slow_down(engine, seconds_per_token):
     """A model as slow as a big one on a Pi, so that replies last long enough to interrupt."""
-    generate = engine.generate
+    step = engine.step
 
-    def slow(ids, params, cancel=None):
-        for ev in generate(ids, params, cancel):
-            time.sleep(seconds_per_token)
-            yield ev
-    engine.generate = slow
+    def slow(seqs):
+        time.sleep(seconds_per_token)
+        return step(seqs)
+    engine.step = slow
 
 
 class Terminal:

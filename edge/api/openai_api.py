@@ -91,7 +91,7 @@ class ServerState:
         """Threads reading job events: one per waiting or running job, plus a few abandoned
         by clients that left (they end at their job's next event)."""
         if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + 8)
+            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + self.engine.parallel + 8)
         return self._limiter
 
 

@@ -1,19 +1,21 @@
 """One queue in front of the engine, shared by every interface (HTTP, serial, ...).
 
-The engine runs one sequence at a time, so requests wait in a bounded FIFO and a single
-worker thread feeds them to the engine. Each submitted `Job` streams the engine's events
-back through its own queue; cancelling a job (client gone, Ctrl-C, time limit) stops its
-generation at the next token and frees the engine for the next job.
+A single worker thread runs the engine: it moves waiting jobs into free slots and calls
+`Engine.step` for all running ones, so up to `engine.parallel` requests generate together
+(one model pass per step for all of them) while the rest wait in a bounded FIFO. Each
+submitted `Job` streams its events back through its own queue; cancelling a job (client gone,
+Ctrl-C, time limit) ends its sequence at the next step and frees its slot; the others go on.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from edge.engine.engine import Engine, Event, GenerationParams
+from edge.engine.engine import Engine, Event, GenerationParams, Sequence
 
 _END = object()
 
@@ -38,6 +40,10 @@ class Job:
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
 
+    @property
+    def deadline(self) -> float | None:
+        return self.submitted + self.time_limit if self.time_limit else None
+
     def events(self) -> Iterator[Event]:
         """Blocking stream of events; re-raises the engine's error if the job failed."""
         while (item := self._events.get()) is not _END:
@@ -50,13 +56,12 @@ class Scheduler:
     def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0,
                  stall_seconds: float = 60.0):
         self.engine = engine
-        self.stall_seconds = stall_seconds      # busy this long without a token = wedged
+        self.stall_seconds = stall_seconds      # busy this long without a step = wedged
         self.max_queue = max_queue
         self.time_limit = time_limit
-        self._jobs: queue.Queue[Job] = queue.Queue()
-        self._waiting = 0
-        self._lock = threading.Lock()
-        self.busy = False
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: dict[Sequence, Job] = {}
+        self._cond = threading.Condition()
         self.last_progress = time.monotonic()    # for health checks (watchdog)
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. metrics
         self._worker = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
@@ -64,18 +69,29 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, time_limit: float | None = None,
                cancel: threading.Event | None = None) -> Job:
-        with self._lock:
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} requests are already waiting; try again shortly")
-            self._waiting += 1
+        """Queue a request; QueueFull when every slot is busy and `max_queue` requests wait."""
         job = Job(list(prompt_ids), params, time_limit if time_limit is not None else self.time_limit)
         if cancel is not None:
             job.cancel_event = cancel
-        self._jobs.put(job)
+        with self._cond:
+            self._drop_cancelled()                 # a request that left no longer holds a place
+            free = self.engine.parallel - len(self._running)
+            if len(self._waiting) >= self.max_queue + max(free, 0):
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            self._waiting.append(job)
+            self._cond.notify()
         return job
 
     def stream(self, prompt_ids: list[int], params: GenerationParams,
@@ -84,33 +100,62 @@ class Scheduler:
         return self.submit(prompt_ids, params, cancel=cancel).events()
 
     def healthy(self) -> bool:
-        """Idle, or busy and still producing tokens (what the systemd watchdog is fed on)."""
+        """Idle, or busy and still making progress (what the systemd watchdog is fed on)."""
         return not self.busy or time.monotonic() - self.last_progress < self.stall_seconds
+
+    # --- the worker ------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            self._end(job, Event(finish_reason="cancelled"))
+
+    def _end(self, job: Job, last) -> None:
+        job._events.put(last)
+        job._events.put(_END)
+
+    def _admit(self) -> None:
+        """Waiting jobs into free slots, oldest first."""
+        while self._waiting and self.engine.free_slots():
+            job = self._waiting.popleft()
+            if job.cancelled:
+                self._end(job, Event(finish_reason="cancelled"))
+                continue
+            try:
+                seq = self.engine.start(job.prompt_ids, job.params, job.cancel_event, wait=False)
+            except Exception as e:         # e.g. ContextFull: reported to the job's reader
+                self._end(job, e)
+                continue
+            self._running[seq] = job
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            with self._lock:
-                self._waiting -= 1
-            if job.cancelled:
-                job._events.put(Event(finish_reason="cancelled"))
-                job._events.put(_END)
-                continue
-            self.busy, self.last_progress = True, time.monotonic()
+            with self._cond:
+                while not self._waiting and not self._running:
+                    self._cond.wait()
+                if not self._running:
+                    self.last_progress = time.monotonic()
+                self._admit()
+            now = time.monotonic()
+            for job in self._running.values():
+                if job.deadline is not None and now > job.deadline:
+                    job.cancel()     # the engine ends the sequence with finish_reason "cancelled"
             try:
-                self._serve(job)
-            except BaseException as e:   # reported to the job's reader; the worker lives on
-                job._events.put(e)
-            finally:
-                self.busy = False
-                job._events.put(_END)
-
-    def _serve(self, job: Job) -> None:
-        deadline = job.submitted + job.time_limit if job.time_limit else None
-        for ev in self.engine.generate(job.prompt_ids, job.params, job.cancel_event):
+                moved = self.engine.step(list(self._running))
+            except BaseException as e:    # reported to every running job's reader; the worker lives on
+                for seq, job in list(self._running.items()):
+                    self.engine.release(seq)
+                    self._end(job, e)
+                with self._cond:
+                    self._running.clear()
+                continue
             self.last_progress = time.monotonic()
-            if deadline is not None and self.last_progress > deadline:
-                job.cancel()     # the engine ends the stream with finish_reason "cancelled"
-            for listener in self.listeners:
-                listener(job, ev)
-            job._events.put(ev)
+            for seq, events in moved:
+                job = self._running[seq]
+                for ev in events:
+                    for listener in self.listeners:
+                        listener(job, ev)
+                    job._events.put(ev)
+                if seq.done:
+                    job._events.put(_END)
+                    with self._cond:
+                        del self._running[seq]
