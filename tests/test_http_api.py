@@ -410,6 +410,9 @@ def test_metrics_in_prometheus_text_format(tiny):
     assert samples["edge_llm_queue_depth"] == 0 and samples["edge_llm_model_loaded"] == 1
     assert samples["edge_llm_last_tokens_per_second"] > 0
     assert samples['edge_llm_time_to_first_token_seconds_bucket{le="+Inf"}'] == 2
+    assert samples['edge_llm_request_time_to_first_token_seconds_bucket{le="+Inf"}'] == 2
+    assert 1 <= samples["edge_llm_inter_token_seconds_count"] <= (3 - 1) + (5 - 1)
+    assert samples["edge_llm_running"] == 0
     assert samples["edge_llm_time_to_first_token_seconds_count"] == 2
     assert "# TYPE edge_llm_time_to_first_token_seconds histogram" in text
 

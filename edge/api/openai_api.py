@@ -80,6 +80,7 @@ class ServerState:
     def set_ready(self, engine, scheduler) -> None:
         scheduler.listeners.append(self.metrics.on_event)
         self.metrics.queue_depth = lambda: scheduler.queue_depth
+        self.metrics.running = lambda: scheduler.running
         self.model_id = engine.name
         self.engine, self.scheduler = engine, scheduler
 
