@@ -158,3 +158,21 @@ def test_eight_http_clients_streaming_at_once_get_their_own_answers(smol_bundle)
             got = list(pool.map(ask, questions))
     assert got == want
     assert max(seen) == 4
+
+
+def test_n_choices_read_the_prompt_once_and_decode_together(tiny_bundle):
+    engine = Engine(Bundle.open(tiny_bundle), max_ctx=128, backend="numpy", parallel=4)
+    engine.eos_ids = frozenset()
+    prompt = PROMPTS[2]                                    # 79 tokens: two prefill chunks
+    params = [GenerationParams(max_tokens=8, sampling=SamplingParams(temperature=1.0, seed=s)) for s in (1, 2, 3)]
+    want = [alone(engine, prompt, p)[0] for p in params]
+    engine.reset()
+    rows = []
+    real = engine.model.forward_batch
+    engine.model.forward_batch = lambda items, **kw: rows.append(sum(len(t) for t, _ in items)) or real(items, **kw)
+    scheduler = Scheduler(engine)
+    jobs = scheduler.submit_choices(prompt, params)
+    got = [tokens(list(j.events())) for j in jobs]
+    assert [g[0] for g in got] == want
+    assert [g[1].usage.cached_tokens for g in got] == [0, len(prompt) - 1, len(prompt) - 1]
+    assert sum(rows) == len(prompt) + 2 + 3 * 7          # the prompt once, a row per fork, then decode

@@ -88,8 +88,9 @@ class Sequence:
     sampled token)."""
 
     def __init__(self, engine: Engine, ids: list[int], params: GenerationParams,
-                 cancel: threading.Event | None, slot: Slot):
+                 cancel: threading.Event | None, slot: Slot, twin: Sequence | None = None):
         self.engine, self.params, self.cancel, self.slot = engine, params, cancel, slot
+        self.twin = twin if twin is not None and twin.history[:len(ids)] == list(ids) else None
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
         self.sampler = Sampler(params.sampling)
@@ -107,6 +108,21 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         return self.t_first is not None
+
+    def fork(self) -> None:
+        """Take the twin's prompt KV (another choice of the same request, n > 1) instead of
+        reading the prompt again: only the last prompt token runs, to give this choice logits."""
+        twin, self.twin = self.twin, None
+        m = self.usage.prompt_tokens - 1
+        if m <= self.usage.cached_tokens or twin.slot.cache.tokens[:m] != self.history[:m]:
+            return
+        cache, src = self.slot.cache, twin.slot.cache
+        cache.truncate(0)
+        cache.k[:, :, :m] = src.k[:, :, :m]
+        cache.v[:, :, :m] = src.v[:, :, :m]
+        cache.append(self.history[:m])
+        self.usage.cached_tokens = m
+        self.pending = self.history[m:self.usage.prompt_tokens]
 
     @property
     def cancelled(self) -> bool:
@@ -212,9 +228,10 @@ class Engine:
             raise ContextFull(len(prompt_ids), self.max_ctx)
 
     def start(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None,
-              wait: bool = True) -> Sequence | None:
+              wait: bool = True, twin: Sequence | None = None) -> Sequence | None:
         """A sequence in the best free slot (`check_fits` first). Without `wait`, None when
-        every slot is busy."""
+        every slot is busy. A `twin` (another choice of the same prompt, already started)
+        lends its prompt's KV once it has read it, so the prompt is read once for all choices."""
         self.check_fits(prompt_ids)
         with self._slots_free:
             while (slot := self._pick_slot(prompt_ids)) is None:
@@ -224,7 +241,7 @@ class Engine:
             slot.busy = True
             self._last_slot = slot
         self._restore_prefix(slot, prompt_ids)
-        return Sequence(self, list(prompt_ids), params, cancel, slot)
+        return Sequence(self, list(prompt_ids), params, cancel, slot, twin)
 
     def _pick_slot(self, ids: list[int]) -> Slot | None:
         free = [s for s in self.slots if not s.busy]
@@ -291,6 +308,10 @@ class Engine:
         batch: list[tuple[Sequence, int]] = []
         budget = PREFILL_CHUNK
         for seq in seqs:
+            if seq.twin is not None and not seq.twin.done and not seq.twin.decoding:
+                continue                                # its twin is still reading the prompt
+            if seq.twin is not None:
+                seq.fork()
             if seq.done:
                 continue
             if seq.cancelled:

@@ -31,6 +31,8 @@ class Job:
     time_limit: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    twin_of: Job | None = None            # another choice of the same prompt (n > 1)
+    sequence: Sequence | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
 
     def cancel(self) -> None:
@@ -94,6 +96,25 @@ class Scheduler:
             self._cond.notify()
         return job
 
+    def submit_choices(self, prompt_ids: list[int], params: list[GenerationParams],
+                       time_limit: float | None = None) -> list[Job]:
+        """n choices of one prompt (OpenAI's `n`): one job each, decoded together; the prompt
+        is read once and its KV shared. QueueFull unless all n fit."""
+        jobs = []
+        with self._cond:
+            self._drop_cancelled()
+            free = self.engine.parallel - len(self._running)
+            if len(self._waiting) + len(params) > self.max_queue + max(free, 0):
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting and this one asks for "
+                                f"{len(params)} choices; try again shortly")
+            for p in params:
+                job = Job(list(prompt_ids), p, time_limit if time_limit is not None else self.time_limit,
+                          twin_of=jobs[0] if jobs else None)
+                jobs.append(job)
+                self._waiting.append(job)
+            self._cond.notify()
+        return jobs
+
     def stream(self, prompt_ids: list[int], params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[Event]:
         """submit + events, with the signature of Engine.generate (for Conversation)."""
@@ -120,11 +141,13 @@ class Scheduler:
             if job.cancelled:
                 self._end(job, Event(finish_reason="cancelled"))
                 continue
+            twin = job.twin_of.sequence if job.twin_of is not None else None
             try:
-                seq = self.engine.start(job.prompt_ids, job.params, job.cancel_event, wait=False)
+                seq = self.engine.start(job.prompt_ids, job.params, job.cancel_event, wait=False, twin=twin)
             except Exception as e:         # e.g. ContextFull: reported to the job's reader
                 self._end(job, e)
                 continue
+            job.sequence = seq
             self._running[seq] = job
 
     def _run(self) -> None:
