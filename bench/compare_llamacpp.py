@@ -49,8 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.llamacpp_source import LLAMA_CPP_PYTHON_VERSION, extract_llamacpp, fetch_sdist  # noqa: E402
+
 DEFAULT_WORKDIR = Path(os.environ.get("EDGE_LLM_BENCH_DIR", "~/.cache/edge-llm-bench")).expanduser()
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"      # the sdist whose vendor/llama.cpp we build
 LLAMACPP_TARGETS = ("llama-bench", "llama-quantize", "llama-perplexity")
 MODEL_NAME = "llama-3.2-1b-random"
 
@@ -324,29 +325,9 @@ def _llamacpp_dir(workdir: Path) -> Path:
 def download_llamacpp_source(workdir: Path) -> Path:
     """vendor/llama.cpp out of the llama-cpp-python sdist (PyPI, source only, no install)."""
     root = _llamacpp_dir(workdir)
-    src = root / "src"
-    if (src / "CMakeLists.txt").exists():
-        return src
-    root.mkdir(parents=True, exist_ok=True)
-    sdists = list(root.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
-    if not sdists:
-        log(f"pip download --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} ...")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--disable-pip-version-check", "-q", "-d", str(root),
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"], check=True)
-        sdists = list(root.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"))
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-    tmp = _atomic_dir(src)
-    with tarfile.open(sdists[0]) as tar:
-        members = []
-        for m in tar.getmembers():
-            if m.name.startswith(prefix):
-                m.name = m.name[len(prefix):]
-                members.append(m)
-        tar.extractall(tmp, members=members, filter="data")
-    if not (tmp / "CMakeLists.txt").exists():
-        raise RuntimeError(f"{sdists[0]}: no vendor/llama.cpp inside")
-    tmp.rename(src)
+    src = extract_llamacpp(fetch_sdist(root, log), root / "src")
+    if not (src / "CMakeLists.txt").exists():
+        raise RuntimeError(f"{src}: no CMakeLists.txt (an incomplete extraction? delete it and retry)")
     return src
 
 
@@ -485,7 +466,9 @@ def run_edge_bench(bundle: Path, threads: int, reps: int, n_prompt: int, n_gen: 
             "tg_tokens_per_s": r["tg_tokens_per_s"], "tg_std": r.get("tg_std"),
             "ttft_s": r.get("ttft_s"), "load_s": r.get("load_s"), "peak_rss_mb": rss,
             "reported_peak_rss_mb": r.get("peak_rss_mb"), "size_mb": _mb(bundle), "wall_s": wall,
-            "pp_samples": r.get("pp_samples"), "tg_samples": r.get("tg_samples"),
+            # each repetition in t/s, as llama-bench's samples_ts (edge-llm bench reports seconds)
+            "pp_samples": [r["n_prompt"] / t for t in r["pp_samples_s"]],
+            "tg_samples": [r["n_gen"] / t for t in r["tg_samples_s"]],
             "backend": r.get("backend"), "path": str(bundle), "raw": r}
 
 

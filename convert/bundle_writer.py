@@ -55,6 +55,12 @@ class BundleWriter:
         self.write_bytes(MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_bundle(dest: Path, overwrite: bool = False) -> Iterator[BundleWriter]:
     dest = Path(dest).resolve()
@@ -62,6 +68,7 @@ def atomic_bundle(dest: Path, overwrite: bool = False) -> Iterator[BundleWriter]
         raise FileExistsError(f"{dest}: already exists (pass --force to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp makes it 0700: the bundle honours the umask like its files
     try:
         yield BundleWriter(tmp)
         if dest.exists():

@@ -19,9 +19,6 @@ import numpy as np
 
 from edge.model.config import ModelConfig
 
-LAYER_TENSORS = ("attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down")
-
-
 class CheckpointError(ValueError):
     """A checkpoint we cannot use; the message names the file and the problem."""
 

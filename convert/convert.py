@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -93,8 +94,9 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
                 tf.add("embed", rows)
                 tf.add("embed_scale", scale)
         w.write_bytes("tokenizer.json", ckpt.tokenizer_json.encode("utf-8"))
+        source = Path(os.path.abspath(src)).name        # the name only: a path says where it was built
         w.finish({
-            "name": name or Path(src).name, "source": str(Path(src).resolve()), "quant": quant,
+            "name": name or source, "source": source, "quant": quant,
             "rotation": g.rotated, "smoothing": g.smoothed, "config": ckpt.config.to_dict(),
             "tokenizer": "tokenizer.json",
             "chat_template": ckpt.chat_template, "special_tokens": ckpt.special_tokens,

@@ -7,9 +7,12 @@ GGUF metadata.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+
+from gguf import TokenType
 
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.gguf_metadata import read_metadata
@@ -48,6 +51,56 @@ def _llama3_scaling_from_rope_freqs(path, factors: np.ndarray, head_dim: int, th
     raise CheckpointError(f"{path}: rope_freqs.weight does not match any llama3 rope scaling we know")
 
 
+# Token texts llama.cpp treats as end of generation whatever the eos id says (llama-vocab.cpp,
+# the Llama-family subset): a Llama 3 GGUF names one eos, but the model may end with any of these.
+END_OF_GENERATION_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>")
+
+
+def eos_token_ids(meta: dict) -> tuple[int, ...]:
+    """eos/eot/eom ids from the metadata, then every control token spelled as an end of generation."""
+    ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    tokens, types = meta.get("tokenizer.ggml.tokens") or [], meta.get("tokenizer.ggml.token_type") or []
+    ids += [i for i, (t, k) in enumerate(zip(tokens, types)) if k == TokenType.CONTROL and t in END_OF_GENERATION_TEXTS]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def _rope_scaling(path: Path, meta: dict) -> RopeScaling | None:
+    """llama.rope.scaling.* as llama.cpp's convert_hf_to_gguf.py writes it for linear and yarn."""
+    kind = meta.get("llama.rope.scaling.type")
+    if kind is None and meta.get("llama.rope.scale_linear") is not None:     # older files
+        return RopeScaling(factor=float(meta["llama.rope.scale_linear"]), rope_type="linear")
+    if kind in (None, "none"):
+        return None
+    factor = meta.get("llama.rope.scaling.factor")
+    if factor is None:
+        raise CheckpointError(f"{path}: llama.rope.scaling.type {kind!r} without llama.rope.scaling.factor")
+    if kind == "linear":
+        return RopeScaling(factor=float(factor), rope_type="linear")
+    if kind == "yarn":
+        # llama.cpp scales attention by attn_factor on top of 0.1*ln(factor)+1, transformers uses
+        # attention_factor instead of it: only the default (neither written) means the same in both.
+        for key in ("yarn_attn_factor", "yarn_ext_factor", "yarn_log_multiplier"):
+            if meta.get(f"llama.rope.scaling.{key}") is not None:
+                raise CheckpointError(f"{path}: llama.rope.scaling.{key} is not supported")
+        orig = meta.get("llama.rope.scaling.original_context_length")
+        if orig is None:
+            raise CheckpointError(f"{path}: yarn rope scaling without llama.rope.scaling.original_context_length")
+        return RopeScaling(factor=float(factor), original_max_position_embeddings=int(orig), rope_type="yarn",
+                           beta_fast=float(meta.get("llama.rope.scaling.yarn_beta_fast", 32.0)),
+                           beta_slow=float(meta.get("llama.rope.scaling.yarn_beta_slow", 1.0)),
+                           attention_factor=1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0)
+    raise CheckpointError(f"{path}: llama.rope.scaling.type {kind!r} is not supported (only linear, yarn)")
+
+
+def _refuse_unimplemented(path: Path, meta: dict, head_dim: int) -> None:
+    """Metadata that changes the math of a llama-architecture GGUF and that we do not implement."""
+    for key, want in (("rope.dimension_count", head_dim), ("attention.value_length", head_dim),
+                      ("expert_count", 0)):
+        got = meta.get(f"llama.{key}")
+        if got is not None and int(got) != want:
+            raise CheckpointError(f"{path}: llama.{key} = {got} is not supported (we run {want})")
+
+
 def read_gguf(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
@@ -58,10 +111,13 @@ def read_gguf(path: Path) -> Checkpoint:
     if arch != "llama":
         raise CheckpointError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
     tensors = {t.name: t for t in reader.tensors}
-    try:
-        tokenizer_json = tokenizer_json_from_gguf(meta)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    consumed = {"token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight"} | {
+        f"blk.{i}.{g}.weight" for i in range(int(meta.get("llama.block_count", 0))) for g in _GGUF_NAMES.values()}
+    unused = sorted(name for name in tensors if name not in consumed)
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        listed = f"tensor {unused[0]!r} is" if len(unused) == 1 else f"tensors {', '.join(map(repr, unused[:3]))}{more} are"
+        raise CheckpointError(f"{path}: {listed} not used by the Llama model we run (refusing rather than ignoring)")
 
     def m(key, default=None):
         v = meta.get(f"llama.{key}", default)
@@ -73,11 +129,16 @@ def read_gguf(path: Path) -> Checkpoint:
     kv_heads = int(m("attention.head_count_kv", heads))
     head_dim = int(meta.get("llama.attention.key_length", D // heads))
     theta = float(m("rope.freq_base", 10000.0))
-    scaling = None
+    _refuse_unimplemented(path, meta, head_dim)
+    scaling = _rope_scaling(path, meta)
     if "rope_freqs.weight" in tensors:
+        if scaling is not None:
+            raise CheckpointError(f"{path}: rope_freqs.weight together with llama.rope.scaling.type {scaling.rope_type!r}")
         scaling = _llama3_scaling_from_rope_freqs(path, _dequantize(path, tensors["rope_freqs.weight"]), head_dim, theta)
-    eos = [meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"),
-           meta.get("tokenizer.ggml.eom_token_id")]
+    try:
+        tokenizer_json = tokenizer_json_from_gguf(meta)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     cfg = ModelConfig(
         vocab_size=int(meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))),
         hidden_size=D, intermediate_size=int(m("feed_forward_length")), num_layers=int(m("block_count")),
@@ -86,7 +147,7 @@ def read_gguf(path: Path) -> Checkpoint:
         rms_norm_eps=float(m("attention.layer_norm_rms_epsilon", 1e-5)),
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
+        eos_token_ids=eos_token_ids(meta),
     )
 
     def loader(gguf_name: str, unpermute_heads: int = 0):

@@ -7,6 +7,7 @@ the eos ids. LlamaForCausalLM only (Llama 3.x, SmolLM2, ...).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from convert.checkpoint import Checkpoint, CheckpointError
@@ -37,27 +38,71 @@ def _as_list(x) -> list[int]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
+def _refuse_unimplemented(path: Path, c: dict) -> None:
+    """Config fields that change the math and that the model does not implement: refused by name
+    rather than silently ignored (transformers' defaults are the accepted values)."""
+    if c.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: hidden_act {c['hidden_act']!r} is not supported (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if c.get(flag):
+            raise CheckpointError(f"{path}: {flag}: true is not supported (biased projections are not implemented)")
+
+
+def rope_scaling_from_hf(path: Path, c: dict) -> RopeScaling | None:
+    """`rope_parameters` (transformers 5) or `rope_scaling` (older files, `type` or `rope_type`),
+    read the way transformers' standardize_rope_params and _compute_*_parameters read them."""
+    params = c.get("rope_parameters") or {}
+    field = "rope_parameters"
+    if not params.get("rope_type", params.get("type")):
+        params, field = c.get("rope_scaling") or {}, "rope_scaling"
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"{path}: {field} per layer type is not supported")
+    partial = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise CheckpointError(f"{path}: partial_rotary_factor {partial} is not supported")
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind == "default":
+        return None
+    if kind == "llama3":
+        return RopeScaling(float(params["factor"]), float(params["low_freq_factor"]),
+                           float(params["high_freq_factor"]), int(params["original_max_position_embeddings"]))
+    if kind == "linear":
+        return RopeScaling(factor=float(params["factor"]), rope_type="linear")
+    if kind == "yarn":
+        max_pos = int(c.get("max_position_embeddings", 2048))
+        orig = int(c.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or max_pos)
+        factor = float(params["factor"]) if params.get("factor") is not None else max_pos / orig
+        attention = params.get("attention_factor")
+        if attention is None:
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                         if mscale and mscale_all_dim else _yarn_mscale(factor))
+        return RopeScaling(factor=factor, original_max_position_embeddings=orig, rope_type="yarn",
+                           beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                           attention_factor=float(attention), truncate=bool(params.get("truncate", True)))
+    raise CheckpointError(f"{path}: {field} rope type {kind!r} is not supported (only llama3, linear, yarn)")
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 def _model_config(path: Path, c: dict, gen: dict) -> ModelConfig:
     arch = c.get("architectures") or [c.get("model_type")]
     if c.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
         raise CheckpointError(f"{path}: architecture {arch} is not supported (only LlamaForCausalLM)")
+    _refuse_unimplemented(path, c)
     try:
-        rs = c.get("rope_scaling") or (c.get("rope_parameters") if c.get("rope_parameters", {}).get("rope_type") == "llama3" else None)
-        scaling = None
-        if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
-            if rs.get("rope_type", rs.get("type")) != "llama3":
-                raise CheckpointError(f"{path}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported")
-            scaling = RopeScaling(float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"]),
-                                  int(rs["original_max_position_embeddings"]))
+        scaling = rope_scaling_from_hf(path, c)
         heads = int(c["num_attention_heads"])
-        theta = c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+        theta = c.get("rope_theta") or (c.get("rope_parameters") or {}).get("rope_theta") or 10000.0
         return ModelConfig(
             vocab_size=int(c["vocab_size"]), hidden_size=int(c["hidden_size"]),
             intermediate_size=int(c["intermediate_size"]), num_layers=int(c["num_hidden_layers"]),
-            num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads", heads)),
+            num_heads=heads, num_kv_heads=int(c.get("num_key_value_heads") or heads),
             head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
-            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             bos_token_id=c.get("bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(_as_list(gen.get("eos_token_id")) + _as_list(c.get("eos_token_id")))),
@@ -105,12 +150,19 @@ def read_hf(root: Path) -> Checkpoint:
         raise CheckpointError(f"{tok_path}: missing (convert needs the Hugging Face tokenizer.json)")
     tok_cfg = _read_json(root / "tokenizer_config.json", required=False)
 
-    loaders = {}
+    loaders, unused = {}, []
     for shard in _shards(root):
         for hf_name in shard.names():
             name = _canonical(hf_name)
             if name:
                 loaders[name] = (lambda s=shard, n=hf_name: s.load(n))
+            elif not hf_name.endswith(_DERIVED):
+                unused.append((str(shard.path), hf_name))
+    if unused:
+        unused.sort()
+        listed = f"tensor {unused[0][1]!r} is" if len(unused) == 1 else \
+            f"tensor {unused[0][1]!r} (and {len(unused) - 1} more) are"
+        raise CheckpointError(f"{unused[0][0]}: {listed} not used by the Llama model we run (refusing rather than ignoring)")
     if cfg.tie_word_embeddings:
         loaders.pop("lm_head", None)
     ckpt = Checkpoint(
@@ -121,6 +173,10 @@ def read_hf(root: Path) -> Checkpoint:
     )
     ckpt.validate()
     return ckpt
+
+
+# buffers some exporters save that the model recomputes from the config
+_DERIVED = (".rotary_emb.inv_freq",)
 
 
 def _canonical(hf_name: str) -> str | None:

@@ -45,9 +45,6 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.entries[name]["shape"])
-
     def load(self, name: str) -> np.ndarray:
         """The tensor as float32 (bf16 is the top half of a float32)."""
         if self._map is None:

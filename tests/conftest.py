@@ -54,3 +54,27 @@ def tiny_bundle(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("tiny-src")
     write_tiny_llama(src)
     return convert(src, tmp_path_factory.mktemp("tiny-bundle") / "tiny", quant="f32", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_json(llama3_tiktoken_model: Path) -> str:
+    """Llama 3's tokenizer.json, rebuilt from Meta's tokenizer.model."""
+    from convert.llama3_tokenizer import tokenizer_json_from_tiktoken
+    return tokenizer_json_from_tiktoken(llama3_tiktoken_model)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_convert():
+    """`convert(hf_dir, out_gguf)`: llama.cpp's own convert_hf_to_gguf.py with its vendored gguf-py,
+    from the llama-cpp-python sdist the benchmark builds llama.cpp from (cached in ASSETS)."""
+    from bench.llamacpp_source import convert_hf_to_gguf, converter
+    script = converter(ASSETS / "llama-cpp-python")
+    return lambda hf_dir, out: convert_hf_to_gguf(script, hf_dir, out)
+
+
+@pytest.fixture(scope="session")
+def chromium_paths() -> tuple[str, str]:
+    """Debian's chromium + chromedriver, apt-get installed once per session when missing
+    (tests/system_tools.py)."""
+    from tests.browser import ensure_chromium
+    return ensure_chromium()

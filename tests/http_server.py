@@ -17,11 +17,11 @@ from edge.service.serve import bind
 
 
 @contextmanager
-def running(state: ServerState) -> Iterator[str]:
-    """Serve `state` on 127.0.0.1:<free port>; yields the base URL."""
+def running(state: ServerState, make_app=create_app) -> Iterator[str]:
+    """Serve `make_app(state)` on 127.0.0.1:<free port>; yields the base URL."""
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, access_log=False,
+    server = uvicorn.Server(uvicorn.Config(make_app(state), log_config=None, access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # higher imports lower; siblings of one rank do not import each other
-RANK = {"edge.model": 0, "convert": 1, "edge.engine": 1, "edge.launch": 2, "edge.api": 3, "edge.serial": 3,
+RANK = {"edge.model": 0, "convert": 1, "edge.engine": 1, "edge.launch": 2, "edge.api": 3, "edge.serial": 3, "edge.assist": 3,
         "edge.service": 4, "edge.cli": 5}
 
 

@@ -21,7 +21,53 @@ def test_bench_json_reports_samples_and_the_backend_that_ran(tiny_bundle, backen
         assert r["pp_tokens_per_s"] > 0 and r["tg_tokens_per_s"] > 0 and r["peak_rss_mb"] > 0
 
 
-def test_bench_auto_names_the_backend_and_prints_markdown(tiny_bundle):
-    out = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "-m", str(tiny_bundle),
-                          "-p", "8", "-n", "4", "-r", "1"], capture_output=True, text=True, check=True).stdout
-    assert "| litert |" in out and "pp8 t/s" in out
+def bench(bundle, *args):
+    return subprocess.run([sys.executable, "-m", "edge.cli", "bench", "-m", str(bundle), "-r", "1", *args],
+                          capture_output=True, text=True)
+
+
+def cells(out: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("|")]
+
+
+def test_bench_prints_llama_bench_table_with_progress_on_stderr(tiny_bundle):
+    done = bench(tiny_bundle, "-p", "8,16", "-n", "4", "-t", "1,2")
+    assert done.returncode == 0, done.stderr
+    head, rule, *rows = cells(done.stdout)
+    assert head == ["model", "size", "params", "backend", "threads", "test", "t/s"]
+    assert all(c.strip("-:") == "" for c in rule)
+    assert [(r[4], r[5]) for r in rows] == [("1", "pp8"), ("1", "tg4"), ("1", "pp16"),
+                                            ("2", "pp8"), ("2", "tg4"), ("2", "pp16")]
+    for r in rows:
+        assert r[0].endswith(" f32") and r[1].endswith("MiB") and r[2].endswith(" K") and r[3] == "litert"
+        mean, sd = (float(x) for x in r[6].split(" ± "))
+        assert mean > 0 and sd >= 0
+    assert "bench: pp16, 2 threads: run 1/1" in done.stderr and "bench:" not in done.stdout
+
+
+def test_bench_p0_and_n0_skip_that_test(tiny_bundle):
+    only_tg = bench(tiny_bundle, "-p", "0", "-n", "4", "--json")
+    assert only_tg.returncode == 0, only_tg.stderr
+    row = json.loads(only_tg.stdout)
+    assert row["pp_samples_s"] == [] and row["pp_tokens_per_s"] is None and row["tg_tokens_per_s"] > 0
+    only_pp = bench(tiny_bundle, "-p", "8", "-n", "0")
+    assert [r[5] for r in cells(only_pp.stdout)[2:]] == ["pp8"]
+    nothing = bench(tiny_bundle, "-p", "0", "-n", "0")
+    assert nothing.returncode == 1 and "nothing to measure" in nothing.stderr
+    bad = bench(tiny_bundle, "-p", "64,x")
+    assert bad.returncode == 2 and "comma-separated list" in bad.stderr
+
+
+def test_compare_llamacpp_shows_each_repetition_of_edge_bench(tiny_bundle):
+    """bench/compare_llamacpp.py reads `edge-llm bench --json`'s per-repetition samples: the
+    table's "(max ...)" is the best repetition, in tokens/s."""
+    from bench.compare_llamacpp import markdown, run_edge_bench
+    row = run_edge_bench(tiny_bundle, threads=1, reps=3, n_prompt=16, n_gen=8)
+    raw = row["raw"]
+    assert row["pp_samples"] == pytest.approx([16 / t for t in raw["pp_samples_s"]])
+    assert row["tg_samples"] == pytest.approx([8 / t for t in raw["tg_samples_s"]])
+    assert len(row["pp_samples"]) == len(row["tg_samples"]) == 3
+    result = dict(n_prompt=16, n_gen=8, threads=1, reps=3, rounds=1, loadavg_before=(0.0,) * 3,
+                  loadavg_after=(0.0,) * 3, cpu="test", pairs=[{"edge": row}])
+    table = markdown(result)
+    assert f"(max {max(row['pp_samples']):.1f})" in table and f"(max {max(row['tg_samples']):.1f})" in table, table

@@ -131,6 +131,13 @@ def test_bundle_tensors_are_aligned_for_16k_pages(bundle_dir):
     assert all(t["offset"] % 16384 == 0 for t in b.manifest["tensors"].values())
 
 
+def test_manifest_names_the_source_without_its_path(bundle_dir, tmp_path_factory):
+    text = (bundle_dir / "manifest.json").read_text()
+    source = Bundle.open(bundle_dir).manifest["source"]
+    assert source.startswith("tiny-src") and "/" not in source          # conftest's checkpoint dir
+    assert str(tmp_path_factory.getbasetemp()) not in text
+
+
 def test_verified_stamp_skips_rehash_but_not_a_rewritten_file(tiny_bundle, tmp_path, monkeypatch):
     import shutil
     import edge.model.bundle as eb

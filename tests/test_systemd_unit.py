@@ -1,16 +1,17 @@
 """systemd/edge-llm.service: systemd-analyze verify and security, and the directives we rely on.
 
-Needs systemd-analyze: apt-get install -y systemd
+systemd-analyze comes from Debian's systemd package; tests/system_tools.py installs it when missing.
 """
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
+from tests import system_tools
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "edge-llm.service"
@@ -19,10 +20,7 @@ EXEC = "/opt/edge-llm/venv/bin/edge-llm"
 
 
 def analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        pytest.fail("systemd-analyze is missing: apt-get install -y systemd")
-    return path
+    return system_tools.systemd_analyze()
 
 
 def parse(text: str) -> dict[str, dict[str, list[str]]]:

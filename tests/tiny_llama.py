@@ -16,8 +16,9 @@ TINY_CONFIG = dict(
 )
 
 
-def write_tiny_llama(dest: Path, seed: int = 0, **overrides):
-    """Save a random LlamaForCausalLM with a byte-ish word-level tokenizer; return the torch model."""
+def write_tiny_llama(dest: Path, seed: int = 0, tokenizer_json: str | None = None, **overrides):
+    """Save a random LlamaForCausalLM with a byte-ish word-level tokenizer (or the given
+    tokenizers JSON, e.g. Llama 3's, with vocab_size to match); return the torch model."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,6 +29,9 @@ def write_tiny_llama(dest: Path, seed: int = 0, **overrides):
         for p in model.parameters():
             p.normal_(1.0, 0.1) if p.ndim == 1 else p.normal_(0.0, 0.08)   # norms near 1
     model.save_pretrained(dest, safe_serialization=True)
+    if tokenizer_json is not None:
+        (Path(dest) / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        return model
     vocab = {f"w{i}": i for i in range(cfg.vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

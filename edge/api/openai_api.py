@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edge.engine.engine import GenerationParams
 from edge.launch.request import RequestDefaults
 from edge.model.kv_cache import ContextFull
+from edge.api import chat_page
 from edge.api.metrics import Metrics
 from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
                                 chat_delta, envelope, error_body, model_card, text_choice, usage_dict)
@@ -44,7 +45,7 @@ log = logging.getLogger("edge.http")
 
 MAX_BODY_BYTES = 1 << 20
 QUIET_PATHS = ("/health", "/metrics")     # logged at DEBUG: probes and scrapes come every few seconds
-OPEN_PATHS = ("/health",)                 # answered without the API key (systemd/LB probes)
+OPEN_PATHS = ("/health", *chat_page.PAGE_PATHS)   # without the API key: probes, and the chat page (its JS sends the key)
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
 
 
@@ -118,6 +119,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edge-llm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.include_router(router)
+    app.include_router(chat_page.router)
     app.add_exception_handler(ApiError, lambda req, exc: exc.response())
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -147,9 +149,10 @@ def health(state: StateDep):
     if not state.ready:
         return _health(503, "loading", state, "the model is loading", "model_loading")
     if not state.scheduler.healthy():
-        return _health(503, "stalled", state, "the engine has made no progress for a minute", "engine_stalled")
+        return _health(503, "stalled", state, f"the engine has made no progress for "
+                       f"{state.scheduler.stall_seconds:g} s", "engine_stalled")
     return {"status": "ok", "model": state.model_id, "queue_depth": state.scheduler.queue_depth,
-            "busy": state.scheduler.busy}
+            "busy": state.scheduler.busy, "max_context": state.engine.max_ctx}
 
 
 def _health(status: int, word: str, state: ServerState, message: str, code: str) -> JSONResponse:
@@ -231,6 +234,13 @@ def _note_prompt(request: Request, state: ServerState, prompt) -> None:
 
 
 def generation_params(state: ServerState, body: GenerationRequest, ids: list[int], param: str) -> GenerationParams:
+    return request_params(state, ids, param, max_tokens=body.token_limit, stop=body.stop or None,
+                          **body.sampling_overrides())
+
+
+def request_params(state: ServerState, ids: list[int], param: str, **overrides) -> GenerationParams:
+    """The server's defaults with a request's fields (`RequestDefaults` names), once the
+    prompt is known to fit; every API's routes build their requests here."""
     try:
         state.engine.check_fits(ids)
     except ContextFull as e:
@@ -238,8 +248,7 @@ def generation_params(state: ServerState, body: GenerationRequest, ids: list[int
                        f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
                        param=param, code="context_length_exceeded") from e
     try:
-        return state.config.defaults.build(max_tokens=body.token_limit, stop=body.stop or None,
-                                           **body.sampling_overrides())
+        return state.config.defaults.build(**overrides)
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
@@ -263,11 +272,11 @@ async def _respond(state, request, body, ids, shape, param):
 
 
 class JobStream(StreamingResponse):
-    """SSE whose job is cancelled however the response ends, even when the client leaves
+    """A stream (SSE, or NDJSON for Ollama) whose job is cancelled however the response ends, even when the client leaves
     before the body generator has started (then the generator's own cleanup never runs)."""
 
-    def __init__(self, job: Job, content):
-        super().__init__(content, media_type="text/event-stream",
+    def __init__(self, job: Job, content, media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
 
@@ -469,10 +478,11 @@ def _param(loc) -> str | None:
 # --- middleware (pure ASGI, so that streaming is untouched) --------------------------
 
 class Guard:
-    """API key and request body cap, before any route runs."""
+    """API key and request body cap, before any route runs. `error(status, message, **kw)`
+    renders a refusal in the API's own shape (OpenAI's by default)."""
 
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
+    def __init__(self, app, state: ServerState, error=error_response):
+        self.app, self.state, self.error = app, state, error
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -483,8 +493,8 @@ class Guard:
             body = await _read_capped(receive, self.state.config.max_body_bytes)
             if body is None:
                 limit = self.state.config.max_body_bytes
-                return await error_response(413, f"the request body is larger than the limit of {limit} bytes",
-                                            code="request_too_large")(scope, receive, send)
+                return await self.error(413, f"the request body is larger than the limit of {limit} bytes",
+                                        code="request_too_large")(scope, receive, send)
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
 
@@ -498,8 +508,8 @@ class Guard:
             return None
         message = "Incorrect API key provided." if given else \
             "Missing API key: send it as 'Authorization: Bearer YOUR_KEY'."
-        return error_response(401, message, type_="authentication_error", code="invalid_api_key",
-                              headers={"WWW-Authenticate": "Bearer"})
+        return self.error(401, message, type_="authentication_error", code="invalid_api_key",
+                          headers={"WWW-Authenticate": "Bearer"})
 
 
 async def _read_capped(receive, limit: int, drain_limit: int = 64 << 20) -> bytes | None:

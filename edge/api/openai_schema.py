@@ -9,7 +9,6 @@ are refused by name rather than quietly dropped.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -138,10 +137,6 @@ class CompletionRequest(GenerationRequest):
 
 
 # --- responses -------------------------------------------------------------------------
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
 
 def usage_dict(usage) -> dict:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,

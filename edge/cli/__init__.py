@@ -1,3 +1,4 @@
-"""The `edge-llm` command: run, chat, convert, bench, perplexity, and the commands the
+"""The `edge-llm` command: run, chat (`chat`), convert, models and rm (`models`), bench,
+perplexity, and the commands the
 service and serial layers register. The top layer: it may import any other.
 """

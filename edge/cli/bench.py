@@ -2,6 +2,7 @@
 time to first token, load time and peak RSS, over repetitions and thread counts."""
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -26,13 +27,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
+def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
+              progress=None) -> dict:
+    """One load, then `reps` prefills of n_prompt tokens and `reps` generations of n_gen
+    tokens; either count may be 0 (that test is skipped, its figures are None)."""
+    if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0 or reps < 1:
+        raise ValueError(f"nothing to measure: -p {n_prompt} -n {n_gen} -r {reps}")
+    say = progress or (lambda msg: None)
+    say(f"loading ({threads} threads)")
     t0 = time.perf_counter()
     model = load_backend(bundle, backend, max(n_prompt, n_gen) + 8, threads, weight_cache_dir(bundle))
     load_s = time.perf_counter() - t0
     cache = model.new_cache()
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, bundle.config.vocab_size, n_prompt)
+    prompt = rng.integers(0, bundle.config.vocab_size, max(n_prompt, 1))
 
     def prefill():
         cache.truncate(0)
@@ -44,25 +52,35 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         for _ in range(n_gen):
             token = int(np.argmax(model.forward([token], cache)))
 
+    def timed(fn, label):
+        samples = []
+        for i in range(reps):
+            say(f"{label}, {threads} threads: run {i + 1}/{reps}")
+            samples.append(_timed(fn))
+        return samples
+
+    say(f"warm-up ({threads} threads)")
     prefill()                       # warm-up: buffers, T-resizes, caches
-    pp = [_timed(prefill) for _ in range(reps)]
-    tg = [_timed(generate) for _ in range(reps)]
+    pp = timed(prefill, f"pp{n_prompt}") if n_prompt else []
+    tg = timed(generate, f"tg{n_gen}") if n_gen else []
     return {
         "model": bundle.name, "quant": bundle.quant, "threads": threads,
         "backend": model.backend,
         "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps, "load_s": load_s,
-        "ttft_s": statistics.median(pp),
-        "pp_tokens_per_s": n_prompt / statistics.median(pp),
-        "pp_std": statistics.pstdev([n_prompt / t for t in pp]),
-        "tg_tokens_per_s": n_gen / statistics.median(tg),
-        "tg_std": statistics.pstdev([n_gen / t for t in tg]),
+        "ttft_s": statistics.median(pp) if pp else None,
+        "pp_tokens_per_s": n_prompt / statistics.median(pp) if pp else None,
+        "pp_std": statistics.pstdev([n_prompt / t for t in pp]) if pp else None,
+        "tg_tokens_per_s": n_gen / statistics.median(tg) if tg else None,
+        "tg_std": statistics.pstdev([n_gen / t for t in tg]) if tg else None,
         "pp_samples_s": pp, "tg_samples_s": tg,
         "kv_cache_mb": cache.nbytes / 2**20,
         "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
+        "params": param_count(bundle.config),
         "peak_rss_mb": peak_rss_mb(),
     }
 
 
+<<<<<<< HEAD
 def bench_parallel(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
                    parallel: list[int]) -> list[dict]:
     """Aggregate decode speed with B sequences decoded together (one stacked pass per step,
@@ -109,18 +127,82 @@ def markdown_parallel(rows: list[dict]) -> str:
 def markdown(rows: list[dict]) -> str:
     head = "| model | quant | backend | threads | pp{p} t/s | tg{n} t/s | ttft s | load s | peak RSS MB |"
     lines = [head.format(p=rows[0]["n_prompt"], n=rows[0]["n_gen"]), "|---" * 9 + "|"]
+=======
+def param_count(cfg) -> int:
+    """Weights of a Llama-style model, from its shape (embedding counted once when tied)."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    return cfg.vocab_size * h + cfg.num_layers * layer + h + head
+
+
+def _size(mib: float) -> str:
+    return f"{mib / 1024:.2f} GiB" if mib >= 1024 else f"{mib:.2f} MiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.2f} K"
+
+
+TABLE = (("model", 30, "<"), ("size", 10, ">"), ("params", 10, ">"), ("backend", 10, "<"),
+         ("threads", 7, ">"), ("test", 13, ">"), ("t/s", 20, ">"))
+
+
+def table(rows: list[dict]) -> str:
+    """llama-bench's layout: one line per test (ppN: prompt processing, tgN: generation)."""
+    def line(cells):
+        return "| " + " | ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, TABLE)) + " |"
+    out = [line([name for name, _, _ in TABLE]),
+           "| " + " | ".join(("-" * (w - 1) + ":") if a == ">" else "-" * w for _, w, a in TABLE) + " |"]
+>>>>>>> main
     for r in rows:
-        lines.append(f"| {r['model']} | {r['quant']} | {r['backend']} | {r['threads']} | "
-                     f"{r['pp_tokens_per_s']:.1f} ± {r['pp_std']:.1f} | {r['tg_tokens_per_s']:.1f} ± {r['tg_std']:.1f} | "
-                     f"{r['ttft_s']:.3f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+        first = [f"{r['model']} {r['quant']}", _size(r["bundle_mb"]), _params(r["params"]), r["backend"],
+                 r["threads"]]
+        for kind, n in (("pp", r["n_prompt"]), ("tg", r["n_gen"])):
+            if n:
+                out.append(line(first + [f"{kind}{n}", f"{r[kind + '_tokens_per_s']:.2f} ± {r[kind + '_std']:.2f}"]))
+    return "\n".join(out)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The figures llama-bench does not print: time to first token, load time, peak RSS."""
+    lines = ["| model | threads | n_prompt | ttft s | load s | KV cache MiB | peak RSS MB |", "|---" * 7 + "|"]
+    for r in rows:
+        ttft = f"{r['ttft_s']:.3f}" if r["ttft_s"] is not None else "–"
+        lines.append(f"| {r['model']} {r['quant']} | {r['threads']} | {r['n_prompt']} | {ttft} | {r['load_s']:.2f} | "
+                     f"{r['kv_cache_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
+def int_list(text: str) -> list[int]:
+    """"64,512" -> [64, 512] (llama-bench's lists)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got {text!r}")
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers >= 0, got {text!r}")
+    return values
+
+
+def plan(n_prompts: list[int], n_gens: list[int]) -> list[tuple[int, int]]:
+    """(n_prompt, n_gen) per load: -p and -n paired in order; the shorter list is padded with
+    0 (= that test skipped), so -p 64,512 -n 128 runs pp64 + tg128, then pp512."""
+    from itertools import zip_longest
+    pairs = [(p, n) for p, n in zip_longest(n_prompts, n_gens, fillvalue=0) if p or n]
+    if not pairs:
+        raise ValueError("nothing to measure: -p and -n are both 0")
+    return pairs
+
+
 def run(args) -> int:
-    bundle_path = resolve(args.model, log=lambda m: print(m, file=sys.stderr))
+    def progress(msg: str) -> None:
+        print(f"bench: {msg}", file=sys.stderr, flush=True)
+    bundle_path = resolve(args.model, log=progress)
     t0 = time.perf_counter()
     bundle = Bundle.open(bundle_path)
     verify_s = time.perf_counter() - t0
+    pairs = plan(args.n_prompt, args.n_gen)
     rows = []
     if args.parallel:
         for threads in args.threads or [default_threads()]:
@@ -128,23 +210,41 @@ def run(args) -> int:
         print(json.dumps(rows, indent=1) if args.json else markdown_parallel(rows))
         return 0
     for threads in args.threads or [default_threads()]:
-        r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps)
-        r["load_s"] += verify_s           # opening includes checking every file's hash
-        rows.append(r)
-    print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1) if args.json else markdown(rows))
+        for n_prompt, n_gen in pairs:
+            r = bench_one(bundle, args.backend, threads, n_prompt, n_gen, args.reps, progress)
+            r["load_s"] += verify_s           # opening includes checking every file's hash
+            rows.append(r)
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
+    else:
+        print(table(rows))
+        if args.verbose:
+            print()
+            print(markdown(rows))
     return 0
 
 
 def register(sub) -> None:
-    b = sub.add_parser("bench", help="measure prompt/generation speed, like llama-bench")
+    b = sub.add_parser("bench", help="measure prompt/generation speed, like llama-bench",
+                       description="Prompt processing (ppN) and generation (tgN) speed in llama-bench's "
+                       "table; progress goes to stderr. -p, -n and -t take comma-separated lists.")
     add_model_choice(b)
-    b.add_argument("-p", "--n-prompt", type=int, default=128)
-    b.add_argument("-n", "--n-gen", type=int, default=64)
-    b.add_argument("-t", "--threads", type=lambda s: [int(x) for x in s.split(",")], default=None,
+    b.add_argument("-p", "--n-prompt", type=int_list, default=[128],
+                   help="prompt tokens per pp test, list allowed; 0 = no pp test (default 128)")
+    b.add_argument("-n", "--n-gen", type=int_list, default=[64],
+                   help="generated tokens per tg test, list allowed; 0 = no tg test (default 64)")
+    b.add_argument("-t", "--threads", type=int_list, default=None,
                    help="thread counts, comma separated (e.g. 1,2,4); default: all cores")
+<<<<<<< HEAD
     b.add_argument("-r", "--reps", type=int, default=3)
     b.add_argument("-np", "--parallel", type=lambda s: [int(x) for x in s.split(",")], default=None,
                    help="sequences decoded together, comma separated (e.g. 1,2,4,8): aggregate decode speed, "
                         "like llama-batched-bench (default: off)")
     b.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
+=======
+    b.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test (default 3)")
+    b.add_argument("--json", action="store_true", help="JSON (every figure and sample) instead of the table")
+    b.add_argument("-v", "--verbose", action="store_true",
+                   help="also print time to first token, load time, KV cache size and peak RSS")
+>>>>>>> main
     b.set_defaults(func=run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 
 from convert.quantize import DEFAULT_QUANT, SCHEMES
 from edge.launch import engine_from_args
@@ -36,13 +35,28 @@ def format_stats(usage) -> str:
             f"{usage.decode_tokens_per_second:.1f} tok/s")
 
 
+def read_prompt(prompt: str | None, stdin=None) -> str:
+    """The prompt argument, or standard input when it is `-` or omitted and stdin is not a
+    terminal (`echo question | edge-llm run`)."""
+    stdin = stdin or sys.stdin
+    if prompt is None and stdin.isatty():
+        raise ValueError("no prompt: give one as an argument, or pipe it in (echo 'question' | edge-llm run -)")
+    if prompt is None or prompt == "-":
+        text = stdin.read()
+        if not text.strip():
+            raise ValueError("the prompt read from standard input is empty")
+        return text.rstrip("\n")
+    return prompt
+
+
 def cmd_run(a) -> int:
+    prompt = read_prompt(a.prompt)           # before loading: a missing prompt fails at once
     engine = load_engine(a)
     params = request_defaults(a).build()
     if a.raw:
-        ids = engine.encode_text(a.prompt)
+        ids = engine.encode_text(prompt)
     else:
-        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+        msgs = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         ids = engine.encode_chat(msgs)
     last = stream(engine.generate(ids, params))
     print()
@@ -51,57 +65,10 @@ def cmd_run(a) -> int:
     return 0
 
 
-def read_user_input(prompt: str = "> ") -> str:
-    """One message: a line, or several joined while lines end with a backslash."""
-    lines = []
-    line = input(prompt)
-    while line.endswith("\\"):
-        lines.append(line[:-1])
-        line = input("… ")
-    lines.append(line)
-    return "\n".join(lines)
-
-
 def cmd_chat(a) -> int:
-    from edge.engine.conversation import Conversation
-    from edge.model.kv_cache import ContextFull
+    from edge.cli import chat
     engine = load_engine(a)
-    params = request_defaults(a).build()
-    conv = Conversation(engine, a.system)
-    print(f"edge-llm chat with {engine.name}. /reset, /system TEXT, /stats; end a line with \\ to continue; "
-          "Ctrl-C stops a reply, Ctrl-D exits.", file=sys.stderr)
-    while True:
-        try:
-            text = read_user_input()
-        except EOFError:
-            print()
-            return 0
-        except KeyboardInterrupt:
-            print()
-            continue
-        cmd, _, arg = text.strip().partition(" ")
-        if cmd == "/reset":
-            conv.reset()
-            print("(conversation cleared)")
-        elif cmd == "/system":
-            conv.reset(arg.strip() or None)
-            print("(system prompt set; conversation cleared)")
-        elif cmd == "/stats":
-            print(format_stats(conv.last_usage) if conv.last_usage else "(no reply yet)")
-            print(f"context: {engine.count_context()}/{engine.max_ctx} tokens")
-        elif cmd in ("/exit", "/quit"):
-            return 0
-        elif text.strip():
-            cancel = threading.Event()
-            try:
-                stream(conv.ask(text, params, cancel))
-            except KeyboardInterrupt:
-                cancel.set()
-                print(" [stopped]", end="")
-            except ContextFull as e:
-                conv.reset()
-                print(f"(context full: {e}; conversation cleared, ask again)")
-            print()
+    return chat.run(a, engine, request_defaults(a).build(), format_stats)
 
 
 def cmd_convert(a) -> int:
@@ -112,28 +79,72 @@ def cmd_convert(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-llm", description="Llama-family LLMs on a Raspberry Pi 5")
-    sub = p.add_subparsers(dest="command", required=True)
+class DefaultsShown(argparse.HelpFormatter):
+    """Every option that takes a value shows its default: the help text's own wording when it
+    has one ("default ..."), else argparse's value ("(default: 8)", "(default: none)")."""
 
-    r = sub.add_parser("run", help="answer one prompt, streaming")
-    r.add_argument("prompt")
-    r.add_argument("--system", help="system prompt")
+    @staticmethod
+    def with_default(action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is argparse.SUPPRESS or action.required:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text                                      # a required positional
+        if action.nargs == 0:                                # a flag: off unless given
+            return text
+        shown = "none" if action.default in (None, [], ()) else "%(default)s"
+        return f"{text} (default: {shown})".strip()
+
+    def _get_help_string(self, action) -> str:
+        return self.with_default(action)
+
+
+def _no_silent_options(parser: argparse.ArgumentParser) -> None:
+    """argparse prints nothing for an option without help text, not even its default: give
+    every such option (whichever module registered it) at least its default."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _no_silent_options(sub)
+        elif not action.help and action.help is not argparse.SUPPRESS:
+            action.help = DefaultsShown.with_default(action)
+
+
+class EdgeParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsShown)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = EdgeParser(prog="edge-llm", description="Llama-family LLMs on a Raspberry Pi 5")
+    p.add_argument("--version", action="version", version=f"edge-llm {version()}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=EdgeParser)
+
+    r = sub.add_parser("run", help="answer one prompt, streaming; stdout carries only the answer",
+                       description="Answer one prompt. The answer alone goes to stdout (progress and "
+                       "statistics go to stderr), so it can be piped: echo 'question' | edge-llm run - | head")
+    r.add_argument("prompt", nargs="?", default=None,
+                   help="the prompt; '-' or omitted with a pipe on stdin: read it from stdin")
+    r.add_argument("--system", "-p", help="system prompt (default: none)")
     r.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     r.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
     add_model_args(r)
     add_sampling_args(r)
     r.set_defaults(func=cmd_run)
 
-    c = sub.add_parser("chat", help="interactive chat")
-    c.add_argument("--system", help="system prompt")
+    c = sub.add_parser("chat", help="interactive chat in the terminal (/help inside)",
+                       description='Chat in the terminal: line editing and history, """ for several lines, '
+                       "/help, /context, /stats; Ctrl-C stops a reply, Ctrl-D exits.")
+    c.add_argument("--system", "-p", help="system prompt (default: none)")
+    c.add_argument("--file", "-f", help="put this text file's contents before the first question (default: none)")
     add_model_args(c)
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
     v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle")
-    v.add_argument("src")
-    v.add_argument("-o", "--output", required=True)
+    v.add_argument("src", help="Hugging Face checkpoint directory or GGUF file")
+    v.add_argument("-o", "--output", required=True, help="bundle directory to write")
     v.add_argument("--quant", default=DEFAULT_QUANT, choices=SCHEMES,
                    help=f"weight format of the graph (default {DEFAULT_QUANT}; f16/f32 bundles also run "
                         "on the numpy backend)")
@@ -145,20 +156,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
     v.set_defaults(func=cmd_convert)
 
-    from edge.cli import bench, perplexity
-    from edge.serial import console as serial_console
+    from edge.cli import bench, models, perplexity
+    from edge.serial import args as serial_args
     from edge.service import serve
+    models.register(sub)
     bench.register(sub)
     perplexity.register(sub)
-    serial_console.register(sub)
+    serial_args.register(sub)
     serve.register(sub)
+    _no_silent_options(p)
     return p
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as package_version
+    try:
+        return package_version("edge-llm")
+    except PackageNotFoundError:      # run from a source tree that was never installed
+        return "unknown"
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (`edge-llm run ... | head`): that is how a pipe ends, not an error.
+    Point stdout at /dev/null so that the interpreter's final flush does not complain."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError) as e:

@@ -67,7 +67,7 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
-    p.add_argument("file")
+    p.add_argument("file", help="UTF-8 text file to score (e.g. edge/data/perplexity/*.txt)")
     add_model_args(p, ctx=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--stride", type=int, default=256, help="tokens the window moves per step")
     p.set_defaults(func=run)

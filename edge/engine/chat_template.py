@@ -6,7 +6,10 @@ the same sandbox, `trim_blocks`/`lstrip_blocks`, loop controls, `tojson` without
 `raise_exception`, `strftime_now`, the restricted `dict`/`namespace`, the `{% generation %}` tag,
 and the same variables (`messages`, `add_generation_prompt`, `tools=None`, `documents=None`, the
 named special tokens, then the caller's extras). Message keys whose value is None are dropped first,
-as transformers does, because templates test `'key' in message` rather than its value.
+as transformers does, because templates test `'key' in message` rather than its value; so an
+assistant message may have `content: null` when it carries `tool_calls`. `continue_final_message`
+leaves the last message open for the model to continue (an assistant prefill), cut exactly where
+transformers cuts it.
 """
 from __future__ import annotations
 
@@ -52,13 +55,35 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template does not compile: {e}") from e
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, *,
+               continue_final_message: bool = False, **extra) -> str:
         chat = _checked_messages(messages)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+            final = chat[-1].get("content")
+            if not isinstance(final, str):
+                raise ValueError("continue_final_message is set but the final message has no content to continue")
+            chat[-1]["content"] = final + _CONTINUE_TAG
         variables = {"tools": None, "documents": None, **self.special_tokens, **extra}
         try:
-            return self._template.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
+            text = self._template.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed to render: {e}") from e
+        return _cut_at_continue_tag(text, final) if continue_final_message else text
+
+
+# transformers' marker for the end of the message to continue (render_jinja_template)
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _cut_at_continue_tag(text: str, final: str) -> str:
+    if final.strip() not in text or _CONTINUE_TAG.strip() not in text:
+        raise ChatTemplateError("the chat template drops part of the final message, so it cannot be continued")
+    at = text.rindex(_CONTINUE_TAG.strip())
+    if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:at]
+    return text[:at].rstrip()      # the template trimmed the message's trailing space
 
 
 def _checked_messages(messages: list[dict]) -> list[dict]:
@@ -71,8 +96,14 @@ def _checked_messages(messages: list[dict]) -> list[dict]:
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"messages[{i}]['role'] must be one of {sorted(ROLES)}, got {role!r}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}]['content'] must be a string, got {type(message.get('content')).__name__}")
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, (list, tuple))
+                                  or not all(isinstance(c, Mapping) for c in calls)):
+            raise ValueError(f"messages[{i}]['tool_calls'] must be a list of dicts on an assistant message")
+        content = message.get("content")
+        if not isinstance(content, str) and not (content is None and calls):
+            raise ValueError(f"messages[{i}]['content'] must be a string"
+                             f"{' (or null with tool_calls)' if role == 'assistant' else ''}, got {type(content).__name__}")
         # A fresh dict per message: the template can never touch the caller's objects.
         chat.append({key: value for key, value in message.items() if value is not None})
     return chat

@@ -2,6 +2,12 @@
 
 Shared by the terminal chat and the serial console. Each turn re-renders the whole history
 with the chat template; the engine's prefix reuse makes that cost only the new tokens.
+
+When the context fills, `make_room` drops the oldest turns (a question and its reply),
+never the system prompt, until the history plus the new question fits with room for a
+reply; whether a prompt fits is `Engine.check_fits`, the one context rule.
+A reply cut short (Ctrl-C, cancel) stays in the history, marked `interrupted`, so that the
+next question can refer to it.
 """
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import threading
 from typing import Callable, Iterator
 
 from edge.engine.engine import Engine, Event, GenerationParams
+from edge.model.kv_cache import ContextFull
 
 
 class Conversation:
@@ -24,25 +31,64 @@ class Conversation:
 
     def messages(self, user_text: str | None = None) -> list[dict]:
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        msgs += self.turns
+        msgs += [{"role": t["role"], "content": t["content"]} for t in self.turns]
         if user_text is not None:
             msgs.append({"role": "user", "content": user_text})
         return msgs
+
+    def tokens(self, user_text: str | None = None) -> list[int]:
+        """The prompt ids of the history (plus a next question); [] when there is nothing."""
+        msgs = self.messages(user_text)
+        return self.engine.encode_chat(msgs) if msgs else []
 
     def reset(self, system: str | None = ...) -> None:
         if system is not ...:
             self.system = system
         self.turns.clear()
+        self.last_usage = None
+
+    def oldest_turn(self) -> list[dict]:
+        """The messages `make_room` drops first: the oldest question and its reply."""
+        n = 2 if len(self.turns) >= 2 and self.turns[1]["role"] == "assistant" else 1
+        return self.turns[:n]
+
+    def make_room(self, user_text: str, reserve: int = 1) -> list[dict]:
+        """Drop the oldest turns, keeping the system prompt, until the history plus
+        `user_text` leaves `reserve` tokens for the reply. Returns the dropped messages;
+        raises ContextFull when the system prompt and the question alone do not fit."""
+        dropped: list[dict] = []
+        while True:
+            try:
+                self.engine.check_fits(self.tokens(user_text), reserve)
+                return dropped
+            except ContextFull:
+                if not self.turns:
+                    raise
+                oldest = self.oldest_turn()
+                dropped += oldest
+                del self.turns[:len(oldest)]
 
     def ask(self, text: str, params: GenerationParams, cancel: threading.Event | None = None,
             ) -> Iterator[Event]:
-        """Stream the reply; on a full context, raise ContextFull and leave history unchanged."""
+        """Stream the reply; on a full context, raise ContextFull and leave history unchanged.
+        A reply that ends early (cancelled, or the reader stops reading) is kept, marked."""
         ids = self.engine.encode_chat(self.messages(text))
         self.engine.check_fits(ids)
-        reply = []
-        for ev in self.generate(ids, params, cancel):
-            reply.append(ev.text)
-            if ev.usage is not None:
-                self.last_usage = ev.usage
-            yield ev
-        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(reply)}]
+        reply, last = [], None
+        try:
+            for ev in self.generate(ids, params, cancel):
+                reply.append(ev.text)
+                if ev.usage is not None:
+                    self.last_usage = ev.usage
+                last = ev
+                yield ev
+        except GeneratorExit:
+            self._record(text, reply, interrupted=True)
+            raise
+        self._record(text, reply, interrupted=last is None or last.finish_reason == "cancelled")
+
+    def _record(self, text: str, reply: list[str], interrupted: bool) -> None:
+        answer = {"role": "assistant", "content": "".join(reply)}
+        if interrupted:
+            answer["interrupted"] = True
+        self.turns += [{"role": "user", "content": text}, answer]

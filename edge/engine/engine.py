@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.detokenizer import StreamDecoder
 from edge.engine.prompt_cache import PromptCache
@@ -169,6 +171,7 @@ class Engine:
         sp = m.get("special_tokens", {})
         self.template = ChatTemplate(m.get("chat_template") or DEFAULT_CHATML,
                                      bos_token=sp.get("bos_token", ""), eos_token=sp.get("eos_token", ""))
+        self.chat = ChatEncoder(self.tokenizer, self.template)
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
         if parallel < 1:
@@ -195,12 +198,22 @@ class Engine:
         return sum(s.cache.nbytes for s in self.slots)
 
     # --- prompts -> ids ---------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The checkpoint's own template; it writes BOS itself, so the tokenizer must not."""
-        text = self.template.render(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode_chat(self, messages: list[dict], *, continue_final_message: bool | None = None,
+                    **template_vars) -> list[int]:
+        """The checkpoint's own template; it writes BOS itself, so the tokenizer must not.
+        Text from the messages (and `template_vars`, e.g. tools=[...]) is tokenized as plain text:
+        only the template's markup becomes special tokens (see chat_encoding). A conversation
+        ending with an assistant message is continued, not closed (llama.cpp's default, transformers'
+        continue_final_message), unless continue_final_message=False."""
+        if continue_final_message is None:
+            last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+            continue_final_message = (isinstance(last, Mapping) and last.get("role") == "assistant"
+                                      and isinstance(last.get("content"), str))
+        return self.chat.encode(messages, add_generation_prompt=not continue_final_message,
+                                continue_final_message=continue_final_message, **template_vars)
 
     def encode_text(self, prompt: str) -> list[int]:
+        """A raw prompt: special-token text in it *is* parsed (the caller writes its own template)."""
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
         bos = self.config.bos_token_id
         if self.bundle.manifest.get("add_bos") and bos is not None and ids[:1] != [bos]:
@@ -219,12 +232,13 @@ class Engine:
                     slot.cache.truncate(0)
 
     # --- generation -------------------------------------------------------------------
-    def check_fits(self, prompt_ids: list[int]) -> None:
-        """The one context rule: a prompt fits when at least one token can follow it.
+    def check_fits(self, prompt_ids: list[int], reserve: int = 1) -> None:
+        """The one context rule: a prompt fits when at least one token (or `reserve` tokens,
+        for a caller that wants room for a reply) can follow it.
         Raises ValueError for an empty prompt and ContextFull for one too long."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        if len(prompt_ids) >= self.max_ctx:
+        if len(prompt_ids) + max(1, reserve) > self.max_ctx:
             raise ContextFull(len(prompt_ids), self.max_ctx)
 
     def start(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None,

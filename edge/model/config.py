@@ -5,13 +5,29 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+ROPE_TYPES = ("llama3", "linear", "yarn")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3's frequency-dependent RoPE scaling (rope_type "llama3")."""
+    """RoPE frequency scaling, as transformers computes it (modeling_rope_utils):
+    "llama3" (Llama 3.1+: factor, low/high_freq_factor, original_max_position_embeddings),
+    "linear" (every frequency divided by factor) or "yarn" (factor, beta_fast/beta_slow ramp
+    between original_max_position_embeddings-based bounds, cos/sin times attention_factor).
+    Bundles written before rope_type existed hold llama3 parameters, hence the default."""
     factor: float = 32.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float = 1.0
+    truncate: bool = True
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope scaling type {self.rope_type!r} is not implemented (only {', '.join(ROPE_TYPES)})")
 
 
 @dataclass(frozen=True)

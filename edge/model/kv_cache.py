@@ -30,6 +30,10 @@ class KVCache:
     def length(self) -> int:
         return len(self.tokens)
 
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype=np.float32) -> int:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize   # K and V
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (HF "rotate half" layout), with Llama 3's frequency scaling."""
+"""Rotary position embeddings (HF "rotate half" layout), with llama3 / linear / yarn frequency
+scaling computed as transformers' modeling_rope_utils computes it."""
 from __future__ import annotations
 
 import math
@@ -9,10 +10,14 @@ from edge.model.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Per-pair rotation speeds; llama3 scaling slows the low frequencies for long context."""
+    """Per-pair rotation speeds; scaling slows (some of) them down for long context."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     if scaling is None:
         return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    if scaling.rope_type == "yarn":
+        return _yarn(inv, head_dim, theta, scaling)
     low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -24,14 +29,37 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     return np.where(medium, smoothed, scaled)
 
 
+def _yarn(inv: np.ndarray, head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """YaRN: frequencies below the beta_slow bound are interpolated (divided by factor), those
+    above beta_fast kept, a linear ramp in between (transformers' _compute_yarn_parameters)."""
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (inv / s.factor) * (1 - extrapolation) + inv * extrapolation
+
+
+def attention_scaling(scaling: RopeScaling | None) -> float:
+    """The factor transformers multiplies cos and sin by (YaRN's attention temperature)."""
+    return scaling.attention_factor if scaling is not None and scaling.rope_type == "yarn" else 1.0
+
+
 class RopeTables:
     """cos/sin for every position up to max_ctx, computed once (float64 -> float32)."""
 
     def __init__(self, cfg: ModelConfig, max_ctx: int):
         inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         angles = np.outer(np.arange(max_ctx, dtype=np.float64), inv)      # [ctx, hd/2]
-        self.cos = np.cos(angles).astype(np.float32)
-        self.sin = np.sin(angles).astype(np.float32)
+        scale = attention_scaling(cfg.rope_scaling)
+        self.cos = (np.cos(angles) * scale).astype(np.float32)
+        self.sin = (np.sin(angles) * scale).astype(np.float32)
         self.half = cfg.head_dim // 2
 
     def apply(self, x: np.ndarray, start: int) -> np.ndarray:

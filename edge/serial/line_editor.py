@@ -70,11 +70,6 @@ class LineEditor:
         self._escape: bytearray | None = None     # bytes of an escape sequence in progress
         self._discarding: int | None = None       # bytes thrown away of a refused line
 
-    @property
-    def pending(self) -> bool:
-        """Something typed but not yet ended by Enter."""
-        return bool(self._chars) or self._discarding is not None
-
     def feed(self, data: bytes) -> list[Event]:
         """All events for `data` (convenience for callers that need not stop at a line)."""
         return [ev for b in data if (ev := self.push(b)) is not None]

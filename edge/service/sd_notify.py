@@ -6,7 +6,7 @@ Outside systemd every call is a no-op that returns False, so callers never need 
 
     sd_notify.status("loading model")
     ...                                   # load, produce a warm-up token
-    dog = sd_notify.Watchdog(engine.healthy).start()   # no-op without WatchdogSec=
+    dog = sd_notify.Watchdog(scheduler.healthy).start()   # no-op without WatchdogSec=
     sd_notify.ready()
 
 systemd starts its watchdog timer when READY=1 arrives; before that, TimeoutStartSec=

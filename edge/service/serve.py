@@ -28,6 +28,7 @@ from edge.service import sd_notify
 log = logging.getLogger("edge.serve")
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+OLLAMA_PORT = 11434             # Ollama's own port, where its clients look first
 WARM_UP_PROMPT = "Hello"
 
 
@@ -41,7 +42,7 @@ def register(sub) -> None:
     add_parallel_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
     s.add_argument("--max-queue", type=int, default=8, help="requests waiting beyond this get HTTP 429")
@@ -53,16 +54,35 @@ def register(sub) -> None:
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
     s.add_argument("--watchdog-stall", type=float, default=60.0,
                    help="seconds busy without a new token before the systemd watchdog is no longer fed")
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity")
     g = s.add_argument_group("default sampling (a request's own fields win)")
     add_sampling_args(g, max_tokens_help="the rest of the context; the serial console: 256")
-    from edge.serial import console as serial_console
-    serial_console.add_serial_args(s.add_argument_group("serial console"))
+    h = s.add_argument_group("Home Assistant")
+    h.add_argument("--ollama-port", type=_port_or_off, default=None, metavar="PORT|off",
+                   help=f"serve the Ollama-compatible API on this port of --host (default {OLLAMA_PORT} if it is "
+                        "free; 'off' to disable)")
+    h.add_argument("--wyoming", metavar="HOST:PORT", default=None,
+                   help="also run a Wyoming 'handle' service for Home Assistant's Assist (default off; it has "
+                        "no authentication, so bind loopback unless the LAN must reach it), e.g. 127.0.0.1:10400")
+    h.add_argument("--wyoming-languages", default="en", help="languages the Wyoming service announces (default en)")
+    h.add_argument("--wyoming-system", default=None, help="system prompt for Wyoming conversations")
+    from edge.serial import args as serial_args
+    serial_args.add_serial_args(s.add_argument_group("serial console"))
     s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
     add_model_args(p)
     p.set_defaults(func=cmd_prepare)
+
+
+def _port_or_off(value: str) -> int | str:
+    if value == "off":
+        return value
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535 or 'off', got {value}")
+    return port
 
 
 def model_spec(a) -> str | None:
@@ -77,27 +97,60 @@ def api_key(a) -> str | None:
 
 def cmd_serve(a) -> int:
     import uvicorn
+    from edge.api.ollama_api import create_ollama_app
     from edge.api.openai_api import ServerState, create_app
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
     sock = bind(a.host, a.port)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_config=None, access_log=False,
+    sockets, app = [sock], create_app(state)
+    ollama = bind_ollama(a.host, a.ollama_port)
+    if ollama is not None:
+        sockets.append(ollama)
+        app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=5))
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (auth %s); loading the model in the background",
              _url_host(host), port, "on" if key else "OFF")
+    if ollama is not None:
+        log.info("Ollama-compatible API on http://%s:%d", _url_host(host), ollama.getsockname()[1])
     threading.Thread(target=load_and_start, args=(a, state, server), name="edge-llm-load", daemon=True).start()
     # uvicorn shuts down on SIGTERM/SIGINT, then re-raises the signal: SIGTERM must end in
     # SystemExit (not the default kill) so that the prompt cache is written on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        server.run(sockets=[sock])
+        server.run(sockets=sockets)
     finally:
         sd_notify.stopping()
         if state.engine is not None:
             state.engine.persist()
     return 1 if state.error else 0
+
+
+def bind_ollama(host: str, port: int | str | None) -> socket.socket | None:
+    """The Ollama API's socket: an explicit port must bind; the default (11434) is skipped
+    with a warning when something else (a real Ollama) holds it."""
+    if port == "off":
+        return None
+    try:
+        return bind(host, OLLAMA_PORT if port is None else port)
+    except OSError as e:
+        if port is not None:
+            raise
+        log.warning("Ollama-compatible API not started: %s (pass --ollama-port to choose another port)", e)
+        return None
+
+
+class PortDispatch:
+    """One uvicorn server, several APIs: each listening port gets its own ASGI app."""
+
+    def __init__(self, default, by_port: dict[int, object]):
+        self.default, self.by_port = default, by_port
+
+    async def __call__(self, scope, receive, send):
+        port = (scope.get("server") or (None, None))[1]
+        await self.by_port.get(port, self.default)(scope, receive, send)
 
 
 def server_config(a, key: str | None):
@@ -189,12 +242,33 @@ def warm_up(engine, generate) -> float:
 
 def start_extra_interfaces(args, engine, scheduler) -> None:
     """Other interfaces sharing this process's engine and scheduler start here, once the
-    model is ready (the serial console's `--serial PORT` goes here)."""
-    from edge.serial import console as serial_console
+    model is ready: the serial console (`--serial PORT`) and the Wyoming service. A busy
+    port or device must not take HTTP down."""
+    from edge.serial import args as serial_args
     try:
-        serial_console.start_from_args(args, engine, scheduler)
-    except serial_console.SerialConsoleError as e:   # a busy port must not take HTTP down
-        logging.getLogger("edge.serve").error("serial console not started: %s (HTTP keeps serving)", e)
+        serial_args.start_from_args(args, engine, scheduler)
+    except serial_args.SerialConsoleError as e:
+        log.error("serial console not started: %s (HTTP keeps serving)", e)
+    if getattr(args, "wyoming", None):
+        start_wyoming(args, engine, scheduler)
+
+
+def start_wyoming(a, engine, scheduler):
+    from edge.assist.wyoming_service import WyomingService, parse_address
+    host, port = parse_address(a.wyoming)
+    defaults = request_defaults(a)            # the terminal-style reply limit, not "rest of the context"
+    service = WyomingService(engine, scheduler, host, port, defaults=defaults, system=a.wyoming_system,
+                             languages=tuple(x.strip() for x in a.wyoming_languages.split(",") if x.strip()))
+    try:
+        service.start()
+    except OSError as e:
+        log.error("%s (HTTP keeps serving)", e)
+        return None
+    if not is_loopback(host):
+        log.warning("the Wyoming service on %s:%d has NO authentication (the protocol has none): anyone on "
+                    "the network can ask it questions", host, service.port)
+    log.info("Wyoming handle service on tcp://%s:%d", _url_host(host), service.port)
+    return service
 
 
 def _model_id(spec: str | None) -> str:

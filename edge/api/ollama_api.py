@@ -1,0 +1,358 @@
+"""The Ollama-compatible API: what Home Assistant's Ollama integration, Open WebUI and the
+`ollama` client speak. It runs on its own port (Ollama's 11434 by default) in the same
+server as the OpenAI API, over the same engine, scheduler, API key and limits.
+
+Mapping onto the shared request: `options` (temperature, top_k, top_p, min_p,
+repeat_penalty, presence/frequency_penalty, seed, num_predict, stop) become `RequestDefaults`
+fields; `num_ctx` and `keep_alive` are accepted (the model always stays loaded, its context
+is the server's `--ctx`); options that only tune Ollama's own runtime (threads, GPU, batch,
+mmap ...) are accepted and have no effect here. Replies stream as NDJSON by default
+(`"stream": false` for one object); durations are nanoseconds, as Ollama reports them.
+Errors are `{"error": "..."}`; an error after streaming started is an NDJSON line.
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge.api.openai_api import (ApiError, Guard, JobStream, RequestLog, ServerState, StateDep, _encode, _engine,
+                                 job_events, request_params, submit, validation_message)
+from edge.model.kv_cache import ContextFull
+
+OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
+DEFAULT_PORT = 11434
+NDJSON = "application/x-ndjson"
+
+# Ollama option -> RequestDefaults field
+OPTION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "repeat_penalty": "repetition_penalty", "presence_penalty": "presence_penalty",
+                 "frequency_penalty": "frequency_penalty", "seed": "seed", "num_predict": "max_tokens",
+                 "stop": "stop"}
+# Ollama options that tune its own runtime or samplers we do not have: accepted, no effect
+NO_EFFECT_OPTIONS = {"num_ctx", "num_keep", "typical_p", "repeat_last_n", "penalize_newline", "numa", "num_batch",
+                     "num_gpu", "main_gpu", "low_vram", "use_mmap", "use_mlock", "num_thread", "mirostat",
+                     "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | None = ""
+    images: list[str] | None = None
+    tool_calls: list[dict] | None = None
+    tool_name: str | None = None
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    format: str | dict | None = None
+    options: dict[str, Any] | None = None
+    images: list[str] | None = None
+    suffix: str | None = None
+    keep_alive: str | int | float | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    think: bool | str | None = None
+
+
+class ChatBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(default_factory=list)
+    stream: bool = True
+    format: str | dict | None = None
+    options: dict[str, Any] | None = None
+    tools: list[dict] | None = None
+    keep_alive: str | int | float | None = None
+    think: bool | str | None = None
+
+
+class ModelBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model: str | None = None
+    name: str | None = None          # older clients send "name"
+
+    @property
+    def wanted(self) -> str:
+        if not (self.model or self.name):
+            raise ApiError(400, "model is required")
+        return self.model or self.name
+
+
+# --- the app -----------------------------------------------------------------------------
+
+def error(status: int, message: str, **_) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_ollama_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="edge-llm (Ollama API)", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    app.include_router(router)
+    app.add_exception_handler(ApiError, lambda req, exc: error(exc.status, exc.message))
+    app.add_exception_handler(RequestValidationError,
+                              lambda req, exc: error(400, validation_message(exc.errors())[0]))
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(Guard, state=state, error=error)
+    app.add_middleware(RequestLog, state=state)
+    return app
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        return error(404, f"{request.method} {request.url.path}: no such endpoint")
+    if exc.status_code == 405:
+        return error(405, f"{request.url.path} does not accept {request.method}")
+    return error(exc.status_code, str(exc.detail))
+
+
+router = APIRouter()
+
+
+@router.get("/")
+def root():
+    return Response("Ollama is running", media_type="text/plain")
+
+
+@router.get("/api/version")
+def version():
+    return {"version": OLLAMA_VERSION}
+
+
+@router.get("/api/tags")
+def tags(state: StateDep):
+    return {"models": [_model_entry(state)] if state.ready else []}
+
+
+@router.get("/api/ps")
+def ps(state: StateDep):
+    if not state.ready:
+        return {"models": []}
+    entry = _model_entry(state)
+    entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0)     # always loaded, on the CPU
+    return {"models": [entry]}
+
+
+@router.post("/api/show")
+def show(body: ModelBody, state: StateDep):
+    engine = _engine_for(state, body.wanted)
+    cfg = engine.config
+    prefix = "llama"
+    return {
+        "modelfile": f"# edge-llm bundle {engine.bundle.path.name}\nFROM {engine.name}\n",
+        "parameters": f"num_ctx {engine.max_ctx}",
+        "template": engine.bundle.manifest.get("chat_template") or "",
+        "details": _details(state),
+        "model_info": {"general.architecture": prefix, "general.parameter_count": _parameter_count(cfg),
+                       f"{prefix}.context_length": engine.max_ctx,
+                       f"{prefix}.embedding_length": cfg.hidden_size,
+                       f"{prefix}.block_count": cfg.num_layers,
+                       f"{prefix}.attention.head_count": cfg.num_heads,
+                       f"{prefix}.attention.head_count_kv": cfg.num_kv_heads,
+                       f"{prefix}.vocab_size": cfg.vocab_size},
+        "capabilities": ["completion"],
+        "modified_at": _modified_at(state),
+    }
+
+
+@router.post("/api/pull")
+@router.post("/api/create")
+def pull(body: ModelBody, state: StateDep):
+    """Nothing is downloaded here: success for the installed model, a clear error otherwise."""
+    _engine_for(state, body.wanted, hint="this server runs one installed model and downloads nothing; "
+                                         "convert another with `edge-llm convert` and restart with --model")
+    return {"status": "success"}
+
+
+@router.post("/api/embed")
+@router.post("/api/embeddings")
+def embed():
+    raise ApiError(501, "embeddings are not supported by edge-llm (it serves a generative model only)")
+
+
+@router.delete("/api/delete")
+@router.post("/api/copy")
+@router.post("/api/push")
+def manage():
+    raise ApiError(501, "edge-llm does not manage models over the API; use `edge-llm convert` on the Pi")
+
+
+@router.post("/api/chat")
+async def chat(body: ChatBody, request: Request, state: StateDep):
+    engine = _engine_for(state, body.model)
+    if any(m.images for m in body.messages):
+        raise ApiError(400, "images are not supported: this model reads text only")
+    _refuse_unsupported(body.format, body.tools)
+    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    if not messages:       # Ollama: an empty chat loads the model and returns at once
+        return _loaded(state, {"message": {"role": "assistant", "content": ""}})
+    ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "messages")
+    return await _respond(state, request, body, ids, "messages",
+                          lambda text: {"message": {"role": "assistant", "content": text}})
+
+
+@router.post("/api/generate")
+async def generate(body: GenerateBody, request: Request, state: StateDep):
+    engine = _engine_for(state, body.model)
+    if body.images:
+        raise ApiError(400, "images are not supported: this model reads text only")
+    if body.suffix:
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported by this model")
+    if body.template:
+        raise ApiError(400, "a custom template is not supported; the model's own chat template is used "
+                            "(or send raw: true with the whole prompt)")
+    _refuse_unsupported(body.format, None)
+    if not body.prompt:
+        return _loaded(state, {"response": ""})
+    if body.raw:
+        ids = await run_in_threadpool(_encode, engine.encode_text, body.prompt, "prompt")
+    else:
+        messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
+                   [{"role": "user", "content": body.prompt}]
+        ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "prompt")
+    return await _respond(state, request, body, ids, "prompt", lambda text: {"response": text})
+
+
+# --- requests -> jobs -> NDJSON ------------------------------------------------------------
+
+def _refuse_unsupported(fmt, tools) -> None:
+    if fmt not in (None, ""):
+        raise ApiError(400, "format (JSON output) is not supported by this server yet")
+    if tools:
+        raise ApiError(400, "tools are not supported by this server yet")
+
+
+def overrides(options: dict | None) -> dict:
+    """Ollama `options` -> RequestDefaults fields; unknown names are refused by name."""
+    options = options or {}
+    unknown = sorted(set(options) - OPTION_FIELDS.keys() - NO_EFFECT_OPTIONS)
+    if unknown:
+        raise ApiError(400, f"unknown option(s): {', '.join(unknown)}")
+    out = {OPTION_FIELDS[k]: v for k, v in options.items() if k in OPTION_FIELDS}
+    if isinstance(out.get("max_tokens"), int) and out["max_tokens"] in (-1, -2):
+        out["max_tokens"] = None          # Ollama: -1 = no limit, -2 = fill the context
+    if out.get("max_tokens") == 0:
+        raise ApiError(400, "num_predict must be at least 1 (or -1 for no limit)")
+    return out
+
+
+async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, shape):
+    t0 = time.perf_counter()
+    params = request_params(state, ids, param, **overrides(body.options))
+    job = submit(state, ids, params)
+    model = body.model
+    if body.stream:
+        return JobStream(job, _ndjson(state, job, model, shape, t0), media_type=NDJSON)
+    parts, last = [], None
+    try:
+        async for ev in job_events(job, state.limiter):
+            parts.append(ev.text)
+            last = ev
+    except ContextFull as e:
+        raise ApiError(400, str(e)) from e
+    finally:
+        job.cancel()          # a client that left stops its generation; a finished job ignores it
+    return JSONResponse(_final(model, shape("".join(parts)), last, t0))
+
+
+async def _ndjson(state: ServerState, job, model: str, shape, t0: float) -> AsyncIterator[str]:
+    try:
+        async for ev in job_events(job, state.limiter):
+            if ev.usage is not None:
+                if ev.text:
+                    yield _line({"model": model, "created_at": _now(), **shape(ev.text), "done": False})
+                yield _line(_final(model, shape(""), ev, t0))
+            elif ev.text:
+                yield _line({"model": model, "created_at": _now(), **shape(ev.text), "done": False})
+    except ContextFull as e:
+        yield _line({"error": str(e)})
+    except Exception as e:        # mid-stream: the status is sent already, so say it in the stream
+        yield _line({"error": f"generation failed: {e}"})
+
+
+def _final(model: str, content: dict, last, t0: float) -> dict:
+    usage = last.usage
+    reason = {"stop": "stop", "length": "length", "cancelled": "stop"}.get(last.finish_reason, last.finish_reason)
+    ns = lambda s: int(s * 1e9)
+    return {"model": model, "created_at": _now(), **content, "done": True, "done_reason": reason,
+            "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
+            "prompt_eval_count": usage.prompt_tokens, "prompt_eval_duration": ns(usage.time_to_first_token),
+            "eval_count": usage.completion_tokens, "eval_duration": ns(usage.decode_seconds)}
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False) + "\n"
+
+
+def _loaded(state: ServerState, content: dict) -> JSONResponse:
+    return JSONResponse({"model": state.model_id, "created_at": _now(), **content, "done": True,
+                         "done_reason": "load"})
+
+
+# --- the one model, by Ollama's names ------------------------------------------------------
+
+def model_names(state: ServerState) -> set[str]:
+    """What a client may call the model: its id, with or without Ollama's ":latest" tag,
+    in any case."""
+    base = state.model_id.lower()
+    return {base, f"{base}:latest"}
+
+
+def _engine_for(state: ServerState, name: str, hint: str = ""):
+    engine = _engine(state)
+    if (name or "").lower() not in model_names(state):
+        raise ApiError(404, f"model '{name}' not found; this server runs '{_tag(state)}'"
+                            + (f" ({hint})" if hint else ""))
+    return engine
+
+
+def _tag(state: ServerState) -> str:
+    return f"{state.model_id}:latest"
+
+
+def _model_entry(state: ServerState) -> dict:
+    bundle = state.engine.bundle
+    files = bundle.manifest["files"]
+    return {"name": _tag(state), "model": _tag(state), "modified_at": _modified_at(state),
+            "size": sum(f["size"] for f in files.values()),
+            "digest": files["model.tflite"]["sha256"] if "model.tflite" in files else
+            next(iter(files.values()))["sha256"],
+            "details": _details(state)}
+
+
+def _details(state: ServerState) -> dict:
+    cfg = state.engine.config
+    n = _parameter_count(cfg)
+    return {"parent_model": "", "format": "tflite", "family": "llama", "families": ["llama"],
+            "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
+            "quantization_level": state.engine.bundle.quant}
+
+
+def _parameter_count(cfg) -> int:
+    d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    kv = cfg.num_kv_heads * cfg.head_dim
+    per_layer = d * (cfg.num_heads * cfg.head_dim) * 2 + d * kv * 2 + 3 * d * f + 2 * d
+    return v * d * (1 if cfg.tie_word_embeddings else 2) + L * per_layer + d
+
+
+def _modified_at(state: ServerState) -> str:
+    mtime = (state.engine.bundle.path / "manifest.json").stat().st_mtime
+    return datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")

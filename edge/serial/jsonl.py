@@ -1,0 +1,108 @@
+"""The JSON-lines protocol, for a microcontroller or a script: one JSON request per line in,
+one JSON event per line out. Requests are stateless (send "messages" for a multi-turn chat).
+
+In:  {"id": any, "prompt": str, "system": str} or {"id": any, "messages": [{"role", "content"}]},
+     plus any request field (max_tokens, stop, temperature, top_k, ...).
+Out: {"ready": true, "model", "max_ctx"} on connect; {"id", "delta"} per piece of text;
+     {"id", "done": true, "finish_reason", "usage"} at the end; {"id", "error": {"code", "message"}}.
+"""
+from __future__ import annotations
+
+import json
+
+from edge.engine.engine import GenerationParams
+from edge.engine.scheduler import QueueFull
+from edge.launch.request import REQUEST_FIELDS
+from edge.model.kv_cache import ContextFull
+from edge.serial.line_editor import Line
+from edge.serial.protocol import Protocol
+
+_REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS
+
+
+def json_bytes(rid=None, **fields) -> bytes:
+    return (json.dumps(({"id": rid} if rid is not None else {}) | fields) + "\n").encode("ascii")
+
+
+class JsonlProtocol(Protocol):
+    echo = False          # a machine does not want its request back
+
+    def __init__(self, console, *, echo: bool = False, system: str | None = None):
+        """`echo` and `system` are the human console's; requests bring their own system prompt."""
+        super().__init__(console)
+        self.engine = console.engine
+
+    def send(self, rid=None, wait: float = 0.0, **fields) -> bool:
+        return self.console.send(json_bytes(rid, **fields), wait)
+
+    def error(self, rid, code: str, message: str) -> None:
+        self.send(rid, error=dict(code=code, message=message))
+
+    def report(self, code: str, message: str) -> None:
+        self.error(None, code, message)
+
+    def greet(self) -> None:
+        self.send(ready=True, model=self.engine.name, max_ctx=self.engine.max_ctx)
+
+    def handle(self, line: Line) -> None:
+        """Corrupted bytes (noise, wrong baud rate) refuse the request rather than run a guess."""
+        if line.replaced or line.ignored:
+            return self.error(None, "bad_bytes", f"{line.replaced} invalid UTF-8 sequence(s), "
+                              f"{line.ignored} control byte(s); request refused")
+        try:
+            req = json.loads(line.text)
+        except ValueError as e:
+            return self.error(None, "bad_json", str(e))
+        rid = req.get("id") if isinstance(req, dict) else None
+        try:
+            ids, params = self._request(req)
+        except ContextFull as e:
+            return self.error(rid, "context_full", str(e))
+        except (ValueError, TypeError) as e:
+            return self.error(rid, "bad_request", str(e))
+        cancel = self.console.current_cancel()
+        try:
+            last, _ = self.console.stream(self.console.scheduler.stream(ids, params, cancel), cancel,
+                                          lambda ev: json_bytes(rid, delta=ev.text))
+        except ContextFull as e:
+            return self.error(rid, "context_full", str(e))
+        except QueueFull as e:
+            return self.error(rid, "busy", str(e))
+        if last is not None:
+            self.send(rid, wait=self.console.stall_timeout, done=True, finish_reason=last.finish_reason,
+                      usage=_usage_dict(last.usage))
+
+    def _request(self, req) -> tuple[list[int], GenerationParams]:
+        if not isinstance(req, dict):
+            raise ValueError("a request is a JSON object")
+        unknown = sorted(set(req) - _REQUEST_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
+        params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()})
+        ids = self.engine.encode_chat(_messages(req))
+        self.engine.check_fits(ids)
+        return ids, params
+
+
+def _messages(req: dict) -> list[dict]:
+    if ("prompt" in req) == ("messages" in req):
+        raise ValueError('give exactly one of "prompt" (a string) or "messages" (a list)')
+    if "prompt" in req:
+        if not isinstance(req["prompt"], str) or not isinstance(req.get("system", ""), str):
+            raise ValueError('"prompt" and "system" must be strings')
+        system = [{"role": "system", "content": req["system"]}] if req.get("system") else []
+        return system + [{"role": "user", "content": req["prompt"]}]
+    msgs = req["messages"]
+    if not (isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs)):
+        raise ValueError('"messages" must be a non-empty list of {"role": str, "content": str}')
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _usage_dict(u) -> dict | None:
+    if u is None:
+        return None
+    return dict(prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_tokens,
+                completion_tokens=u.completion_tokens, time_to_first_token=round(u.time_to_first_token, 4),
+                tokens_per_second=round(u.decode_tokens_per_second, 2))

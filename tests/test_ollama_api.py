@@ -1,0 +1,133 @@
+"""The Ollama-compatible API through the official `ollama` client against a real server."""
+from __future__ import annotations
+
+import threading
+
+import httpx
+import ollama
+import pytest
+from openai import OpenAI
+
+from edge.api.ollama_api import create_ollama_app
+from edge.api.openai_api import create_app
+from edge.service.serve import PortDispatch, bind
+from tests.http_server import engine_text, ready_state, running
+from tests.test_http_api import slow_engine, smol, smol_bundle, tiny, tiny_bundle, tiny_src  # noqa: F401 fixtures
+
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def smol_ollama(smol):
+    with running(ready_state(smol), create_ollama_app) as base:
+        yield ollama.Client(host=base), base
+
+
+def test_list_show_ps_version(smol_ollama, smol):
+    client, base = smol_ollama
+    models = client.list().models
+    assert [m.model for m in models] == [f"{smol.name}:latest"]
+    assert models[0].size > 0 and models[0].digest and models[0].details.family == "llama"
+    shown = client.show(smol.name)
+    assert shown.modelinfo["llama.context_length"] == smol.max_ctx
+    assert shown.details.quantization_level == smol.bundle.quant
+    assert [m.model for m in client.ps().models] == [f"{smol.name}:latest"]
+    assert httpx.get(f"{base}/api/version").json()["version"]
+
+
+def test_chat_matches_the_engine_streamed_or_not(smol_ollama, smol):
+    client, _ = smol_ollama
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want, finish, usage = engine_text(smol, smol.encode_chat(messages), 16, temperature=0)
+    whole = client.chat(model=smol.name, messages=messages, stream=False, options={**GREEDY, "num_predict": 16})
+    assert whole.message.content == want and whole.message.role == "assistant"
+    assert whole.done and whole.done_reason == ("length" if finish == "length" else "stop")
+    assert whole.prompt_eval_count == usage.prompt_tokens and whole.eval_count == usage.completion_tokens
+    assert whole.total_duration > 0 and whole.eval_duration >= 0
+    parts = list(client.chat(model=f"{smol.name}:latest", messages=messages, stream=True,
+                             options={**GREEDY, "num_predict": 16}))
+    assert "".join(p.message.content for p in parts) == want
+    assert [p.done for p in parts].count(True) == 1 and parts[-1].done
+
+
+def test_generate_uses_the_chat_template_unless_raw(smol_ollama, smol):
+    client, _ = smol_ollama
+    want, _, _ = engine_text(smol, smol.encode_chat([{"role": "system", "content": "Be brief."},
+                                                     {"role": "user", "content": "Name a colour."}]), 8, temperature=0)
+    got = client.generate(model=smol.name, prompt="Name a colour.", system="Be brief.", options={**GREEDY, "num_predict": 8})
+    assert got.response == want
+    raw_want, _, _ = engine_text(smol, smol.encode_text("The Raspberry Pi is"), 8, temperature=0)
+    streamed = client.generate(model=smol.name, prompt="The Raspberry Pi is", raw=True, stream=True,
+                               options={**GREEDY, "num_predict": 8})
+    assert "".join(p.response for p in streamed) == raw_want
+
+
+def test_errors_are_ollama_shaped(smol_ollama, smol):
+    client, base = smol_ollama
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="llama3.2", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 404 and "llama3.2" in e.value.error and smol.name in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull("llama3.2")
+    assert e.value.status_code == 404
+    assert client.pull(smol.name).status == "success"
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model=smol.name, input="x")
+    assert e.value.status_code == 501 and "not supported" in e.value.error
+    r = httpx.post(f"{base}/api/chat", content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    r = httpx.post(f"{base}/api/chat", json={"model": smol.name, "messages": [{"role": "user", "content": "x"}],
+                                             "options": {"temprature": 0.1}})
+    assert r.status_code == 400 and r.json() == {"error": "unknown option(s): temprature"}
+    r = httpx.post(f"{base}/api/generate", json={"model": smol.name, "prompt": "x", "options": {"top_p": 7}})
+    assert r.status_code == 400 and "top_p" in r.json()["error"]
+    r = httpx.get(f"{base}/api/nothing")
+    assert r.status_code == 404 and "no such endpoint" in r.json()["error"]
+
+
+def test_empty_prompt_loads_and_answers_at_once(smol_ollama, smol):
+    client, _ = smol_ollama
+    r = client.generate(model=smol.name, prompt="")
+    assert r.done and r.done_reason == "load" and r.response == ""
+
+
+def test_api_key_applies_to_the_ollama_port(smol):
+    with running(ready_state(smol, api_key="k3y"), create_ollama_app) as base:
+        assert httpx.get(f"{base}/api/tags").status_code == 401
+        assert httpx.get(f"{base}/api/tags").json()["error"].startswith("Missing API key")
+        ok = ollama.Client(host=base, headers={"Authorization": "Bearer k3y"}).list()
+        assert len(ok.models) == 1
+
+
+def test_ollama_and_openai_ports_of_one_server_at_once(tiny):
+    """One uvicorn server, two ports: an Ollama chat while an OpenAI stream runs."""
+    import time
+
+    import uvicorn
+    state = ready_state(tiny)
+    slow_engine(state, 0.01)
+    a, b = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
+    app = PortDispatch(create_app(state), {b.getsockname()[1]: create_ollama_app(state)})
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [a, b]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        oa = OpenAI(base_url=f"http://127.0.0.1:{a.getsockname()[1]}/v1", api_key="x")
+        got = {}
+
+        def openai_stream():
+            got["openai"] = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
+                model="t", messages=[{"role": "user", "content": "w1"}], max_tokens=20, stream=True))
+        t = threading.Thread(target=openai_stream)
+        t.start()
+        reply = ollama.Client(host=f"http://127.0.0.1:{b.getsockname()[1]}", timeout=60).chat(
+            model=tiny.name, messages=[{"role": "user", "content": "w2"}], options={"num_predict": 5})
+        t.join(60)
+        assert reply.done and reply.eval_count == 5
+        assert got["openai"]
+        assert httpx.get(f"http://127.0.0.1:{b.getsockname()[1]}/v1/models").status_code == 404   # ports stay apart
+    finally:
+        server.should_exit = True
+        thread.join(10)
