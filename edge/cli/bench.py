@@ -80,7 +80,6 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
     }
 
 
-<<<<<<< HEAD
 def bench_parallel(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
                    parallel: list[int]) -> list[dict]:
     """Aggregate decode speed with B sequences decoded together (one stacked pass per step,
@@ -124,10 +123,6 @@ def markdown_parallel(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict]) -> str:
-    head = "| model | quant | backend | threads | pp{p} t/s | tg{n} t/s | ttft s | load s | peak RSS MB |"
-    lines = [head.format(p=rows[0]["n_prompt"], n=rows[0]["n_gen"]), "|---" * 9 + "|"]
-=======
 def param_count(cfg) -> int:
     """Weights of a Llama-style model, from its shape (embedding counted once when tied)."""
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -154,7 +149,6 @@ def table(rows: list[dict]) -> str:
         return "| " + " | ".join(f"{c:{a}{w}}" for c, (_, w, a) in zip(cells, TABLE)) + " |"
     out = [line([name for name, _, _ in TABLE]),
            "| " + " | ".join(("-" * (w - 1) + ":") if a == ">" else "-" * w for _, w, a in TABLE) + " |"]
->>>>>>> main
     for r in rows:
         first = [f"{r['model']} {r['quant']}", _size(r["bundle_mb"]), _params(r["params"]), r["backend"],
                  r["threads"]]
@@ -206,7 +200,8 @@ def run(args) -> int:
     rows = []
     if args.parallel:
         for threads in args.threads or [default_threads()]:
-            rows += bench_parallel(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps, args.parallel)
+            rows += bench_parallel(bundle, args.backend, threads, args.n_prompt[0], args.n_gen[0] or 64, args.reps,
+                                   args.parallel)
         print(json.dumps(rows, indent=1) if args.json else markdown_parallel(rows))
         return 0
     for threads in args.threads or [default_threads()]:
@@ -235,16 +230,11 @@ def register(sub) -> None:
                    help="generated tokens per tg test, list allowed; 0 = no tg test (default 64)")
     b.add_argument("-t", "--threads", type=int_list, default=None,
                    help="thread counts, comma separated (e.g. 1,2,4); default: all cores")
-<<<<<<< HEAD
-    b.add_argument("-r", "--reps", type=int, default=3)
-    b.add_argument("-np", "--parallel", type=lambda s: [int(x) for x in s.split(",")], default=None,
-                   help="sequences decoded together, comma separated (e.g. 1,2,4,8): aggregate decode speed, "
-                        "like llama-batched-bench (default: off)")
-    b.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
-=======
     b.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test (default 3)")
     b.add_argument("--json", action="store_true", help="JSON (every figure and sample) instead of the table")
     b.add_argument("-v", "--verbose", action="store_true",
                    help="also print time to first token, load time, KV cache size and peak RSS")
->>>>>>> main
+    b.add_argument("-np", "--parallel", type=int_list, default=None,
+                   help="sequences decoded together, comma separated (e.g. 1,2,4,8): aggregate decode speed, "
+                        "like llama-batched-bench (default: off)")
     b.set_defaults(func=run)
