@@ -389,15 +389,16 @@ def test_loading_then_ok(tiny):
                                                      "busy": False, "max_context": TINY_CTX}
 
 
-def test_health_names_the_stall_time(tiny):
+def test_health_names_the_stall_time(tiny, monkeypatch):
     """A busy engine without a token for `stall_seconds` is reported with that time."""
     scheduler = Scheduler(tiny, stall_seconds=0.25)
     state = ServerState("tiny-model")
     state.set_ready(tiny, scheduler)
     with running(state) as base:
-        scheduler.busy, scheduler.last_progress = True, time.monotonic() - 1   # wedged mid-reply
+        monkeypatch.setattr(Scheduler, "busy", property(lambda self: True))   # wedged mid-reply
+        scheduler.last_progress = time.monotonic() - 1
         r = httpx.get(f"{base}/health")
-        scheduler.busy = False
+        monkeypatch.undo()
     assert r.status_code == 503 and r.json()["status"] == "stalled", r.text
     assert "no progress for 0.25 s" in r.json()["error"]["message"], r.text
 
