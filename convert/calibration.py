@@ -61,6 +61,6 @@ def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np
             seen.append((f"layers.{i}.{group}", v))
             return v
 
-        x = llama_layer(x, layer_weights(get, i), i, attention, cache, 0, eps, observe)
+        x = llama_layer(x, layer_weights(get, i), lambda qkv: attention(i, qkv, cache, 0), eps, observe)
         yield from seen
     yield "head", rms_norm(x, get("final_norm"), eps)

@@ -13,15 +13,14 @@ from edge.engine import engine as engine_module
 
 
 def slow_down(seconds: float) -> None:
-    generate = engine_module.Engine._generate
+    step = engine_module.Engine.step
 
-    def slow(self, ids, params, cancel):
+    def slow(self, seqs):
         self.eos_ids = frozenset()
-        for ev in generate(self, ids, params, cancel):
-            if seconds:
-                time.sleep(seconds)
-            yield ev
-    engine_module.Engine._generate = slow
+        if seconds:
+            time.sleep(seconds)
+        return step(self, seqs)
+    engine_module.Engine.step = slow
 
 
 if __name__ == "__main__":

@@ -266,12 +266,12 @@ def test_a_long_prefill_is_progress_not_a_stall(tiny_bundle):
     from edge.engine.engine import GenerationParams
     from edge.engine.scheduler import Scheduler
     engine = fresh_tiny(tiny_bundle, ctx=512)
-    forward = engine.model.forward
+    forward = engine.model.forward_batch
 
-    def slow_chunk(tokens, cache, all_logits=False):
-        time.sleep(0.4 if len(tokens) > 1 else 0)      # a Pi-sized prefill chunk
-        return forward(tokens, cache, all_logits)
-    engine.model.forward = slow_chunk
+    def slow_chunk(items, all_logits=False):
+        time.sleep(0.4 if sum(len(t) for t, _ in items) > 1 else 0)      # a Pi-sized prefill chunk
+        return forward(items, all_logits)
+    engine.model.forward_batch = slow_chunk
     scheduler = Scheduler(engine, stall_seconds=1.2)
     job = scheduler.submit([5] * 300, GenerationParams(max_tokens=1))   # 5 chunks: 2 s
     health = []
@@ -308,8 +308,13 @@ def test_same_request_same_answer_cold_warm_and_after_another(which, tiny_bundle
     ids, unrelated, more = (rng.integers(3, 256, n).tolist() for n in (150, 90, 20))
 
     def first_logits(x):
-        with engine._lock:
-            return engine._prefill(x)[0]
+        """The logits the first token is sampled from (what the prefill left)."""
+        seq = engine.start(x, GenerationParams(max_tokens=1, sampling=SamplingParams(temperature=0)))
+        seen, take = [], seq.take
+        seq.take = lambda logits: seen.append(np.array(logits)) or take(logits)
+        while not seq.done:
+            engine.step([seq])
+        return seen[0]
     engine.reset()
     want = first_logits(ids)
     assert np.array_equal(first_logits(ids), want)
@@ -506,13 +511,13 @@ def test_a_cancelled_request_stops_between_prefill_chunks(tiny_bundle):
     """A client gone (or SIGTERM) during a long prefill frees the engine at the next chunk."""
     from edge.engine.engine import GenerationParams
     engine = fresh_tiny(tiny_bundle, ctx=512)
-    forward, cancel = engine.model.forward, threading.Event()
+    forward, cancel = engine.model.forward_batch, threading.Event()
 
-    def slow_chunk(tokens, cache, all_logits=False):
-        out = forward(tokens, cache, all_logits)
+    def slow_chunk(items, all_logits=False):
+        out = forward(items, all_logits)
         cancel.set()                                  # the client leaves during the first chunk
         return out
-    engine.model.forward = slow_chunk
+    engine.model.forward_batch = slow_chunk
     events = list(engine.generate([5] * 300, GenerationParams(max_tokens=4), cancel))
     assert [e.finish_reason for e in events] == ["cancelled"]
-    assert engine.cache.length == 64 and events[-1].usage.completion_tokens == 0
+    assert engine.count_context() == 64 and events[-1].usage.completion_tokens == 0

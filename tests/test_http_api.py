@@ -390,15 +390,16 @@ def test_loading_then_ok(tiny):
                                                      "busy": False, "max_context": TINY_CTX}
 
 
-def test_health_names_the_stall_time(tiny):
+def test_health_names_the_stall_time(tiny, monkeypatch):
     """A busy engine without a token for `stall_seconds` is reported with that time."""
     scheduler = Scheduler(tiny, stall_seconds=0.25)
     state = ServerState("tiny-model")
     state.set_ready(tiny, scheduler)
     with running(state) as base:
-        scheduler.busy, scheduler.last_progress = True, time.monotonic() - 1   # wedged mid-reply
+        monkeypatch.setattr(Scheduler, "busy", property(lambda self: True))   # wedged mid-reply
+        scheduler.last_progress = time.monotonic() - 1
         r = httpx.get(f"{base}/health")
-        scheduler.busy = False
+        monkeypatch.undo()
     assert r.status_code == 503 and r.json()["status"] == "stalled", r.text
     assert "no progress for 0.25 s" in r.json()["error"]["message"], r.text
 
@@ -425,6 +426,9 @@ def test_metrics_in_prometheus_text_format(tiny):
     assert samples["edge_llm_queue_depth"] == 0 and samples["edge_llm_model_loaded"] == 1
     assert samples["edge_llm_last_tokens_per_second"] > 0
     assert samples['edge_llm_time_to_first_token_seconds_bucket{le="+Inf"}'] == 2
+    assert samples['edge_llm_request_time_to_first_token_seconds_bucket{le="+Inf"}'] == 2
+    assert 1 <= samples["edge_llm_inter_token_seconds_count"] <= (3 - 1) + (5 - 1)
+    assert samples["edge_llm_running"] == 0
     assert samples["edge_llm_time_to_first_token_seconds_count"] == 2
     assert "# TYPE edge_llm_time_to_first_token_seconds histogram" in text
 

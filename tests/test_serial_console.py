@@ -122,13 +122,12 @@ def scheduler(engine):
 
 def slow_down(engine, seconds_per_token):
     """A model as slow as a big one on a Pi, so that replies last long enough to interrupt."""
-    generate = engine.generate
+    step = engine.step
 
-    def slow(ids, params, cancel=None, **kw):
-        for ev in generate(ids, params, cancel, **kw):
-            time.sleep(seconds_per_token)
-            yield ev
-    engine.generate = slow
+    def slow(seqs):
+        time.sleep(seconds_per_token)
+        return step(seqs)
+    engine.step = slow
 
 
 class Terminal:
@@ -488,10 +487,9 @@ def test_machine_mode_type_ahead_overflow_drops_whole_lines(engine, scheduler, t
 
 
 def test_machine_mode_engine_failure_keeps_the_request_id(engine, machine, term, monkeypatch):
-    def broken(ids, params, cancel=None, **kw):
+    def broken(seqs):
         raise FloatingPointError("the model produced no finite logit")
-        yield
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(engine, "step", broken)
     (event,) = request(term, {"id": 41, "prompt": "hi", "max_tokens": 2})
     assert event["id"] == 41 and event["error"]["code"] == "internal", event
 

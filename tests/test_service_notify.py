@@ -75,8 +75,8 @@ def test_ready_after_first_token_then_watchdog_until_wedged(tmp_path, notify_soc
 
     wedge = threading.Event()
     model = state.scheduler.engine.model
-    real_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: wedge.wait() or real_forward(*a, **k))
+    real_forward = model.forward_batch
+    monkeypatch.setattr(model, "forward_batch", lambda *a, **k: wedge.wait() or real_forward(*a, **k))
     state.scheduler.submit([1, 2, 3], GenerationParams(max_tokens=2))
     wedged_at = time.monotonic()
     try:

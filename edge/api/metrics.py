@@ -7,10 +7,12 @@ the queue depth is read from the scheduler at scrape time.
 from __future__ import annotations
 
 import threading
+import time
 from bisect import bisect_left
 from collections import Counter
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.5)
 
 
 class Histogram:
@@ -42,7 +44,11 @@ class Metrics:
         self.last_tokens_per_second = 0.0
         self.last_duration = 0.0                    # seconds the last generation held the engine
         self.ttft = Histogram()
+        self.ttft_queued = Histogram()              # from submission: queue wait included
+        self.inter_token = Histogram(ITL_BUCKETS)   # gap between a stream's tokens, other streams beside it
+        self._last_token: dict[int, float] = {}
         self.queue_depth = lambda: 0
+        self.running = lambda: 0
         self.loaded = lambda: False
 
     def count_request(self, status: int) -> None:
@@ -51,6 +57,17 @@ class Metrics:
 
     def on_event(self, job, event) -> None:
         """Scheduler listener: called in the engine's thread for every event."""
+        now = time.monotonic()
+        with self._lock:
+            if event.token_id is not None:
+                last = self._last_token.get(id(job))
+                if last is None:
+                    self.ttft_queued.observe(now - job.submitted)
+                else:
+                    self.inter_token.observe(now - last)
+                self._last_token[id(job)] = now
+            if event.usage is not None:
+                self._last_token.pop(id(job), None)
         if event.usage is None:
             return
         u = event.usage
@@ -79,12 +96,19 @@ class Metrics:
                         "Prompt tokens whose KV cache was reused (not recomputed).", self.cached_tokens),
                 _simple("edge_llm_last_tokens_per_second", "gauge",
                         "Decode speed of the last request, tokens per second.", self.last_tokens_per_second),
-                _simple("edge_llm_queue_depth", "gauge", "Requests waiting for the engine.", self.queue_depth()),
+                _simple("edge_llm_queue_depth", "gauge", "Requests waiting for a slot.", self.queue_depth()),
+                _simple("edge_llm_running", "gauge", "Requests generating now (busy slots).", self.running()),
                 _simple("edge_llm_model_loaded", "gauge", "1 once the model is loaded and warm.",
                         int(bool(self.loaded()))),
                 _family("edge_llm_time_to_first_token_seconds", "histogram",
                         "Time from the start of a generation to its first token.",
                         self.ttft.lines("edge_llm_time_to_first_token_seconds")),
+                _family("edge_llm_request_time_to_first_token_seconds", "histogram",
+                        "Time from a request's submission (queue wait included) to its first token.",
+                        self.ttft_queued.lines("edge_llm_request_time_to_first_token_seconds")),
+                _family("edge_llm_inter_token_seconds", "histogram",
+                        "Time between two tokens of one stream (other streams run beside it).",
+                        self.inter_token.lines("edge_llm_inter_token_seconds")),
             ]
         return "".join(parts)
 

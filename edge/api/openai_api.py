@@ -86,6 +86,7 @@ class ServerState:
     def set_ready(self, engine, scheduler) -> None:
         scheduler.listeners.append(self.metrics.on_event)
         self.metrics.queue_depth = lambda: scheduler.queue_depth
+        self.metrics.running = lambda: scheduler.running
         self.model_id = engine.name
         self.engine, self.scheduler = engine, scheduler
 
@@ -110,7 +111,7 @@ class ServerState:
         """Threads reading job events: one per waiting or running job, plus a few abandoned
         by clients that left (they end at their job's next event)."""
         if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + 8)
+            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + self.engine.parallel + 8)
         return self._limiter
 
 

@@ -80,6 +80,49 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
     }
 
 
+def bench_parallel(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
+                   parallel: list[int]) -> list[dict]:
+    """Aggregate decode speed with B sequences decoded together (one stacked pass per step,
+    like llama-batched-bench's S_TG): each sequence has its own cache holding an n_prompt
+    prompt, and each step gives every sequence one token."""
+    model = load_backend(bundle, backend, n_prompt + n_gen + 8, threads, weight_cache_dir(bundle))
+    rng = np.random.default_rng(0)
+    caches = [model.new_cache() for _ in range(max(parallel))]
+    prompts = [rng.integers(0, bundle.config.vocab_size, n_prompt) for _ in caches]
+    rows = []
+    for b in parallel:
+        def generate():
+            tokens = []
+            for cache, prompt in zip(caches[:b], prompts):
+                cache.truncate(0)
+                if n_prompt:
+                    cache.append(prompt)        # positions to attend over; their K/V values do not matter here
+                tokens.append([1])
+            for _ in range(n_gen):
+                tokens = [[int(np.argmax(lg))] for lg in model.forward_batch(list(zip(tokens, caches[:b])))]
+        generate()                  # warm-up: the B-row buffers
+        tg = [_timed(generate) for _ in range(reps)]
+        agg = b * n_gen / statistics.median(tg)
+        rows.append({"model": bundle.name, "quant": bundle.quant, "backend": model.backend, "threads": threads,
+                     "np": b, "n_prompt": n_prompt, "n_gen": n_gen, "reps": reps,
+                     "tg_aggregate_tokens_per_s": agg, "tg_per_stream_tokens_per_s": agg / b,
+                     "tg_samples_s": tg})
+    base = rows[0]["tg_aggregate_tokens_per_s"] / rows[0]["np"]
+    for r in rows:
+        r["aggregate_vs_one_stream"] = r["tg_aggregate_tokens_per_s"] / base
+    return rows
+
+
+def markdown_parallel(rows: list[dict]) -> str:
+    lines = [f"| model | quant | backend | threads | np | tg{rows[0]['n_gen']} aggregate t/s | per stream t/s "
+             f"| aggregate ÷ one stream |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['quant']} | {r['backend']} | {r['threads']} | {r['np']} | "
+                     f"{r['tg_aggregate_tokens_per_s']:.1f} | {r['tg_per_stream_tokens_per_s']:.1f} | "
+                     f"{r['aggregate_vs_one_stream']:.2f}x |")
+    return "\n".join(lines)
+
+
 def param_count(cfg) -> int:
     """Weights of a Llama-style model, from its shape (embedding counted once when tied)."""
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -155,6 +198,12 @@ def run(args) -> int:
     verify_s = time.perf_counter() - t0
     pairs = plan(args.n_prompt, args.n_gen)
     rows = []
+    if args.parallel:
+        for threads in args.threads or [default_threads()]:
+            rows += bench_parallel(bundle, args.backend, threads, args.n_prompt[0], args.n_gen[0] or 64, args.reps,
+                                   args.parallel)
+        print(json.dumps(rows, indent=1) if args.json else markdown_parallel(rows))
+        return 0
     for threads in args.threads or [default_threads()]:
         for n_prompt, n_gen in pairs:
             r = bench_one(bundle, args.backend, threads, n_prompt, n_gen, args.reps, progress)
@@ -185,4 +234,7 @@ def register(sub) -> None:
     b.add_argument("--json", action="store_true", help="JSON (every figure and sample) instead of the table")
     b.add_argument("-v", "--verbose", action="store_true",
                    help="also print time to first token, load time, KV cache size and peak RSS")
+    b.add_argument("-np", "--parallel", type=int_list, default=None,
+                   help="sequences decoded together, comma separated (e.g. 1,2,4,8): aggregate decode speed, "
+                        "like llama-batched-bench (default: off)")
     b.set_defaults(func=run)

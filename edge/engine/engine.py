@@ -1,33 +1,44 @@
-"""The engine: one loaded model, one KV cache, and the generation loop every interface uses.
+"""The engine: one loaded model, a few sequence slots, and the generation loop every
+interface uses.
 
 Interfaces hand it token ids (or chat messages) and sampling settings and read back a stream
-of `Event`s; they never see tensors. One sequence runs at a time (a lock); the cache of the
-last sequence is kept so that a request sharing its prefix (same system prompt, next chat
-turn) only prefills the new tokens.
+of `Event`s; they never see tensors. Each request runs in a **slot** (a KV cache of its
+own); a slot keeps its tokens after the request, so a later request sharing their prefix
+(same system prompt, next chat turn) only prefills the rest. A new request takes the idle
+slot with the longest common prefix, then the least recently used.
+
+`step(sequences)` advances every running sequence in one model pass: each decoding sequence
+contributes one row, and prompts still being read contribute a chunk (at most PREFILL_CHUNK
+rows a step, shared), so running streams keep producing tokens while a long prompt loads.
+The weights are read once per step for all rows. `generate()` is the one-request form
+(terminal, tests); the scheduler drives `start` and `step` for many at once.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from pathlib import Path
-
-from edge.model.backends import load_backend
-from edge.model.bundle import Bundle
 from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.detokenizer import StreamDecoder
-from edge.model.kv_cache import ContextFull
+from edge.engine.prompt_cache import PromptCache
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.stop_strings import StopMatcher
+from edge.model.backends import load_backend
+from edge.model.bundle import Bundle
+from edge.model.forward import PREFILL_CHUNK, chunk_rows, whole_chunk
+from edge.model.kv_cache import ContextFull, KVCache, common_prefix
 
-class _PrefillCancelled(Exception):
-    """Raised between prefill chunks when the request was cancelled (client gone, shutdown)."""
+KV_TYPES = {"f32": np.float32, "f16": np.float16}
+PERSIST_MIN_TOKENS = 256    # a prompt this long, read fresh, is worth keeping on disk
+log = logging.getLogger("edge.engine")
 
 
 @dataclass
@@ -66,9 +77,94 @@ class GenerationParams:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
 
 
+@dataclass
+class Slot:
+    cache: KVCache
+    busy: bool = False
+    last_used: float = 0.0
+
+
+class Sequence:
+    """One request in flight: its slot, sampler, detokenizer, stop strings and usage.
+    `pending` holds the tokens the model has still to read (the uncached prompt, then each
+    sampled token)."""
+
+    def __init__(self, engine: Engine, ids: list[int], params: GenerationParams,
+                 cancel: threading.Event | None, slot: Slot, twin: Sequence | None = None):
+        self.engine, self.params, self.cancel, self.slot = engine, params, cancel, slot
+        self.twin = twin if twin is not None and twin.history[:len(ids)] == list(ids) else None
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.sampler = Sampler(params.sampling)
+        self.decoder = StreamDecoder(engine.tokenizer)
+        self.stops = StopMatcher(params.stop)
+        self.usage = Usage(prompt_tokens=len(ids))
+        self.history = list(ids)
+        self.limit = params.max_tokens or engine.max_ctx
+        cached = engine.model.reusable(ids, slot.cache)     # whole aligned chunks: same answer as cold
+        slot.cache.truncate(cached)
+        self.usage.cached_tokens = cached
+        self.pending: list[int] = list(ids[cached:])
+        self.done = False
+
+    @property
+    def decoding(self) -> bool:
+        return self.t_first is not None
+
+    def fork(self) -> None:
+        """Take the twin's prompt KV (another choice of the same request, n > 1) instead of
+        reading the prompt again: its whole aligned chunks, so the rest (at most a chunk)
+        runs as it would from an empty cache."""
+        twin, self.twin = self.twin, None
+        m = twin.engine.model.reusable(self.history[:self.usage.prompt_tokens], twin.slot.cache)
+        if m <= self.usage.cached_tokens:
+            return
+        cache, src = self.slot.cache, twin.slot.cache
+        cache.truncate(0)
+        cache.k[:, :, :m] = src.k[:, :, :m]
+        cache.v[:, :, :m] = src.v[:, :, :m]
+        cache.append(self.history[:m])
+        cache.canonical = m
+        self.usage.cached_tokens = m
+        self.pending = self.history[m:self.usage.prompt_tokens]
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    def take(self, logits: np.ndarray) -> list[Event]:
+        """The model's logits after the last pending token: sample, and say what came out."""
+        token = self.sampler.sample(logits, self.history)
+        u = self.usage
+        u.completion_tokens += 1
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+            u.time_to_first_token = self.t_first - self.t0
+        if token in self.engine.eos_ids:
+            return self.finish("stop")
+        self.history.append(token)
+        text, stopped = self.stops.feed(self.decoder.push(token))
+        events = [Event(text=text, token_id=token)] if text else []
+        if stopped:
+            return events + self.finish("stop", flush=False)
+        if self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit:
+            return events + self.finish("length")       # context full or enough tokens: "length"
+        self.pending = [token]
+        return events
+
+    def finish(self, reason: str, flush: bool = True) -> list[Event]:
+        tail = self.stops.feed(self.decoder.flush())[0] + self.stops.flush() if flush else ""
+        if self.t_first is not None:
+            self.usage.decode_seconds = time.perf_counter() - self.t_first
+        self.done, self.pending = True, []
+        self.engine.release(self)
+        return [Event(text=tail, finish_reason=reason, usage=self.usage)]
+
+
 class Engine:
     def __init__(self, bundle: Bundle, *, max_ctx: int, backend: str = "auto", threads: int | None = None,
-                 weight_cache: Path | None = None):
+                 weight_cache: Path | None = None, parallel: int = 1, kv_type: str = "f32",
+                 prompt_cache: PromptCache | None = None):
         self.bundle = bundle
         self.config = cfg = bundle.config
         self.max_ctx = min(max_ctx, cfg.max_position_embeddings)
@@ -80,13 +176,29 @@ class Engine:
         self.chat = ChatEncoder(self.tokenizer, self.template)
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
-        self.cache = self.model.new_cache()
-        self._lock = threading.Lock()
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        self.slots = [Slot(self.model.new_cache(KV_TYPES[kv_type])) for _ in range(parallel)]
+        self._slots_free = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._last_slot = self.slots[0]
         self._longest: int | None = None     # 0: the tokenizer drops bytes, no bound from size
+        self.prompt_cache = prompt_cache
+        self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
 
     @property
     def name(self) -> str:
         return self.bundle.name
+
+    @property
+    def parallel(self) -> int:
+        return len(self.slots)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self.slots)
 
     # --- prompts -> ids ---------------------------------------------------------------
     def encode_chat(self, messages: list[dict], *, continue_final_message: bool | None = None,
@@ -112,11 +224,15 @@ class Engine:
         return ids
 
     def count_context(self) -> int:
-        return self.cache.length
+        """Tokens held by the most recently used slot."""
+        return self._last_slot.cache.length
 
     def reset(self) -> None:
-        with self._lock:
-            self.cache.truncate(0)
+        """Forget every idle slot's cached tokens."""
+        with self._slots_free:
+            for slot in self.slots:
+                if not slot.busy:
+                    slot.cache.truncate(0)
 
     # --- generation -------------------------------------------------------------------
     def check_fits(self, prompt_ids: list[int], reserve: int = 1) -> None:
@@ -141,66 +257,129 @@ class Engine:
             if at_least >= self.max_ctx:
                 raise ContextFull(at_least, self.max_ctx)
 
-    def generate(self, prompt_ids: list[int], params: GenerationParams,
-                 cancel: threading.Event | None = None, progress=None) -> Iterator[Event]:
-        """Stream events for one request; `check_fits` runs before any work. Holding the lock
-        for the whole stream keeps one sequence per engine. `progress(done, total)` is called
-        after each prefill chunk."""
+    def start(self, prompt_ids: list[int], params: GenerationParams, cancel: threading.Event | None = None,
+              wait: bool = True, twin: Sequence | None = None) -> Sequence | None:
+        """A sequence in the best free slot (`check_fits` first). Without `wait`, None when
+        every slot is busy. A `twin` (another choice of the same prompt, already started)
+        lends its prompt's KV once it has read it, so the prompt is read once for all choices."""
         self.check_fits(prompt_ids)
-        with self._lock:
-            yield from self._generate(list(prompt_ids), params, cancel, progress)
+        with self._slots_free:
+            while (slot := self._pick_slot(prompt_ids)) is None:
+                if not wait:
+                    return None
+                self._slots_free.wait()
+            slot.busy = True
+            self._last_slot = slot
+        self._restore_prefix(slot, prompt_ids)
+        return Sequence(self, list(prompt_ids), params, cancel, slot, twin)
 
-    def _prefill(self, ids: list[int], progress=None) -> tuple[np.ndarray, int]:
-        cached = self.model.reusable(ids, self.cache)
-        self.cache.truncate(cached)
-        return self.model.prefill(ids[cached:], self.cache, progress=progress), cached
+    def _pick_slot(self, ids: list[int]) -> Slot | None:
+        free = [s for s in self.slots if not s.busy]
+        if not free:
+            return None
+        return max(free, key=lambda s: (s.cache.common_prefix(ids), -s.last_used))
 
-    def _generate(self, ids, params, cancel, progress=None) -> Iterator[Event]:
-        t0 = time.perf_counter()
-        sampler = Sampler(params.sampling)
-        decoder = StreamDecoder(self.tokenizer)
-        stops = StopMatcher(params.stop)
-        usage = Usage(prompt_tokens=len(ids))
-        def on_chunk(done: int, total: int) -> None:
-            if progress is not None:
-                progress(done, total)
-            if cancel is not None and cancel.is_set() and done < total:
-                raise _PrefillCancelled    # the rows computed so far stay valid in the cache
-        try:
-            logits, usage.cached_tokens = self._prefill(ids, on_chunk)
-        except _PrefillCancelled:
-            yield Event(finish_reason="cancelled", usage=usage)
+    def free_slots(self) -> int:
+        with self._slots_free:
+            return sum(not s.busy for s in self.slots)
+
+    def release(self, seq: Sequence) -> None:
+        long_prompt = seq.usage.prompt_tokens - seq.usage.cached_tokens >= PERSIST_MIN_TOKENS
+        with self._slots_free:
+            if not seq.slot.busy:
+                seq.done = True
+                return
+            if long_prompt and seq.decoding:
+                self._persist(seq.slot)
+            seq.slot.busy, seq.slot.last_used = False, time.monotonic()
+            self._slots_free.notify()
+        seq.done = True
+
+    # --- the prompt cache on disk ---------------------------------------------------------
+    def _restore_prefix(self, slot: Slot, ids: list[int]) -> None:
+        """Load the stored prefix that shares most with `ids`, when it beats the slot's own."""
+        if not self._stored:
             return
-        history = list(ids)
-        finish, stopped, t_first = "length", False, None
-        limit = params.max_tokens or self.max_ctx
-        while usage.completion_tokens < limit:
-            if cancel is not None and cancel.is_set():
-                finish = "cancelled"
-                break
-            token = sampler.sample(logits, history)
-            usage.completion_tokens += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-                usage.time_to_first_token = t_first - t0
-            if token in self.eos_ids:
-                finish = "stop"
-                break
-            history.append(token)
-            text, stopped = stops.feed(decoder.push(token))
-            if text:
-                yield Event(text=text, token_id=token)
-            if stopped:
-                finish = "stop"
-                break
-            if self.cache.length + 1 >= self.max_ctx:
-                break                            # context full: "length", truthfully
-            if usage.completion_tokens < limit:
-                logits = self.model.forward([token], self.cache)
-        tail = "" if stopped else stops.feed(decoder.flush())[0] + stops.flush()
-        if t_first is not None:
-            usage.decode_seconds = time.perf_counter() - t_first
-        yield Event(text=tail, finish_reason=finish, usage=usage)
+        have = slot.cache.common_prefix(ids)
+        best = max(self._stored, key=lambda e: common_prefix(e.tokens, ids))
+        if common_prefix(best.tokens, ids) < have + PREFILL_CHUNK:
+            return
+        try:
+            self.prompt_cache.restore(best, slot.cache)
+        except (OSError, ValueError) as e:
+            log.warning("prompt cache: cannot restore %s: %s", best.path.name, e)
+            self._stored.remove(best)
+            slot.cache.truncate(0)
+
+    def _persist(self, slot: Slot) -> None:
+        """Store a slot's whole aligned prompt chunks (a long prompt just read), if a cache is
+        set: restored, they give what reading the prompt again would."""
+        if not self.prompt_cache or slot.cache.canonical == 0:
+            return
+        try:
+            path = self.prompt_cache.save(slot.cache, slot.cache.canonical)
+        except OSError as e:
+            log.warning("prompt cache: not saved: %s", e)
+            return
+        if path is not None:
+            self._stored = self.prompt_cache.entries()
+
+    def persist(self) -> None:
+        """Store every idle slot's tokens (at shutdown)."""
+        with self._slots_free:
+            for slot in self.slots:
+                if not slot.busy and slot.cache.canonical >= PERSIST_MIN_TOKENS:
+                    self._persist(slot)
+
+    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[Event]]]:
+        """One model pass for the running sequences: a row for each decoding one, chunks of
+        prompt for the others (one aligned chunk a step, oldest request first). Returns the
+        events of each sequence that moved; finished ones have released their slots."""
+        out: list[tuple[Sequence, list[Event]]] = []
+        batch: list[tuple[Sequence, int]] = []
+        budget = PREFILL_CHUNK
+        for seq in seqs:
+            if seq.twin is not None and not seq.twin.done and not seq.twin.decoding:
+                continue                                # its twin is still reading the prompt
+            if seq.twin is not None:
+                seq.fork()
+            if seq.done:
+                continue
+            if seq.cancelled:
+                out.append((seq, seq.finish("cancelled")))
+            elif seq.decoding:
+                batch.append((seq, 1))
+            elif budget > 0:
+                # one whole aligned chunk (as `prefill` would run it), or none this step
+                n = chunk_rows(seq.slot.cache.length, len(seq.pending))
+                batch.append((seq, n))
+                budget -= PREFILL_CHUNK
+        if not batch:
+            return out
+        whole = [whole_chunk(seq.slot.cache, n) for seq, n in batch]
+        with self._step_lock:
+            logits = self.model.forward_batch([(seq.pending[:n], seq.slot.cache) for seq, n in batch])
+        for (seq, n), w in zip(batch, whole):
+            if w:
+                seq.slot.cache.canonical = seq.slot.cache.length
+        for (seq, n), lg in zip(batch, logits):
+            if n < len(seq.pending):
+                seq.pending = seq.pending[n:]           # more prompt to read: no token yet
+                out.append((seq, []))
+            else:
+                out.append((seq, seq.take(lg)))
+        return out
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams,
+                 cancel: threading.Event | None = None) -> Iterator[Event]:
+        """Stream events for one request; `check_fits` runs before any work."""
+        seq = self.start(prompt_ids, params, cancel)
+        try:
+            while not seq.done:
+                for _, events in self.step([seq]):
+                    yield from events
+        finally:
+            self.release(seq)      # a reader that stopped early frees the slot
 
 
 _PROBE = "a  b\t\n\n c  \u00e9 e\u0301 \u1100\u1161 ~"

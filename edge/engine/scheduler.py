@@ -1,19 +1,21 @@
 """One queue in front of the engine, shared by every interface (HTTP, serial, ...).
 
-The engine runs one sequence at a time, so requests wait in a bounded FIFO and a single
-worker thread feeds them to the engine. Each submitted `Job` streams the engine's events
-back through its own queue; cancelling a job (client gone, Ctrl-C, time limit) stops its
-generation at the next token and frees the engine for the next job.
+A single worker thread runs the engine: it moves waiting jobs into free slots and calls
+`Engine.step` for all running ones, so up to `engine.parallel` requests generate together
+(one model pass per step for all of them) while the rest wait in a bounded FIFO. Each
+submitted `Job` streams its events back through its own queue; cancelling a job (client gone,
+Ctrl-C, time limit) ends its sequence at the next step and frees its slot; the others go on.
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from edge.engine.engine import Engine, Event, GenerationParams
+from edge.engine.engine import Engine, Event, GenerationParams, Sequence
 
 _END = object()
 
@@ -34,10 +36,10 @@ class Ticket:
         self._held = True
 
     def release(self) -> None:
-        with self._scheduler._lock:
+        with self._scheduler._cond:
             if self._held:
                 self._held = False
-                self._scheduler._waiting -= 1
+                self._scheduler._held -= 1
 
     def __enter__(self) -> "Ticket":
         return self
@@ -54,7 +56,9 @@ class Job:
     time_limit: float | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
-    ticket: Ticket | None = None
+    ticket: Ticket | None = None          # its place in the queue while it waits
+    twin_of: Job | None = None            # another choice of the same prompt (n > 1)
+    sequence: Sequence | None = None
     _events: queue.Queue = field(default_factory=queue.Queue)
 
     def cancel(self) -> None:
@@ -65,6 +69,10 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    @property
+    def deadline(self) -> float | None:
+        return self.submitted + self.time_limit if self.time_limit else None
 
     def events(self) -> Iterator[Event]:
         """Blocking stream of events; re-raises the engine's error if the job failed."""
@@ -78,14 +86,13 @@ class Scheduler:
     def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0,
                  stall_seconds: float = 60.0):
         self.engine = engine
-        self.stall_seconds = stall_seconds      # busy this long without a prefill chunk or token = wedged
+        self.stall_seconds = stall_seconds      # busy this long without a step = wedged
         self.max_queue = max_queue
         self.time_limit = time_limit
-        self._jobs: queue.Queue[Job] = queue.Queue()
-        self._waiting = 0
-        self._lock = threading.Lock()
-        self.busy = False
-        self._current: Job | None = None
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: dict[Sequence, Job] = {}
+        self._held = 0                           # queue places taken (waiting jobs, prompts being tokenized)
+        self._cond = threading.Condition()       # reentrant: a ticket is given back under it
         self.last_progress = time.monotonic()    # for health checks (watchdog)
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. metrics
         self._worker = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
@@ -93,72 +100,132 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self._waiting
+        """Requests waiting for a slot (one that left is dropped at the worker's next turn)."""
+        return sum(not job.cancelled for job in list(self._waiting))
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
     def admit(self) -> Ticket:
-        """Take a place in the queue (QueueFull when none is left)."""
-        with self._lock:
-            if self._waiting >= self.max_queue:
-                raise QueueFull(f"{self._waiting} requests are already waiting; try again shortly")
-            self._waiting += 1
+        """Take a place in the queue before any work is done for a request (QueueFull when
+        every slot is busy and `max_queue` places are taken)."""
+        with self._cond:
+            free = self.engine.parallel - len(self._running)
+            if self._held >= self.max_queue + max(free, 0):
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            self._held += 1
         return Ticket(self)
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, time_limit: float | None = None,
                cancel: threading.Event | None = None, ticket: Ticket | None = None) -> Job:
-        """Queue a job, in the place `ticket` holds (or a new one)."""
+        """Queue a request, in the place `ticket` holds (or a new one)."""
         job = Job(list(prompt_ids), params, time_limit if time_limit is not None else self.time_limit,
                   ticket=ticket or self.admit())
         if cancel is not None:
             job.cancel_event = cancel
-        self._jobs.put(job)
+        with self._cond:
+            self._waiting.append(job)
+            self._cond.notify()
         return job
+
+    def submit_choices(self, prompt_ids: list[int], params: list[GenerationParams],
+                       time_limit: float | None = None) -> list[Job]:
+        """n choices of one prompt (OpenAI's `n`): one job each, decoded together; the prompt
+        is read once and its KV shared. QueueFull unless all n fit."""
+        jobs = []
+        with self._cond:
+            free = self.engine.parallel - len(self._running)
+            if self._held + len(params) > self.max_queue + max(free, 0):
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting and this one asks for "
+                                f"{len(params)} choices; try again shortly")
+            for p in params:
+                self._held += 1
+                job = Job(list(prompt_ids), p, time_limit if time_limit is not None else self.time_limit,
+                          ticket=Ticket(self), twin_of=jobs[0] if jobs else None)
+                jobs.append(job)
+                self._waiting.append(job)
+            self._cond.notify()
+        return jobs
 
     def stream(self, prompt_ids: list[int], params: GenerationParams,
                cancel: threading.Event | None = None) -> Iterator[Event]:
         """submit + events, with the signature of Engine.generate (for Conversation)."""
         return self.submit(prompt_ids, params, cancel=cancel).events()
 
-    def healthy(self) -> bool:
-        """Idle, or busy and still making progress: a prefill chunk or a token within the last
-        `stall_seconds` (what the systemd watchdog is fed on)."""
-        return not self.busy or time.monotonic() - self.last_progress < self.stall_seconds
-
     def cancel_all(self) -> None:
-        """Cancel the running job and every waiting one (shutdown): each ends at once with
+        """Cancel every running and waiting job (shutdown): each ends at once with
         finish_reason "cancelled"."""
-        with self._jobs.mutex:
-            waiting = list(self._jobs.queue)
-        current = self._current
-        for job in waiting + ([current] if current is not None else []):
+        with self._cond:
+            jobs = list(self._waiting) + list(self._running.values())
+        for job in jobs:
             job.cancel()
 
-    def _progress(self, done: int, total: int) -> None:
-        """Called by the engine after each prefill chunk: a long prompt is work, not a stall."""
-        self.last_progress = time.monotonic()
+    def healthy(self) -> bool:
+        """Idle, or busy and still making progress (what the systemd watchdog is fed on)."""
+        return not self.busy or time.monotonic() - self.last_progress < self.stall_seconds
+
+    # --- the worker ------------------------------------------------------------------------
+    def _end(self, job: Job, last) -> None:
+        job._events.put(last)
+        job._events.put(_END)
+
+    def _admit(self) -> None:
+        """Waiting jobs into free slots, oldest first."""
+        while self._waiting and self.engine.free_slots():
+            job = self._waiting.popleft()
+            job.ticket.release()
+            if job.cancelled:
+                self._end(job, Event(finish_reason="cancelled"))
+                continue
+            twin = job.twin_of.sequence if job.twin_of is not None else None
+            try:
+                seq = self.engine.start(job.prompt_ids, job.params, job.cancel_event, wait=False, twin=twin)
+            except Exception as e:         # e.g. ContextFull: reported to the job's reader
+                self._end(job, e)
+                continue
+            job.sequence = seq
+            self._running[seq] = job
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            job.ticket.release()
-            if job.cancelled:
-                job._events.put(Event(finish_reason="cancelled"))
-                job._events.put(_END)
-                continue
-            self.busy, self.last_progress, self._current = True, time.monotonic(), job
+            with self._cond:
+                while not self._waiting and not self._running:
+                    self._cond.wait()
+                if not self._running:
+                    self.last_progress = time.monotonic()
+                for job in [j for j in self._waiting if j.cancelled]:     # left while waiting
+                    self._waiting.remove(job)
+                    self._end(job, Event(finish_reason="cancelled"))
+                self._admit()
+                if not self._running:          # every slot taken outside the queue (engine.generate)
+                    self._cond.wait(0.05)
+                    continue
+            now = time.monotonic()
+            for job in self._running.values():
+                if job.deadline is not None and now > job.deadline:
+                    job.cancel()     # the engine ends the sequence with finish_reason "cancelled"
             try:
-                self._serve(job)
-            except BaseException as e:   # reported to the job's reader; the worker lives on
-                job._events.put(e)
-            finally:
-                self.busy, self._current = False, None
-                job._events.put(_END)
-
-    def _serve(self, job: Job) -> None:
-        deadline = job.submitted + job.time_limit if job.time_limit else None
-        for ev in self.engine.generate(job.prompt_ids, job.params, job.cancel_event, progress=self._progress):
+                moved = self.engine.step(list(self._running))
+            except BaseException as e:    # reported to every running job's reader; the worker lives on
+                for seq, job in list(self._running.items()):
+                    self.engine.release(seq)
+                    self._end(job, e)
+                with self._cond:
+                    self._running.clear()
+                continue
             self.last_progress = time.monotonic()
-            if deadline is not None and self.last_progress > deadline:
-                job.cancel()     # the engine ends the stream with finish_reason "cancelled"
-            for listener in self.listeners:
-                listener(job, ev)
-            job._events.put(ev)
+            for seq, events in moved:
+                job = self._running[seq]
+                for ev in events:
+                    for listener in self.listeners:
+                        listener(job, ev)
+                    job._events.put(ev)
+                if seq.done:
+                    job._events.put(_END)
+                    with self._cond:
+                        del self._running[seq]

@@ -9,10 +9,12 @@ Imported by: edge.cli, edge.service, edge.api, edge.serial. The engine never imp
 """
 from __future__ import annotations
 
-from edge.engine.engine import Engine
-from edge.launch.model_store import open_bundle, weight_cache_dir
+from edge.engine.engine import KV_TYPES, Engine
+from edge.engine.prompt_cache import PromptCache
+from edge.launch.model_store import bundle_id, open_bundle, prompt_cache_dir, weight_cache_dir
 from edge.launch.request import DEFAULT_CTX
 from edge.model.config import ModelConfig
+from edge.model.kv_cache import KVCache
 
 KV_MEMORY_SHARE = 0.5        # --ctx 0: the KV cache may take this share of the available memory
 
@@ -29,33 +31,40 @@ def available_memory() -> int | None:
     return None
 
 
-def kv_bytes_per_token(cfg: ModelConfig) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4      # K and V, float32
+def kv_bytes_per_token(cfg: ModelConfig, kv_type: str = "f32") -> int:
+    return KVCache.bytes_per_token(cfg, KV_TYPES[kv_type])
 
 
-def max_context(cfg: ModelConfig, available: int | None) -> int:
-    """`--ctx 0`: the model's maximum, bounded so the KV cache takes at most half the memory."""
+def max_context(cfg: ModelConfig, available: int | None, kv_type: str = "f32", parallel: int = 1) -> int:
+    """`--ctx 0`: the model's maximum, bounded so the KV caches of all slots take at most half
+    the memory."""
     ctx = cfg.max_position_embeddings
     if available:
-        ctx = min(ctx, int(available * KV_MEMORY_SHARE) // kv_bytes_per_token(cfg))
+        ctx = min(ctx, int(available * KV_MEMORY_SHARE) // (parallel * kv_bytes_per_token(cfg, kv_type)))
     return max(ctx, 16)
 
 
 def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFAULT_CTX,
-                threads: int | None = None, log=print, verify: bool | str = True) -> Engine:
+                threads: int | None = None, parallel: int = 1, kv_type: str = "f32", prompt_cache_mb: int = 0,
+                log=print, verify: bool | str = True) -> Engine:
     """verify="full" hashes every bundle file before anything reads it (serve, prepare)."""
     bundle = open_bundle(model, log=log, verify=verify)
     if ctx == 0:
         avail = available_memory()
-        ctx = max_context(bundle.config, avail)
-        mib = kv_bytes_per_token(bundle.config) * ctx / 2**20
+        ctx = max_context(bundle.config, avail, kv_type, parallel)
+        mib = parallel * kv_bytes_per_token(bundle.config, kv_type) * ctx / 2**20
         log(f"context: {ctx} tokens (model maximum {bundle.config.max_position_embeddings}; KV cache "
             f"{mib:.0f} MiB" + (f" of {avail / 2**20:.0f} MiB available)" if avail else ")"))
     elif ctx < 0:
         raise ValueError(f"--ctx must be 0 (the model's maximum) or a positive number of tokens, got {ctx}")
-    return Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle))
+    cache = None
+    if prompt_cache_mb > 0:
+        cache = PromptCache(prompt_cache_dir(bundle), bundle_id(bundle), prompt_cache_mb << 20)
+    return Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle),
+                  parallel=parallel, kv_type=kv_type, prompt_cache=cache)
 
 
 def engine_from_args(a, log=print, verify: bool | str = True) -> Engine:
-    """For commands built with `args.add_model_args`."""
-    return load_engine(a.model, a.backend, a.ctx, a.threads, log=log, verify=verify)
+    """For commands built with `args.add_model_args` (and `add_parallel_args`)."""
+    return load_engine(a.model, a.backend, a.ctx, a.threads, getattr(a, "parallel", 1), a.kv_type,
+                       getattr(a, "prompt_cache_mb", 0), log=log, verify=verify)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from edge.launch.request import DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_SAMPLING, RequestDefaults
+from edge.engine.engine import KV_TYPES
+from edge.launch.request import DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING, RequestDefaults
 from edge.model.backends import BACKENDS
 
 
@@ -20,7 +21,25 @@ def add_model_args(p: argparse.ArgumentParser, ctx: int = DEFAULT_CTX) -> None:
     """--model, --backend, --threads and --ctx."""
     add_model_choice(p)
     p.add_argument("--threads", type=int, default=None, help="worker threads (default: all cores)")
-    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens; 0 = the model's maximum, bounded by memory (default {ctx})")
+    p.add_argument("--ctx", type=int, default=ctx, help=f"context length in tokens, per slot; 0 = the model's maximum, bounded by memory (default {ctx})")
+    p.add_argument("--kv-type", default="f32", choices=sorted(KV_TYPES),
+                   help="KV cache storage: f16 halves its memory (default f32)")
+
+
+def add_parallel_args(p: argparse.ArgumentParser, default: int = DEFAULT_PARALLEL) -> None:
+    p.add_argument("--parallel", "-np", type=_positive, default=default,
+                   help=f"sequences generated at once, each in a slot with its own --ctx of KV cache "
+                        f"(default {default})")
+    p.add_argument("--prompt-cache-mb", type=int, default=DEFAULT_PROMPT_CACHE_MB,
+                   help="disk for the KV of long prompts, kept across restarts in the state directory "
+                        f"(0 = off; default {DEFAULT_PROMPT_CACHE_MB})")
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return n
 
 
 def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None:

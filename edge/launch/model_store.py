@@ -186,6 +186,22 @@ def resolve(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Path:
                             "(edge-llm models lists the converted ones)")
 
 
+def state_dir() -> Path:
+    """Where state that must survive restarts lives: systemd's StateDirectory
+    (/var/lib/edge-llm) under the service, $EDGE_LLM_HOME otherwise."""
+    return Path(os.environ["STATE_DIRECTORY"].split(":")[0]) if os.environ.get("STATE_DIRECTORY") else home()
+
+
+def prompt_cache_dir(bundle: Bundle) -> Path:
+    return state_dir() / "prompt-cache" / bundle_id(bundle)[:16]
+
+
+def bundle_id(bundle: Bundle) -> str:
+    """The sha256 of the file that decides the model's numbers (its graph, or its weights)."""
+    files = bundle.manifest["files"]
+    return files["model.tflite" if "model.tflite" in files else "weights.bin"]["sha256"]
+
+
 # --- XNNPACK caches -----------------------------------------------------------------------
 
 def weight_cache_dir(bundle: Bundle) -> Path:

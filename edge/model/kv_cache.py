@@ -33,6 +33,10 @@ class KVCache:
     def length(self) -> int:
         return len(self.tokens)
 
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype=np.float32) -> int:
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * np.dtype(dtype).itemsize   # K and V
+
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
@@ -53,9 +57,14 @@ class KVCache:
 
     def common_prefix(self, ids) -> int:
         """How many leading ids are already cached (prefix reuse)."""
-        n = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix(self.tokens, ids)
+
+
+def common_prefix(a, b) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

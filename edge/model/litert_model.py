@@ -13,7 +13,7 @@ import numpy as np
 
 from edge.model.attention import Attention
 from edge.model.bundle import Bundle
-from edge.model.forward import CausalLM
+from edge.model.forward import CausalLM, attend, last_rows
 from edge.model.rope import RopeTables
 
 
@@ -39,15 +39,15 @@ class LiteRTModel(CausalLM):
             x *= self.embed_scale[tokens, None]
         return x
 
-    def _forward(self, tokens, cache, start, all_logits):
+    def _forward(self, tokens, segments, all_logits):
         x = self.embed(tokens)
         (qkv,) = self.entry(x)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            attn = self.attention(i, qkv, cache, start)
+            attn = attend(self.attention, i, qkv, segments)
             if i < last:
                 x, qkv = (a.copy() for a in layer(x, attn))   # the runner reuses its buffers
             else:
                 (h,) = layer(x, attn)
-        (logits,) = self.lm_head(np.ascontiguousarray(h if all_logits else h[-1:]))
-        return logits.copy() if all_logits else logits[0].copy()
+        (logits,) = self.lm_head(np.ascontiguousarray(h if all_logits else h[last_rows(segments)]))
+        return logits.copy()

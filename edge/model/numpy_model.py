@@ -13,8 +13,7 @@ import numpy as np
 
 from edge.model.attention import Attention
 from edge.model.config import ModelConfig
-from edge.model.forward import CausalLM
-from edge.model.kv_cache import KVCache
+from edge.model.forward import CausalLM, attend, last_rows
 from edge.model.rope import RopeTables
 
 Observe = Callable[[str, np.ndarray], np.ndarray]
@@ -44,14 +43,15 @@ def layer_weights(w: Callable[[str], np.ndarray], i: int) -> dict[str, np.ndarra
     }
 
 
-def llama_layer(x: np.ndarray, L: dict, i: int, attention: Attention, cache: KVCache, start: int,
-                eps: float, observe: Observe | None = None) -> np.ndarray:
-    """Decoder layer i on the residual stream x [T, D]; its K/V land in the cache at `start`.
-    `observe(group, input)` sees the input of each group of matmuls ("qkv", "wo", "gate_up",
-    "down") and returns the input the matmul uses (calibration models the graph's rotation)."""
+def llama_layer(x: np.ndarray, L: dict, attend: Callable[[np.ndarray], np.ndarray], eps: float,
+                observe: Observe | None = None) -> np.ndarray:
+    """One decoder layer on the residual stream x [T, D]. `attend(qkv)` is this layer's
+    attention (RoPE, the KV cache, softmax). `observe(group, input)` sees the input of each
+    group of matmuls ("qkv", "wo", "gate_up", "down") and returns the input the matmul uses
+    (calibration models the graph's rotation there)."""
     seen = observe or (lambda group, v: v)
     n = seen("qkv", rms_norm(x, L["attn_norm"], eps))
-    attn = seen("wo", attention(i, n @ L["wqkv_t"], cache, start))
+    attn = seen("wo", attend(n @ L["wqkv_t"]))
     x = x + attn @ L["wo_t"]
     h = seen("gate_up", rms_norm(x, L["ffn_norm"], eps))
     a = seen("down", silu(h @ L["w_gate_t"]) * (h @ L["w_up_t"]))
@@ -70,11 +70,10 @@ class NumpyModel(CausalLM):
         self.layers = [layer_weights(w, i) for i in range(cfg.num_layers)]
         self.attention = Attention(cfg, RopeTables(cfg, max_ctx))
 
-    def _forward(self, tokens, cache, start, all_logits):
+    def _forward(self, tokens, segments, all_logits):
         eps = self.cfg.rms_norm_eps
-        x = self.embed[tokens]                                            # [T, D]
+        x = self.embed[tokens]                                            # [R, D]
         for i, L in enumerate(self.layers):
-            x = llama_layer(x, L, i, self.attention, cache, start, eps)
-        h = rms_norm(x if all_logits else x[-1:], self.final_norm, eps)
-        logits = h @ self.lm_head.T
-        return logits if all_logits else logits[0]
+            x = llama_layer(x, L, lambda qkv: attend(self.attention, i, qkv, segments), eps)
+        h = rms_norm(x if all_logits else x[last_rows(segments)], self.final_norm, eps)
+        return h @ self.lm_head.T

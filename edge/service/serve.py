@@ -13,13 +13,15 @@ import argparse
 import ipaddress
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
 
 from edge.launch import engine_from_args
-from edge.launch.args import add_model_args, add_sampling_args, request_defaults
+from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, request_defaults
 from edge.launch.request import RequestDefaults
 from edge.service import sd_notify
 
@@ -53,6 +55,7 @@ def register(sub) -> None:
                        "/v1/completions, /v1/models, /health, /metrics). Environment defaults: EDGE_LLM_MODEL, "
                        "EDGE_LLM_API_KEY, EDGE_LLM_HOME.")
     add_model_args(s)
+    add_parallel_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
     s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
@@ -146,8 +149,15 @@ def cmd_serve(a) -> int:
     if ollama is not None:
         log.info("Ollama-compatible API on http://%s:%d", _url_host(host), ollama.getsockname()[1])
     threading.Thread(target=load_and_start, args=(a, state, server), name="edge-llm-load", daemon=True).start()
-    server.run(sockets=sockets)     # after a SIGTERM/SIGINT uvicorn shuts down, then re-raises it
-    sd_notify.stopping()
+    # uvicorn shuts down on SIGTERM/SIGINT, then re-raises the signal: SIGTERM must end in
+    # SystemExit (not the default kill) so that the prompt cache is written on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        server.run(sockets=sockets)
+    finally:
+        sd_notify.stopping()
+        if state.engine is not None:
+            state.engine.persist()
     return 1 if state.error else 0
 
 
@@ -257,7 +267,8 @@ def load_and_start(a, state, server) -> None:
         start_extra_interfaces(a, engine, scheduler)
         sd_notify.Watchdog(scheduler.healthy).start()
         sd_notify.ready(f"serving {engine.name}")
-        log.info("ready: %s (context %d tokens, queue %d)", engine.name, engine.max_ctx, scheduler.max_queue)
+        log.info("ready: %s (%d slots of %d tokens, KV cache %.0f MB; queue %d)", engine.name, engine.parallel,
+             engine.max_ctx, engine.kv_cache_bytes / 2**20, scheduler.max_queue)
     except Exception as e:
         log.error("could not load the model: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
         state.set_failed(str(e))

@@ -1,0 +1,148 @@
+"""A prompt cache on disk: the KV of known prefixes (a voice assistant's long system prompt),
+kept across restarts so the first request after a reboot skips what it already computed.
+
+One file per entry, `<key>.kv`, key = sha256 of (bundle identity, token ids):
+
+    line 1     JSON header: format, bundle identity, token count, dtype, shape of K (and V)
+    then       the token ids (int32), K, then V ([layers, kv_heads, n, head_dim] each)
+
+Writes go to a temporary file in the same directory, are fsynced and renamed, so a crash
+leaves either the old entry or the new one. The directory is bounded (`limit_bytes`): the
+least recently used entries go first. A file that is damaged, truncated or from another
+bundle is ignored with a log line and removed, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.model.forward import PREFILL_CHUNK
+from edge.model.kv_cache import KVCache
+
+log = logging.getLogger("edge.prompt_cache")
+
+FORMAT = "edge-llm-kv-1"
+SUFFIX = ".kv"
+MAX_HEADER = 4096
+
+
+@dataclass
+class Entry:
+    path: Path
+    tokens: list[int]
+
+
+class PromptCache:
+    def __init__(self, directory: Path, bundle_id: str, limit_bytes: int):
+        self.dir = Path(directory)
+        self.bundle_id = bundle_id          # the graph's sha256 (or the weights'): KV is only valid for it
+        self.limit = limit_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def key(self, tokens: list[int]) -> str:
+        h = hashlib.sha256(self.bundle_id.encode())
+        h.update(np.asarray(tokens, dtype=np.int32).tobytes())
+        return h.hexdigest()[:32]
+
+    # --- writing ------------------------------------------------------------------------
+    def save(self, cache: KVCache, n: int | None = None) -> Path | None:
+        """Store the first n (default: all) cached tokens' K/V; returns the file or None
+        when it cannot fit the limit at all."""
+        n = cache.length if n is None else n
+        if n == 0:
+            return None
+        tokens = cache.tokens[:n]
+        k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+        header = json.dumps({"format": FORMAT, "bundle": self.bundle_id, "n": n, "dtype": str(k.dtype),
+                             "shape": list(k.shape)}).encode() + b"\n"
+        size = len(header) + 4 * n + k.nbytes + v.nbytes
+        if size > self.limit:
+            return None
+        path = self.dir / (self.key(tokens) + SUFFIX)
+        self._evict(self.limit - size, keep=path)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+                f.write(np.asarray(tokens, dtype=np.int32).tobytes())
+                f.write(np.ascontiguousarray(k).tobytes())
+                f.write(np.ascontiguousarray(v).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def _evict(self, budget: int, keep: Path) -> None:
+        entries = sorted((p for p in self.dir.glob("*" + SUFFIX) if p != keep), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in entries)
+        while entries and total > budget:
+            p = entries.pop(0)
+            total -= p.stat().st_size
+            p.unlink(missing_ok=True)
+
+    # --- reading ------------------------------------------------------------------------
+    def entries(self) -> list[Entry]:
+        """Valid entries for this bundle, most recently used first; bad files are removed."""
+        found = []
+        for path in sorted(self.dir.glob("*" + SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                header, tokens = self._read_header(path)
+                found.append(Entry(path, tokens))
+            except (OSError, ValueError) as e:
+                log.warning("prompt cache: ignoring %s: %s", path.name, e)
+                path.unlink(missing_ok=True)
+        for p in self.dir.glob(".*.tmp"):            # a write that was interrupted
+            p.unlink(missing_ok=True)
+        return found
+
+    def _read_header(self, path: Path) -> tuple[dict, list[int]]:
+        with open(path, "rb") as f:
+            line = f.readline(MAX_HEADER)
+            try:
+                header = json.loads(line)
+            except ValueError:
+                raise ValueError("not a prompt-cache file") from None
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                raise ValueError("not a prompt-cache file of this version")
+            if header.get("bundle") != self.bundle_id:
+                raise ValueError("it belongs to another bundle")
+            n, shape = header["n"], header["shape"]
+            itemsize = np.dtype(header["dtype"]).itemsize
+            want = len(line) + 4 * n + 2 * int(np.prod(shape)) * itemsize
+            if os.fstat(f.fileno()).st_size != want or shape[2] != n:
+                raise ValueError("truncated or damaged")
+            tokens = np.frombuffer(f.read(4 * n), dtype=np.int32).tolist()
+        if path.name != self.key(tokens) + SUFFIX:
+            raise ValueError("its name does not match its tokens")
+        return header, tokens
+
+    def restore(self, entry: Entry, cache: KVCache) -> int:
+        """Load an entry into `cache` (replacing what it held); returns the tokens restored."""
+        header, tokens = self._read_header(entry.path)
+        n, shape = header["n"], tuple(header["shape"])
+        if shape != (cache.k.shape[0], cache.k.shape[1], n, cache.k.shape[3]) or n > cache.max_ctx:
+            raise ValueError(f"{entry.path.name}: shape {shape} does not fit this cache")
+        dtype = np.dtype(header["dtype"])
+        count = int(np.prod(shape))
+        with open(entry.path, "rb") as f:
+            f.readline(MAX_HEADER)
+            f.seek(4 * n, os.SEEK_CUR)
+            k = np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+            v = np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+        cache.truncate(0)
+        cache.k[:, :, :n] = k
+        cache.v[:, :, :n] = v
+        cache.append(tokens)
+        cache.canonical = n - n % PREFILL_CHUNK     # stored from whole aligned prompt chunks
+        os.utime(entry.path)                         # recently used
+        return n
