@@ -19,6 +19,7 @@ from pathlib import Path
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
+from edge.engine.constraint import Grammar, Grammars
 from edge.engine.detokenizer import StreamDecoder
 from edge.model.kv_cache import ContextFull
 from edge.engine.sampler import Sampler, SamplingParams
@@ -44,6 +45,17 @@ class Event:
     token_id: int | None = None
     finish_reason: str | None = None   # "stop" | "length" | "cancelled", on the last event only
     usage: Usage | None = None         # on the last event only
+    logprobs: list[TokenLogprob] | None = None   # when asked for: the tokens behind this event's text
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (log-softmax of its raw logits,
+    before penalties, temperature or a grammar's mask), and the `top` most likely alternatives."""
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -53,11 +65,20 @@ class GenerationParams:
     max_tokens: int | None = None      # None: until the context is full
     stop: list[str] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    constraint: Grammar | None = None  # the output must match this grammar (a per-token logits mask)
+    logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
+    special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
 
     def __post_init__(self):
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
                                             or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+
+
+MAX_TOP_LOGPROBS = 20      # OpenAI's limit
 
 
 class Engine:
@@ -75,15 +96,29 @@ class Engine:
         self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
         self.cache = self.model.new_cache()
         self._lock = threading.Lock()
+        self._grammars: Grammars | None = None
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this model's tokenizer (built on first use)."""
+        if self._grammars is None:
+            text = (self.bundle.path / self.bundle.manifest["tokenizer"]).read_text()
+            self._grammars = Grammars(text, self.config.vocab_size, self.eos_ids)
+        return self._grammars
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """Raise ConstraintError (a ValueError) naming the problem if `grammar` cannot be compiled."""
+        self.grammars.check(grammar)
 
     @property
     def name(self) -> str:
         return self.bundle.name
 
     # --- prompts -> ids ---------------------------------------------------------------
-    def encode_chat(self, messages: list[dict]) -> list[int]:
-        """The checkpoint's own template; it writes BOS itself, so the tokenizer must not."""
-        text = self.template.render(messages, add_generation_prompt=True)
+    def encode_chat(self, messages: list[dict], **extra) -> list[int]:
+        """The checkpoint's own template; it writes BOS itself, so the tokenizer must not.
+        `extra` reaches the template as variables (e.g. `tools`)."""
+        text = self.template.render(messages, add_generation_prompt=True, **extra)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_text(self, prompt: str) -> list[int]:
@@ -126,7 +161,9 @@ class Engine:
     def _generate(self, ids, params, cancel) -> Iterator[Event]:
         t0 = time.perf_counter()
         sampler = Sampler(params.sampling)
-        decoder = StreamDecoder(self.tokenizer)
+        decoder = StreamDecoder(self.tokenizer, skip_special_tokens=not params.special_text)
+        matcher = self.grammars.matcher(params.constraint) if params.constraint is not None else None
+        scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         stops = StopMatcher(params.stop)
         usage = Usage(prompt_tokens=len(ids))
         logits, usage.cached_tokens = self._prefill(ids)
@@ -137,7 +174,8 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 finish = "cancelled"
                 break
-            token = sampler.sample(logits, history)
+            allowed = logits if matcher is None else matcher.apply(logits)
+            token = sampler.sample(allowed, history)
             usage.completion_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()
@@ -146,12 +184,19 @@ class Engine:
                 finish = "stop"
                 break
             history.append(token)
+            if scores is not None:
+                scores.append(self.token_logprob(logits, token, params.logprobs))
             text, stopped = stops.feed(decoder.push(token))
             if text:
-                yield Event(text=text, token_id=token)
+                yield Event(text=text, token_id=token, logprobs=_take(scores))
             if stopped:
                 finish = "stop"
                 break
+            if matcher is not None:
+                matcher.advance(token)
+                if matcher.stopped:                  # the grammar is complete: nothing may follow
+                    finish = "stop"
+                    break
             if self.cache.length + 1 >= self.max_ctx:
                 break                            # context full: "length", truthfully
             if usage.completion_tokens < limit:
@@ -159,4 +204,28 @@ class Engine:
         tail = "" if stopped else stops.feed(decoder.flush())[0] + stops.flush()
         if t_first is not None:
             usage.decode_seconds = time.perf_counter() - t_first
-        yield Event(text=tail, finish_reason=finish, usage=usage)
+        yield Event(text=tail, finish_reason=finish, usage=usage, logprobs=_take(scores))
+
+    def token_logprob(self, logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability under raw `logits` [V], with the `top` most likely tokens."""
+        logits = np.asarray(logits, dtype=np.float64)
+        peak = logits.max()
+        log_total = peak + np.log(np.exp(logits - peak).sum())
+        best = []
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [(int(i), self._piece(int(i)), float(logits[i] - log_total)) for i in ids]
+        return TokenLogprob(token, self._piece(token), float(logits[token] - log_total), best)
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def _take(scores: list | None) -> list | None:
+    """The scores gathered so far, handed over once (the list is emptied)."""
+    if scores is None:
+        return None
+    taken = scores[:]
+    scores.clear()
+    return taken
