@@ -32,12 +32,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.engine.engine import GenerationParams
+import dataclasses
+
+from edge.engine.constraint import ConstraintError, Grammar, closed
+from edge.engine.engine import GenerationParams, Usage
+from edge.engine.tool_calls import ToolError, ToolUse, history
 from edge.launch.request import RequestDefaults
 from edge.model.kv_cache import ContextFull
 from edge.api.metrics import Metrics
 from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
-                                chat_delta, envelope, error_body, model_card, text_choice, usage_dict)
+                                chat_delta, chat_logprobs, envelope, error_body, model_card, text_choice,
+                                text_logprobs, usage_dict)
 from edge.engine.scheduler import Job, QueueFull
 
 log = logging.getLogger("edge.http")
@@ -177,10 +182,59 @@ def get_model(model_id: str, state: StateDep):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = await run_in_threadpool(_encode, engine.encode_chat, messages, "messages")
+    messages = [m.as_dict() for m in body.messages]
+    ids, tool_use, grammar = await run_in_threadpool(chat_prompt, engine, body, messages)
     _note_prompt(request, state, messages)
-    return await _respond(state, request, body, ids, CHAT, "messages")
+    return await _respond(state, request, body, ids, ChatShape(tool_use), "messages", constraint=grammar,
+                          special_text=bool(tool_use and tool_use.active) or None)
+
+
+def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]):
+    """(prompt ids, the request's ToolUse or None, its Grammar or None): the chat layer renders
+    tools and tool turns, the engine checks that the grammar compiles. 400s name the field."""
+    try:
+        tool_use = ToolUse.of(body.tools, body.tool_choice, body.parallel_tool_calls)
+        messages = history(messages, engine.template.source)
+    except ToolError as e:
+        raise ApiError(400, str(e), param=e.param) from e
+    extra = {}
+    if tool_use is not None:
+        messages, extra = tool_use.prompt(messages, engine.template.source)
+    ids = _encode(lambda m: engine.encode_chat(m, **extra), messages, "messages")
+    grammar, param = response_grammar(body.response_format), "response_format"
+    if tool_use is not None and tool_use.active and (grammar is None or tool_use.choice == "required"):
+        grammar, param = _checked(tool_use.grammar, "tools"), "tools"
+    if grammar is not None:
+        _checked(lambda: engine.check_grammar(grammar), param)
+    return ids, tool_use, grammar
+
+
+def response_grammar(response_format: dict | None) -> Grammar | None:
+    """OpenAI's response_format -> a Grammar (None for plain text)."""
+    if not response_format:
+        return None
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _checked(Grammar.json_object, "response_format")
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ApiError(400, "response_format.json_schema must be an object with a 'name' and a 'schema'",
+                           param="response_format.json_schema")
+        schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
+        return _checked(lambda: Grammar.json_schema(schema, origin="response_format.json_schema.schema"),
+                        "response_format.json_schema.schema")
+    raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                   param="response_format.type")
+
+
+def _checked(make, param: str):
+    try:
+        return make()
+    except ConstraintError as e:
+        raise ApiError(400, str(e), param=param) from e
 
 
 @router.post("/v1/completions")
@@ -229,7 +283,8 @@ def _note_prompt(request: Request, state: ServerState, prompt) -> None:
         request.state.prompt = prompt
 
 
-def generation_params(state: ServerState, body: GenerationRequest, ids: list[int], param: str) -> GenerationParams:
+def generation_params(state: ServerState, body: GenerationRequest, ids: list[int], param: str,
+                      **extra) -> GenerationParams:
     try:
         state.engine.check_fits(ids)
     except ContextFull as e:
@@ -238,7 +293,7 @@ def generation_params(state: ServerState, body: GenerationRequest, ids: list[int
                        param=param, code="context_length_exceeded") from e
     try:
         return state.config.defaults.build(max_tokens=body.token_limit, stop=body.stop or None,
-                                           **body.sampling_overrides())
+                                           **body.sampling_overrides(), **extra)
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
@@ -252,20 +307,54 @@ def submit(state: ServerState, ids: list[int], params: GenerationParams) -> Job:
                        headers={"Retry-After": str(wait)}) from e
 
 
-async def _respond(state, request, body, ids, shape, param):
-    params = generation_params(state, body, ids, param)
-    job = submit(state, ids, params)
+async def _respond(state, request, body, ids, shape, param, **extra):
+    params = generation_params(state, body, ids, param, logprobs=body.logprobs_top, **extra)
+    jobs = Jobs(state, ids, params, body.n)
+    jobs.start()                 # the first one now: a full queue is a 429, not a broken stream
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:
-        return JobStream(job, reply.stream(job, state.limiter, body.include_usage))
-    return await reply.whole(job, state.limiter)
+        return JobStream(jobs, reply.stream(jobs, state.limiter, body.include_usage))
+    return await reply.whole(jobs, state.limiter)
+
+
+class Jobs:
+    """A request's n choices, generated one after the other; with a seed, choice i uses seed + i."""
+
+    def __init__(self, state: ServerState, ids: list[int], params: GenerationParams, n: int):
+        self.state, self.ids, self.params, self.n = state, ids, params, n
+        self.started: list[Job] = []
+        self._cancelled = False
+        self._pending: Job | None = None
+
+    def start(self) -> None:
+        self._pending = self._submit()
+
+    def next(self) -> Job:
+        job, self._pending = self._pending, None
+        return job or self._submit()
+
+    def _submit(self) -> Job:
+        params = self.params
+        if self.started and params.sampling.seed is not None:
+            params = dataclasses.replace(params, sampling=dataclasses.replace(
+                params.sampling, seed=params.sampling.seed + len(self.started)))
+        job = submit(self.state, self.ids, params)
+        if self._cancelled:
+            job.cancel()
+        self.started.append(job)
+        return job
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        for job in self.started:
+            job.cancel()
 
 
 class JobStream(StreamingResponse):
     """SSE whose job is cancelled however the response ends, even when the client leaves
     before the body generator has started (then the generator's own cleanup never runs)."""
 
-    def __init__(self, job: Job, content):
+    def __init__(self, job: Job | Jobs, content):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
@@ -291,40 +380,107 @@ async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
 class ChatShape:
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def opening(self):
-        return chat_delta({"role": "assistant", "content": ""})
+    def __init__(self, tool_use: ToolUse | None = None):
+        self.tool_use = tool_use if tool_use is not None and tool_use.active else None
 
-    def piece(self, text):
-        return chat_delta({"content": text})
+    def choice(self, index: int) -> ChatChoice:
+        return ChatChoice(index, self.tool_use)
 
-    def closing(self, finish):
-        return chat_delta({}, finish)
 
-    def whole(self, text, finish):
-        return chat_choice(text, finish)
+ARGUMENT_CHUNK = 24      # characters of a streamed call's arguments per delta
+
+
+class ChatChoice:
+    """One choice of a chat answer: its deltas while streaming (tool calls held back and sent
+    by index, the name first, then the arguments in pieces), or its whole message."""
+
+    def __init__(self, index: int, tool_use: ToolUse | None):
+        self.index, self.tool_use = index, tool_use
+        self.calls = tool_use.stream() if tool_use is not None else None
+        self._scores: list | None = None
+
+    def opening(self) -> list[dict]:
+        return [chat_delta({"role": "assistant", "content": ""}, index=self.index)]
+
+    def piece(self, text: str, scores) -> list[dict]:
+        self._gather(scores)
+        if self.calls is not None:
+            text = self.calls.feed(text)
+        return [self._content(text)] if text else []
+
+    def closing(self, finish: str) -> list[dict]:
+        out, calls = [], []
+        if self.calls is not None:
+            content, calls = self.calls.finish()
+            if content:
+                out.append(self._content(content))
+        for k, call in enumerate(calls):
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            out.append(chat_delta({"tool_calls": [head]}, index=self.index))
+            args = call.arguments_json
+            out += [chat_delta({"tool_calls": [{"index": k, "function": {"arguments": args[i:i + ARGUMENT_CHUNK]}}]},
+                               index=self.index) for i in range(0, len(args), ARGUMENT_CHUNK)]
+        out.append(chat_delta({}, "tool_calls" if calls else finish, index=self.index, logprobs=self._take()))
+        return out
+
+    def whole(self, text: str, finish: str, scores) -> dict:
+        content, calls = self.tool_use.parse(text) if self.tool_use is not None else (text, [])
+        return chat_choice(content, "tool_calls" if calls else finish, self.index,
+                           [c.openai() for c in calls] or None, chat_logprobs(scores) if scores is not None else None)
+
+    def _gather(self, scores) -> None:
+        if scores is not None:
+            self._scores = (self._scores or []) + scores
+
+    def _take(self) -> dict | None:
+        scores, self._scores = self._scores, ([] if self._scores is not None else None)
+        return chat_logprobs(scores) if scores is not None else None
+
+    def _content(self, text: str) -> dict:
+        return chat_delta({"content": text}, index=self.index, logprobs=self._take())
 
 
 class TextShape:
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def opening(self):
-        return None
-
-    def piece(self, text):
-        return text_choice(text, None)
-
-    def closing(self, finish):
-        return text_choice("", finish)
-
-    def whole(self, text, finish):
-        return text_choice(text, finish)
+    def choice(self, index: int) -> TextChoice:
+        return TextChoice(index)
 
 
-CHAT, TEXT = ChatShape(), TextShape()
+class TextChoice:
+    def __init__(self, index: int):
+        self.index, self.offset = index, 0
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def piece(self, text: str, scores) -> list[dict]:
+        logprobs = None
+        if scores is not None:
+            logprobs = text_logprobs(scores, self.offset)
+            self.offset += sum(len(e.token) for e in scores)
+        return [text_choice(text, None, self.index, logprobs)] if text or scores else []
+
+    def closing(self, finish: str) -> list[dict]:
+        return [text_choice("", finish, self.index)]
+
+    def whole(self, text: str, finish: str, scores) -> dict:
+        return text_choice(text, finish, self.index, text_logprobs(scores) if scores is not None else None)
+
+
+TEXT = TextShape()
+
+
+def _total(usage: Usage | None, more: Usage) -> Usage:
+    """Usage over a request's choices: the prompt once, every choice's tokens."""
+    if usage is None:
+        return dataclasses.replace(more)
+    return dataclasses.replace(usage, completion_tokens=usage.completion_tokens + more.completion_tokens,
+                               decode_seconds=usage.decode_seconds + more.decode_seconds)
 
 
 class Reply:
-    """One request's answer, streamed as SSE or returned whole."""
+    """One request's answer (its n choices), streamed as SSE or returned whole."""
 
     def __init__(self, shape, id_: str, model: str, request: Request):
         self.shape, self.id, self.model, self.request = shape, id_, model, request
@@ -340,34 +496,46 @@ class Reply:
                            "timeout_error", code="request_timeout")
         return last.finish_reason
 
-    async def whole(self, job: Job, limiter) -> Response:
-        parts, last = [], None
-        async with _cancel_on_disconnect(self.request, job):
-            try:
-                async for ev in job_events(job, limiter):
-                    parts.append(ev.text)
-                    last = ev
-            except ContextFull as e:
-                raise ApiError(400, str(e), code="context_length_exceeded") from e
-        if getattr(self.request.state, "client_gone", False):
-            return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
-        finish = self.finish_reason(last)
-        return JSONResponse(envelope(self.id, self.shape.object, self.model,
-                                     [self.shape.whole("".join(parts), finish)], self.created,
-                                     usage=usage_dict(last.usage)))
+    async def whole(self, jobs: Jobs, limiter) -> Response:
+        choices, usage = [], None
+        async with _cancel_on_disconnect(self.request, jobs):
+            for index in range(jobs.n):
+                parts, scores, last = [], None, None
+                try:
+                    async for ev in job_events(jobs.next(), limiter):
+                        parts.append(ev.text)
+                        if ev.logprobs is not None:
+                            scores = (scores or []) + ev.logprobs
+                        last = ev
+                except ContextFull as e:
+                    raise ApiError(400, str(e), code="context_length_exceeded") from e
+                if getattr(self.request.state, "client_gone", False):
+                    return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
+                finish = self.finish_reason(last)
+                choices.append(self.shape.choice(index).whole("".join(parts), finish, scores))
+                usage = self.request.state.usage = _total(usage, last.usage)
+        return JSONResponse(envelope(self.id, self.shape.object, self.model, choices, self.created,
+                                     usage=usage_dict(usage)))
 
-    async def stream(self, job: Job, limiter, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, jobs: Jobs, limiter, include_usage: bool) -> AsyncIterator[str]:
         extra = {"usage": None} if include_usage else {}
+        usage = None
         try:
-            if (opening := self.shape.opening()) is not None:
-                yield self.chunk(opening, **extra)
-            async for ev in job_events(job, limiter):
-                if ev.text:
-                    yield self.chunk(self.shape.piece(ev.text), **extra)
-                if ev.usage is not None:
-                    yield self.chunk(self.shape.closing(self.finish_reason(ev)), **extra)
-                    if include_usage:
-                        yield self.chunk_dict([], usage=usage_dict(ev.usage))
+            for index in range(jobs.n):
+                choice = self.shape.choice(index)
+                job = jobs.next()
+                for c in choice.opening():
+                    yield self.chunk(c, **extra)
+                async for ev in job_events(job, limiter):
+                    if ev.text or ev.logprobs:
+                        for c in choice.piece(ev.text, ev.logprobs):
+                            yield self.chunk(c, **extra)
+                    if ev.usage is not None:
+                        for c in choice.closing(self.finish_reason(ev)):
+                            yield self.chunk(c, **extra)
+                        usage = self.request.state.usage = _total(usage, ev.usage)
+            if include_usage:
+                yield self.chunk_dict([], usage=usage_dict(usage))
         except ApiError as e:
             yield _sse(error_body(e.message, e.type, e.param, e.code))
         except ContextFull as e:
@@ -380,7 +548,7 @@ class Reply:
             self.request.state.failed = True
             yield _sse(error_body("internal server error (see the server log)", "server_error"))
         finally:
-            job.cancel()          # a no-op when the job ended; frees the engine when the client left
+            jobs.cancel()         # a no-op when the jobs ended; frees the engine when the client left
         yield "data: [DONE]\n\n"
 
     def chunk(self, choice: dict, **extra) -> str:

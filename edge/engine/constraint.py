@@ -52,6 +52,20 @@ class Grammar:
         return cls(_ll().LLMatcher.grammar_from_lark(text), origin)
 
 
+def closed(schema):
+    """`schema` with every object that lists `properties` but says nothing of others closed
+    (`additionalProperties: false`), as OpenAI's strict mode requires: output valid against the
+    result is valid against the original, and a small model cannot wander off into made-up keys."""
+    if isinstance(schema, list):
+        return [closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _schema_text(schema, origin: str) -> str:
     try:
         return json.dumps(schema, allow_nan=False)

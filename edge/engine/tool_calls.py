@@ -20,7 +20,8 @@ its start to the end of the text is calls, and only with names from the request'
 prose that mentions braces stays prose, and the text written before a call is kept as content.
 
 Constraints. `tool_choice` "required" or a named function: the whole reply is one call, its
-arguments held to the tool's schema by the grammar. "auto": the reply is free text, or, once
+arguments held to the tool's schema by the grammar (objects in it that do not say otherwise
+are closed to further keys, as in OpenAI's strict mode). "auto": the reply is free text, or, once
 it starts with `{`, calls whose arguments follow their schemas. "none": no tools in the prompt,
 no grammar, no parsing.
 """
@@ -32,7 +33,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from edge.engine.constraint import Grammar
+from edge.engine.constraint import Grammar, closed
 
 PYTHON_TAG = "<|python_tag|>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
@@ -150,7 +151,7 @@ class ToolUse:
     # --- the grammar ------------------------------------------------------------------
     def call_schema(self) -> dict:
         """One call in the JSON form, its arguments held to the tool's schema."""
-        options = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": t.parameters},
+        options = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": closed(t.parameters)},
                     "required": ["name", "parameters"], "additionalProperties": False} for t in self.offered]
         return options[0] if len(options) == 1 else {"anyOf": options}
 
