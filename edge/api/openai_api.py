@@ -201,11 +201,17 @@ def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]):
     if tool_use is not None:
         messages, extra = tool_use.prompt(messages, engine.template.source)
     ids = _encode(lambda m: engine.encode_chat(m, **extra), messages, "messages")
-    grammar, param = response_grammar(body.response_format), "response_format"
-    if tool_use is not None and tool_use.active and (grammar is None or tool_use.choice == "required"):
-        grammar, param = _checked(tool_use.grammar, "tools"), "tools"
+    grammar = response_grammar(body.response_format)
     if grammar is not None:
-        _checked(lambda: engine.check_grammar(grammar), param)
+        _checked(lambda: engine.check_grammar(grammar), "response_format")
+    if tool_use is not None and tool_use.active and (grammar is None or tool_use.choice == "required"):
+        try:
+            grammar = tool_use.grammar()
+            engine.check_grammar(grammar)
+        except ConstraintError as e:
+            if tool_use.choice == "required":
+                raise ApiError(400, str(e), param="tools") from e
+            grammar = None       # "auto" on a model without a usable grammar: calls are still parsed
     return ids, tool_use, grammar
 
 
