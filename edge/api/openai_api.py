@@ -203,7 +203,7 @@ def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]):
     ids = _encode(lambda m: engine.encode_chat(m, **extra), messages, "messages")
     grammar = response_grammar(body.response_format)
     if grammar is not None:
-        _checked(lambda: engine.check_grammar(grammar), "response_format")
+        _checked(lambda: engine.check_grammar(grammar), grammar.origin)
     if tool_use is not None and tool_use.active and (grammar is None or tool_use.choice == "required"):
         try:
             grammar = tool_use.grammar()

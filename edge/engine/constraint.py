@@ -39,7 +39,7 @@ class Grammar:
         """Output one JSON value valid against `schema` (a dict, or True/False)."""
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError(f"{origin} must be a JSON object (a JSON schema), got {type(schema).__name__}")
-        return cls(_ll().LLMatcher.grammar_from_json_schema(_schema_text(schema, origin)), origin)
+        return cls(_ll().LLMatcher.grammar_from_json_schema(_schema_text(compact(schema), origin)), origin)
 
     @classmethod
     def json_object(cls, origin: str = "response_format") -> Grammar:
@@ -50,6 +50,17 @@ class Grammar:
     def lark(cls, text: str, origin: str = "grammar") -> Grammar:
         """A Lark grammar in llguidance's dialect (`%json {...}` embeds a JSON schema)."""
         return cls(_ll().LLMatcher.grammar_from_lark(text), origin)
+
+
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def compact(schema):
+    """`schema` set to be written on one line, `{"a": 1, "b": [2, 3]}` (Python's json.dumps
+    layout): with free whitespace, small models pad JSON with newlines until max_tokens."""
+    if isinstance(schema, dict) and "x-guidance" not in schema:
+        return {**schema, "x-guidance": JSON_LAYOUT}
+    return schema
 
 
 def closed(schema):

@@ -33,7 +33,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from edge.engine.constraint import Grammar, closed
+from edge.engine.constraint import Grammar, closed, compact
 
 PYTHON_TAG = "<|python_tag|>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
@@ -160,7 +160,7 @@ class ToolUse:
             return None
         if self.choice == "required":
             return Grammar.json_schema(self.call_schema(), origin="tools")
-        call = json.dumps(self.call_schema(), ensure_ascii=False)
+        call = json.dumps(compact(self.call_schema()), ensure_ascii=False)
         more = ' (SEP call)*\nSEP: /[ \\t]*(\\n|; ?)[ \\t]*/' if self.parallel else ""
         # free text that does not open with "{", or calls; the empty reply too
         lark = (f'start: TEXT | calls |\ncalls: call{more}\nTEXT: /(?s:[^{{\\s].*|\\s+[^{{\\s].*)/\n'
