@@ -299,3 +299,11 @@ def test_n_choices_are_generated_one_after_the_other(tiny, tiny_base):
         for ch in c.choices:
             got[ch.index] = got.get(ch.index, "") + (ch.delta.content or "")
     assert [got[i] for i in range(3)] == want
+
+
+def test_bench_reports_the_mask_cost_against_the_decode_step(smol, tmp_path):
+    from edge.cli.bench import bench_one, markdown
+    row = bench_one(smol.bundle, "auto", 1, 8, 24, 1, Grammar.json_schema(PERSON))
+    assert 0 < row["mask_ms_per_token"] <= row["mask_ms_p90"]
+    assert 0 < row["mask_share_of_step"] < 1 and row["decode_ms_per_token"] > 0
+    assert "mask ms/token" in markdown([row])

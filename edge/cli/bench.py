@@ -7,9 +7,11 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from edge.engine.constraint import Grammar, Grammars
 from edge.launch.args import add_model_choice
 from edge.launch.model_store import resolve, weight_cache_dir
 from edge.model.backends import default_threads, load_backend
@@ -26,7 +28,8 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict:
+def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
+              grammar: Grammar | None = None) -> dict:
     t0 = time.perf_counter()
     model = load_backend(bundle, backend, max(n_prompt, n_gen) + 8, threads, weight_cache_dir(bundle))
     load_s = time.perf_counter() - t0
@@ -38,15 +41,35 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         cache.truncate(0)
         int(np.argmax(model.prefill(prompt, cache)))      # the first token, as a user would get it
 
+    grammars = Grammars((bundle.path / bundle.manifest["tokenizer"]).read_text(), bundle.config.vocab_size,
+                        bundle.config.eos_token_ids) if grammar is not None else None
+    mask_s: list[float] = []
+
     def generate():
         cache.truncate(0)
         token = 1
+        matcher = grammars.matcher(grammar) if grammar is not None else None
         for _ in range(n_gen):
-            token = int(np.argmax(model.forward([token], cache)))
+            logits = model.forward([token], cache)
+            if matcher is None:
+                token = int(np.argmax(logits))
+                continue
+            t = time.perf_counter()     # the mask's cost per token: compute it, apply it, advance
+            allowed = matcher.apply(logits)
+            token = int(np.argmax(allowed))
+            matcher.advance(token)
+            mask_s.append(time.perf_counter() - t)
+            if matcher.stopped:         # one document done: start the next
+                matcher = grammars.matcher(grammar)
 
     prefill()                       # warm-up: buffers, T-resizes, caches
     pp = [_timed(prefill) for _ in range(reps)]
     tg = [_timed(generate) for _ in range(reps)]
+    mask = {}
+    if grammar is not None:
+        step = statistics.median(tg) / n_gen
+        mask = {"mask_ms_per_token": 1e3 * statistics.median(mask_s), "mask_ms_p90": 1e3 * float(np.quantile(mask_s, 0.9)),
+                "decode_ms_per_token": 1e3 * step, "mask_share_of_step": statistics.median(mask_s) / step}
     return {
         "model": bundle.name, "quant": bundle.quant, "threads": threads,
         "backend": model.backend,
@@ -60,16 +83,22 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         "kv_cache_mb": cache.nbytes / 2**20,
         "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
         "peak_rss_mb": peak_rss_mb(),
+        **mask,
     }
 
 
 def markdown(rows: list[dict]) -> str:
     head = "| model | quant | backend | threads | pp{p} t/s | tg{n} t/s | ttft s | load s | peak RSS MB |"
     lines = [head.format(p=rows[0]["n_prompt"], n=rows[0]["n_gen"]), "|---" * 9 + "|"]
+    if "mask_ms_per_token" in rows[0]:
+        lines[0] += " mask ms/token (share of a step) |"
+        lines[1] += "---|"
     for r in rows:
         lines.append(f"| {r['model']} | {r['quant']} | {r['backend']} | {r['threads']} | "
                      f"{r['pp_tokens_per_s']:.1f} ± {r['pp_std']:.1f} | {r['tg_tokens_per_s']:.1f} ± {r['tg_std']:.1f} | "
-                     f"{r['ttft_s']:.3f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['ttft_s']:.3f} | {r['load_s']:.2f} | {r['peak_rss_mb']:.0f} |"
+                     + (f" {r['mask_ms_per_token']:.3f} ({100 * r['mask_share_of_step']:.1f} %) |"
+                        if "mask_ms_per_token" in r else ""))
     return "\n".join(lines)
 
 
@@ -78,9 +107,12 @@ def run(args) -> int:
     t0 = time.perf_counter()
     bundle = Bundle.open(bundle_path)
     verify_s = time.perf_counter() - t0
+    grammar = None
+    if args.json_schema:
+        grammar = Grammar.json_schema(json.loads(Path(args.json_schema).read_text()), origin=args.json_schema)
     rows = []
     for threads in args.threads or [default_threads()]:
-        r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps)
+        r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps, grammar)
         r["load_s"] += verify_s           # opening includes checking every file's hash
         rows.append(r)
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1) if args.json else markdown(rows))
@@ -96,4 +128,6 @@ def register(sub) -> None:
                    help="thread counts, comma separated (e.g. 1,2,4); default: all cores")
     b.add_argument("-r", "--reps", type=int, default=3)
     b.add_argument("--json", action="store_true", help="JSON instead of a markdown table")
+    b.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="generate under this JSON schema and report the token mask's cost per token")
     b.set_defaults(func=run)
