@@ -34,9 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import dataclasses
 
-from edge.engine.constraint import ConstraintError, Grammar, closed
 from edge.engine.engine import GenerationParams, Usage
-from edge.engine.tool_calls import ToolError, ToolUse, history
+from edge.engine.tool_calls import ToolError, ToolUse, prepare_chat
 from edge.launch.request import RequestDefaults
 from edge.model.kv_cache import ContextFull
 from edge.api.metrics import Metrics
@@ -190,57 +189,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 
 def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]):
-    """(prompt ids, the request's ToolUse or None, its Grammar or None): the chat layer renders
-    tools and tool turns, the engine checks that the grammar compiles. 400s name the field."""
+    """(prompt ids, the request's ToolUse or None, its Grammar or None), from the chat layer;
+    its errors become 400s naming the field."""
     try:
-        tool_use = ToolUse.of(body.tools, body.tool_choice, body.parallel_tool_calls)
-        messages = history(messages, engine.template.source)
+        chat = prepare_chat(engine, messages, body.tools, body.tool_choice, body.parallel_tool_calls,
+                            body.response_format)
     except ToolError as e:
         raise ApiError(400, str(e), param=e.param) from e
-    extra = {}
-    if tool_use is not None:
-        messages, extra = tool_use.prompt(messages, engine.template.source)
-    ids = _encode(lambda m: engine.encode_chat(m, **extra), messages, "messages")
-    grammar = response_grammar(body.response_format)
-    if grammar is not None:
-        _checked(lambda: engine.check_grammar(grammar), grammar.origin)
-    if tool_use is not None and tool_use.active and (grammar is None or tool_use.choice == "required"):
-        try:
-            grammar = tool_use.grammar()
-            engine.check_grammar(grammar)
-        except ConstraintError as e:
-            if tool_use.choice == "required":
-                raise ApiError(400, str(e), param="tools") from e
-            grammar = None       # "auto" on a model without a usable grammar: calls are still parsed
-    return ids, tool_use, grammar
-
-
-def response_grammar(response_format: dict | None) -> Grammar | None:
-    """OpenAI's response_format -> a Grammar (None for plain text)."""
-    if not response_format:
-        return None
-    kind = response_format.get("type", "text")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return _checked(Grammar.json_object, "response_format")
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or "schema" not in spec:
-            raise ApiError(400, "response_format.json_schema must be an object with a 'name' and a 'schema'",
-                           param="response_format.json_schema")
-        schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
-        return _checked(lambda: Grammar.json_schema(schema, origin="response_format.json_schema.schema"),
-                        "response_format.json_schema.schema")
-    raise ApiError(400, f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-                   param="response_format.type")
-
-
-def _checked(make, param: str):
-    try:
-        return make()
-    except ConstraintError as e:
-        raise ApiError(400, str(e), param=param) from e
+    except ValueError as e:       # the chat template's own raise_exception
+        raise ApiError(400, str(e), param="messages") from e
+    if not chat.ids:
+        raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
+    return chat.ids, chat.tool_use, chat.grammar
 
 
 @router.post("/v1/completions")

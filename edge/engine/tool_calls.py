@@ -33,7 +33,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from edge.engine.constraint import Grammar, closed, compact
+from edge.engine.constraint import ConstraintError, Grammar, closed, compact
 
 PYTHON_TAG = "<|python_tag|>"
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
@@ -391,3 +391,78 @@ def _partial_tag(buffer: str) -> int:
         if PYTHON_TAG.startswith(buffer[-n:]):
             return n
     return 0
+
+
+# --- one chat request with tools / a response format, for any interface -----------------
+
+@dataclass(frozen=True)
+class ChatRequest:
+    ids: list[int]
+    tool_use: ToolUse | None
+    grammar: Grammar | None
+
+    def overrides(self) -> dict:
+        """The request builder's fields for it (`RequestDefaults.build(**overrides)`)."""
+        tools = self.tool_use is not None and self.tool_use.active
+        return {"constraint": self.grammar, "special_text": True if tools else None}
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return self.tool_use.parse(text) if self.tool_use is not None else (text, [])
+
+
+def prepare_chat(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
+                 response_format=None) -> ChatRequest:
+    """Messages (OpenAI-shaped dicts) and the client's tool / format fields -> prompt ids and
+    grammar. Raises ToolError (with `param`) for anything malformed or uncompilable, and the
+    template's own ValueError for a conversation it rejects."""
+    use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
+    messages = history(messages, engine.template.source)
+    extra = {}
+    if use is not None:
+        messages, extra = use.prompt(messages, engine.template.source)
+    ids = engine.encode_chat(messages, **extra)
+    grammar = response_grammar(response_format)
+    if grammar is not None:
+        _check(engine, grammar, grammar.origin)
+    if use is not None and use.active and (grammar is None or use.choice == "required"):
+        try:
+            grammar = use.grammar()
+            _check(engine, grammar, "tools")
+        except ToolError:
+            if use.choice == "required":
+                raise
+            grammar = None       # "auto" on a model without a usable grammar: calls are still parsed
+    return ChatRequest(ids, use, grammar)
+
+
+def _check(engine, grammar: Grammar, param: str) -> None:
+    try:
+        engine.check_grammar(grammar)
+    except ConstraintError as e:
+        raise ToolError(str(e), param) from e
+
+
+def response_grammar(response_format) -> Grammar | None:
+    """OpenAI's `response_format` -> a Grammar (None for plain text)."""
+    if not response_format:
+        return None
+    if not isinstance(response_format, dict):
+        raise ToolError("response_format must be an object with a type", "response_format")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    try:
+        if kind == "json_object":
+            return Grammar.json_object()
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ToolError("response_format.json_schema must be an object with a 'name' and a 'schema'",
+                                "response_format.json_schema")
+            schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
+            return Grammar.json_schema(schema, origin="response_format.json_schema.schema")
+    except ConstraintError as e:
+        raise ToolError(str(e), "response_format.json_schema.schema" if kind == "json_schema"
+                        else "response_format") from e
+    raise ToolError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                    "response_format.type")
