@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from edge.engine.constraint import ConstraintError, Grammar, closed, compact
 
 PYTHON_TAG = "<|python_tag|>"
+CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})   # a request's own
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
 CALL_STARTS = ("{", "[", PYTHON_TAG)
 

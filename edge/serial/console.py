@@ -44,6 +44,7 @@ from edge.engine.scheduler import QueueFull, Scheduler
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_sampling_args, request_defaults
 from edge.launch.request import REQUEST_FIELDS, RequestDefaults
+from edge.engine.tool_calls import CHAT_FIELDS, prepare_chat
 
 PROMPT = "> "
 FLAP_SECONDS = 2.0         # a connection shorter than this that drops counts as flapping
@@ -154,7 +155,7 @@ HELP = [
     ("/model", "the model being served"),
 ]
 
-_REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS
+_REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS | CHAT_FIELDS
 
 
 class SerialConsole:
@@ -558,22 +559,25 @@ class SerialConsole:
             return self._json_error(None, "bad_json", str(e))
         rid = req.get("id") if isinstance(req, dict) else None
         try:
-            ids, params = self._request(req)
+            ids, params, chat = self._request(req)
         except ContextFull as e:
             return self._json_error(rid, "context_full", str(e))
         except (ValueError, TypeError) as e:
             return self._json_error(rid, "bad_request", str(e))
         cancel = self._current_cancel()
+        text = []
         try:
             last, _ = self._stream(self.scheduler.stream(ids, params, cancel), cancel,
-                                   lambda ev: self._json_bytes(rid, delta=ev.text))
+                                   lambda ev: text.append(ev.text) or self._json_bytes(rid, delta=ev.text))
         except ContextFull as e:
             return self._json_error(rid, "context_full", str(e))
         except QueueFull as e:
             return self._json_error(rid, "busy", str(e))
         if last is not None:
-            self._json(rid, wait=self.stall_timeout, done=True, finish_reason=last.finish_reason,
-                       usage=_usage_dict(last.usage))
+            calls = chat.parse("".join(text))[1]     # tools: the deltas are the raw text, the calls come here
+            self._json(rid, wait=self.stall_timeout, done=True, finish_reason="tool_calls" if calls else
+                       last.finish_reason, usage=_usage_dict(last.usage), **({"tool_calls": [
+                           c.openai() for c in calls]} if calls else {}))
 
     def _json_bytes(self, rid, **fields) -> bytes:
         return (json.dumps(({"id": rid} if rid is not None else {}) | fields) + "\n").encode("ascii")
@@ -581,16 +585,17 @@ class SerialConsole:
     def _json_error(self, rid, code: str, message: str) -> None:
         self._json(rid, error=dict(code=code, message=message))
 
-    def _request(self, req) -> tuple[list[int], GenerationParams]:
+    def _request(self, req):
         if not isinstance(req, dict):
             raise ValueError("a request is a JSON object")
         unknown = sorted(set(req) - _REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
-        params = RequestDefaults.of(self.params).build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()})
-        ids = self.engine.encode_chat(_messages(req))
-        self.engine.check_fits(ids)
-        return ids, params
+        chat = prepare_chat(self.engine, _messages(req), **{k: req[k] for k in CHAT_FIELDS & req.keys()})
+        params = RequestDefaults.of(self.params).build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()},
+                                                       **chat.overrides())
+        self.engine.check_fits(chat.ids)
+        return chat.ids, params, chat
 
 
 def _messages(req: dict) -> list[dict]:
@@ -606,7 +611,7 @@ def _messages(req: dict) -> list[dict]:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in msgs)):
         raise ValueError('"messages" must be a non-empty list of {"role": str, "content": str}')
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return [{k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m} for m in msgs]
 
 
 def _usage_dict(u) -> dict | None:
