@@ -3,7 +3,11 @@
 It talks to the model only through `Engine.encode_chat/encode_text` and the shared
 `Scheduler` (submit a job, read its events, cancel it); it knows nothing of tensors.
 
-- One request = one scheduler job. A full queue answers 429 with Retry-After.
+- One request = one scheduler job per choice (n > 1: one after the other). A full queue
+  answers 429 with Retry-After.
+- Tools, tool results and `response_format` go to the chat layer (`edge.engine.tool_calls`),
+  which gives back the prompt and the grammar the engine holds the output to; replies are
+  parsed back into `tool_calls` there too (streamed: held back from the first `{`).
 - A client that goes away (mid-stream, or while waiting for a non-streamed answer) cancels
   its job at once, so the engine moves on to the next request.
 - Every error, whoever raises it (validation, auth, routing, body cap, the engine), is
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -32,10 +37,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import dataclasses
-
 from edge.engine.engine import GenerationParams, Usage
-from edge.engine.tool_calls import ToolError, ToolUse, prepare_chat
+from edge.engine.tool_calls import ChatRequest, ToolError, ToolUse, prepare_chat
 from edge.launch.request import RequestDefaults
 from edge.model.kv_cache import ContextFull
 from edge.api.metrics import Metrics
@@ -182,15 +185,13 @@ def get_model(model_id: str, state: StateDep):
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
     messages = [m.as_dict() for m in body.messages]
-    ids, tool_use, grammar = await run_in_threadpool(chat_prompt, engine, body, messages)
+    chat = await run_in_threadpool(chat_prompt, engine, body, messages)
     _note_prompt(request, state, messages)
-    return await _respond(state, request, body, ids, ChatShape(tool_use), "messages", constraint=grammar,
-                          special_text=bool(tool_use and tool_use.active) or None)
+    return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", **chat.overrides())
 
 
-def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]):
-    """(prompt ids, the request's ToolUse or None, its Grammar or None), from the chat layer;
-    its errors become 400s naming the field."""
+def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]) -> ChatRequest:
+    """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field."""
     try:
         chat = prepare_chat(engine, messages, body.tools, body.tool_choice, body.parallel_tool_calls,
                             body.response_format)
@@ -200,7 +201,7 @@ def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]):
         raise ApiError(400, str(e), param="messages") from e
     if not chat.ids:
         raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
-    return chat.ids, chat.tool_use, chat.grammar
+    return chat
 
 
 @router.post("/v1/completions")
