@@ -142,3 +142,20 @@ def test_fallback_prompt_for_chatml_puts_tools_in_the_system_turn():
     # tool_choice "none": no tools in the prompt at all
     plain, _ = ToolUse.of([WEATHER], "none").prompt([{"role": "user", "content": "x"}], DEFAULT_CHATML)
     assert plain == [{"role": "user", "content": "x"}]
+
+
+def test_llama3_2_parallel_calls_in_the_history_become_one_call_per_turn(frozen_clock):  # noqa: F811
+    # the template itself refuses two calls in one message; split, each renders as transformers renders one
+    template = ChatTemplate(LLAMA3_2_TEMPLATE, **LLAMA3_TOKENS)
+    calls = [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+             {"id": "c2", "type": "function", "function": {"name": "set_timer", "arguments": '{"minutes": 3}'}}]
+    messages = [{"role": "user", "content": "Rome weather, and a 3 minute timer"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "c2", "content": "started"}]
+    ours = template.render(history(messages, template.source))
+    one_each = [messages[0]] + [{"role": "assistant", "content": None, "tool_calls": [
+        {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}]} for c in calls] \
+        + messages[2:]
+    assert ours == hf_render(LLAMA3_2_TEMPLATE, one_each, True, LLAMA3_TOKENS)
+    assert ours.count('"name": "get_weather"') == 1 and ours.count('"name": "set_timer"') == 1

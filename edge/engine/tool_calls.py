@@ -194,6 +194,11 @@ def template_knows_tools(source: str) -> bool:
     return re.search(r"\btools\b", source) is not None
 
 
+def one_call_per_message(source: str) -> bool:
+    """Whether a template raises on more than one tool call per assistant message (Llama 3.x)."""
+    return "only supports single tool-calls" in source
+
+
 def fallback_system_text(tools, required: bool, parallel: bool) -> str:
     lines = ["You can call the following functions. Each is given as a JSON schema:"]
     lines += [json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
@@ -235,7 +240,11 @@ def history(messages: list[dict], template_source: str) -> list[dict]:
                     calls[call["id"]] = fn["name"]
                 parsed.append({"id": call.get("id"), "type": "function",
                                "function": {"name": fn["name"], "arguments": args}})
-            if native:
+            if native and len(parsed) > 1 and one_call_per_message(template_source):
+                # Llama 3.x templates refuse several calls in one message (as transformers does);
+                # parallel calls are written as consecutive assistant turns of one call each
+                out += [{**m, "content": "", "tool_calls": [c]} for c in parsed]
+            elif native:
                 out.append({**m, "content": m.get("content") or "", "tool_calls": parsed})
             else:
                 text = "\n".join(json.dumps({"name": c["function"]["name"], "parameters": c["function"]["arguments"]},
