@@ -7,6 +7,8 @@ random model, checked against the NumPy reference model's own logits.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import httpx
 import jsonschema
@@ -302,8 +304,16 @@ def test_n_choices_are_generated_one_after_the_other(tiny, tiny_base):
 
 
 def test_bench_reports_the_mask_cost_against_the_decode_step(smol, tmp_path):
-    from edge.cli.bench import bench_one, markdown
-    row = bench_one(smol.bundle, "auto", 1, 8, 24, 1, Grammar.json_schema(PERSON))
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    out = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "-m", str(smol.bundle.path), "-p", "8",
+                          "-n", "24", "-r", "1", "-t", "1", "--json-schema", str(schema), "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    row = json.loads(out)
     assert 0 < row["mask_ms_per_token"] <= row["mask_ms_p90"]
     assert 0 < row["mask_share_of_step"] < 1 and row["decode_ms_per_token"] > 0
-    assert "mask ms/token" in markdown([row])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "frobnicate"}')
+    failed = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "-m", str(smol.bundle.path), "-p", "8",
+                             "-n", "4", "-r", "1", "--json-schema", str(bad)], capture_output=True, text=True)
+    assert failed.returncode != 0 and "frobnicate" in failed.stderr

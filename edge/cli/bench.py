@@ -29,7 +29,7 @@ def _timed(fn) -> float:
 
 
 def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
-              grammar: Grammar | None = None) -> dict:
+              grammar: Grammar | None = None, grammars: Grammars | None = None) -> dict:
     t0 = time.perf_counter()
     model = load_backend(bundle, backend, max(n_prompt, n_gen) + 8, threads, weight_cache_dir(bundle))
     load_s = time.perf_counter() - t0
@@ -41,8 +41,8 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         cache.truncate(0)
         int(np.argmax(model.prefill(prompt, cache)))      # the first token, as a user would get it
 
-    grammars = Grammars((bundle.path / bundle.manifest["tokenizer"]).read_text(), bundle.config.vocab_size,
-                        bundle.config.eos_token_ids) if grammar is not None else None
+    if grammar is not None and grammars is None:
+        grammars = grammars_of(bundle)
     mask_s: list[float] = []
 
     def generate():
@@ -87,6 +87,11 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
     }
 
 
+def grammars_of(bundle: Bundle) -> Grammars:
+    return Grammars((bundle.path / bundle.manifest["tokenizer"]).read_text(), bundle.config.vocab_size,
+                    bundle.config.eos_token_ids)
+
+
 def markdown(rows: list[dict]) -> str:
     head = "| model | quant | backend | threads | pp{p} t/s | tg{n} t/s | ttft s | load s | peak RSS MB |"
     lines = [head.format(p=rows[0]["n_prompt"], n=rows[0]["n_gen"]), "|---" * 9 + "|"]
@@ -107,12 +112,14 @@ def run(args) -> int:
     t0 = time.perf_counter()
     bundle = Bundle.open(bundle_path)
     verify_s = time.perf_counter() - t0
-    grammar = None
-    if args.json_schema:
+    grammar = grammars = None
+    if args.json_schema:        # checked before any model loads: a bad schema fails at once
         grammar = Grammar.json_schema(json.loads(Path(args.json_schema).read_text()), origin=args.json_schema)
+        grammars = grammars_of(bundle)
+        grammars.check(grammar)
     rows = []
     for threads in args.threads or [default_threads()]:
-        r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps, grammar)
+        r = bench_one(bundle, args.backend, threads, args.n_prompt, args.n_gen, args.reps, grammar, grammars)
         r["load_s"] += verify_s           # opening includes checking every file's hash
         rows.append(r)
     print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1) if args.json else markdown(rows))
