@@ -317,3 +317,17 @@ def test_bench_reports_the_mask_cost_against_the_decode_step(smol, tmp_path):
     failed = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "-m", str(smol.bundle.path), "-p", "8",
                              "-n", "4", "-r", "1", "--json-schema", str(bad)], capture_output=True, text=True)
     assert failed.returncode != 0 and "frobnicate" in failed.stderr
+
+
+def test_logprob_bytes_are_exact_even_inside_a_character(smol):
+    from edge.engine.detokenizer import TokenBytes
+    token_bytes = TokenBytes(smol.tokenizer)
+    text = "Grüße, 世界 😀 — naïve café!"
+    ids = smol.tokenizer.encode(text, add_special_tokens=False).ids
+    pieces = [token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert any(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces)  # a split character
+    assert token_bytes(smol.tokenizer.token_to_id("<|im_end|>")) == b"<|im_end|>"
+    entry = smol.token_logprob(np.zeros(smol.config.vocab_size, np.float32), ids[0], 2)
+    assert entry.bytes == pieces[0] and len(entry.top) == 2
+    assert entry.logprob == pytest.approx(-np.log(smol.config.vocab_size))

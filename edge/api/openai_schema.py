@@ -189,15 +189,11 @@ def text_choice(text: str, finish_reason: str | None, index: int = 0, logprobs: 
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def _token_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-
 def chat_logprobs(entries) -> dict:
     """Chat's `logprobs` object from the engine's TokenLogprob entries."""
-    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": _token_bytes(e.token),
-                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": _token_bytes(t)}
-                                          for _, t, lp in e.top]} for e in entries],
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
+                                          for t in e.top]} for e in entries],
             "refusal": None}
 
 
@@ -208,7 +204,7 @@ def text_logprobs(entries, offset: int = 0) -> dict:
         offsets.append(offset)
         offset += len(e.token)
     return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{t: lp for _, t, lp in e.top} for e in entries], "text_offset": offsets}
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

@@ -7,6 +7,7 @@ turn) only prefills the new tokens.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.constraint import Grammar, Grammars
-from edge.engine.detokenizer import StreamDecoder
+from edge.engine.detokenizer import StreamDecoder, TokenBytes
 from edge.model.kv_cache import ContextFull
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.stop_strings import StopMatcher
@@ -55,7 +56,8 @@ class TokenLogprob:
     token_id: int
     token: str
     logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)
+    bytes: bytes = b""                 # exact, even for part of a UTF-8 character (`token` then has U+FFFD)
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Engine:
         self.cache = self.model.new_cache()
         self._lock = threading.Lock()
         self._grammars: Grammars | None = None
+        self._token_bytes: TokenBytes | None = None
 
     @property
     def grammars(self) -> Grammars:
@@ -215,11 +218,14 @@ class Engine:
         if top:
             ids = np.argpartition(logits, -top)[-top:]
             ids = ids[np.argsort(-logits[ids], kind="stable")]
-            best = [(int(i), self._piece(int(i)), float(logits[i] - log_total)) for i in ids]
-        return TokenLogprob(token, self._piece(token), float(logits[token] - log_total), best)
+            best = [self._scored(int(i), float(logits[i] - log_total)) for i in ids]
+        return dataclasses.replace(self._scored(token, float(logits[token] - log_total)), top=best)
 
-    def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
+    def _scored(self, token: int, logprob: float) -> TokenLogprob:
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return TokenLogprob(token, self.tokenizer.decode([token], skip_special_tokens=False), logprob,
+                            self._token_bytes(token))
 
 
 def _take(scores: list | None) -> list | None:
