@@ -650,3 +650,18 @@ def test_serial_and_http_at_the_same_time(engine, scheduler, console, term):
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["message"]["content"]
     assert re.fullmatch(r"w\d+( w\d+){10}", content), content
+
+
+def test_machine_mode_takes_tools_and_response_format(machine, term):
+    tools = [{"type": "function", "function": {"name": "set_light", "parameters": {
+        "type": "object", "properties": {"on": {"type": "boolean"}}}}}]
+    *deltas, done = request(term, {"prompt": "hi", "tools": tools, "max_tokens": 3})
+    assert done["done"] and done["usage"]["completion_tokens"] == 3 and "tool_calls" not in done
+    for req, words in [({"prompt": "hi", "tools": [{"type": "function"}]}, "tools[0].function"),
+                       ({"prompt": "hi", "tools": tools, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+                        "tool_choice"),
+                       ({"prompt": "hi", "response_format": {"type": "yaml"}}, "response_format.type"),
+                       ({"prompt": "hi", "response_format": {"type": "json_object"}},  # tiny word-level tokenizer
+                        "cannot be used for constrained decoding")]:
+        (event,) = request(term, req)
+        assert event["error"]["code"] == "bad_request" and words in event["error"]["message"], event

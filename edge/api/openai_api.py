@@ -3,7 +3,11 @@
 It talks to the model only through `Engine.encode_chat/encode_text` and the shared
 `Scheduler` (submit a job, read its events, cancel it); it knows nothing of tensors.
 
-- One request = one scheduler job. A full queue answers 429 with Retry-After.
+- One request = one scheduler job per choice (n > 1: one after the other). A full queue
+  answers 429 with Retry-After.
+- Tools, tool results and `response_format` go to the chat layer (`edge.engine.tool_calls`),
+  which gives back the prompt and the grammar the engine holds the output to; replies are
+  parsed back into `tool_calls` there too (streamed: held back from the first `{`).
 - A client that goes away (mid-stream, or while waiting for a non-streamed answer) cancels
   its job at once, so the engine moves on to the next request.
 - Every error, whoever raises it (validation, auth, routing, body cap, the engine), is
@@ -15,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -32,13 +38,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.engine.engine import GenerationParams
+from edge.engine.engine import GenerationParams, Usage
+from edge.engine.tool_calls import ChatRequest, ToolError, ToolUse, prepare_chat
 from edge.launch.request import RequestDefaults
 from edge.model.kv_cache import ContextFull
 from edge.api import chat_page
 from edge.api.metrics import Metrics
 from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, GenerationRequest, chat_choice,
-                                chat_delta, envelope, error_body, model_card, text_choice, usage_dict)
+                                chat_delta, chat_logprobs, envelope, error_body, model_card, text_choice,
+                                text_logprobs, usage_dict)
 from edge.engine.scheduler import Job, QueueFull
 
 log = logging.getLogger("edge.http")
@@ -199,13 +207,28 @@ def get_model(model_id: str, state: StateDep):
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = _engine(state)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    nbytes = sum(len(m["content"].encode()) for m in messages)
+    messages = [m.as_dict() for m in body.messages]
+    nbytes = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
     _check_bytes(engine, nbytes, "messages")
     with admit(state) as ticket:
-        ids = await tokenize(state, engine.encode_chat, messages, "messages", nbytes)
+        chat = await tokenize(state, functools.partial(chat_prompt, engine, body), messages, "messages", nbytes)
         _note_prompt(request, state, messages)
-        return await _respond(state, request, body, ids, CHAT, "messages", ticket)
+        return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", ticket,
+                              **chat.overrides())
+
+
+def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]) -> ChatRequest:
+    """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field."""
+    try:
+        chat = prepare_chat(engine, messages, body.tools, body.tool_choice, body.parallel_tool_calls,
+                            body.response_format)
+    except ToolError as e:
+        raise ApiError(400, str(e), param=e.param) from e
+    except ValueError as e:       # the chat template's own raise_exception
+        raise ApiError(400, str(e), param="messages") from e
+    if not chat.ids:
+        raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
+    return chat
 
 
 @router.post("/v1/completions")
@@ -302,9 +325,10 @@ def _note_prompt(request: Request, state: ServerState, prompt) -> None:
         request.state.prompt = prompt
 
 
-def generation_params(state: ServerState, body: GenerationRequest, ids: list[int], param: str) -> GenerationParams:
+def generation_params(state: ServerState, body: GenerationRequest, ids: list[int], param: str,
+                      **extra) -> GenerationParams:
     return request_params(state, ids, param, max_tokens=body.token_limit, stop=body.stop or None,
-                          **body.sampling_overrides())
+                          **body.sampling_overrides(), **extra)
 
 
 def request_params(state: ServerState, ids: list[int], param: str, **overrides) -> GenerationParams:
@@ -322,20 +346,61 @@ def request_params(state: ServerState, ids: list[int], param: str, **overrides) 
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 
 
-async def _respond(state, request, body, ids, shape, param, ticket):
-    params = generation_params(state, body, ids, param)
-    job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
+async def _respond(state, request, body, ids, shape, param, ticket, **extra):
+    params = generation_params(state, body, ids, param, logprobs=body.logprobs_top, **extra)
+    jobs = Jobs(state, ids, params, body.n, ticket)
+    jobs.start()                 # a full queue is a 429 here, not a broken stream
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:
-        return JobStream(job, reply.stream(job, state.limiter, body.include_usage))
-    return await reply.whole(job, state.limiter)
+        return JobStream(jobs, reply.stream(jobs, state.limiter, body.include_usage))
+    return await reply.whole(jobs, state.limiter)
+
+
+class Jobs:
+    """A request's n choices. n > 1 goes to the scheduler as one group: the prompt is read once
+    and the choices decode together (Scheduler.submit_choices); with a seed, choice i uses
+    seed + i. The reply reads them in order."""
+
+    def __init__(self, state: ServerState, ids: list[int], params: GenerationParams, n: int, ticket):
+        self.state, self.ids, self.params, self.n, self.ticket = state, ids, params, n, ticket
+        self.started: list[Job] = []
+        self._next = 0
+
+    def start(self) -> None:
+        sched, limit = self.state.scheduler, self.state.config.request_timeout
+        if self.n == 1:
+            self.started = [sched.submit(self.ids, self.params, time_limit=limit, ticket=self.ticket)]
+            return
+        self.ticket.release()            # the group takes its n places itself
+        try:
+            self.started = sched.submit_choices(self.ids, [self._seeded(i) for i in range(self.n)], limit)
+        except QueueFull as e:
+            wait = max(1, math.ceil(self.state.metrics.last_duration))
+            raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": str(wait)}) from e
+
+    def _seeded(self, i: int) -> GenerationParams:
+        p = self.params
+        if i == 0 or p.sampling.seed is None:
+            return p
+        return dataclasses.replace(p, sampling=dataclasses.replace(p.sampling, seed=p.sampling.seed + i))
+
+    def next(self) -> Job:
+        job = self.started[self._next]
+        self._next += 1
+        return job
+
+    def cancel(self) -> None:
+        for job in self.started:
+            job.cancel()
 
 
 class JobStream(StreamingResponse):
-    """A stream (SSE, or NDJSON for Ollama) whose job is cancelled however the response ends, even when the client leaves
-    before the body generator has started (then the generator's own cleanup never runs)."""
+    """A stream (SSE, or NDJSON for Ollama) whose job is cancelled however the response ends,
+    even when the client leaves before the body generator has started (then the generator's
+    own cleanup never runs)."""
 
-    def __init__(self, job: Job, content, media_type: str = "text/event-stream"):
+    def __init__(self, job: Job | Jobs, content, media_type: str = "text/event-stream"):
         super().__init__(content, media_type=media_type,
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.job = job
@@ -361,40 +426,107 @@ async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
 class ChatShape:
     id_prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def opening(self):
-        return chat_delta({"role": "assistant", "content": ""})
+    def __init__(self, tool_use: ToolUse | None = None):
+        self.tool_use = tool_use if tool_use is not None and tool_use.active else None
 
-    def piece(self, text):
-        return chat_delta({"content": text})
+    def choice(self, index: int) -> ChatChoice:
+        return ChatChoice(index, self.tool_use)
 
-    def closing(self, finish):
-        return chat_delta({}, finish)
 
-    def whole(self, text, finish):
-        return chat_choice(text, finish)
+ARGUMENT_CHUNK = 24      # characters of a streamed call's arguments per delta
+
+
+class ChatChoice:
+    """One choice of a chat answer: its deltas while streaming (tool calls held back and sent
+    by index, the name first, then the arguments in pieces), or its whole message."""
+
+    def __init__(self, index: int, tool_use: ToolUse | None):
+        self.index, self.tool_use = index, tool_use
+        self.calls = tool_use.stream() if tool_use is not None else None
+        self._scores: list | None = None
+
+    def opening(self) -> list[dict]:
+        return [chat_delta({"role": "assistant", "content": ""}, index=self.index)]
+
+    def piece(self, text: str, scores) -> list[dict]:
+        self._gather(scores)
+        if self.calls is not None:
+            text = self.calls.feed(text)
+        return [self._content(text)] if text else []
+
+    def closing(self, finish: str) -> list[dict]:
+        out, calls = [], []
+        if self.calls is not None:
+            content, calls = self.calls.finish()
+            if content:
+                out.append(self._content(content))
+        for k, call in enumerate(calls):
+            head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+            out.append(chat_delta({"tool_calls": [head]}, index=self.index))
+            args = call.arguments_json
+            out += [chat_delta({"tool_calls": [{"index": k, "function": {"arguments": args[i:i + ARGUMENT_CHUNK]}}]},
+                               index=self.index) for i in range(0, len(args), ARGUMENT_CHUNK)]
+        out.append(chat_delta({}, "tool_calls" if calls else finish, index=self.index, logprobs=self._take()))
+        return out
+
+    def whole(self, text: str, finish: str, scores) -> dict:
+        content, calls = self.tool_use.parse(text) if self.tool_use is not None else (text, [])
+        return chat_choice(content, "tool_calls" if calls else finish, self.index,
+                           [c.openai() for c in calls] or None, chat_logprobs(scores) if scores is not None else None)
+
+    def _gather(self, scores) -> None:
+        if scores is not None:
+            self._scores = (self._scores or []) + scores
+
+    def _take(self) -> dict | None:
+        scores, self._scores = self._scores, ([] if self._scores is not None else None)
+        return chat_logprobs(scores) if scores is not None else None
+
+    def _content(self, text: str) -> dict:
+        return chat_delta({"content": text}, index=self.index, logprobs=self._take())
 
 
 class TextShape:
     id_prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def opening(self):
-        return None
-
-    def piece(self, text):
-        return text_choice(text, None)
-
-    def closing(self, finish):
-        return text_choice("", finish)
-
-    def whole(self, text, finish):
-        return text_choice(text, finish)
+    def choice(self, index: int) -> TextChoice:
+        return TextChoice(index)
 
 
-CHAT, TEXT = ChatShape(), TextShape()
+class TextChoice:
+    def __init__(self, index: int):
+        self.index, self.offset = index, 0
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def piece(self, text: str, scores) -> list[dict]:
+        logprobs = None
+        if scores is not None:
+            logprobs = text_logprobs(scores, self.offset)
+            self.offset += sum(len(e.token) for e in scores)
+        return [text_choice(text, None, self.index, logprobs)] if text or scores else []
+
+    def closing(self, finish: str) -> list[dict]:
+        return [text_choice("", finish, self.index)]
+
+    def whole(self, text: str, finish: str, scores) -> dict:
+        return text_choice(text, finish, self.index, text_logprobs(scores) if scores is not None else None)
+
+
+TEXT = TextShape()
+
+
+def _total(usage: Usage | None, more: Usage) -> Usage:
+    """Usage over a request's choices: the prompt once, every choice's tokens."""
+    if usage is None:
+        return dataclasses.replace(more)
+    return dataclasses.replace(usage, completion_tokens=usage.completion_tokens + more.completion_tokens,
+                               decode_seconds=usage.decode_seconds + more.decode_seconds)
 
 
 class Reply:
-    """One request's answer, streamed as SSE or returned whole."""
+    """One request's answer (its n choices), streamed as SSE or returned whole."""
 
     def __init__(self, shape, id_: str, model: str, request: Request):
         self.shape, self.id, self.model, self.request = shape, id_, model, request
@@ -413,34 +545,46 @@ class Reply:
                            "timeout_error", code="request_timeout")
         return last.finish_reason
 
-    async def whole(self, job: Job, limiter) -> Response:
-        parts, last = [], None
-        async with _cancel_on_disconnect(self.request, job):
-            try:
-                async for ev in job_events(job, limiter):
-                    parts.append(ev.text)
-                    last = ev
-            except ContextFull as e:
-                raise ApiError(400, str(e), code="context_length_exceeded") from e
-        if getattr(self.request.state, "client_gone", False):
-            return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
-        finish = self.finish_reason(last)
-        return JSONResponse(envelope(self.id, self.shape.object, self.model,
-                                     [self.shape.whole("".join(parts), finish)], self.created,
-                                     usage=usage_dict(last.usage)))
+    async def whole(self, jobs: Jobs, limiter) -> Response:
+        choices, usage = [], None
+        async with _cancel_on_disconnect(self.request, jobs):
+            for index in range(jobs.n):
+                parts, scores, last = [], None, None
+                try:
+                    async for ev in job_events(jobs.next(), limiter):
+                        parts.append(ev.text)
+                        if ev.logprobs is not None:
+                            scores = (scores or []) + ev.logprobs
+                        last = ev
+                except ContextFull as e:
+                    raise ApiError(400, str(e), code="context_length_exceeded") from e
+                if getattr(self.request.state, "client_gone", False):
+                    return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
+                finish = self.finish_reason(last)
+                choices.append(self.shape.choice(index).whole("".join(parts), finish, scores))
+                usage = self.request.state.usage = _total(usage, last.usage)
+        return JSONResponse(envelope(self.id, self.shape.object, self.model, choices, self.created,
+                                     usage=usage_dict(usage)))
 
-    async def stream(self, job: Job, limiter, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, jobs: Jobs, limiter, include_usage: bool) -> AsyncIterator[str]:
         extra = {"usage": None} if include_usage else {}
+        usage = None
         try:
-            if (opening := self.shape.opening()) is not None:
-                yield self.chunk(opening, **extra)
-            async for ev in job_events(job, limiter):
-                if ev.text:
-                    yield self.chunk(self.shape.piece(ev.text), **extra)
-                if ev.usage is not None:
-                    yield self.chunk(self.shape.closing(self.finish_reason(ev)), **extra)
-                    if include_usage:
-                        yield self.chunk_dict([], usage=usage_dict(ev.usage))
+            for index in range(jobs.n):
+                choice = self.shape.choice(index)
+                job = jobs.next()
+                for c in choice.opening():
+                    yield self.chunk(c, **extra)
+                async for ev in job_events(job, limiter):
+                    if ev.text or ev.logprobs:
+                        for c in choice.piece(ev.text, ev.logprobs):
+                            yield self.chunk(c, **extra)
+                    if ev.usage is not None:
+                        for c in choice.closing(self.finish_reason(ev)):
+                            yield self.chunk(c, **extra)
+                        usage = self.request.state.usage = _total(usage, ev.usage)
+            if include_usage:
+                yield self.chunk_dict([], usage=usage_dict(usage))
         except ApiError as e:
             yield _sse(error_body(e.message, e.type, e.param, e.code))
         except ContextFull as e:
@@ -453,7 +597,7 @@ class Reply:
             self.request.state.failed = True
             yield _sse(error_body("internal server error (see the server log)", "server_error"))
         finally:
-            job.cancel()          # a no-op when the job ended; frees the engine when the client left
+            jobs.cancel()         # a no-op when the jobs ended; frees the engine when the client left
         yield "data: [DONE]\n\n"
 
     def chunk(self, choice: dict, **extra) -> str:

@@ -3,8 +3,9 @@
 Requests are validated strictly (a string is not a number, 1.0 is not an integer) so that a
 client's mistake gets a 400 naming the field instead of a silent coercion. Fields llama.cpp
 users send (`top_k`, `min_p`, `repeat_penalty`) are accepted; unknown fields are ignored,
-but features this server does not have (n > 1, logprobs, tools, JSON mode, echo, suffix)
-are refused by name rather than quietly dropped.
+but features this server does not have (echo, suffix, several prompts) are refused by name
+rather than quietly dropped. Tools, `response_format`, logprobs and n > 1 are served (n
+sequentially); their checks beyond the wire shape live in the chat layer and the engine.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 8          # n: choices are generated one after the other
 
 
 class TextPart(BaseModel):
@@ -24,8 +26,21 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict] | None = None       # assistant: the calls it made (checked by the chat layer)
+    tool_call_id: str | None = None            # tool: the call this result answers
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        """The message for the chat layer: text content, and the tool fields that are set."""
+        message = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+            message["content"] = self.text() if self.content is not None else None
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -76,9 +91,10 @@ class GenerationRequest(BaseModel):
 
     @field_validator("n")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"only n=1 is supported (got {n}): this server generates one choice per request")
+    def _choices(cls, n: int) -> int:
+        if not 1 <= n <= MAX_CHOICES:
+            raise ValueError(f"n must be between 1 and {MAX_CHOICES} (got {n}): choices are generated one after "
+                             "the other")
         return n
 
     @field_validator("stop")
@@ -133,20 +149,24 @@ class ChatCompletionRequest(GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     response_format: dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
 
     @model_validator(mode="after")
     def _supported(self):
-        _refuse(self.logprobs, "logprobs are not supported by this server")
-        _refuse(self.tools, "tools (function calling) are not supported by this server")
-        _refuse(self.functions or self.function_call, "functions/function_call (function calling) are not "
-                "supported by this server")
-        _refuse(self.response_format and self.response_format.get("type", "text") != "text",
-                "response_format other than text (JSON mode) is not supported by this server")
+        _refuse(self.functions or self.function_call, "functions/function_call (the old function calling) are not "
+                "supported by this server; send tools and tool_choice")
         return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """The engine's `logprobs` setting: None (off) or how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -157,7 +177,7 @@ class CompletionRequest(GenerationRequest):
     prompt: str | list[str] | list[int]
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     best_of: int | None = None
 
     @model_validator(mode="after")
@@ -166,9 +186,12 @@ class CompletionRequest(GenerationRequest):
                 and len(self.prompt) != 1, "only one prompt per request is supported (no batching)")
         _refuse(self.echo, "echo is not supported by this server")
         _refuse(self.suffix, "suffix (fill-in-the-middle) is not supported by this server")
-        _refuse(self.logprobs, "logprobs are not supported by this server")
         _refuse(self.best_of not in (None, 1), "only best_of=1 is supported")
         return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        return self.logprobs
 
     @property
     def token_limit(self) -> int | None:
@@ -188,17 +211,38 @@ def envelope(id_: str, obj: str, model: str, choices: list, created: int | None 
             "choices": choices, **extra}
 
 
-def chat_choice(text: str, finish_reason: str) -> dict:
-    return {"index": 0, "message": {"role": "assistant", "content": text},
-            "logprobs": None, "finish_reason": finish_reason}
+def chat_choice(text: str | None, finish_reason: str, index: int = 0, tool_calls: list | None = None,
+                logprobs: dict | None = None) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_delta(delta: dict, finish_reason: str | None = None) -> dict:
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+def chat_delta(delta: dict, finish_reason: str | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def text_choice(text: str, finish_reason: str | None) -> dict:
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def text_choice(text: str, finish_reason: str | None, index: int = 0, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_logprobs(entries) -> dict:
+    """Chat's `logprobs` object from the engine's TokenLogprob entries."""
+    return {"content": [{"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+                         "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)}
+                                          for t in e.top]} for e in entries],
+            "refusal": None}
+
+
+def text_logprobs(entries, offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object; `offset` is the text length before these tokens."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e.token)
+    return {"tokens": [e.token for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries], "text_offset": offsets}
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

@@ -8,9 +8,11 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from edge.engine.constraint import Grammar, Grammars
 from edge.launch.args import add_model_choice
 from edge.launch.model_store import resolve, weight_cache_dir
 from edge.model.backends import default_threads, load_backend
@@ -28,7 +30,7 @@ def _timed(fn) -> float:
 
 
 def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: int, reps: int,
-              progress=None) -> dict:
+              progress=None, grammar: Grammar | None = None, grammars: Grammars | None = None) -> dict:
     """One load, then `reps` prefills of n_prompt tokens and `reps` generations of n_gen
     tokens; either count may be 0 (that test is skipped, its figures are None)."""
     if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0 or reps < 1:
@@ -46,11 +48,26 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         cache.truncate(0)
         int(np.argmax(model.prefill(prompt, cache)))      # the first token, as a user would get it
 
+    if grammar is not None and grammars is None:
+        grammars = Grammars.of_bundle(bundle)
+    mask_s: list[float] = []
+
     def generate():
         cache.truncate(0)
         token = 1
+        matcher = grammars.matcher(grammar) if grammar is not None else None
         for _ in range(n_gen):
-            token = int(np.argmax(model.forward([token], cache)))
+            logits = model.forward([token], cache)
+            if matcher is None:
+                token = int(np.argmax(logits))
+                continue
+            t = time.perf_counter()     # the mask's cost per token: compute it, apply it, advance
+            allowed = matcher.apply(logits)
+            token = int(np.argmax(allowed))
+            matcher.advance(token)
+            mask_s.append(time.perf_counter() - t)
+            if matcher.stopped:         # one document done: start the next
+                matcher = grammars.matcher(grammar)
 
     def timed(fn, label):
         samples = []
@@ -63,6 +80,12 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
     prefill()                       # warm-up: buffers, T-resizes, caches
     pp = timed(prefill, f"pp{n_prompt}") if n_prompt else []
     tg = timed(generate, f"tg{n_gen}") if n_gen else []
+    mask = {}
+    if grammar is not None and tg:
+        step = statistics.median(tg) / n_gen
+        mask = {"mask_ms_per_token": 1e3 * statistics.median(mask_s),
+                "mask_ms_p90": 1e3 * float(np.quantile(mask_s, 0.9)),
+                "decode_ms_per_token": 1e3 * step, "mask_share_of_step": statistics.median(mask_s) / step}
     return {
         "model": bundle.name, "quant": bundle.quant, "threads": threads,
         "backend": model.backend,
@@ -77,6 +100,7 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
         "params": param_count(bundle.config),
         "peak_rss_mb": peak_rss_mb(),
+        **mask,
     }
 
 
@@ -160,11 +184,14 @@ def table(rows: list[dict]) -> str:
 
 def markdown(rows: list[dict]) -> str:
     """The figures llama-bench does not print: time to first token, load time, peak RSS."""
-    lines = ["| model | threads | n_prompt | ttft s | load s | KV cache MiB | peak RSS MB |", "|---" * 7 + "|"]
+    masked = "mask_ms_per_token" in rows[0]
+    lines = ["| model | threads | n_prompt | ttft s | load s | KV cache MiB | peak RSS MB |"
+             + (" mask ms/token (share of a step) |" if masked else ""), "|---" * (7 + masked) + "|"]
     for r in rows:
         ttft = f"{r['ttft_s']:.3f}" if r["ttft_s"] is not None else "–"
         lines.append(f"| {r['model']} {r['quant']} | {r['threads']} | {r['n_prompt']} | {ttft} | {r['load_s']:.2f} | "
-                     f"{r['kv_cache_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{r['kv_cache_mb']:.1f} | {r['peak_rss_mb']:.0f} |"
+                     + (f" {r['mask_ms_per_token']:.3f} ({100 * r['mask_share_of_step']:.1f} %) |" if masked else ""))
     return "\n".join(lines)
 
 
@@ -197,6 +224,11 @@ def run(args) -> int:
     bundle = Bundle.open(bundle_path)
     verify_s = time.perf_counter() - t0
     pairs = plan(args.n_prompt, args.n_gen)
+    grammar = grammars = None
+    if args.json_schema:        # checked before any model loads: a bad schema fails at once
+        grammar = Grammar.json_schema(json.loads(Path(args.json_schema).read_text()), origin=args.json_schema)
+        grammars = Grammars.of_bundle(bundle)
+        grammars.check(grammar)
     rows = []
     if args.parallel:
         for threads in args.threads or [default_threads()]:
@@ -206,14 +238,14 @@ def run(args) -> int:
         return 0
     for threads in args.threads or [default_threads()]:
         for n_prompt, n_gen in pairs:
-            r = bench_one(bundle, args.backend, threads, n_prompt, n_gen, args.reps, progress)
+            r = bench_one(bundle, args.backend, threads, n_prompt, n_gen, args.reps, progress, grammar, grammars)
             r["load_s"] += verify_s           # opening includes checking every file's hash
             rows.append(r)
     if args.json:
         print(json.dumps(rows if len(rows) > 1 else rows[0], indent=1))
     else:
         print(table(rows))
-        if args.verbose:
+        if args.verbose or grammar is not None:
             print()
             print(markdown(rows))
     return 0
@@ -237,4 +269,7 @@ def register(sub) -> None:
     b.add_argument("-np", "--parallel", type=int_list, default=None,
                    help="sequences decoded together, comma separated (e.g. 1,2,4,8): aggregate decode speed, "
                         "like llama-batched-bench (default: off)")
+    b.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="generate under this JSON schema and report the token mask's cost per token "
+                        "(shown with the -v table)")
     b.set_defaults(func=run)

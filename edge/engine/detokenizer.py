@@ -11,6 +11,8 @@ so it never starts mid-character. The concatenated output equals `tokenizer.deco
 """
 from __future__ import annotations
 
+import re
+
 import tokenizers
 
 _INCOMPLETE = "\ufffd"
@@ -45,3 +47,41 @@ class StreamDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special) if ids else ""
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each of the 256 bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+class TokenBytes:
+    """The exact bytes one token stands for, even when it is part of a UTF-8 character (what
+    OpenAI's logprobs `bytes` carry): byte-level BPE pieces through GPT-2's alphabet, `<0xNN>`
+    byte-fallback pieces, and decoded text for everything else (special tokens included)."""
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer):
+        self._tokenizer = tokenizer
+        self._byte_level = isinstance(tokenizer.decoder, tokenizers.decoders.ByteLevel)
+        self._added = set(tokenizer.get_added_tokens_decoder())
+
+    def __call__(self, token_id: int) -> bytes:
+        piece = self._tokenizer.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if token_id not in self._added:
+            if self._byte_level and all(c in _BYTE_DECODER for c in piece):
+                return bytes(_BYTE_DECODER[c] for c in piece)
+            if m := _BYTE_FALLBACK.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+        return self._tokenizer.decode([int(token_id)], skip_special_tokens=False).encode("utf-8")

@@ -15,6 +15,7 @@ The weights are read once per step for all rows. `generate()` is the one-request
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -27,7 +28,8 @@ import numpy as np
 
 from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
-from edge.engine.detokenizer import StreamDecoder
+from edge.engine.constraint import Grammar, Grammars
+from edge.engine.detokenizer import StreamDecoder, TokenBytes
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.stop_strings import StopMatcher
@@ -61,6 +63,18 @@ class Event:
     token_id: int | None = None
     finish_reason: str | None = None   # "stop" | "length" | "cancelled", on the last event only
     usage: Usage | None = None         # on the last event only
+    logprobs: list[TokenLogprob] | None = None   # when asked for: the tokens behind this event's text
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (log-softmax of its raw logits,
+    before penalties, temperature or a grammar's mask), and the `top` most likely alternatives."""
+    token_id: int
+    token: str
+    logprob: float
+    bytes: bytes = b""                 # exact, even for part of a UTF-8 character (`token` then has U+FFFD)
+    top: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -70,11 +84,20 @@ class GenerationParams:
     max_tokens: int | None = None      # None: until the context is full
     stop: list[str] = field(default_factory=list)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    constraint: Grammar | None = None  # the output must match this grammar (a per-token logits mask)
+    logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
+    special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
 
     def __post_init__(self):
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
                                             or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+
+
+MAX_TOP_LOGPROBS = 20      # OpenAI's limit
 
 
 @dataclass
@@ -96,7 +119,9 @@ class Sequence:
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
         self.sampler = Sampler(params.sampling)
-        self.decoder = StreamDecoder(engine.tokenizer)
+        self.decoder = StreamDecoder(engine.tokenizer, skip_special_tokens=not params.special_text)
+        self.matcher = engine.grammars.matcher(params.constraint) if params.constraint is not None else None
+        self.scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.stops = StopMatcher(params.stop)
         self.usage = Usage(prompt_tokens=len(ids))
         self.history = list(ids)
@@ -133,8 +158,10 @@ class Sequence:
         return self.cancel is not None and self.cancel.is_set()
 
     def take(self, logits: np.ndarray) -> list[Event]:
-        """The model's logits after the last pending token: sample, and say what came out."""
-        token = self.sampler.sample(logits, self.history)
+        """The model's logits after the last pending token: sample (within the grammar, when
+        there is one), and say what came out."""
+        allowed = logits if self.matcher is None else self.matcher.apply(logits)
+        token = self.sampler.sample(allowed, self.history)
         u = self.usage
         u.completion_tokens += 1
         if self.t_first is None:
@@ -143,10 +170,16 @@ class Sequence:
         if token in self.engine.eos_ids:
             return self.finish("stop")
         self.history.append(token)
+        if self.scores is not None:
+            self.scores.append(self.engine.token_logprob(logits, token, self.params.logprobs))
         text, stopped = self.stops.feed(self.decoder.push(token))
-        events = [Event(text=text, token_id=token)] if text else []
+        events = [Event(text=text, token_id=token, logprobs=self._take_scores())] if text else []
         if stopped:
             return events + self.finish("stop", flush=False)
+        if self.matcher is not None:
+            self.matcher.advance(token)
+            if self.matcher.stopped:                  # the grammar is complete: nothing may follow
+                return events + self.finish("stop")
         if self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit:
             return events + self.finish("length")       # context full or enough tokens: "length"
         self.pending = [token]
@@ -158,7 +191,14 @@ class Sequence:
             self.usage.decode_seconds = time.perf_counter() - self.t_first
         self.done, self.pending = True, []
         self.engine.release(self)
-        return [Event(text=tail, finish_reason=reason, usage=self.usage)]
+        return [Event(text=tail, finish_reason=reason, usage=self.usage, logprobs=self._take_scores())]
+
+    def _take_scores(self) -> list | None:
+        """The scores gathered so far, handed over once."""
+        if self.scores is None:
+            return None
+        taken, self.scores = self.scores, []
+        return taken
 
 
 class Engine:
@@ -185,12 +225,43 @@ class Engine:
         self._step_lock = threading.Lock()
         self._last_slot = self.slots[0]
         self._longest: int | None = None     # 0: the tokenizer drops bytes, no bound from size
+        self._grammars: Grammars | None = None
+        self._token_bytes: TokenBytes | None = None
         self.prompt_cache = prompt_cache
         self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
 
     @property
     def name(self) -> str:
         return self.bundle.name
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar compiler for this model's tokenizer (built on first use)."""
+        if self._grammars is None:
+            self._grammars = Grammars.of_bundle(self.bundle, self.eos_ids)
+        return self._grammars
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """Raise ConstraintError (a ValueError) naming the problem if `grammar` cannot be compiled."""
+        self.grammars.check(grammar)
+
+    def token_logprob(self, logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability under raw `logits` [V], with the `top` most likely tokens."""
+        logits = np.asarray(logits, dtype=np.float64)
+        peak = logits.max()
+        log_total = peak + np.log(np.exp(logits - peak).sum())
+        best = []
+        if top:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(-logits[ids], kind="stable")]
+            best = [self._scored(int(i), float(logits[i] - log_total)) for i in ids]
+        return dataclasses.replace(self._scored(token, float(logits[token] - log_total)), top=best)
+
+    def _scored(self, token: int, logprob: float) -> TokenLogprob:
+        if self._token_bytes is None:
+            self._token_bytes = TokenBytes(self.tokenizer)
+        return TokenLogprob(token, self.tokenizer.decode([token], skip_special_tokens=False), logprob,
+                            self._token_bytes(token))
 
     @property
     def parallel(self) -> int:

@@ -23,6 +23,7 @@ DEFAULT_PARALLEL = 4            # serve's slots: 4 streams decode at ~3x one str
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 REQUEST_FIELDS = SAMPLING_FIELDS | {"max_tokens", "stop"}
+PER_REQUEST_FIELDS = frozenset({"constraint", "logprobs", "special_text"})   # no defaults: one request's own
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ class RequestDefaults:
     def build(self, **overrides) -> GenerationParams:
         """GenerationParams from these defaults and the given fields (None = not given).
         Raises ValueError naming the field for a value the engine cannot run."""
-        unknown = set(overrides) - REQUEST_FIELDS
+        unknown = set(overrides) - REQUEST_FIELDS - PER_REQUEST_FIELDS
         if unknown:
             raise TypeError(f"unknown request field(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -55,4 +56,4 @@ class RequestDefaults:
         if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
             raise ValueError("stop must be a string or a list of strings")
         return GenerationParams(max_tokens=given.get("max_tokens", self.max_tokens), stop=list(stop),
-                                sampling=sampling)
+                                sampling=sampling, **{k: given[k] for k in PER_REQUEST_FIELDS & given.keys()})

@@ -2,22 +2,24 @@
 one JSON event per line out. Requests are stateless (send "messages" for a multi-turn chat).
 
 In:  {"id": any, "prompt": str, "system": str} or {"id": any, "messages": [{"role", "content"}]},
-     plus any request field (max_tokens, stop, temperature, top_k, ...).
+     plus any request field (max_tokens, stop, temperature, top_k, ...) and the chat fields
+     (tools, tool_choice, parallel_tool_calls, response_format).
 Out: {"ready": true, "model", "max_ctx"} on connect; {"id", "delta"} per piece of text;
-     {"id", "done": true, "finish_reason", "usage"} at the end; {"id", "error": {"code", "message"}}.
+     {"id", "done": true, "finish_reason", "usage"[, "tool_calls"]} at the end;
+     {"id", "error": {"code", "message"}}.
 """
 from __future__ import annotations
 
 import json
 
-from edge.engine.engine import GenerationParams
 from edge.engine.scheduler import QueueFull
+from edge.engine.tool_calls import CHAT_FIELDS, prepare_chat
 from edge.launch.request import REQUEST_FIELDS
 from edge.model.kv_cache import ContextFull
 from edge.serial.line_editor import Line
 from edge.serial.protocol import Protocol
 
-_REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS
+_REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS | CHAT_FIELDS
 
 
 def json_bytes(rid=None, **fields) -> bytes:
@@ -55,15 +57,16 @@ class JsonlProtocol(Protocol):
             return self.error(None, "bad_json", str(e))
         rid = req.get("id") if isinstance(req, dict) else None
         try:
-            ids, params = self._request(req)
+            ids, params, chat = self._request(req)
         except ContextFull as e:
             return self.error(rid, "context_full", str(e))
         except (ValueError, TypeError) as e:
             return self.error(rid, "bad_request", str(e))
         cancel = self.console.current_cancel()
+        text = []
         try:
             last, _ = self.console.stream(self.console.scheduler.stream(ids, params, cancel), cancel,
-                                          lambda ev: json_bytes(rid, delta=ev.text))
+                                          lambda ev: text.append(ev.text) or json_bytes(rid, delta=ev.text))
         except ContextFull as e:
             return self.error(rid, "context_full", str(e))
         except QueueFull as e:
@@ -72,19 +75,21 @@ class JsonlProtocol(Protocol):
             self.console.log(f"error: {type(e).__name__}: {e}")
             return self.error(rid, "internal", f"error: {e}")
         if last is not None:
-            self.send(rid, wait=self.console.stall_timeout, done=True, finish_reason=last.finish_reason,
-                      usage=_usage_dict(last.usage))
+            calls = chat.parse("".join(text))[1]     # tools: the deltas are the raw text, the calls come here
+            self.send(rid, wait=self.console.stall_timeout, done=True,
+                      finish_reason="tool_calls" if calls else last.finish_reason, usage=_usage_dict(last.usage),
+                      **({"tool_calls": [c.openai() for c in calls]} if calls else {}))
 
-    def _request(self, req) -> tuple[list[int], GenerationParams]:
+    def _request(self, req):
         if not isinstance(req, dict):
             raise ValueError("a request is a JSON object")
         unknown = sorted(set(req) - _REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
-        params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()})
-        ids = self.engine.encode_chat(_messages(req))
-        self.engine.check_fits(ids)
-        return ids, params
+        chat = prepare_chat(self.engine, _messages(req), **{k: req[k] for k in CHAT_FIELDS & req.keys()})
+        params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()}, **chat.overrides())
+        self.engine.check_fits(chat.ids)
+        return chat.ids, params, chat
 
 
 def _messages(req: dict) -> list[dict]:
@@ -100,7 +105,7 @@ def _messages(req: dict) -> list[dict]:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in msgs)):
         raise ValueError('"messages" must be a non-empty list of {"role": str, "content": str}')
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return [{k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m} for m in msgs]
 
 
 def _usage_dict(u) -> dict | None:

@@ -1,0 +1,478 @@
+"""Tool calling in the chat layer: a tool list in, the prompt and a grammar out; text in, calls out.
+
+Shared by every interface that offers tools (the OpenAI API, the serial jsonl mode): they pass
+the client's `tools` / `tool_choice` / `parallel_tool_calls` and the messages down as plain
+dicts and get back prompt messages, template variables, a `Grammar` for the engine and, from
+the generated text, `(content, calls)`.
+
+Prompting. A template that knows tools (Llama 3.2's: it tests `tools`) gets them as its `tools`
+variable and renders them its own way. Any other template (SmolLM2's ChatML) gets the fallback:
+the tool list and the call format are appended to the system turn (one is added if there is
+none), earlier assistant calls are written back as the JSON they would have been generated as,
+and tool results become user turns that say which call they answer.
+
+The call format asked for is Llama 3.2's JSON form, one object per call:
+`{"name": "get_weather", "parameters": {"city": "Paris"}}`. The parser also reads the other
+forms Meta's prompt format documents: the pythonic list `[get_weather(city="Paris"), ...]` and
+anything after `<|python_tag|>`; several JSON calls may follow each other (separated by
+whitespace, `;` or `,`, or inside a JSON list). A call is only recognised when everything from
+its start to the end of the text is calls, and only with names from the request's tool list:
+prose that mentions braces stays prose, and the text written before a call is kept as content.
+
+Constraints. `tool_choice` "required" or a named function: the whole reply is one call, its
+arguments held to the tool's schema by the grammar (objects in it that do not say otherwise
+are closed to further keys, as in OpenAI's strict mode). "auto": the reply is free text, or, once
+it starts with `{`, calls whose arguments follow their schemas. "none": no tools in the prompt,
+no grammar, no parsing.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from dataclasses import dataclass
+
+from edge.engine.constraint import ConstraintError, Grammar, closed, compact
+
+PYTHON_TAG = "<|python_tag|>"
+CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})   # a request's own
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
+CALL_STARTS = ("{", "[", PYTHON_TAG)
+
+
+class ToolError(ValueError):
+    """A malformed tools / tool_choice / tool message; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+    spec: dict                     # the client's definition, as the template receives it
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict
+    id: str = ""
+
+    @property
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+    def openai(self) -> dict:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments_json}}
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+# --- the request's tools --------------------------------------------------------------
+
+def parse_tools(tools) -> tuple[Tool, ...]:
+    if not isinstance(tools, list):
+        raise ToolError("tools must be a list of {'type': 'function', 'function': {...}} objects", "tools")
+    parsed, names = [], set()
+    for i, spec in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(spec, dict) or spec.get("type", "function") != "function":
+            raise ToolError(f"{where} must be an object with type 'function'", f"{where}.type")
+        fn = spec.get("function")
+        if not isinstance(fn, dict):
+            raise ToolError(f"{where}.function must be an object with a name", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise ToolError(f"{where}.function.name must be 1 to 64 letters, digits, '_', '-' or '.', got {name!r}",
+                            f"{where}.function.name")
+        if name in names:
+            raise ToolError(f"{where}.function.name {name!r} is defined twice", f"{where}.function.name")
+        names.add(name)
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise ToolError(f"{where}.function.parameters must be a JSON schema of type 'object'",
+                            f"{where}.function.parameters")
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise ToolError(f"{where}.function.description must be a string", f"{where}.function.description")
+        parsed.append(Tool(name, description, params, {"type": "function", "function": fn}))
+    return tuple(parsed)
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """One request's tools and how the model may use them."""
+    tools: tuple[Tool, ...]
+    choice: str = "auto"             # "auto" | "none" | "required" (a named function is "required" + forced)
+    forced: str | None = None
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, tools, tool_choice=None, parallel_tool_calls=None) -> ToolUse | None:
+        """None when the request has no tools; raises ToolError naming the bad field."""
+        if tools is None or tools == []:
+            if tool_choice not in (None, "none", "auto"):
+                raise ToolError("tool_choice needs tools: the request defines none", "tool_choice")
+            return None
+        parsed = parse_tools(tools)
+        names = {t.name for t in parsed}
+        choice, forced = tool_choice if tool_choice is not None else "auto", None
+        if isinstance(choice, dict):
+            fn = choice.get("function") if choice.get("type") == "function" else None
+            forced = fn.get("name") if isinstance(fn, dict) else None
+            if not isinstance(forced, str):
+                raise ToolError("tool_choice must be 'auto', 'none', 'required' or "
+                                "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
+            if forced not in names:
+                raise ToolError(f"tool_choice names the function {forced!r}, which is not among the tools "
+                                f"({', '.join(sorted(names))})", "tool_choice.function.name")
+            choice = "required"
+        elif choice not in ("auto", "none", "required"):
+            raise ToolError(f"tool_choice must be 'auto', 'none', 'required' or a named function, got {choice!r}",
+                            "tool_choice")
+        if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+            raise ToolError("parallel_tool_calls must be true or false", "parallel_tool_calls")
+        return cls(parsed, choice, forced, parallel_tool_calls is not False)
+
+    @property
+    def active(self) -> bool:
+        return self.choice != "none"
+
+    @property
+    def offered(self) -> tuple[Tool, ...]:
+        return tuple(t for t in self.tools if self.forced in (None, t.name))
+
+    # --- the grammar ------------------------------------------------------------------
+    def call_schema(self) -> dict:
+        """One call in the JSON form, its arguments held to the tool's schema."""
+        options = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": closed(t.parameters)},
+                    "required": ["name", "parameters"], "additionalProperties": False} for t in self.offered]
+        return options[0] if len(options) == 1 else {"anyOf": options}
+
+    def grammar(self) -> Grammar | None:
+        if not self.active:
+            return None
+        if self.choice == "required":
+            return Grammar.json_schema(self.call_schema(), origin="tools")
+        call = json.dumps(compact(self.call_schema()), ensure_ascii=False)
+        more = ' (SEP call)*\nSEP: /[ \\t]*(\\n|; ?)[ \\t]*/' if self.parallel else ""
+        # free text that does not open with "{", or calls; the empty reply too
+        lark = (f'start: TEXT | calls |\ncalls: call{more}\nTEXT: /(?s:[^{{\\s].*|\\s+[^{{\\s].*)/\n'
+                f'call: %json {call}\n')
+        return Grammar.lark(lark, origin="tools")
+
+    # --- the prompt -------------------------------------------------------------------
+    def prompt(self, messages: list[dict], template_source: str) -> tuple[list[dict], dict]:
+        """(messages, template variables) for this request."""
+        if not self.active:
+            return messages, {}
+        if template_knows_tools(template_source):
+            return messages, {"tools": [t.spec for t in self.offered]}
+        system = fallback_system_text(self.offered, self.choice == "required", self.parallel)
+        if messages and messages[0].get("role") == "system":
+            first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{system}".lstrip())
+            return [first, *messages[1:]], {}
+        return [{"role": "system", "content": system}, *messages], {}
+
+    # --- the reply --------------------------------------------------------------------
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return parse_calls(text, {t.name for t in self.tools}) if self.active else (text, [])
+
+    def stream(self) -> CallStream:
+        return CallStream(self)
+
+
+def template_knows_tools(source: str) -> bool:
+    """Whether a chat template renders a `tools` variable (Llama 3.x, Qwen, Hermes...)."""
+    return re.search(r"\btools\b", source) is not None
+
+
+def one_call_per_message(source: str) -> bool:
+    """Whether a template raises on more than one tool call per assistant message (Llama 3.x)."""
+    return "only supports single tool-calls" in source
+
+
+def fallback_system_text(tools, required: bool, parallel: bool) -> str:
+    lines = ["You can call the following functions. Each is given as a JSON schema:"]
+    lines += [json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
+                         ensure_ascii=False) for t in tools]
+    lines.append("To call a function, reply with only a JSON object in the format "
+                 '{"name": function name, "parameters": object of argument names and values}'
+                 + (", one line per call." if parallel else ", a single call."))
+    lines.append("You must call one of these functions." if required else
+                 "If no function fits, answer in plain text instead.")
+    return "\n".join(lines)
+
+
+# --- conversation history -------------------------------------------------------------
+
+def history(messages: list[dict], template_source: str) -> list[dict]:
+    """Messages as the template should see them: assistant `tool_calls` with their arguments as
+    objects (as transformers expects) and `tool` results; for a template without tool support,
+    calls as the JSON text the model would have written and results as user turns.
+    Raises ToolError for a tool message that answers no earlier call."""
+    native = template_knows_tools(template_source)
+    calls: dict[str, str] = {}
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role == "assistant" and m.get("tool_calls"):
+            parsed = []
+            for j, call in enumerate(m["tool_calls"]):
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise ToolError(f"messages[{i}].tool_calls[{j}].function.name is required",
+                                    f"messages[{i}].tool_calls")
+                args = fn.get("arguments", {})
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args) if args.strip() else {}
+                    except ValueError:
+                        pass           # written back as given
+                if call.get("id"):
+                    calls[call["id"]] = fn["name"]
+                parsed.append({"id": call.get("id"), "type": "function",
+                               "function": {"name": fn["name"], "arguments": args}})
+            if native and len(parsed) > 1 and one_call_per_message(template_source):
+                # Llama 3.x templates refuse several calls in one message (as transformers does);
+                # parallel calls are written as consecutive assistant turns of one call each
+                out += [{**m, "content": "", "tool_calls": [c]} for c in parsed]
+            elif native:
+                out.append({**m, "content": m.get("content") or "", "tool_calls": parsed})
+            else:
+                text = "\n".join(json.dumps({"name": c["function"]["name"], "parameters": c["function"]["arguments"]},
+                                            ensure_ascii=False) for c in parsed)
+                out.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + text).lstrip()})
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if call_id not in calls:
+                raise ToolError(f"messages[{i}] is a tool result for {call_id!r}, which no earlier assistant "
+                                "message called", f"messages[{i}].tool_call_id")
+            if native:
+                out.append(m)
+            else:
+                out.append({"role": "user", "content": f"Result of {calls[call_id]}: {m.get('content') or ''}"})
+        else:
+            out.append(m)
+    return out
+
+
+# --- parsing calls out of text --------------------------------------------------------
+
+def parse_calls(text: str, names) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls): the calls the text ends with, if it does, and the text before them.
+    With no calls, content is the whole text."""
+    names = set(names)
+    for start in _candidates(text):
+        calls = _calls_in(text[start:], names)
+        if calls:
+            content = text[:start].rstrip()
+            return content or None, [ToolCall(c.name, c.arguments, new_call_id()) for c in calls]
+    return text, []
+
+
+def _candidates(text: str):
+    i = 0
+    while True:
+        found = [j for j in (text.find(s, i) for s in CALL_STARTS) if j >= 0]
+        if not found:
+            return
+        i = min(found)
+        yield i
+        i += 1
+
+
+def _calls_in(body: str, names: set) -> list[ToolCall]:
+    body = body.strip()
+    if body.startswith(PYTHON_TAG):
+        body = body[len(PYTHON_TAG):].strip()
+        return _json_calls(body, names) or _pythonic_calls(body, names, bare=True)
+    if body.startswith("["):
+        return _json_calls(body, names) or _pythonic_calls(body, names)
+    return _json_calls(body, names)
+
+
+def _json_calls(body: str, names: set) -> list[ToolCall]:
+    decoder, calls, i = json.JSONDecoder(), [], 0
+    while i < len(body):
+        try:
+            value, i = decoder.raw_decode(body, i)
+        except ValueError:
+            return []
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            call = _json_call(item, names)
+            if call is None:
+                return []
+            calls.append(call)
+        while i < len(body) and body[i] in " \t\r\n;,":
+            i += 1
+    return calls
+
+
+def _json_call(item, names: set) -> ToolCall | None:
+    if not isinstance(item, dict):
+        return None
+    if isinstance(item.get("function"), dict) and "name" not in item:     # OpenAI's own shape
+        item = item["function"]
+    name = item.get("name")
+    args = item.get("parameters", item.get("arguments", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if name not in names or not isinstance(args, dict):
+        return None
+    if set(item) - {"name", "parameters", "arguments", "type", "id"}:
+        return None
+    return ToolCall(name, args)
+
+
+def _pythonic_calls(body: str, names: set, bare: bool = False) -> list[ToolCall]:
+    try:
+        tree = ast.parse(body.strip(), mode="eval").body
+    except (SyntaxError, ValueError):
+        return []
+    if isinstance(tree, ast.List):
+        nodes = tree.elts
+    elif bare and isinstance(tree, ast.Call):
+        nodes = [tree]
+    else:
+        return []
+    calls = []
+    for node in nodes:
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in names
+                and not node.args):
+            return []
+        try:
+            args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg is not None}
+        except (ValueError, SyntaxError):
+            return []
+        if len(args) != len(node.keywords):
+            return []
+        calls.append(ToolCall(node.func.id, args))
+    return calls
+
+
+class CallStream:
+    """Streamed text in, content deltas out: text is released until something that may open a
+    call (`{`, `[`, `<|python_tag|>`) appears, and held from there; `finish` parses what was
+    held, so the result is the same as `parse_calls` on the whole text."""
+
+    def __init__(self, use: ToolUse):
+        self.use = use
+        self._held = ""
+        self._holding = False
+
+    def feed(self, text: str) -> str:
+        if not self.use.active:
+            return text
+        if self._holding:
+            self._held += text
+            return ""
+        buffer = self._held + text
+        found = [j for j in (buffer.find(s) for s in CALL_STARTS) if j >= 0]
+        if found:
+            self._holding, cut = True, min(found)
+        else:       # a tail that may be the start of <|python_tag|> waits for the next piece
+            cut = len(buffer) - _partial_tag(buffer)
+        self._held = buffer[cut:]
+        return buffer[:cut]
+
+    def finish(self) -> tuple[str | None, list[ToolCall]]:
+        """(the rest of the content or None, the calls)."""
+        held, self._held = self._held, ""
+        if not held:
+            return None, []
+        content, calls = self.use.parse(held)
+        return content, calls
+
+
+def _partial_tag(buffer: str) -> int:
+    for n in range(min(len(buffer), len(PYTHON_TAG) - 1), 0, -1):
+        if PYTHON_TAG.startswith(buffer[-n:]):
+            return n
+    return 0
+
+
+# --- one chat request with tools / a response format, for any interface -----------------
+
+@dataclass(frozen=True)
+class ChatRequest:
+    ids: list[int]
+    tool_use: ToolUse | None
+    grammar: Grammar | None
+
+    def overrides(self) -> dict:
+        """The request builder's fields for it (`RequestDefaults.build(**overrides)`)."""
+        tools = self.tool_use is not None and self.tool_use.active
+        return {"constraint": self.grammar, "special_text": True if tools else None}
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        return self.tool_use.parse(text) if self.tool_use is not None else (text, [])
+
+
+def prepare_chat(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
+                 response_format=None) -> ChatRequest:
+    """Messages (OpenAI-shaped dicts) and the client's tool / format fields -> prompt ids and
+    grammar. Raises ToolError (with `param`) for anything malformed or uncompilable, and the
+    template's own ValueError for a conversation it rejects."""
+    use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
+    messages = history(messages, engine.template.source)
+    extra = {}
+    if use is not None:
+        messages, extra = use.prompt(messages, engine.template.source)
+    ids = engine.encode_chat(messages, **extra)
+    grammar = response_grammar(response_format)
+    if grammar is not None:
+        _check(engine, grammar, grammar.origin)
+    if use is not None and use.active and (grammar is None or use.choice == "required"):
+        try:
+            grammar = use.grammar()
+            _check(engine, grammar, "tools")
+        except ToolError:
+            if use.choice == "required":
+                raise
+            grammar = None       # "auto" on a model without a usable grammar: calls are still parsed
+    return ChatRequest(ids, use, grammar)
+
+
+def _check(engine, grammar: Grammar, param: str) -> None:
+    try:
+        engine.check_grammar(grammar)
+    except ConstraintError as e:
+        raise ToolError(str(e), param) from e
+
+
+def response_grammar(response_format) -> Grammar | None:
+    """OpenAI's `response_format` -> a Grammar (None for plain text)."""
+    if not response_format:
+        return None
+    if not isinstance(response_format, dict):
+        raise ToolError("response_format must be an object with a type", "response_format")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return None
+    try:
+        if kind == "json_object":
+            return Grammar.json_object()
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise ToolError("response_format.json_schema must be an object with a 'name' and a 'schema'",
+                                "response_format.json_schema")
+            schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
+            return Grammar.json_schema(schema, origin="response_format.json_schema.schema")
+    except ConstraintError as e:
+        raise ToolError(str(e), "response_format.json_schema.schema" if kind == "json_schema"
+                        else "response_format") from e
+    raise ToolError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                    "response_format.type")
