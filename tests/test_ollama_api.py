@@ -131,3 +131,58 @@ def test_ollama_and_openai_ports_of_one_server_at_once(tiny):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_chat_with_tools_gives_calls_with_object_arguments(smol_ollama, smol, monkeypatch):
+    """Ollama has no tool_choice and the 135M model rarely calls under "auto", so the call is
+    forced here (the chat layer's "required", as the OpenAI API offers it); what is tested is
+    Ollama's shape: arguments as an object, the call sent back, the tool result answered."""
+    import jsonschema
+
+    from edge.api import ollama_api
+    real = ollama_api.prepare_chat
+    monkeypatch.setattr(ollama_api, "prepare_chat",
+                        lambda engine, messages, tools, choice, parallel, fmt: real(engine, messages, tools, "required",
+                                                                                    parallel, fmt))
+    client, _ = smol_ollama
+    params = {"type": "object", "required": ["room", "on"], "properties": {
+        "room": {"type": "string", "enum": ["kitchen", "bedroom"]}, "on": {"type": "boolean"}}}
+    tools = [{"type": "function", "function": {"name": "set_light", "description": "Switch a light",
+                                               "parameters": params}}]
+    messages = [{"role": "user", "content": "Turn off the bedroom light."}]
+    for stream in (False, True):
+        got = client.chat(model=smol.name, messages=messages, tools=tools, stream=stream,
+                          options={"temperature": 0, "num_predict": 60})
+        parts = list(got) if stream else [got]
+        calls = [c for p in parts for c in (p.message.tool_calls or [])]
+        assert len(calls) == 1 and calls[0].function.name == "set_light"
+        assert isinstance(calls[0].function.arguments, dict)
+        jsonschema.validate(calls[0].function.arguments, params)
+        assert parts[-1].done
+    monkeypatch.setattr(ollama_api, "prepare_chat", real)
+    follow = messages + [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "set_light", "arguments": calls[0].function.arguments}}]},
+        {"role": "tool", "tool_name": "set_light", "content": '{"ok": true}'}]
+    final = client.chat(model=smol.name, messages=follow, options={"temperature": 0, "num_predict": 20})
+    assert final.done and final.message.content
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model=smol.name, messages=[{"role": "tool", "content": "x"}])
+    assert e.value.status_code == 400 and "tool" in e.value.error
+
+
+def test_format_json_schema_and_json(smol_ollama, smol):
+    import json
+
+    import jsonschema
+    client, _ = smol_ollama
+    person = {"type": "object", "required": ["name", "age"],
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
+    got = client.chat(model=smol.name, messages=[{"role": "user", "content": "Invent a person."}], format=person,
+                      options={"temperature": 0, "num_predict": 60})
+    jsonschema.validate(json.loads(got.message.content), person)
+    gen = client.generate(model=smol.name, prompt="A cat as JSON, with its name only.", format="json",
+                          options={"temperature": 0, "num_predict": 300})
+    assert gen.done_reason == "stop" and isinstance(json.loads(gen.response), dict), gen.response
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model=smol.name, prompt="x", format={"type": "frobnicate"})
+    assert e.value.status_code == 400 and "format" in e.value.error

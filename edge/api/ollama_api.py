@@ -2,6 +2,12 @@
 `ollama` client speak. It runs on its own port (Ollama's 11434 by default) in the same
 server as the OpenAI API, over the same engine, scheduler, API key and limits.
 
+`tools` (tool calls come back with `arguments` as an object, as Ollama sends them; a `tool`
+message answers the earliest open call of its `tool_name`) and `format` ("json" or a JSON
+schema) go through the same chat layer and grammar engine as the OpenAI API's `tools` (with
+tool_choice "auto") and `response_format`. With tools, a streamed reply comes as one line once
+it is complete, so that a call never reaches the client as text.
+
 Mapping onto the shared request: `options` (temperature, top_k, top_p, min_p,
 repeat_penalty, presence/frequency_penalty, seed, num_predict, stop) become `RequestDefaults`
 fields; `num_ctx` and `keep_alive` are accepted (the model always stays loaded, its context
@@ -12,6 +18,7 @@ Errors are `{"error": "..."}`; an error after streaming started is an NDJSON lin
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import datetime, timezone
@@ -25,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge.api.openai_api import (ApiError, Guard, JobStream, RequestLog, ServerState, StateDep, _check_bytes,
                                  _engine, admit, job_events, request_params, tokenize, validation_message)
+from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat, response_grammar
 from edge.model.kv_cache import ContextFull
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
@@ -195,16 +203,16 @@ async def chat(body: ChatBody, request: Request, state: StateDep):
     engine = _engine_for(state, body.model)
     if any(m.images for m in body.messages):
         raise ApiError(400, "images are not supported: this model reads text only")
-    _refuse_unsupported(body.format, body.tools)
-    messages = [{"role": m.role, "content": m.content or ""} for m in body.messages]
+    messages = openai_messages(body.messages)
     if not messages:       # Ollama: an empty chat loads the model and returns at once
         return _loaded(state, {"message": {"role": "assistant", "content": ""}})
-    nbytes = sum(len(m["content"].encode()) for m in messages)
+    nbytes = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
     _check_bytes(engine, nbytes, "messages")
+    fmt = response_format(body.format)
     with admit(state) as ticket:
-        ids = await tokenize(state, engine.encode_chat, messages, "messages", nbytes)
-        return await _respond(state, request, body, ids, "messages", ticket,
-                              lambda text: {"message": {"role": "assistant", "content": text}})
+        chat = await tokenize(state, functools.partial(_chat_prompt, engine, body.tools, fmt), messages,
+                              "messages", nbytes)
+        return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat)
 
 
 @router.post("/api/generate")
@@ -217,7 +225,7 @@ async def generate(body: GenerateBody, request: Request, state: StateDep):
     if body.template:
         raise ApiError(400, "a custom template is not supported; the model's own chat template is used "
                             "(or send raw: true with the whole prompt)")
-    _refuse_unsupported(body.format, None)
+    constraint = _grammar(engine, response_format(body.format))
     if not body.prompt:
         return _loaded(state, {"response": ""})
     nbytes = len(body.prompt.encode()) + len((body.system or "").encode())
@@ -229,16 +237,73 @@ async def generate(body: GenerateBody, request: Request, state: StateDep):
             messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
                        [{"role": "user", "content": body.prompt}]
             ids = await tokenize(state, engine.encode_chat, messages, "prompt", nbytes)
-        return await _respond(state, request, body, ids, "prompt", ticket, lambda text: {"response": text})
+        return await _respond(state, request, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
+                              constraint=constraint)
 
 
 # --- requests -> jobs -> NDJSON ------------------------------------------------------------
 
-def _refuse_unsupported(fmt, tools) -> None:
-    if fmt not in (None, ""):
-        raise ApiError(400, "format (JSON output) is not supported by this server yet")
-    if tools:
-        raise ApiError(400, "tools are not supported by this server yet")
+def openai_messages(messages: list[Message]) -> list[dict]:
+    """Ollama's messages as the chat layer takes them (OpenAI's shape): a call's arguments
+    become a JSON string with an id, and a `tool` message answers the earliest unanswered call
+    (of its `tool_name`, when it says)."""
+    out, open_calls, n = [], [], 0
+    for m in messages:
+        msg = {"role": m.role, "content": m.content or ""}
+        if m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                    raise ApiError(400, "messages: a tool call needs function.name")
+                n += 1
+                calls.append({"id": f"call_{n}", "type": "function", "function": {
+                    "name": fn["name"], "arguments": json.dumps(fn.get("arguments") or {}, ensure_ascii=False)}})
+            msg["tool_calls"] = calls
+            open_calls += [(c["id"], c["function"]["name"]) for c in calls]
+        if m.role == "tool":
+            match = next((c for c in open_calls if m.tool_name in (None, c[1])), None)
+            if match is None:
+                raise ApiError(400, "messages: a tool message answers no earlier tool call")
+            open_calls.remove(match)
+            msg["tool_call_id"] = match[0]
+        out.append(msg)
+    return out
+
+
+def response_format(fmt) -> dict | None:
+    """Ollama's `format` ("json" or a JSON schema) as OpenAI's `response_format`."""
+    if fmt in (None, ""):
+        return None
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": True}}
+    raise ApiError(400, f'format must be "json" or a JSON schema object, got {fmt!r}')
+
+
+def _chat_prompt(engine, tools, fmt, messages: list[dict]) -> ChatRequest:
+    try:
+        return prepare_chat(engine, messages, tools, None, None, fmt)
+    except ToolError as e:
+        raise ApiError(400, f"{e.param}: {e}" if e.param and e.param not in str(e) else str(e)) from e
+
+
+def _grammar(engine, fmt: dict | None):
+    try:
+        grammar = response_grammar(fmt)
+        if grammar is not None:
+            engine.check_grammar(grammar)
+        return grammar
+    except (ToolError, ValueError) as e:
+        raise ApiError(400, f"format: {e}") from e
+
+
+def _chat_message(text: str, calls=()) -> dict:
+    message = {"role": "assistant", "content": text}
+    if calls:       # Ollama sends arguments as an object
+        message["tool_calls"] = [{"function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+    return {"message": message}
 
 
 def overrides(options: dict | None) -> dict:
@@ -255,12 +320,18 @@ def overrides(options: dict | None) -> dict:
     return out
 
 
-async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape):
+async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape,
+                   chat: ChatRequest | None = None, **extra):
+    """`shape(text, calls)` is the reply's content; with tools, the text is held back until the
+    end (a call must not reach the client as text) and parsed into calls there."""
     t0 = time.perf_counter()
-    params = request_params(state, ids, param, **overrides(body.options))
+    if chat is not None:
+        extra.update(chat.overrides())
+    params = request_params(state, ids, param, **overrides(body.options), **extra)
     job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     model = body.model
-    if body.stream:
+    tools = chat is not None and chat.tool_use is not None and chat.tool_use.active
+    if body.stream and not tools:
         return JobStream(job, _ndjson(state, job, model, shape, t0), media_type=NDJSON)
     parts, last = [], None
     try:
@@ -271,7 +342,12 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], p
         raise ApiError(400, str(e)) from e
     finally:
         job.cancel()          # a client that left stops its generation; a finished job ignores it
-    return JSONResponse(_final(model, shape("".join(parts)), last, t0))
+    text, calls = chat.parse("".join(parts)) if tools else ("".join(parts), [])
+    final = _final(model, shape(text or "", calls), last, t0)
+    if body.stream:           # tools: the whole answer as one line, then the final one
+        return Response(_line({"model": model, "created_at": _now(), **shape(text or "", calls), "done": False})
+                        + _line(_final(model, shape("", ()), last, t0)), media_type=NDJSON)
+    return JSONResponse(final)
 
 
 async def _ndjson(state: ServerState, job, model: str, shape, t0: float) -> AsyncIterator[str]:
