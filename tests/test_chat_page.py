@@ -59,12 +59,12 @@ def new_engine(tiny_bundle, seconds_per_token: float = 0.0) -> Engine:
     engine = Engine(Bundle.open(tiny_bundle), max_ctx=CTX)
     engine.eos_ids = frozenset()         # random weights: run until stopped or the limit
     if seconds_per_token:
-        forward = engine.model.forward
+        forward = engine.model.forward_batch       # every engine step is one of these
 
         def slow_forward(*args, **kwargs):
             time.sleep(seconds_per_token)
             return forward(*args, **kwargs)
-        engine.model.forward = slow_forward
+        engine.model.forward_batch = slow_forward
     return engine
 
 
