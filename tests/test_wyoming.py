@@ -121,3 +121,27 @@ def test_parse_address():
     assert parse_address("10400") == ("127.0.0.1", 10400)
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_address("pi.local:x")
+
+
+def test_wyoming_and_an_openai_stream_at_the_same_time(service, smol):
+    """One engine and scheduler under both: neither waits for the other to finish."""
+    import threading
+
+    from openai import OpenAI
+
+    from edge.api.openai_api import ServerState
+    from tests.http_server import running
+    state = ServerState(smol.name)
+    state.set_ready(smol, service.scheduler)
+    got = {}
+    with running(state) as base:
+        def stream():
+            got["openai"] = "".join(c.choices[0].delta.content or "" for c in OpenAI(
+                base_url=f"{base}/v1", api_key="x").chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Count to twenty."}], max_tokens=40,
+                temperature=0, stream=True))
+        t = threading.Thread(target=stream)
+        t.start()
+        events = ask(service, "Say hi.")
+        t.join(60)
+    assert events[-1].type == "handled-stop" and got["openai"]
