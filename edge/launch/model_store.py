@@ -19,7 +19,7 @@ from pathlib import Path
 
 from convert.quantize import DEFAULT_QUANT
 from edge.launch import wheel_fetch
-from edge.model.bundle import MANIFEST, Bundle, is_bundle, sha256_of
+from edge.model.bundle import MANIFEST, Bundle, is_bundle, read_json, sha256_of
 
 SOURCE_STAMP = ".source.json"
 CACHE_OWNER = ".bundle"              # in each XNNPACK cache directory: the bundle it was made for
@@ -67,13 +67,6 @@ def _hashes(stamp: dict) -> dict:
     return {rel: f["sha256"] for rel, f in stamp.items()}
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 def _write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -87,7 +80,7 @@ def _convert_once(src: Path, quant: str, name: str, log) -> Path:
     src = src.resolve()
     key = hashlib.sha256(f"{src}|{quant}".encode()).hexdigest()[:8]
     dest = bundles_dir() / f"{name.lower()}-{quant}-{key}"
-    recorded = _read_json(dest / SOURCE_STAMP) if is_bundle(dest) else {}
+    recorded = read_json(dest / SOURCE_STAMP) if is_bundle(dest) else {}
     stamp = content_stamp(src, recorded.get("files"))
     if recorded and _hashes(stamp) == _hashes(recorded.get("files", {})):
         if stamp != recorded["files"]:          # touched, not changed: remember the new mtimes
@@ -139,9 +132,9 @@ def stored_models() -> list[StoredModel]:
     for d in sorted(root.iterdir()) if root.is_dir() else []:
         if d.name.startswith(".") or not is_bundle(d):
             continue
-        m = _read_json(d / MANIFEST)
+        m = read_json(d / MANIFEST)
         # a checkpoint converted here: its local path (the manifest keeps only its name)
-        source = _read_json(d / SOURCE_STAMP).get("source") or m.get("source", "?")
+        source = read_json(d / SOURCE_STAMP).get("source") or m.get("source", "?")
         out.append(StoredModel(d, m.get("name", d.name), m.get("quant", "?"), source, _du(d),
                                m.get("files", {}).get("model.tflite", {}).get("sha256", "")))
     return out
@@ -220,7 +213,7 @@ def weight_cache_dir(bundle: Bundle) -> Path:
 
 
 def _graph_sha(bundle_path: Path) -> str:
-    return _read_json(bundle_path / MANIFEST).get("files", {}).get("model.tflite", {}).get("sha256", "")
+    return read_json(bundle_path / MANIFEST).get("files", {}).get("model.tflite", {}).get("sha256", "")
 
 
 def orphan_caches() -> list[Path]:

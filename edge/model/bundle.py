@@ -49,7 +49,8 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _read_stamp(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A small JSON file (a stamp, a manifest), or {} when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -113,7 +114,7 @@ class Bundle:
         which keeps size and mtime."""
         stamp_path = self.path / VERIFIED_STAMP
         full = full or os.environ.get("EDGE_LLM_VERIFY") == "full"
-        stamp = {} if full else _read_stamp(stamp_path)
+        stamp = {} if full else read_json(stamp_path)
         fresh = {}
         for name, info in self.manifest["files"].items():
             f = self.path / name
