@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from edge.engine.engine import Engine, Event, GenerationParams, Sequence
 
 _END = object()
+DEFAULT_STALL_SECONDS = 60.0     # busy this long without a step: the engine is wedged (watchdog)
 
 
 class QueueFull(RuntimeError):
@@ -84,7 +85,7 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0,
-                 stall_seconds: float = 60.0):
+                 stall_seconds: float = DEFAULT_STALL_SECONDS):
         self.engine = engine
         self.stall_seconds = stall_seconds      # busy this long without a step = wedged
         self.max_queue = max_queue
