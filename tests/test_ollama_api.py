@@ -186,3 +186,12 @@ def test_format_json_schema_and_json(smol_ollama, smol):
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model=smol.name, prompt="x", format={"type": "frobnicate"})
     assert e.value.status_code == 400 and "format" in e.value.error
+
+
+def test_bodies_are_json_whatever_the_content_type(smol_ollama, smol):
+    """Ollama's own examples post with `curl -d`, i.e. a form-encoded Content-Type."""
+    _, base = smol_ollama
+    body = '{"model": "%s", "prompt": "Hi", "stream": false, "options": {"num_predict": 3}}' % smol.name
+    r = httpx.post(f"{base}/api/generate", content=body,
+                   headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and r.json()["done"], r.text

@@ -116,7 +116,24 @@ def create_ollama_app(state: ServerState) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(Guard, state=state, error=error)
     app.add_middleware(RequestLog, state=state)
-    return app
+    return JsonBodies(app)
+
+
+class JsonBodies:
+    """Ollama reads every POST body as JSON whatever its Content-Type, and its own examples
+    (`curl ... -d '{...}'`) send form-encoded headers: say JSON where the client did not."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __getattr__(self, name):          # the FastAPI app's attributes (state, routes, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
