@@ -31,8 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge.api.openai_api import (ApiError, Guard, JobStream, RequestLog, ServerState, StateDep, _check_bytes,
-                                 _engine, admit, job_events, request_params, tokenize, validation_message)
-from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat, response_grammar
+                                 _engine, admit, chat_prompt, job_events, request_params, tokenize,
+                                 validation_message)
+from edge.launch.model_store import bundle_id
+from edge.engine.tool_calls import ChatRequest, ToolError, response_grammar
 from edge.model.kv_cache import ContextFull
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
@@ -106,11 +108,16 @@ def error(status: int, message: str, **_) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _named(exc: ApiError) -> str:
+    """Ollama's errors are one string: it names the field the OpenAI shape carries apart."""
+    return f"{exc.param}: {exc.message}" if exc.param and exc.param not in exc.message else exc.message
+
+
 def create_ollama_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edge-llm (Ollama API)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.include_router(router)
-    app.add_exception_handler(ApiError, lambda req, exc: error(exc.status, exc.message))
+    app.add_exception_handler(ApiError, lambda req, exc: error(exc.status, _named(exc)))
     app.add_exception_handler(RequestValidationError,
                               lambda req, exc: error(400, validation_message(exc.errors())[0]))
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -181,7 +188,7 @@ def show(body: ModelBody, state: StateDep):
         "parameters": f"num_ctx {engine.max_ctx}",
         "template": engine.bundle.manifest.get("chat_template") or "",
         "details": _details(state),
-        "model_info": {"general.architecture": prefix, "general.parameter_count": _parameter_count(cfg),
+        "model_info": {"general.architecture": prefix, "general.parameter_count": cfg.parameter_count,
                        f"{prefix}.context_length": engine.max_ctx,
                        f"{prefix}.embedding_length": cfg.hidden_size,
                        f"{prefix}.block_count": cfg.num_layers,
@@ -227,8 +234,8 @@ async def chat(body: ChatBody, request: Request, state: StateDep):
     _check_bytes(engine, nbytes, "messages")
     fmt = response_format(body.format)
     with admit(state) as ticket:
-        chat = await tokenize(state, functools.partial(_chat_prompt, engine, body.tools, fmt), messages,
-                              "messages", nbytes)
+        chat = await tokenize(state, functools.partial(chat_prompt, engine, tools=body.tools, response_format=fmt),
+                              messages, "messages", nbytes)
         return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat)
 
 
@@ -297,13 +304,6 @@ def response_format(fmt) -> dict | None:
     if isinstance(fmt, dict):
         return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": True}}
     raise ApiError(400, f'format must be "json" or a JSON schema object, got {fmt!r}')
-
-
-def _chat_prompt(engine, tools, fmt, messages: list[dict]) -> ChatRequest:
-    try:
-        return prepare_chat(engine, messages, tools, None, None, fmt)
-    except ToolError as e:
-        raise ApiError(400, f"{e.param}: {e}" if e.param and e.param not in str(e) else str(e)) from e
 
 
 def _grammar(engine, fmt: dict | None):
@@ -427,24 +427,16 @@ def _model_entry(state: ServerState) -> dict:
     files = bundle.manifest["files"]
     return {"name": _tag(state), "model": _tag(state), "modified_at": _modified_at(state),
             "size": sum(f["size"] for f in files.values()),
-            "digest": files["model.tflite"]["sha256"] if "model.tflite" in files else
-            next(iter(files.values()))["sha256"],
+            "digest": bundle_id(bundle),
             "details": _details(state)}
 
 
 def _details(state: ServerState) -> dict:
     cfg = state.engine.config
-    n = _parameter_count(cfg)
+    n = cfg.parameter_count
     return {"parent_model": "", "format": "tflite", "family": "llama", "families": ["llama"],
             "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
             "quantization_level": state.engine.bundle.quant}
-
-
-def _parameter_count(cfg) -> int:
-    d, f, v, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
-    kv = cfg.num_kv_heads * cfg.head_dim
-    per_layer = d * (cfg.num_heads * cfg.head_dim) * 2 + d * kv * 2 + 3 * d * f + 2 * d
-    return v * d * (1 if cfg.tie_word_embeddings else 2) + L * per_layer + d
 
 
 def _modified_at(state: ServerState) -> str:

@@ -211,17 +211,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     nbytes = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
     _check_bytes(engine, nbytes, "messages")
     with admit(state) as ticket:
-        chat = await tokenize(state, functools.partial(chat_prompt, engine, body), messages, "messages", nbytes)
+        prompt = functools.partial(chat_prompt, engine, tools=body.tools, tool_choice=body.tool_choice,
+                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format)
+        chat = await tokenize(state, prompt, messages, "messages", nbytes)
         _note_prompt(request, state, messages)
         return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", ticket,
                               **chat.overrides())
 
 
-def chat_prompt(engine, body: ChatCompletionRequest, messages: list[dict]) -> ChatRequest:
-    """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field."""
+def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
+                response_format=None) -> ChatRequest:
+    """The chat layer's prompt ids, tool use and grammar (OpenAI-shaped fields, which the Ollama
+    API maps its own onto); its errors become 400s naming the field."""
     try:
-        chat = prepare_chat(engine, messages, body.tools, body.tool_choice, body.parallel_tool_calls,
-                            body.response_format)
+        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format)
     except ToolError as e:
         raise ApiError(400, str(e), param=e.param) from e
     except ValueError as e:       # the chat template's own raise_exception

@@ -98,7 +98,7 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         "pp_samples_s": pp, "tg_samples_s": tg,
         "kv_cache_mb": cache.nbytes / 2**20,
         "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
-        "params": param_count(bundle.config),
+        "params": bundle.config.parameter_count,
         "peak_rss_mb": peak_rss_mb(),
         **mask,
     }
@@ -145,14 +145,6 @@ def markdown_parallel(rows: list[dict]) -> str:
                      f"{r['tg_aggregate_tokens_per_s']:.1f} | {r['tg_per_stream_tokens_per_s']:.1f} | "
                      f"{r['aggregate_vs_one_stream']:.2f}x |")
     return "\n".join(lines)
-
-
-def param_count(cfg) -> int:
-    """Weights of a Llama-style model, from its shape (embedding counted once when tied)."""
-    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layer = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size + 2 * h
-    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    return cfg.vocab_size * h + cfg.num_layers * layer + h + head
 
 
 def _size(mib: float) -> str:
