@@ -29,6 +29,7 @@ from wyoming.event import Event, async_write_event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 from wyoming.info import Attribution, Describe, HandleModel, HandleProgram, Info
 
+from edge.engine.conversation import Conversation
 from edge.engine.engine import Engine
 from edge.engine.scheduler import QueueFull, Scheduler
 from edge.launch.request import RequestDefaults
@@ -87,41 +88,35 @@ async def read_event(reader: asyncio.StreamReader) -> Event | None:
 
 
 class Conversations:
-    """conversation_id -> message history, kept for a while after its last turn."""
+    """conversation_id -> its `Conversation` (history and system prompt), kept for a while
+    after its last turn; a request without an id gets a fresh one each time."""
 
-    def __init__(self, ttl: float = CONVERSATION_TTL, limit: int = MAX_CONVERSATIONS):
-        self.ttl, self.limit = ttl, limit
-        self._turns: OrderedDict[str, tuple[float, list[dict]]] = OrderedDict()
+    def __init__(self, make, ttl: float = CONVERSATION_TTL, limit: int = MAX_CONVERSATIONS):
+        self.make, self.ttl, self.limit = make, ttl, limit
+        self._convs: OrderedDict[str, tuple[float, Conversation]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def history(self, cid: str | None) -> list[dict]:
+    def get(self, cid: str | None) -> Conversation:
         with self._lock:
-            self._expire()
-            return list(self._turns[cid][1]) if cid in self._turns else []
-
-    def add(self, cid: str | None, user: str, answer: str, history: list[dict]) -> None:
-        if not cid:
-            return
-        with self._lock:
-            self._turns.pop(cid, None)
-            self._turns[cid] = (time.monotonic(), history + [{"role": "user", "content": user},
-                                                             {"role": "assistant", "content": answer}])
-            while len(self._turns) > self.limit:
-                self._turns.popitem(last=False)
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for cid in [c for c, (t, _) in self._turns.items() if now - t > self.ttl]:
-            del self._turns[cid]
+            now = time.monotonic()
+            for old in [c for c, (t, _) in self._convs.items() if now - t > self.ttl]:
+                del self._convs[old]
+            if cid is None:
+                return self.make()
+            _, conv = self._convs.pop(cid, (now, None))
+            self._convs[cid] = (now, conv or self.make())
+            while len(self._convs) > self.limit:
+                self._convs.popitem(last=False)
+            return self._convs[cid][1]
 
 
 class WyomingService:
     def __init__(self, engine: Engine, scheduler: Scheduler, host: str, port: int,
                  defaults: RequestDefaults = RequestDefaults(), system: str | None = None,
                  languages: tuple[str, ...] = ("en",)):
-        self.engine, self.scheduler, self.defaults, self.system = engine, scheduler, defaults, system
+        self.engine, self.scheduler, self.defaults = engine, scheduler, defaults
         self.host, self.port, self.languages = host, port, list(languages)
-        self.conversations = Conversations()
+        self.conversations = Conversations(lambda: Conversation(engine, system))
         self.connections = 0
         self.ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -186,10 +181,8 @@ class WyomingService:
     async def _send(self, writer: asyncio.StreamWriter, event: Event) -> None:
         try:
             await async_write_event(event, writer)
-        except ConnectionError:
-            raise
-        except RuntimeError:      # transport closing
-            raise ConnectionResetError("peer gone")
+        except RuntimeError as e:      # the transport is closing: the peer is gone
+            raise ConnectionResetError("peer gone") from e
 
     def info(self) -> Info:
         ver = _version()
@@ -205,9 +198,9 @@ class WyomingService:
         context = transcript.context or {}
         cid = context.get("conversation_id") if isinstance(context.get("conversation_id"), str) else None
         loop = asyncio.get_running_loop()
-        history = self.conversations.history(cid)
+        conv, question = self.conversations.get(cid), transcript.text or ""
         try:
-            ids, history = await loop.run_in_executor(None, self._prompt, history, transcript.text or "")
+            ids = await loop.run_in_executor(None, self._prompt, conv, question)
             job = self.scheduler.submit(ids, self.defaults.build())
         except QueueFull as e:
             return await self._send(writer, Error(text=f"busy: {e}", code="busy").event())
@@ -227,21 +220,14 @@ class WyomingService:
             return await self._send(writer, NotHandled(text=str(e), context=context).event())
         finally:
             job.cancel()          # the client left mid-answer: stop generating for nobody
-        self.conversations.add(cid, transcript.text or "", text, history)
+        conv.record(question, parts, interrupted=False)
 
-    def _prompt(self, history: list[dict], text: str) -> tuple[list[int], list[dict]]:
-        """Token ids for system + history + the new question; the oldest turns go first when
-        it would not fit. Returns the history actually used."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        while True:
-            ids = self.engine.encode_chat(system + history + [{"role": "user", "content": text}])
-            try:
-                self.engine.check_fits(ids)
-                return ids, history
-            except ContextFull:
-                if not history:
-                    raise
-                history = history[2:]
+    @staticmethod
+    def _prompt(conv: Conversation, question: str) -> list[int]:
+        """Token ids for the conversation plus the question, its oldest turns dropped first
+        when they would not fit (the terminal chat's rule, `Conversation.make_room`)."""
+        conv.make_room(question)
+        return conv.tokens(question)
 
 
 def _version() -> str:

@@ -83,11 +83,12 @@ class Conversation:
                 last = ev
                 yield ev
         except GeneratorExit:
-            self._record(text, reply, interrupted=True)
+            self.record(text, reply, interrupted=True)
             raise
-        self._record(text, reply, interrupted=last is None or last.finish_reason == "cancelled")
+        self.record(text, reply, interrupted=last is None or last.finish_reason == "cancelled")
 
-    def _record(self, text: str, reply: list[str], interrupted: bool) -> None:
+    def record(self, text: str, reply: list[str], interrupted: bool) -> None:
+        """A question and its reply (pieces of text) join the history."""
         answer = {"role": "assistant", "content": "".join(reply)}
         if interrupted:
             answer["interrupted"] = True
