@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -30,7 +31,7 @@ from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.constraint import Grammar, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes
-from edge.engine.prompt_cache import PromptCache
+from edge.engine.prompt_cache import PromptCache, snapshot
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.stop_strings import StopMatcher
 from edge.model.backends import load_backend
@@ -229,6 +230,8 @@ class Engine:
         self._token_bytes: TokenBytes | None = None
         self.prompt_cache = prompt_cache
         self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
 
     @property
     def name(self) -> str:
@@ -384,11 +387,18 @@ class Engine:
 
     def _persist(self, slot: Slot) -> None:
         """Store a slot's whole aligned prompt chunks (a long prompt just read), if a cache is
-        set: restored, they give what reading the prompt again would."""
+        set: restored, they give what reading the prompt again would. The K/V are copied here
+        and written by a thread of their own, so the other streams never wait on the disk."""
         if not self.prompt_cache or slot.cache.canonical == 0:
             return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="edge-llm-prompt-cache")
+        self._writes = [f for f in self._writes if not f.done()]
+        self._writes.append(self._writer.submit(self._write, snapshot(slot.cache, slot.cache.canonical)))
+
+    def _write(self, taken) -> None:
         try:
-            path = self.prompt_cache.save(slot.cache, slot.cache.canonical)
+            path = self.prompt_cache.write(*taken)
         except OSError as e:
             log.warning("prompt cache: not saved: %s", e)
             return
@@ -396,11 +406,17 @@ class Engine:
             self._stored = self.prompt_cache.entries()
 
     def persist(self) -> None:
-        """Store every idle slot's tokens (at shutdown)."""
+        """Store every idle slot's tokens and wait until everything is on disk (at shutdown)."""
         with self._slots_free:
             for slot in self.slots:
                 if not slot.busy and slot.cache.canonical >= PERSIST_MIN_TOKENS:
                     self._persist(slot)
+        self.wait_for_writes()
+
+    def wait_for_writes(self) -> None:
+        """Block until the prompt-cache writes queued so far are done."""
+        while self._writes:
+            self._writes.pop(0).result()
 
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[Event]]]:
         """One model pass for the running sequences: a row for each decoding one, chunks of

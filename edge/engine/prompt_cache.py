@@ -39,6 +39,12 @@ class Entry:
     tokens: list[int]
 
 
+def snapshot(cache: KVCache, n: int, copy: bool = True) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The first n tokens of a cache and their K/V (copied, so the cache may change meanwhile)."""
+    k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+    return cache.tokens[:n], (k.copy() if copy else k), (v.copy() if copy else v)
+
+
 class PromptCache:
     def __init__(self, directory: Path, bundle_id: str, limit_bytes: int):
         self.dir = Path(directory)
@@ -56,10 +62,11 @@ class PromptCache:
         """Store the first n (default: all) cached tokens' K/V; returns the file or None
         when it cannot fit the limit at all."""
         n = cache.length if n is None else n
-        if n == 0:
-            return None
-        tokens = cache.tokens[:n]
-        k, v = cache.k[:, :, :n], cache.v[:, :, :n]
+        return self.write(*snapshot(cache, n, copy=False)) if n else None
+
+    def write(self, tokens: list[int], k: np.ndarray, v: np.ndarray) -> Path | None:
+        """`save` for K/V [layers, kv_heads, n, head_dim] taken from a cache (`snapshot`)."""
+        n = len(tokens)
         header = json.dumps({"format": FORMAT, "bundle": self.bundle_id, "n": n, "dtype": str(k.dtype),
                              "shape": list(k.shape)}).encode() + b"\n"
         size = len(header) + 4 * n + k.nbytes + v.nbytes
