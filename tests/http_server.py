@@ -8,7 +8,8 @@ from typing import Iterator
 
 import uvicorn
 
-from edge.engine.engine import GenerationParams
+from edge.engine.engine import Engine, GenerationParams
+from edge.model.bundle import Bundle
 from edge.engine.sampler import SamplingParams
 from edge.launch.request import RequestDefaults
 from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
@@ -41,6 +42,14 @@ def running(state: ServerState, server_out: list | None = None, make_app=create_
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def endless_engine(bundle_path, max_ctx: int, **kw) -> Engine:
+    """An engine over a random-weight bundle that never meets its eos: every request runs to
+    max_tokens (or the context), so lengths are predictable."""
+    engine = Engine(Bundle.open(bundle_path), max_ctx=max_ctx, **kw)
+    engine.eos_ids = frozenset()
+    return engine
 
 
 def ready_state(engine, max_queue: int = 8, **config) -> ServerState:

@@ -17,9 +17,8 @@ import httpx
 import pytest
 
 from edge.engine.engine import Engine
-from edge.model.bundle import Bundle
 from tests import browser
-from tests.http_server import ready_state, running
+from tests.http_server import endless_engine, ready_state, running
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -56,8 +55,7 @@ def driver(chromium_paths):
 
 
 def new_engine(tiny_bundle, seconds_per_token: float = 0.0) -> Engine:
-    engine = Engine(Bundle.open(tiny_bundle), max_ctx=CTX)
-    engine.eos_ids = frozenset()         # random weights: run until stopped or the limit
+    engine = endless_engine(tiny_bundle, CTX)     # random weights: run until stopped or the limit
     if seconds_per_token:
         forward = engine.model.forward_batch       # every engine step is one of these
 

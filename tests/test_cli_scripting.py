@@ -7,7 +7,6 @@ import subprocess
 import sys
 from importlib.metadata import version
 
-import pytest
 
 from edge.cli import main as cli
 from edge.engine.engine import Engine

@@ -21,7 +21,7 @@ import pytest
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.model.bundle import Bundle
-from tests.http_server import ready_state, running
+from tests.http_server import endless_engine, ready_state, running
 
 CTX = 128
 REPO = Path(__file__).resolve().parents[1]
@@ -29,9 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny(tiny_bundle) -> Engine:
-    engine = Engine(Bundle.open(tiny_bundle), max_ctx=CTX)
-    engine.eos_ids = frozenset()       # random weights: run to max_tokens
-    return engine
+    return endless_engine(tiny_bundle, CTX)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +182,7 @@ def test_serve_refuses_a_zero_queue_and_a_negative_timeout(capsys):
 # --- item 2: tokenization inside the admission bound; item 8: ghost 429s ------------------
 
 def fresh_tiny(tiny_bundle, ctx: int = CTX) -> Engine:
-    engine = Engine(Bundle.open(tiny_bundle), max_ctx=ctx)
-    engine.eos_ids = frozenset()
-    return engine
+    return endless_engine(tiny_bundle, ctx)
 
 
 def test_prompts_are_tokenized_one_at_a_time_and_only_with_a_queue_place(tiny_bundle):

@@ -28,7 +28,7 @@ from edge.model.bundle import Bundle
 from edge.engine.engine import Engine
 from edge.api.openai_api import ServerState
 from edge.engine.scheduler import Scheduler
-from tests.http_server import engine_text, ready_state, running
+from tests.http_server import engine_text, endless_engine, ready_state, running
 from tests.tiny_llama import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,9 +59,7 @@ def tiny_bundle(tiny_src, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tiny_bundle) -> Engine:
-    engine = Engine(Bundle.open(tiny_bundle), max_ctx=TINY_CTX)
-    engine.eos_ids = frozenset()       # random weights: run to max_tokens, for predictable lengths
-    return engine
+    return endless_engine(tiny_bundle, TINY_CTX)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
-from tests.http_server import engine_text, ready_state, running
+from tests.http_server import engine_text, endless_engine, ready_state, running
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -225,9 +225,7 @@ def test_bad_tools_and_formats_get_400_naming_the_field(smol_base, extra, param)
 
 @pytest.fixture(scope="module")
 def tiny(tiny_bundle) -> Engine:
-    engine = Engine(Bundle.open(tiny_bundle), max_ctx=512)     # room for the tool prompt
-    engine.eos_ids = frozenset()        # random weights: run to max_tokens
-    return engine
+    return endless_engine(tiny_bundle, 512)     # room for the tool prompt
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pexpect
-import pytest
 
 from edge.launch import kv_bytes_per_token, max_context
 from edge.model.bundle import Bundle
