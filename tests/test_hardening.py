@@ -516,4 +516,4 @@ def test_a_cancelled_request_stops_between_prefill_chunks(tiny_bundle):
     engine.model.forward_batch = slow_chunk
     events = list(engine.generate([5] * 300, GenerationParams(max_tokens=4), cancel))
     assert [e.finish_reason for e in events] == ["cancelled"]
-    assert engine.count_context() == 64 and events[-1].usage.completion_tokens == 0
+    assert engine.slots[0].cache.length == 64 and events[-1].usage.completion_tokens == 0

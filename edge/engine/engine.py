@@ -224,7 +224,6 @@ class Engine:
         self.slots = [Slot(self.model.new_cache(KV_TYPES[kv_type])) for _ in range(parallel)]
         self._slots_free = threading.Condition()
         self._step_lock = threading.Lock()
-        self._last_slot = self.slots[0]
         self._longest: int | None = None     # 0: the tokenizer drops bytes, no bound from size
         self._grammars: Grammars | None = None
         self._token_bytes: TokenBytes | None = None
@@ -297,10 +296,6 @@ class Engine:
             ids = [bos] + ids
         return ids
 
-    def count_context(self) -> int:
-        """Tokens held by the most recently used slot."""
-        return self._last_slot.cache.length
-
     def reset(self) -> None:
         """Forget every idle slot's cached tokens."""
         with self._slots_free:
@@ -343,7 +338,6 @@ class Engine:
                     return None
                 self._slots_free.wait()
             slot.busy = True
-            self._last_slot = slot
         self._restore_prefix(slot, prompt_ids)
         return Sequence(self, list(prompt_ids), params, cancel, slot, twin)
 

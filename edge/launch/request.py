@@ -32,14 +32,10 @@ class RequestDefaults:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=lambda: DEFAULT_SAMPLING)
 
-    @classmethod
-    def of(cls, params: GenerationParams) -> RequestDefaults:
-        """A built request as the defaults of further ones (a console's current settings)."""
-        return cls(max_tokens=params.max_tokens, stop=tuple(params.stop), sampling=params.sampling)
-
     def with_overrides(self, **overrides) -> RequestDefaults:
         """New defaults (e.g. from `serve`'s flags); raises ValueError like `build`."""
-        return RequestDefaults.of(self.build(**overrides))
+        p = self.build(**overrides)
+        return RequestDefaults(max_tokens=p.max_tokens, stop=tuple(p.stop), sampling=p.sampling)
 
     def build(self, **overrides) -> GenerationParams:
         """GenerationParams from these defaults and the given fields (None = not given).
