@@ -168,3 +168,66 @@ def test_nan_logits_are_never_chosen_and_all_nan_is_an_error(big_logits):
     assert best not in draws(SamplingParams(temperature=1.0, seed=0), logits, 50)
     with pytest.raises(FloatingPointError):
         Sampler(SamplingParams(temperature=0.5)).sample(np.full(10, np.nan, np.float32))
+
+
+def _general(params: SamplingParams, logits, history) -> int:
+    """What the sampler's general path picks (float64, penalised, cleaned): the reference the
+    greedy fast path must equal."""
+    sampler = Sampler(params)
+    sampler._greedy = lambda *a: None
+    return sampler.sample(logits, history)
+
+
+@pytest.mark.parametrize("penalties", [{}, {"repetition_penalty": 1.3}, {"repetition_penalty": 0.7},
+                                       {"frequency_penalty": 0.8, "presence_penalty": -0.5}])
+def test_greedy_fast_path_equals_general_path(big_logits, penalties):
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        logits = (rng.standard_normal(V) * 2).astype(np.float32)
+        top = np.argsort(logits)[-6:]
+        history = list(rng.choice(top, 4)) + list(rng.integers(0, V, 20))
+        if trial % 3 == 1:                            # ties: the lowest id must win, as np.argmax picks it
+            logits[top[-3:]] = logits[top[-1]]
+        if trial % 3 == 2:                            # a grammar's mask, history tokens included
+            mask = rng.random(V) < 0.9
+            mask[top[-1]] = True
+            logits[mask] = -np.inf
+        for params in (SamplingParams(temperature=0, **penalties), SamplingParams(temperature=0.9, top_k=1, **penalties)):
+            fast = Sampler(params).sample(logits, history)
+            assert fast == _general(params, logits, history)
+    # exact ties between a penalised history token and another token (float64 comparison)
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    for values, hist, expected in (({3: 4.0, 9: 2.0}, [3], 3), ({1: 2.0, 3: 4.0}, [3], 1),
+                                   ({3: 4.0, 9: 2.0}, [3, 9], 3), ({2: 1.0, 5: 2.0}, [5], 2)):
+        logits = np.zeros(16, np.float32)
+        logits[list(values)] = list(values.values())
+        assert Sampler(params).sample(logits, hist) == _general(params, logits, hist) == expected
+
+
+@pytest.mark.parametrize("bad", ["nan", "posinf", "all_neginf"])
+def test_greedy_fast_path_leaves_broken_logits_to_the_general_path(bad):
+    logits = np.linspace(-1, 1, 50).astype(np.float32)
+    if bad == "nan":
+        logits[[10, 45]] = np.nan
+    elif bad == "posinf":
+        logits[[7, 20]] = np.inf
+    else:
+        logits[:] = -np.inf
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.2)):
+        for history in ([], [20, 45, 49]):
+            sampler = Sampler(params)
+            if bad == "all_neginf":
+                with pytest.raises(FloatingPointError):
+                    sampler.sample(logits, history)
+            else:
+                assert sampler.sample(logits, history) == _general(params, logits, history)
+
+
+def test_sampling_leaves_the_callers_logits_alone(big_logits):
+    for logits in (big_logits, big_logits.astype(np.float64)):
+        before = logits.copy()
+        for params in (SamplingParams(temperature=0.8, top_k=40, seed=1), SamplingParams(temperature=0.8, seed=1),
+                       SamplingParams(temperature=0, repetition_penalty=1.2)):
+            Sampler(params).sample(logits, [1, 2, 3])
+            Sampler(params).sample(logits, [])
+        assert np.array_equal(logits, before)

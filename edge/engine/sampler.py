@@ -72,26 +72,69 @@ class Sampler:
 
     def _sample(self, logits: np.ndarray, history) -> int:
         p = self.params
-        logits = _finite(self._penalized(np.asarray(logits, dtype=np.float64), history))
-        if p.temperature == 0 or p.top_k == 1:
+        greedy = p.temperature == 0 or p.top_k == 1
+        if greedy and (token := self._greedy(logits, history)) is not None:
+            return token
+        as64 = np.asarray(logits, dtype=np.float64)
+        penalized = self._penalized(as64, history)
+        own = as64 is not logits or penalized is not as64      # a copy of the caller's logits
+        logits = _finite(penalized)
+        if greedy:
             return int(np.argmax(logits))
         # Shift before dividing, in float64 (any positive temperature the schema admits stays
         # positive there): a tiny temperature then sends logits to -inf (weight 0), never to
-        # +inf or NaN, and the most likely token keeps weight exactly 1.
-        ids, weights = self._candidates((logits - logits.max()) / p.temperature)
+        # +inf or NaN, and the most likely token keeps weight exactly 1. In place when `logits`
+        # is already a copy of the caller's array (it is for float32 logits or penalties).
+        scaled = logits if own or logits is not penalized else logits.copy()
+        np.subtract(scaled, scaled.max(), out=scaled)
+        np.divide(scaled, p.temperature, out=scaled)
+        ids, weights = self._candidates(scaled)
         cdf = np.cumsum(weights, dtype=np.float64)
         i = int(np.searchsorted(cdf, self._rng.random() * cdf[-1], side="right"))
         return int(ids[min(i, ids.size - 1)])
+
+    def _greedy(self, logits: np.ndarray, history) -> int | None:
+        """The general path's argmax without converting, cleaning or copying the whole
+        vocabulary: the largest raw logit outside the penalised ids against the penalised ids'
+        own (float64, as `_penalized` computes them), ties to the lower id as np.argmax breaks
+        them. None (take the general path) for anything but finite float logits."""
+        logits = np.asarray(logits)
+        if logits.dtype.kind != "f" or logits.ndim != 1:
+            return None
+        p = self.params
+        history = np.asarray(history, dtype=np.int64).ravel()
+        if history.size == 0 or (p.repetition_penalty == 1 and p.frequency_penalty == 0 and p.presence_penalty == 0):
+            best = int(np.argmax(logits))
+            return best if np.isfinite(logits[best]) else None
+        ids, seen = self._penalties(logits, history)
+        rest = logits.copy()
+        rest[ids] = -np.inf
+        best = int(np.argmax(rest))          # a NaN anywhere outside the history comes first
+        j = int(np.argmax(seen))             # ids are sorted: the lowest id among equal maxima
+        top, s = float(rest[best]), float(seen[j])
+        # -inf (a grammar's mask) ranks as it does there; NaN and +inf, which `_finite` rewrites,
+        # and a step with no finite logit, which it reports, are left to the general path
+        if np.isnan(top) or np.isnan(seen).any() or max(top, s) in (np.inf, -np.inf):
+            return None
+        if s > top or (s == top and ids[j] < best):
+            return int(ids[j])
+        return best
+
+    def _penalties(self, logits: np.ndarray, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The distinct ids of `history` (sorted) and their penalised logits, in float64."""
+        p = self.params
+        ids, counts = np.unique(history, return_counts=True)
+        seen = logits[ids].astype(np.float64)  # fancy indexing copies; the caller's array stays untouched
+        seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        seen -= counts * p.frequency_penalty + p.presence_penalty
+        return ids, seen
 
     def _penalized(self, logits: np.ndarray, history) -> np.ndarray:
         p = self.params
         history = np.asarray(history, dtype=np.int64).ravel()
         if history.size == 0 or (p.repetition_penalty == 1 and p.frequency_penalty == 0 and p.presence_penalty == 0):
             return logits
-        ids, counts = np.unique(history, return_counts=True)
-        seen = logits[ids]  # fancy indexing copies; the caller's array stays untouched
-        seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        seen -= counts * p.frequency_penalty + p.presence_penalty
+        ids, seen = self._penalties(logits, history)
         logits = logits.copy()
         logits[ids] = seen
         return logits
@@ -117,6 +160,8 @@ def _finite(logits: np.ndarray) -> np.ndarray:
     """Logits the sampler can always rank: NaN becomes -inf (never chosen), +inf (a tiny
     penalty divisor) the largest finite value. A step with no finite logit at all is a broken
     model, not something to sample from."""
+    if np.isfinite(logits).all():
+        return logits                      # the usual case: no copy
     logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
     if not np.isfinite(logits.max()):
         raise FloatingPointError("the model produced no finite logit (NaN or -inf everywhere)")
