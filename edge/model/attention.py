@@ -23,17 +23,16 @@ class Attention:
 
     def __call__(self, layer: int, qkv: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
         T, H, KV, hd, G = qkv.shape[0], self.H, self.KV, self.hd, self.group
-        q = qkv[:, :H * hd].reshape(T, H, hd).transpose(1, 0, 2).copy()            # [H, T, hd]
-        k = qkv[:, H * hd:(H + KV) * hd].reshape(T, KV, hd).transpose(1, 0, 2).copy()
+        qk = self.rope.rotated(qkv[:, :(H + KV) * hd].reshape(T, H + KV, hd), start)   # q and k heads at once
         v = qkv[:, (H + KV) * hd:].reshape(T, KV, hd).transpose(1, 0, 2)
-        self.rope.apply(q, start)
-        self.rope.apply(k, start)
         end = start + T
-        cache.k[layer, :, start:end] = k
+        cache.k[layer, :, start:end] = qk[:, H:].transpose(1, 0, 2)
         cache.v[layer, :, start:end] = v
         keys, values = cache.k[layer, :, :end], cache.v[layer, :, :end]          # [KV, S, hd]
 
-        q = q.reshape(KV, G * T, hd)                      # rows ordered (head-in-group, t)
+        # [H, T, hd] -> [KV, G*T, hd], rows ordered (head-in-group, t); contiguous (a view
+        # when T = 1), so matmul takes the same BLAS path as ever
+        q = np.ascontiguousarray(qk[:, :H].transpose(1, 0, 2)).reshape(KV, G * T, hd)
         scores = np.matmul(q, keys.transpose(0, 2, 1))    # [KV, G*T, S]
         scores *= self.scale
         if T > 1:                                         # causal: token t sees start+t and before

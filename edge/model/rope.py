@@ -52,7 +52,8 @@ def attention_scaling(scaling: RopeScaling | None) -> float:
 
 
 class RopeTables:
-    """cos/sin for every position up to max_ctx, computed once (float64 -> float32)."""
+    """cos/sin for every position up to max_ctx, computed once (float64 -> float32), laid out
+    for one fused rotation: cos2 = [cos | cos], sin2 = [-sin | sin] along the two halves."""
 
     def __init__(self, cfg: ModelConfig, max_ctx: int):
         inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -61,14 +62,15 @@ class RopeTables:
         self.cos = (np.cos(angles) * scale).astype(np.float32)
         self.sin = (np.sin(angles) * scale).astype(np.float32)
         self.half = cfg.head_dim // 2
+        self.cos2 = np.stack([self.cos, self.cos], axis=1)[:, None]        # [ctx, 1, 2, hd/2]
+        self.sin2 = np.stack([-self.sin, self.sin], axis=1)[:, None]
 
-    def apply(self, x: np.ndarray, start: int) -> np.ndarray:
-        """Rotate x [heads, T, hd] in place for positions start..start+T-1."""
-        T = x.shape[1]
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]   # [T, hd/2]
-        a, b = x[..., :self.half], x[..., self.half:]
-        a_new = a * cos - b * sin
-        b *= cos
-        b += a * sin
-        a[...] = a_new
-        return x
+    def rotated(self, x: np.ndarray, start: int) -> np.ndarray:
+        """x [T, heads, hd] at positions start..start+T-1, rotated (a new array): for the halves
+        a, b of each head, [a*cos - b*sin, b*cos + a*sin], rounded exactly as those float32 ops
+        round (a*cos + b*(-sin) is the same number), in three NumPy calls for all heads."""
+        T, n, hd = x.shape
+        halves = x.reshape(T, n, 2, self.half)
+        out = halves * self.cos2[start:start + T]
+        out += halves[:, :, ::-1] * self.sin2[start:start + T]     # [b, a] * [-sin, sin]
+        return out.reshape(T, n, hd)
