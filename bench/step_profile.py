@@ -65,7 +65,7 @@ class Clock:
 def instrument_model(model, clock: Clock) -> None:
     """Time the LiteRT model's parts on this instance."""
     def runner(r, name):
-        sig = r
+        sig = getattr(r, "__self__", r)      # a bound method (the runner's `fresh`) or the signature
         inner = getattr(sig, "_run", None)
         if inner is not None:
             sig._run = clock.wrap(f"invoke {name}", inner)
@@ -76,7 +76,8 @@ def instrument_model(model, clock: Clock) -> None:
     model.lm_head = runner(model.lm_head, "lm_head")
     model.embed = clock.wrap("embed", model.embed)
     att = model.attention
-    att.rope.apply = clock.wrap("rope", att.rope.apply)
+    name = "rotated" if hasattr(att.rope, "rotated") else "apply"     # before/after the fused RoPE
+    setattr(att.rope, name, clock.wrap("rope", getattr(att.rope, name)))
     model.attention = clock.wrap("attention", att)
     model.forward_batch = clock.wrap("forward", model.forward_batch)
 

@@ -31,7 +31,7 @@ class LiteRTModel(CausalLM):
         self.attention = Attention(cfg, RopeTables(cfg, max_ctx))
         self.entry = self.graph.runner("entry")
         self.layers = [self.graph.runner(f"layer_{i}") for i in range(cfg.num_layers)]
-        self.lm_head = self.graph.runner("lm_head")
+        self.lm_head = self.graph.runner("lm_head", fresh=True)     # the logits are handed on
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         x = self.embed_rows[tokens].astype(np.float32)
@@ -42,12 +42,12 @@ class LiteRTModel(CausalLM):
     def _forward(self, tokens, segments, all_logits):
         x = self.embed(tokens)
         (qkv,) = self.entry(x)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            attn = attend(self.attention, i, qkv, segments)
-            if i < last:
-                x, qkv = (a.copy() for a in layer(x, attn))   # the runner reuses its buffers
-            else:
-                (h,) = layer(x, attn)
-        (logits,) = self.lm_head(np.ascontiguousarray(h if all_logits else h[last_rows(segments)]))
-        return logits.copy()
+        # Each signature has buffers of its own, overwritten only by its own next call: layer
+        # i's outputs can go straight into layer i+1, no copies.
+        for i, layer in enumerate(self.layers[:-1]):
+            x, qkv = layer(x, attend(self.attention, i, qkv, segments))
+        (h,) = self.layers[-1](x, attend(self.attention, len(self.layers) - 1, qkv, segments))
+        if not all_logits and any(s.n > 1 for s in segments):
+            h = np.ascontiguousarray(h[last_rows(segments)])
+        (logits,) = self.lm_head(h)
+        return logits

@@ -213,13 +213,16 @@ class GraphRunner:
         outs = sig(*(inputs[n] for n in sig.inputs))
         return {n: o.copy() for n, o in zip(sig.outputs, outs)}
 
-    def runner(self, signature: str) -> Callable[..., tuple[np.ndarray, ...]]:
+    def runner(self, signature: str, fresh: bool = False) -> Callable[..., tuple[np.ndarray, ...]]:
         """Fast form: f(*inputs in `input_names` order) -> outputs in `output_names` order.
 
         The returned arrays are this signature's own buffers, overwritten by its next call:
-        consume or copy them before calling the same signature again.
+        consume or copy them before calling the same signature again (each signature has
+        buffers of its own, so one signature's outputs may be another's inputs). With `fresh`
+        the outputs are new arrays each call (one copy out of the graph, not two).
         """
-        return self._sigs[signature]
+        sig = self._sigs[signature]
+        return sig.fresh if fresh else sig
 
 
 class _Signature:
@@ -252,19 +255,31 @@ class _Signature:
         self._t = t
 
     def __call__(self, *xs: np.ndarray) -> tuple[np.ndarray, ...]:
-        t = xs[0].shape[0]
-        if t == self._t:
-            return self._invoke(xs)
-        with quiet_litert():     # the first write sets up LiteRT's buffer environment (logs)
-            self._resize(t)
-            return self._invoke(xs)
+        self._invoke(xs)
+        for cap, o in zip(self._out_caps, self._out_flat):
+            self._read(cap, o, "float32")
+        return tuple(self._out)
 
-    def _invoke(self, xs) -> tuple[np.ndarray, ...]:
+    def fresh(self, *xs: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Like a call, the outputs read into new arrays (the caller may keep them)."""
+        self._invoke(xs)
+        outs = tuple(np.empty(o.shape, np.float32) for o in self._out)
+        for cap, o in zip(self._out_caps, outs):
+            self._read(cap, o.reshape(-1), "float32")
+        return outs
+
+    def _invoke(self, xs) -> None:
+        t = xs[0].shape[0]
+        if t != self._t:
+            with quiet_litert():     # the first write sets up LiteRT's buffer environment (logs)
+                self._resize(t)
+                self._write_inputs(xs)
+        else:
+            self._write_inputs(xs)
+        self._run(self._index, self._in_caps, self._out_caps)
+
+    def _write_inputs(self, xs) -> None:
         for cap, x, shape in zip(self._in_caps, xs, self._shapes):
             if x.shape != shape or x.dtype != np.float32:
                 raise ValueError(f"{self._name}: expected float32 {shape}, got {x.dtype} {x.shape}")
             self._write(cap, x.reshape(-1), "float32")
-        self._run(self._index, self._in_caps, self._out_caps)
-        for cap, o in zip(self._out_caps, self._out_flat):
-            self._read(cap, o, "float32")
-        return tuple(self._out)
