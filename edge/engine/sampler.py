@@ -76,8 +76,9 @@ class Sampler:
         if greedy and (token := self._greedy(logits, history)) is not None:
             return token
         as64 = np.asarray(logits, dtype=np.float64)
-        penalized = self._penalized(as64, history)
-        own = as64 is not logits or penalized is not as64      # a copy of the caller's logits
+        own = as64 is not logits and not np.may_share_memory(as64, logits)    # a copy of the caller's logits
+        penalized = self._penalized(as64, history, in_place=own)
+        own = own or penalized is not as64
         logits = _finite(penalized)
         if greedy:
             return int(np.argmax(logits))
@@ -129,13 +130,15 @@ class Sampler:
         seen -= counts * p.frequency_penalty + p.presence_penalty
         return ids, seen
 
-    def _penalized(self, logits: np.ndarray, history) -> np.ndarray:
+    def _penalized(self, logits: np.ndarray, history, in_place: bool = False) -> np.ndarray:
+        """The logits with the history's penalties (a copy unless `in_place`)."""
         p = self.params
         history = np.asarray(history, dtype=np.int64).ravel()
         if history.size == 0 or (p.repetition_penalty == 1 and p.frequency_penalty == 0 and p.presence_penalty == 0):
             return logits
         ids, seen = self._penalties(logits, history)
-        logits = logits.copy()
+        if not in_place:
+            logits = logits.copy()
         logits[ids] = seen
         return logits
 
