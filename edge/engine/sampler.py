@@ -163,8 +163,8 @@ def _finite(logits: np.ndarray) -> np.ndarray:
     """Logits the sampler can always rank: NaN becomes -inf (never chosen), +inf (a tiny
     penalty divisor) the largest finite value. A step with no finite logit at all is a broken
     model, not something to sample from."""
-    if np.isfinite(logits).all():
-        return logits                      # the usual case: no copy
+    if np.isfinite(logits.max()):          # no NaN (max propagates it), no +inf: nothing to rewrite
+        return logits                      # (-inf, a grammar's mask, ranks as it is); no copy
     logits = np.nan_to_num(logits, nan=-np.inf, posinf=np.finfo(np.float64).max, neginf=-np.inf)
     if not np.isfinite(logits.max()):
         raise FloatingPointError("the model produced no finite logit (NaN or -inf everywhere)")
