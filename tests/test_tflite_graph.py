@@ -375,3 +375,25 @@ def test_unknown_quantization_is_refused(rng):
     cfg = _small_config(True)
     with pytest.raises(ValueError, match="unknown quantization"):
         build_llama_graph(_random_weights(cfg, rng), cfg, "int3")
+
+
+def test_runner_switching_row_counts_keeps_buffers_and_results(tmp_path, rng):
+    """Decode (1 row) alternating with multi-row steps: each size's buffers are kept (no LiteRT
+    setup per switch), results stay those of a steady run of that size, and only the last
+    KEEP sizes are kept."""
+    from edge.model.litert_runner import _Signature
+    qw = quantize(rng.standard_normal((24, 32)).astype(np.float32), "int8")
+    r = _runner(tmp_path, _fc_graph(qw))
+    fast = r.runner("fc")
+    xs = {t: rng.standard_normal((t, 32)).astype(np.float32) for t in range(1, _Signature.KEEP + 3)}
+    steady = {t: fast(x)[0].copy() for t, x in xs.items()}
+    fresh = r.runner("fc", fresh=True)
+    for t in [1, 3, 1, 5, 2, 1, 3, 8, 1, 7, 1, 3]:
+        got = fast(xs[t])[0]
+        assert got.shape == (t, 24) and np.array_equal(got, steady[t])
+        kept = fresh(xs[t])[0]
+        assert kept is not fresh(xs[t])[0] and np.array_equal(kept, steady[t])
+    assert len(fast._sets) == _Signature.KEEP
+    out1 = fast(xs[1])[0]
+    fast(xs[3])
+    assert fast(xs[1])[0] is out1            # the 1-row buffers were kept, not rebuilt

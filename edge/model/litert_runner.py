@@ -17,8 +17,9 @@ signature run once; RSS = anonymous + file-backed):
   of subgraph 0, and lists replaced ops beside the DELEGATE node).
 
 Inputs and outputs are float32 [T, width]; T may change between calls (decode T=1, prefill
-chunks): the signature's inputs are resized and its buffers re-created (~50 us, once per
-switch), which keeps the single dynamic-T subgraph delegated.
+chunks, multi-row steps): the signature's inputs are resized (~3 us) and the buffers kept for
+that T are used (made on the first use of a T), which keeps the single dynamic-T subgraph
+delegated.
 
 LiteRT prints INFO lines and warnings about NPU / OpenVINO / GPU plugins it cannot find while
 it sets up; those are filtered out of the user's terminal, anything else it prints is passed on.
@@ -226,7 +227,12 @@ class GraphRunner:
 
 
 class _Signature:
-    """One signature's buffers for the current T, re-created when T changes."""
+    """One signature's buffers for the current T. A switch of T resizes the inputs (~3 us) and
+    takes the buffers kept for that T, made on its first use (LiteRT's setup logs filtered
+    then, ~0.4 ms); the last KEEP sizes are kept, so decode alternating with multi-row steps
+    (speculative verification, batches) does not rebuild them every step."""
+
+    KEEP = 6
 
     def __init__(self, model, name: str, index: int):
         self._model, self._index = model, index
@@ -240,18 +246,24 @@ class _Signature:
         self._in_widths = [ins[n]["shape"][-1] for n in self.inputs]
         self._name = name
         self._t = -1
+        self._sets: dict[int, tuple] = {}     # T -> its buffers, least recently used first
 
     def _resize(self, t: int) -> None:
+        """Switch to T = t: its kept buffers, or new ones."""
         m = self._model
         for i, w in enumerate(self._in_widths):
             m.resize_input_tensor(i, [t, w], self._index)
-        self._bufs = (m.create_input_buffers(self._index), m.create_output_buffers(self._index))
-        self._in_caps = [b.capsule for b in self._bufs[0]]     # the TensorBuffers own them
-        self._out_caps = [b.capsule for b in self._bufs[1]]
-        details = m.get_output_tensor_details(self._name)
-        self._out = [np.empty(details[n]["shape"], np.float32) for n in self.outputs]
-        self._out_flat = [o.reshape(-1) for o in self._out]
-        self._shapes = [(t, w) for w in self._in_widths]
+        kept = self._sets.pop(t, None)
+        if kept is None:
+            bufs = (m.create_input_buffers(self._index), m.create_output_buffers(self._index))
+            details = m.get_output_tensor_details(self._name)
+            out = [np.empty(details[n]["shape"], np.float32) for n in self.outputs]
+            kept = (bufs, [b.capsule for b in bufs[0]], [b.capsule for b in bufs[1]],   # the TensorBuffers own them
+                    out, [o.reshape(-1) for o in out], [(t, w) for w in self._in_widths])
+            while len(self._sets) >= self.KEEP:
+                del self._sets[next(iter(self._sets))]
+        self._sets[t] = kept
+        _, self._in_caps, self._out_caps, self._out, self._out_flat, self._shapes = kept
         self._t = t
 
     def __call__(self, *xs: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -270,12 +282,15 @@ class _Signature:
 
     def _invoke(self, xs) -> None:
         t = xs[0].shape[0]
-        if t != self._t:
+        if t != self._t and t not in self._sets:
             with quiet_litert():     # the first write sets up LiteRT's buffer environment (logs)
                 self._resize(t)
                 self._write_inputs(xs)
-        else:
-            self._write_inputs(xs)
+                self._run(self._index, self._in_caps, self._out_caps)
+            return
+        if t != self._t:
+            self._resize(t)          # buffers kept from an earlier call of this size
+        self._write_inputs(xs)
         self._run(self._index, self._in_caps, self._out_caps)
 
     def _write_inputs(self, xs) -> None:
