@@ -138,8 +138,9 @@ def engine_profile(engine, clock: Clock, prompt_ids, params, steps: int) -> list
     return rows
 
 
-def rows_profile(model, clock: Clock, prompt_ids, k: int, reps: int) -> list[dict]:
-    """(k+1)-row steps of one sequence after its prompt, all rows' logits, rolled back."""
+def rows_profile(model, clock: Clock, prompt_ids, k: int, reps: int, switch: bool = False) -> list[dict]:
+    """(k+1)-row steps of one sequence after its prompt, all rows' logits, rolled back. With
+    `switch` each follows a one-row step (untimed), as when decode and verification alternate."""
     cache = model.new_cache()
     model.prefill(prompt_ids, cache)
     n = cache.length
@@ -148,6 +149,9 @@ def rows_profile(model, clock: Clock, prompt_ids, k: int, reps: int) -> list[dic
     cache.truncate(n)
     out = []
     for _ in range(reps):
+        if switch:
+            model.forward(tokens[:1], cache)
+            cache.truncate(n)
         clock.take()
         t = time.perf_counter()
         model.forward(tokens, cache, all_logits=True)
@@ -182,6 +186,8 @@ def main(argv=None) -> int:
                     help="greedy (temperature 0), default (the product's sampling defaults), "
                          "logprobs (default + top_logprobs 5)")
     ap.add_argument("--rows", default="", help="also profile (k+1)-row steps, e.g. 0-8")
+    ap.add_argument("--switch", action="store_true",
+                    help="each (k+1)-row step follows a one-row step (T changes every step)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -202,7 +208,7 @@ def main(argv=None) -> int:
     result = {"model": bundle.name, "quant": bundle.quant, "threads": args.threads,
               "prompt_tokens": len(ids), "steps": args.steps, "load": os.getloadavg(), "modes": {}, "rows": {}}
     engine_profile(engine, clock, ids, modes["greedy"], 4)          # warm-up
-    for name in args.modes.split(","):
+    for name in filter(None, args.modes.split(",")):
         best = None
         for _ in range(args.reps):
             m = mean(engine_profile(engine, clock, ids, modes[name], args.steps))
@@ -210,7 +216,7 @@ def main(argv=None) -> int:
                 best = m
         result["modes"][name] = best
     for k in k_range(args.rows) if args.rows else []:
-        result["rows"][k] = mean(rows_profile(engine.model, clock, ids, k, max(args.reps, 5)))
+        result["rows"][k] = mean(rows_profile(engine.model, clock, ids, k, max(args.reps, 5), args.switch))
     result["load_after"] = os.getloadavg()
     if args.json:
         print(json.dumps(result, indent=1))
