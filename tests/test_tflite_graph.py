@@ -379,21 +379,27 @@ def test_unknown_quantization_is_refused(rng):
 
 def test_runner_switching_row_counts_keeps_buffers_and_results(tmp_path, rng):
     """Decode (1 row) alternating with multi-row steps: each size's buffers are kept (no LiteRT
-    setup per switch), results stay those of a steady run of that size, and only the last
-    KEEP sizes are kept."""
+    setup per switch), results stay those of a steady run of that size, and besides the
+    current size only KEEP_ROWS rows' worth of buffers are kept (a prefill chunk's go)."""
     from edge.model.litert_runner import _Signature
     qw = quantize(rng.standard_normal((24, 32)).astype(np.float32), "int8")
     r = _runner(tmp_path, _fc_graph(qw))
     fast = r.runner("fc")
-    xs = {t: rng.standard_normal((t, 32)).astype(np.float32) for t in range(1, _Signature.KEEP + 3)}
+    xs = {t: rng.standard_normal((t, 32)).astype(np.float32) for t in (*range(1, 10), 64)}
     steady = {t: fast(x)[0].copy() for t, x in xs.items()}
     fresh = r.runner("fc", fresh=True)
-    for t in [1, 3, 1, 5, 2, 1, 3, 8, 1, 7, 1, 3]:
+    for t in [1, 3, 1, 5, 2, 1, 3, 8, 1, 64, 7, 1, 3, 9, 4, 6, 1]:
         got = fast(xs[t])[0]
         assert got.shape == (t, 24) and np.array_equal(got, steady[t])
         kept = fresh(xs[t])[0]
         assert kept is not fresh(xs[t])[0] and np.array_equal(kept, steady[t])
-    assert len(fast._sets) == _Signature.KEEP
+        others = sum(fast._sets) - t
+        assert others <= _Signature.KEEP_ROWS and list(fast._sets)[-1] == t
+    assert 64 not in fast._sets                  # the big chunk's buffers were let go
+    assert list(fast._sets) == [3, 9, 4, 6, 1]   # the small ones kept (22 rows + the current), least recently used first
+    fast(xs[64])
+    fast(xs[2])
+    assert list(fast._sets) == [3, 9, 4, 6, 1, 2]   # a chunk in between evicts none of them
     out1 = fast(xs[1])[0]
     fast(xs[3])
-    assert fast(xs[1])[0] is out1            # the 1-row buffers were kept, not rebuilt
+    assert fast(xs[1])[0] is out1                # the 1-row buffers were kept, not rebuilt

@@ -229,10 +229,12 @@ class GraphRunner:
 class _Signature:
     """One signature's buffers for the current T. A switch of T resizes the inputs (~3 us) and
     takes the buffers kept for that T, made on its first use (LiteRT's setup logs filtered
-    then, ~0.4 ms); the last KEEP sizes are kept, so decode alternating with multi-row steps
-    (speculative verification, batches) does not rebuild them every step."""
+    then, ~0.4 ms), so decode alternating with multi-row steps (speculative verification,
+    batches) does not rebuild them every step. Besides the current T's, the most recently used
+    sizes are kept up to KEEP_ROWS rows in all (memory: ~2 MB a row over a 1B model's
+    signatures); a large prefill chunk's buffers are let go once T changes, as before."""
 
-    KEEP = 6
+    KEEP_ROWS = 24
 
     def __init__(self, model, name: str, index: int):
         self._model, self._index = model, index
@@ -260,8 +262,10 @@ class _Signature:
             out = [np.empty(details[n]["shape"], np.float32) for n in self.outputs]
             kept = (bufs, [b.capsule for b in bufs[0]], [b.capsule for b in bufs[1]],   # the TensorBuffers own them
                     out, [o.reshape(-1) for o in out], [(t, w) for w in self._in_widths])
-            while len(self._sets) >= self.KEEP:
-                del self._sets[next(iter(self._sets))]
+        for big in [n for n in self._sets if n > self.KEEP_ROWS]:
+            del self._sets[big]                          # e.g. a prefill chunk's
+        while sum(self._sets) > self.KEEP_ROWS:          # the others, least recently used first
+            del self._sets[next(iter(self._sets))]
         self._sets[t] = kept
         _, self._in_caps, self._out_caps, self._out, self._out_flat, self._shapes = kept
         self._t = t
