@@ -222,11 +222,12 @@ class Scheduler:
             self.last_progress = time.monotonic()
             for seq, events in moved:
                 job = self._running[seq]
+                if seq.done:       # its place is free before its reader sees the end, so a client
+                    with self._cond:        # that sends the next request on "done" is not refused
+                        del self._running[seq]
                 for ev in events:
                     for listener in self.listeners:
                         listener(job, ev)
                     job._events.put(ev)
                 if seq.done:
                     job._events.put(_END)
-                    with self._cond:
-                        del self._running[seq]
