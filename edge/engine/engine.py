@@ -459,7 +459,7 @@ class Engine:
         whole = [whole_chunk(seq.slot.cache, n) for seq, n in batch]
         with self._step_lock:
             logits = self.model.forward_batch([(seq.pending[:n], seq.slot.cache) for seq, n in batch],
-                                              all_logits=verifying)
+                                              all_logits=verifying, stepwise=[bool(d) for d in drafts])
         for (seq, n), w in zip(batch, whole):
             if w:
                 seq.slot.cache.canonical = seq.slot.cache.length
