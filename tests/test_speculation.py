@@ -14,7 +14,7 @@ import pytest
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
-from edge.engine.speculation import PromptLookup, Speculator
+from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.launch.request import RequestDefaults
 from edge.model.bundle import Bundle
 
@@ -94,6 +94,21 @@ def test_speculator_adapts_k_and_pauses_on_poor_acceptance():
         spec.update(2, 0)
     assert spec.draft([1], 10) == []           # a run of rejections pauses drafting
     assert len(spec.draft([1], 1)) <= 1
+
+
+def test_draft_length_follows_the_measured_verify_cost():
+    cost = VerifyCost(k_max=8)
+    for rows in range(1, 10):                  # a machine where every extra row costs half a step
+        cost.observe(rows, 0.010 * (1 + 0.5 * (rows - 1)))
+    good, poor = Speculator(lambda h, k: [0] * k), Speculator(lambda h, k: [0] * k)
+    good.hits, good.misses = 9.0, 1.0           # 90 % of draft tokens accepted
+    poor.hits, poor.misses = 1.0, 3.0           # 25 %
+    assert 1 <= good.best_k(8, cost) <= 8
+    assert poor.best_k(8, cost) == 0 and poor.draft([1, 2], 8, cost) == []
+    flat = VerifyCost(k_max=8)
+    for rows in range(1, 10):                  # extra rows nearly free: long drafts pay
+        flat.observe(rows, 0.010 * (1 + 0.01 * (rows - 1)))
+    assert good.best_k(8, flat) == 8 and good.best_k(8, flat) >= good.best_k(8, cost)
 
 
 # --- greedy: identical output -------------------------------------------------------------

@@ -33,7 +33,7 @@ from edge.engine.constraint import Grammar, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes
 from edge.engine.prompt_cache import PromptCache, snapshot
 from edge.engine.sampler import Sampler, SamplingParams
-from edge.engine.speculation import PromptLookup, Speculator
+from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.engine.stop_strings import StopMatcher
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
@@ -237,6 +237,7 @@ class Engine:
         self.prompt_cache = prompt_cache
         self.new_drafter = PromptLookup          # one drafter per speculating sequence (tests swap it)
         self.spec_max_batch = SPEC_MAX_BATCH
+        self.verify_cost = VerifyCost()           # step time by row count, measured as we go
         self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
@@ -457,9 +458,12 @@ class Engine:
             for (seq, _), d in zip(batch, drafts):
                 seq.pending = seq.pending + d
         whole = [whole_chunk(seq.slot.cache, n) for seq, n in batch]
+        t0 = time.perf_counter()
         with self._step_lock:
             logits = self.model.forward_batch([(seq.pending[:n], seq.slot.cache) for seq, n in batch],
                                               all_logits=verifying, stepwise=[bool(d) for d in drafts])
+        if len(batch) == 1 and batch[0][0].decoding:
+            self.verify_cost.observe(batch[0][1], time.perf_counter() - t0)
         for (seq, n), w in zip(batch, whole):
             if w:
                 seq.slot.cache.canonical = seq.slot.cache.length
@@ -486,7 +490,7 @@ class Engine:
                 continue
             length = seq.slot.cache.length + 1            # once the pending token is read
             room = min(self.max_ctx - length - 1, seq.limit - seq.usage.completion_tokens - 1)
-            drafts.append(seq.spec.draft(seq.history, room) if room > 0 else [])
+            drafts.append(seq.spec.draft(seq.history, room, self.verify_cost) if room > 0 else [])
         return drafts
 
     def _verify(self, seq: Sequence, rows: np.ndarray, draft: list[int]) -> list[Event]:

@@ -21,8 +21,10 @@ first rejection are rolled back (`KVCache.rollback`).
 
 `Speculator` keeps one sequence's adaptive state: k follows the recent acceptance (grow
 after a fully accepted draft, shrink to what was accepted plus one after a rejection), and
-drafting pauses (with a growing back-off) while the acceptance rate stays too low to pay
-for the extra rows.
+within that the draft length that maximises the expected tokens per second: with p the
+recent per-token acceptance, a draft of k yields 1 + p + ... + p^k tokens for a step that
+costs `VerifyCost.ratio(k + 1)` one-row steps (measured by the engine on this machine, as
+it runs). When no length pays, drafting pauses (with a growing back-off) and is tried again.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ PAUSE_BELOW = 0.3   # recent acceptance rate under which drafting pauses
 PAUSE_STEPS = 4     # first pause; doubles each time the retry fails, up to PAUSE_MAX
 PAUSE_MAX = 64
 EMA = 0.3           # weight of the newest verify step in the acceptance rate
+COST_EMA = 0.1      # weight of the newest step in the measured step times
+COST_PRIOR = 0.1    # a row count not measured yet: assume each extra row costs this much of a step
 
 
 class PromptLookup:
@@ -83,17 +87,41 @@ class Speculator:
         self.k = min(k_start, k_max)
         self.k_max = k_max
         self.rate = 1.0              # recent acceptance rate (EMA)
+        self.hits, self.misses = 2.0, 0.0   # decayed counts: draft tokens accepted, drafts cut short
         self.pause = 0               # steps left without drafting
         self.backoff = PAUSE_STEPS
         self.stats = SpecStats()
 
-    def draft(self, history: list[int], room: int) -> list[int]:
-        """The draft for this step: at most min(k, room) tokens; [] while paused."""
+    def draft(self, history: list[int], room: int, cost: VerifyCost | None = None) -> list[int]:
+        """The draft for this step: at most min(k, room) tokens, the length that pays best under
+        `cost`; [] while paused."""
         if self.pause > 0:
             self.pause -= 1
             return []
         k = min(self.k, room)
+        if cost is not None and k > 0:
+            k = self.best_k(k, cost)
+            if k == 0:
+                self._pause()
         return self.drafter(history, k) if k > 0 else []
+
+    @property
+    def p(self) -> float:
+        """The chance that the next draft token is accepted, given the ones before it were."""
+        return self.hits / (self.hits + self.misses + 1e-9)
+
+    def best_k(self, k_cap: int, cost: VerifyCost) -> int:
+        """The draft length up to k_cap with the most expected tokens per unit of step time;
+        0 when none beats a plain step."""
+        p, best, best_gain = min(self.p, 0.999), 0, 1.0
+        for k in range(1, k_cap + 1):
+            gain = (1 - p ** (k + 1)) / (1 - p) / cost.ratio(k + 1)
+            if gain > best_gain:
+                best, best_gain = k, gain
+        return best
+
+    def _pause(self) -> None:
+        self.pause, self.backoff = self.backoff, min(2 * self.backoff, PAUSE_MAX)
 
     def update(self, drafted: int, accepted: int) -> None:
         """After a verify step: `accepted` of `drafted` draft tokens were taken."""
@@ -102,12 +130,36 @@ class Speculator:
         s = self.stats
         s.steps, s.drafted, s.accepted = s.steps + 1, s.drafted + drafted, s.accepted + accepted
         self.rate = (1 - EMA) * self.rate + EMA * (accepted / drafted)
+        self.hits = (1 - EMA) * self.hits + accepted
+        self.misses = (1 - EMA) * self.misses + (accepted < drafted)
         if accepted == drafted:
             self.k = min(self.k + 2, self.k_max)
         else:
             self.k = max(1, min(self.k, accepted + 1))
         if self.rate < PAUSE_BELOW:
-            self.pause, self.backoff = self.backoff, min(2 * self.backoff, PAUSE_MAX)
+            self._pause()
             self.rate = PAUSE_BELOW          # one good draft after the pause resumes drafting
+            self.hits, self.misses = max(self.hits, 1.0), min(self.misses, 1.0)
         elif accepted:
             self.backoff = PAUSE_STEPS
+
+
+class VerifyCost:
+    """Measured time of a one-sequence step by its row count (1 = a plain decode step), as
+    exponential averages: what a draft of k costs on this machine and model, in plain steps."""
+
+    def __init__(self, k_max: int = K_MAX):
+        self.seconds: dict[int, float] = {}
+        self.k_max = k_max
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if 1 <= rows <= self.k_max + 1:
+            old = self.seconds.get(rows)
+            self.seconds[rows] = seconds if old is None else (1 - COST_EMA) * old + COST_EMA * seconds
+
+    def ratio(self, rows: int) -> float:
+        """Step time of `rows` rows over a one-row step's (a prior guess until both are measured)."""
+        one, t = self.seconds.get(1), self.seconds.get(rows)
+        if one is None or t is None:
+            return 1 + COST_PRIOR * (rows - 1)
+        return max(t / one, 1.0)
