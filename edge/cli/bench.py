@@ -182,7 +182,8 @@ def bench_speculation(bundle: Bundle, backend: str, threads: int, n_gen: int, re
                      "drafted": stats.drafted, "accepted": stats.accepted, "verify_steps": stats.steps,
                      "acceptance": stats.acceptance, "steps": n - stats.accepted,
                      "tokens_per_step": n / max(1, n - stats.accepted),
-                     "plain_samples_s": plain_s, "spec_samples_s": spec_s, "identical": True})
+                     "plain_samples_s": plain_s, "spec_samples_s": spec_s, "identical": True,
+                     "verify_steps_drafted_accepted": stats.per_step, "plain_steps": stats.plain_steps})
     return rows
 
 

@@ -28,7 +28,7 @@ it runs). When no length pays, drafting pauses (with a growing back-off) and is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 K_MAX = 8           # draft tokens per step at most (the 1B verify curve is flat to ~4, see README)
 K_START = 4
@@ -73,6 +73,8 @@ class SpecStats:
     steps: int = 0          # verify steps (a draft was checked)
     drafted: int = 0        # draft tokens checked
     accepted: int = 0       # draft tokens accepted
+    plain_steps: int = 0    # decode steps without a draft
+    per_step: list[tuple[int, int]] = field(default_factory=list)   # (drafted, accepted) of each verify step
 
     @property
     def acceptance(self) -> float:
@@ -125,10 +127,12 @@ class Speculator:
 
     def update(self, drafted: int, accepted: int) -> None:
         """After a verify step: `accepted` of `drafted` draft tokens were taken."""
-        if drafted == 0:
-            return
         s = self.stats
+        if drafted == 0:
+            s.plain_steps += 1
+            return
         s.steps, s.drafted, s.accepted = s.steps + 1, s.drafted + drafted, s.accepted + accepted
+        s.per_step.append((drafted, accepted))
         self.rate = (1 - EMA) * self.rate + EMA * (accepted / drafted)
         self.hits = (1 - EMA) * self.hits + accepted
         self.misses = (1 - EMA) * self.misses + (accepted < drafted)
