@@ -105,6 +105,8 @@ def test_draft_length_follows_the_measured_verify_cost():
     poor.hits, poor.misses = 1.0, 3.0           # 25 %
     assert 1 <= good.best_k(8, cost) <= 8
     assert poor.best_k(8, cost) == 0 and poor.draft([1, 2], 8, cost) == []
+    tries = [len(poor.draft([1, 2], 8, cost)) for _ in range(40)]
+    assert 0 < sum(t > 0 for t in tries) < 8       # paused, yet tried again now and then (backing off)
     flat = VerifyCost(k_max=8)
     for rows in range(1, 10):                  # extra rows nearly free: long drafts pay
         flat.observe(rows, 0.010 * (1 + 0.01 * (rows - 1)))

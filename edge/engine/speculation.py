@@ -92,6 +92,7 @@ class Speculator:
         self.hits, self.misses = 2.0, 0.0   # decayed counts: draft tokens accepted, drafts cut short
         self.pause = 0               # steps left without drafting
         self.backoff = PAUSE_STEPS
+        self.explore = False         # the next draft is checked even if the cost says no
         self.stats = SpecStats()
 
     def draft(self, history: list[int], room: int, cost: VerifyCost | None = None) -> list[int]:
@@ -99,13 +100,17 @@ class Speculator:
         `cost`; [] while paused."""
         if self.pause > 0:
             self.pause -= 1
+            self.explore = self.pause == 0
             return []
         k = min(self.k, room)
-        if cost is not None and k > 0:
+        if cost is not None and k > 0 and not self.explore:
             k = self.best_k(k, cost)
             if k == 0:
                 self._pause()
-        return self.drafter(history, k) if k > 0 else []
+        draft = self.drafter(history, k) if k > 0 else []
+        if draft:
+            self.explore = False     # after a pause, one draft is checked whatever it costs: news of p
+        return draft
 
     @property
     def p(self) -> float:
