@@ -470,13 +470,12 @@ class Engine:
         for (seq, n), lg, d in zip(batch, logits, drafts if verifying else [None] * len(batch)):
             if d:
                 out.append((seq, self._verify(seq, lg, d)))
-            elif seq.spec is not None and seq.decoding:
-                seq.spec.update(0, 0)
-                out.append((seq, seq.take(lg[-1] if verifying else lg)))
             elif n < len(seq.pending):
                 seq.pending = seq.pending[n:]           # more prompt to read: no token yet
                 out.append((seq, []))
             else:
+                if seq.spec is not None and seq.decoding:
+                    seq.spec.update(0, 0)               # a step without a draft
                 out.append((seq, seq.take(lg[-1] if verifying else lg)))
         return out
 
