@@ -459,9 +459,10 @@ class Engine:
                 seq.pending = seq.pending + d
         whole = [whole_chunk(seq.slot.cache, n) for seq, n in batch]
         t0 = time.perf_counter()
+        items = [(seq.pending[:n], seq.slot.cache) for seq, n in batch]
         with self._step_lock:
-            logits = self.model.forward_batch([(seq.pending[:n], seq.slot.cache) for seq, n in batch],
-                                              all_logits=verifying, stepwise=[bool(d) for d in drafts])
+            logits = (self.model.forward_batch(items, all_logits=True, stepwise=[bool(d) for d in drafts])
+                      if verifying else self.model.forward_batch(items))
         if len(batch) == 1 and batch[0][0].decoding:
             self.verify_cost.observe(batch[0][1], time.perf_counter() - t0)
         for (seq, n), w in zip(batch, whole):
