@@ -329,3 +329,29 @@ def test_logprob_bytes_are_exact_even_inside_a_character(smol):
     entry = smol.token_logprob(np.zeros(smol.config.vocab_size, np.float32), ids[0], 2)
     assert entry.bytes == pieces[0] and len(entry.top) == 2
     assert entry.logprob == pytest.approx(-np.log(smol.config.vocab_size))
+
+
+def test_speculative_drafts_under_a_grammar_give_the_same_tokens(smol):
+    """Drafts are checked token by token through the grammar's mask (the matcher advances only
+    on taken tokens): with speculation the constrained reply is the plain one, greedy or seeded."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+              "required": ["city", "country"]}
+    grammar = Grammar.json_schema(schema)
+    ids = smol.encode_chat(user('Repeat exactly this JSON: {"city": "San Francisco de Campeche", '
+                                '"country": "Mexico"} and {"city": "San Francisco de Campeche", "country": "Mexico"}'))
+    drafted = []
+    real_verify = smol._verify
+    smol._verify = lambda seq, rows, d: drafted.append(len(d)) or real_verify(seq, rows, d)
+    try:
+        for sampling in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=3)):
+            got = {}
+            for speculate in (False, True):
+                smol.reset()
+                events = list(smol.generate(ids, GenerationParams(max_tokens=60, constraint=grammar, sampling=sampling,
+                                                                  speculate=speculate)))
+                got[speculate] = [e.token_id for e in events if e.token_id is not None], events[-1].finish_reason
+            assert got[True] == got[False]
+            assert json.loads(smol.tokenizer.decode(got[True][0]))["country"]
+    finally:
+        del smol._verify
+    assert drafted

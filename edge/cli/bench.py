@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edge.engine.constraint import Grammar, Grammars
+from edge.engine.engine import Engine, GenerationParams
+from edge.engine.sampler import SamplingParams
 from edge.launch.args import add_model_choice
 from edge.launch.model_store import resolve, weight_cache_dir
 from edge.model.backends import default_threads, load_backend
@@ -137,6 +139,121 @@ def bench_parallel(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_
     return rows
 
 
+GROUNDED = Path(__file__).resolve().parent.parent / "data" / "grounded" / "prompts.json"
+
+
+def bench_speculation(bundle: Bundle, backend: str, threads: int, n_gen: int, reps: int, progress=None,
+                      prompts: Path = GROUNDED) -> list[dict]:
+    """Greedy replies to the shipped prompts (grounded: summaries, tool calls quoting the
+    prompt, corrections; and novel text), with speculation off and on, interleaved: effective
+    decode tokens/s of each, the draft acceptance, and the outputs asserted identical."""
+    say = progress or (lambda msg: None)
+    engine = Engine(bundle, max_ctx=2048, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle))
+    greedy = SamplingParams(temperature=0.0)
+
+    def reply(ids, speculate):
+        engine.reset()
+        seq = engine.start(ids, GenerationParams(max_tokens=n_gen, sampling=greedy, speculate=speculate))
+        tokens = []
+        while not seq.done:
+            for _, events in engine.step([seq]):
+                tokens += [e.token_id for e in events if e.token_id is not None]
+        u = seq.usage
+        return tokens, u.completion_tokens - 1, u.decode_seconds, seq.spec.stats if seq.spec else None
+
+    rows = []
+    cases = json.loads(Path(prompts).read_text())
+    reply(engine.encode_chat(cases[0]["messages"]), True)           # warm-up: buffers of every row count
+    for j, case in enumerate(cases):
+        ids = engine.encode_chat(case["messages"])
+        plain_s, spec_s = [], []
+        for r in range(reps):
+            say(f"speculation: prompt {j + 1}/{len(cases)} ({case['kind']}), run {r + 1}/{reps}")
+            want, n, t, _ = reply(ids, False)
+            got, n2, t2, stats = reply(ids, True)
+            if got != want:
+                raise AssertionError(f"prompt {j + 1}: speculation changed the greedy output")
+            plain_s.append(t)
+            spec_s.append(t2)
+        rows.append({"kind": case["kind"], "prompt": j + 1, "prompt_tokens": len(ids), "decode_tokens": n,
+                     "plain_tokens_per_s": n / statistics.median(plain_s),
+                     "spec_tokens_per_s": n / statistics.median(spec_s),
+                     "speedup": statistics.median(plain_s) / statistics.median(spec_s),
+                     "drafted": stats.drafted, "accepted": stats.accepted, "verify_steps": stats.steps,
+                     "acceptance": stats.acceptance, "steps": n - stats.accepted,
+                     "tokens_per_step": n / max(1, n - stats.accepted),
+                     "plain_samples_s": plain_s, "spec_samples_s": spec_s, "identical": True,
+                     "verify_steps_drafted_accepted": stats.per_step, "plain_steps": stats.plain_steps})
+    return rows
+
+
+def speculation_summary(rows: list[dict]) -> list[dict]:
+    """Per kind of prompt: tokens and times summed over its prompts."""
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        rs = [r for r in rows if r["kind"] == kind]
+        n = sum(r["decode_tokens"] for r in rs)
+        plain = sum(r["decode_tokens"] / r["plain_tokens_per_s"] for r in rs)
+        spec = sum(r["decode_tokens"] / r["spec_tokens_per_s"] for r in rs)
+        drafted, accepted = sum(r["drafted"] for r in rs), sum(r["accepted"] for r in rs)
+        out.append({"kind": kind, "prompts": len(rs), "decode_tokens": n, "plain_tokens_per_s": n / plain,
+                    "spec_tokens_per_s": n / spec, "speedup": plain / spec, "drafted": drafted,
+                    "accepted": accepted, "acceptance": accepted / drafted if drafted else 0.0,
+                    "tokens_per_step": n / max(1, n - accepted)})
+    return out
+
+
+def markdown_speculation(rows: list[dict]) -> str:
+    lines = ["| prompts | n | decode tokens | plain t/s | speculative t/s | speedup | drafted | accepted "
+             "| acceptance | tokens per step | identical |", "|---" * 11 + "|"]
+    for r in speculation_summary(rows):
+        lines.append(f"| {r['kind']} | {r['prompts']} | {r['decode_tokens']} | {r['plain_tokens_per_s']:.1f} | "
+                     f"{r['spec_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['drafted']} | {r['accepted']} | "
+                     f"{100 * r['acceptance']:.0f} % | {r['tokens_per_step']:.2f} | yes |")
+    return "\n".join(lines)
+
+
+def bench_verify_curve(bundle: Bundle, backend: str, threads: int, n_ctx: int, k_max: int, reps: int,
+                       progress=None) -> list[dict]:
+    """Time of one decode step of k+1 rows (a draft of k checked) at n_ctx cached tokens,
+    for k = 0..k_max: blocks of steps per k, the k order rotated each round, medians."""
+    say = progress or (lambda msg: None)
+    model = load_backend(bundle, backend, n_ctx + k_max + 8, threads, weight_cache_dir(bundle))
+    cache = model.new_cache()
+    rng = np.random.default_rng(0)
+    cache.append(rng.integers(0, bundle.config.vocab_size, n_ctx))   # positions to attend over
+    ks = list(range(k_max + 1))
+    samples: dict[int, list[float]] = {k: [] for k in ks}
+    block = 4
+    for r in range(reps + 1):
+        say(f"verify curve, {threads} threads: round {r + 1}/{reps + 1}")
+        for k in ks[r % len(ks):] + ks[:r % len(ks)]:
+            tokens = rng.integers(0, bundle.config.vocab_size, k + 1)
+            verify = [(tokens, cache)]
+            model.forward_batch(verify, all_logits=True, stepwise=[True])   # this row count's buffers
+            cache.truncate(n_ctx)
+            for _ in range(block):
+                t = time.perf_counter()
+                model.forward_batch(verify, all_logits=True, stepwise=[True])
+                dt = time.perf_counter() - t
+                cache.truncate(n_ctx)
+                if r:                                                      # round 0 warms up
+                    samples[k].append(dt)
+    base = statistics.median(samples[0])
+    return [{"model": bundle.name, "quant": bundle.quant, "backend": model.backend, "threads": threads,
+             "n_ctx": n_ctx, "k": k, "rows": k + 1, "step_ms": 1e3 * statistics.median(samples[k]),
+             "vs_one_row": statistics.median(samples[k]) / base, "samples_s": samples[k]} for k in ks]
+
+
+def markdown_verify_curve(rows: list[dict]) -> str:
+    r0 = rows[0]
+    lines = [f"{r0['model']} {r0['quant']}, {r0['backend']}, {r0['threads']} threads, {r0['n_ctx']} tokens cached",
+             "", "| k (draft) | rows | step ms | ÷ one row |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['k']} | {r['rows']} | {r['step_ms']:.2f} | {r['vs_one_row']:.2f}x |")
+    return "\n".join(lines)
+
+
 def markdown_parallel(rows: list[dict]) -> str:
     lines = [f"| model | quant | backend | threads | np | tg{rows[0]['n_gen']} aggregate t/s | per stream t/s "
              f"| aggregate ÷ one stream |", "|---" * 8 + "|"]
@@ -222,6 +339,23 @@ def run(args) -> int:
         grammars = Grammars.of_bundle(bundle)
         grammars.check(grammar)
     rows = []
+    if args.speculate or args.verify_curve is not None:
+        for threads in args.threads or [default_threads()]:
+            if args.verify_curve is not None:
+                curve = bench_verify_curve(bundle, args.backend, threads, args.n_prompt[0], args.verify_curve,
+                                           args.reps, progress)
+                rows += curve
+                if not args.json:
+                    print(markdown_verify_curve(curve))
+            if args.speculate:
+                spec = bench_speculation(bundle, args.backend, threads, args.n_gen[0] or 128, args.reps, progress,
+                                         args.prompts or GROUNDED)
+                rows += spec
+                if not args.json:
+                    print(markdown_speculation(spec))
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        return 0
     if args.parallel:
         for threads in args.threads or [default_threads()]:
             rows += bench_parallel(bundle, args.backend, threads, args.n_prompt[0], args.n_gen[0] or 64, args.reps,
@@ -264,4 +398,12 @@ def register(sub) -> None:
     b.add_argument("--json-schema", metavar="FILE", default=None,
                    help="generate under this JSON schema and report the token mask's cost per token "
                         "(shown with the -v table)")
+    b.add_argument("--speculate", action="store_true",
+                   help="greedy replies to the shipped grounded prompts (summaries, tool calls, corrections) and "
+                        "novel text, speculation off and on: effective decode t/s, draft acceptance, identical "
+                        "output asserted (-n: tokens per reply, default 128)")
+    b.add_argument("--prompts", type=Path, default=None,
+                   help="with --speculate: a JSON list of {kind, messages} instead of the shipped set")
+    b.add_argument("--verify-curve", type=int, metavar="K", default=None,
+                   help="time of a decode step of k+1 rows against one row, k = 0..K, at -p tokens cached")
     b.set_defaults(func=run)

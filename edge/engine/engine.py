@@ -33,6 +33,7 @@ from edge.engine.constraint import Grammar, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes
 from edge.engine.prompt_cache import PromptCache, snapshot
 from edge.engine.sampler import Sampler, SamplingParams
+from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.engine.stop_strings import StopMatcher
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
@@ -41,6 +42,7 @@ from edge.model.kv_cache import ContextFull, KVCache, common_prefix
 
 KV_TYPES = {"f32": np.float32, "f16": np.float16}
 PERSIST_MIN_TOKENS = 256    # a prompt this long, read fresh, is worth keeping on disk
+SPEC_MAX_BATCH = 1          # draft only while at most this many sequences decode together (measured, README)
 log = logging.getLogger("edge.engine")
 
 
@@ -88,6 +90,7 @@ class GenerationParams:
     constraint: Grammar | None = None  # the output must match this grammar (a per-token logits mask)
     logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
     special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
+    speculate: bool = False            # draft tokens by prompt lookup and verify them in one pass (speculation.py)
 
     def __post_init__(self):
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
@@ -132,6 +135,9 @@ class Sequence:
         self.usage.cached_tokens = cached
         self.pending: list[int] = list(ids[cached:])
         self.done = False
+        self.spec = Speculator(engine.new_drafter()) if params.speculate else None
+        self.sampled: int | None = None      # the token the last `take` sampled (eos included)
+        self.drafted_end = 0                 # rows up to here may hold a rejected draft's K/V
 
     @property
     def decoding(self) -> bool:
@@ -163,6 +169,7 @@ class Sequence:
         there is one), and say what came out."""
         allowed = logits if self.matcher is None else self.matcher.apply(logits)
         token = self.sampler.sample(allowed, self.history)
+        self.sampled = token
         u = self.usage
         u.completion_tokens += 1
         if self.t_first is None:
@@ -228,6 +235,9 @@ class Engine:
         self._grammars: Grammars | None = None
         self._token_bytes: TokenBytes | None = None
         self.prompt_cache = prompt_cache
+        self.new_drafter = PromptLookup          # one drafter per speculating sequence (tests swap it)
+        self.spec_max_batch = SPEC_MAX_BATCH
+        self.verify_cost = VerifyCost()           # step time by row count, measured as we go
         self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
         self._writer: ThreadPoolExecutor | None = None
         self._writes: list[Future] = []
@@ -357,6 +367,10 @@ class Engine:
             if not seq.slot.busy:
                 seq.done = True
                 return
+            cache = seq.slot.cache
+            if seq.drafted_end > cache.length:          # a rejected draft's rows: gone before reuse
+                cache.erase(cache.length, seq.drafted_end)
+            seq.drafted_end = 0
             if long_prompt and seq.decoding:
                 self._persist(seq.slot)
             seq.slot.busy, seq.slot.last_used = False, time.monotonic()
@@ -437,19 +451,70 @@ class Engine:
                 budget -= PREFILL_CHUNK
         if not batch:
             return out
+        drafts = self._drafts(batch)
+        verifying = any(drafts)
+        if verifying:
+            batch = [(seq, n + len(d)) for (seq, n), d in zip(batch, drafts)]
+            for (seq, _), d in zip(batch, drafts):
+                seq.pending = seq.pending + d
         whole = [whole_chunk(seq.slot.cache, n) for seq, n in batch]
+        t0 = time.perf_counter()
+        items = [(seq.pending[:n], seq.slot.cache) for seq, n in batch]
         with self._step_lock:
-            logits = self.model.forward_batch([(seq.pending[:n], seq.slot.cache) for seq, n in batch])
+            logits = (self.model.forward_batch(items, all_logits=True, stepwise=[bool(d) for d in drafts])
+                      if verifying else self.model.forward_batch(items))
+        if len(batch) == 1 and batch[0][0].decoding:
+            self.verify_cost.observe(batch[0][1], time.perf_counter() - t0)
         for (seq, n), w in zip(batch, whole):
             if w:
                 seq.slot.cache.canonical = seq.slot.cache.length
-        for (seq, n), lg in zip(batch, logits):
-            if n < len(seq.pending):
+        for (seq, n), lg, d in zip(batch, logits, drafts if verifying else [None] * len(batch)):
+            if d:
+                out.append((seq, self._verify(seq, lg, d)))
+            elif n < len(seq.pending):
                 seq.pending = seq.pending[n:]           # more prompt to read: no token yet
                 out.append((seq, []))
             else:
-                out.append((seq, seq.take(lg)))
+                if seq.spec is not None and seq.decoding:
+                    seq.spec.update(0, 0)               # a step without a draft
+                out.append((seq, seq.take(lg[-1] if verifying else lg)))
         return out
+
+    def _drafts(self, batch: list[tuple[Sequence, int]]) -> list[list[int]]:
+        """Each decoding sequence's draft for this step ([] for none): only when every row of
+        the step is a decode row and at most `spec_max_batch` sequences share it (a prompt
+        chunk or a busy batch already fills the pass)."""
+        if len(batch) > self.spec_max_batch or any(not seq.decoding or n != 1 for seq, n in batch):
+            return []
+        drafts = []
+        for seq, _ in batch:
+            if seq.spec is None:
+                drafts.append([])
+                continue
+            length = seq.slot.cache.length + 1            # once the pending token is read
+            room = min(self.max_ctx - length - 1, seq.limit - seq.usage.completion_tokens - 1)
+            drafts.append(seq.spec.draft(seq.history, room, self.verify_cost) if room > 0 else [])
+        return drafts
+
+    def _verify(self, seq: Sequence, rows: np.ndarray, draft: list[int]) -> list[Event]:
+        """Rows [k+1, V] for [pending token] + draft: take row i's token as a plain step would,
+        go on while it equals draft[i]; the cache keeps the rows of what was taken."""
+        cache = seq.slot.cache
+        start = cache.length - len(rows)
+        seq.drafted_end = cache.length
+        cache.truncate(start + 1)                     # draft rows are recorded as they are accepted
+        events: list[Event] = []
+        for i, lg in enumerate(rows):
+            if i:
+                cache.append([draft[i - 1]])
+            events += seq.take(lg)
+            if seq.done or i == len(draft) or seq.sampled != draft[i]:
+                break
+        seq.spec.update(len(draft), i)
+        if not seq.done:
+            cache.erase(cache.length, seq.drafted_end)
+            seq.drafted_end = 0
+        return events
 
     def generate(self, prompt_ids: list[int], params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[Event]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from edge.engine.engine import KV_TYPES
-from edge.launch.request import DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING, RequestDefaults
+from edge.launch.request import (DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING,
+                                 DEFAULT_SPECULATE, RequestDefaults)
 from edge.model.backends import BACKENDS
 
 
@@ -54,12 +55,16 @@ def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None
     p.add_argument("--repeat-penalty", type=float, default=None, help=f"1 = off (default {s.repetition_penalty})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable; default: none)")
+    p.add_argument("--speculate", default=None, choices=("on", "off"),
+                   help="prompt-lookup speculative decoding: drafts copied from the prompt, checked in one pass; "
+                        f"same output, faster when the reply repeats the prompt (default {'on' if DEFAULT_SPECULATE else 'off'})")
 
 
 def request_overrides(a: argparse.Namespace) -> dict:
     """The sampling flags as `RequestDefaults` field names (None = not given)."""
     return dict(max_tokens=a.max_tokens, stop=a.stop, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed)
+                min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed,
+                speculate=None if getattr(a, "speculate", None) is None else a.speculate == "on")
 
 
 def request_defaults(a: argparse.Namespace, base: RequestDefaults = RequestDefaults()) -> RequestDefaults:

@@ -23,23 +23,29 @@ PREFILL_CHUNK = 64      # tokens per graph call in prefill (the graph's second i
 
 
 class Segment(NamedTuple):
-    """`n` stacked rows that belong to one sequence: positions start.. of its cache."""
+    """`n` stacked rows that belong to one sequence: positions start.. of its cache. `stepwise`
+    rows (a speculative draft being verified) attend one at a time, bit for bit as n one-row
+    decode steps would, so accepting a draft never changes the output; a prompt chunk's rows
+    attend together."""
     cache: KVCache
     start: int
     n: int
+    stepwise: bool = False
 
 
 def attend(attention, layer: int, qkv: np.ndarray, segments: list[Segment]) -> np.ndarray:
     """Attention for stacked rows [R, ...]: each segment over its own cache."""
-    if len(segments) == 1:
+    if len(segments) == 1 and not (segments[0].stepwise and segments[0].n > 1):
         s = segments[0]
         return attention(layer, qkv, s.cache, s.start)
     out, r = None, 0
     for s in segments:
-        a = attention(layer, qkv[r:r + s.n], s.cache, s.start)
-        if out is None:
-            out = np.empty((len(qkv), a.shape[1]), np.float32)
-        out[r:r + s.n] = a
+        parts = [(i, 1) for i in range(s.n)] if s.stepwise else [(0, s.n)]
+        for i, n in parts:
+            a = attention(layer, qkv[r + i:r + i + n], s.cache, s.start + i)
+            if out is None:
+                out = np.empty((len(qkv), a.shape[1]), np.float32)
+            out[r + i:r + i + n] = a
         r += s.n
     return out
 
@@ -74,9 +80,10 @@ class CausalLM:
         """Logits [T, V] (all_logits) or [V] for the last token; the tokens join the cache."""
         return self.forward_batch([(tokens, cache)], all_logits)[0]
 
-    def forward_batch(self, items, all_logits: bool = False) -> list[np.ndarray]:
+    def forward_batch(self, items, all_logits: bool = False, stepwise=()) -> list[np.ndarray]:
         """items: (tokens, cache) per sequence, each cache a different sequence's. Returns,
-        per item, logits as `forward` gives them; every item's tokens join its cache."""
+        per item, logits as `forward` gives them; every item's tokens join its cache.
+        `stepwise[i]`: item i's rows attend as successive decode steps (see Segment)."""
         items = [(np.asarray(t, dtype=np.int64).reshape(-1), c) for t, c in items]
         if len({id(c) for _, c in items}) != len(items):
             raise ValueError("forward_batch: each sequence needs its own cache")
@@ -84,7 +91,8 @@ class CausalLM:
             if not len(tokens):
                 raise ValueError("forward_batch: a sequence with no tokens")
             cache.check_room(len(tokens))
-        segments = [Segment(c, c.length, len(t)) for t, c in items]
+        stepwise = list(stepwise) + [False] * (len(items) - len(stepwise))
+        segments = [Segment(c, c.length, len(t), w) for (t, c), w in zip(items, stepwise)]
         logits = self._forward(np.concatenate([t for t, _ in items]), segments, all_logits)
         for tokens, cache in items:
             cache.append(tokens)

@@ -55,6 +55,14 @@ class KVCache:
         del self.tokens[n:]
         self.canonical = min(self.canonical, n)
 
+    def erase(self, start: int, end: int) -> None:
+        """Zero the K/V rows [start, end) past the recorded tokens (a rejected draft's), so
+        the arrays hold exactly what a run that never wrote them holds."""
+        if start < self.length:
+            raise ValueError(f"erase: row {start} holds a recorded token")
+        self.k[:, :, start:end] = 0
+        self.v[:, :, start:end] = 0
+
     def common_prefix(self, ids) -> int:
         """How many leading ids are already cached (prefix reuse)."""
         return common_prefix(self.tokens, ids)
