@@ -57,8 +57,9 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
 def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
             smooth: bool = True) -> Path:
-    """Graph for the matmuls (any quant) + NumPy tensors: the embedding table, and for float
-    quants every tensor, so the bundle also runs on the NumPy reference backend.
+    """Graph for the matmuls (any quant) + NumPy tensors: for float quants every tensor, so the
+    bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
+    tied model does not store again (its lookup reads the lm_head's rows in the graph).
 
     Integer quants are rotated (convert/rotation.py; rotate=None: int8 only, see
     `ROTATE_BY_DEFAULT`) and smoothed with calibrated scales (convert/smoothing.py;
