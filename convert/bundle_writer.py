@@ -42,6 +42,10 @@ class BundleWriter:
             f.flush()
             os.fsync(f.fileno())
 
+    def index(self, key: str, file: str, dtype: np.dtype, shape: tuple[int, ...], offset: int) -> None:
+        """Index a tensor that another writer already put in `file` (e.g. a graph buffer)."""
+        self.tensors[key] = {"file": file, "dtype": np.dtype(dtype).str, "shape": list(shape), "offset": int(offset)}
+
     def write_bytes(self, name: str, data: bytes) -> None:
         with open(self.dir / name, "wb") as f:
             f.write(data)

@@ -53,11 +53,15 @@ class Checkpoint:
         return list(self.loaders)
 
     def tensor(self, name: str) -> np.ndarray:
-        """Load one tensor as float32, checking its shape against the config."""
+        """Load one tensor as float32, checking its shape against the config. The array is
+        fresh and the caller's: transforms rewrite it in place (a [V, D] table of the 1B model
+        is 1 GB, so a transform that copies it costs 1 GB)."""
         want = expected_shapes(self.config).get(name)
         if name not in self.loaders or want is None:
             raise CheckpointError(f"{self.source}: tensor {name!r} is missing")
         arr = np.asarray(self.loaders[name](), dtype=np.float32)
+        if not arr.flags.writeable:
+            arr = arr.copy()
         if arr.shape != want:
             raise CheckpointError(f"{self.source}: tensor {name!r} has shape {arr.shape}, config implies {want}")
         return arr

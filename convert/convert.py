@@ -47,7 +47,8 @@ def int8_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[[str], np.ndarray], ModelConfig]:
     """The same weights with an "lm_head" of its own, so transforms can treat the head and
-    the embedding table separately (the bundle stores the table apart from the graph anyway)."""
+    the embedding table separately. The bundle still stores the table once: the lookup reads
+    the head's rows and undoes what the transforms did to them (`_shared_embedding`)."""
     if not cfg.tie_word_embeddings:
         return get, cfg
     return (lambda n: get("embed" if n == "lm_head" else n)), dataclasses.replace(cfg, tie_word_embeddings=False)
@@ -56,8 +57,9 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
 def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
             smooth: bool = True) -> Path:
-    """Graph for the matmuls (any quant) + NumPy tensors: the embedding table, and for float
-    quants every tensor, so the bundle also runs on the NumPy reference backend.
+    """Graph for the matmuls (any quant) + NumPy tensors: for float quants every tensor, so the
+    bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
+    tied model does not store again (its lookup reads the lm_head's rows in the graph).
 
     Integer quants are rotated (convert/rotation.py; rotate=None: int8 only, see
     `ROTATE_BY_DEFAULT`) and smoothed with calibrated scales (convert/smoothing.py;
@@ -83,27 +85,57 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
         return tensor
     tensor = counted(ckpt.tensor)
 
+    embedding = {"scheme": "float"}
     with atomic_bundle(dest, overwrite) as w:
-        write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance, g.down_rotation)
+        head = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
+                                 g.down_rotation)
         with w.tensor_file("weights.bin") as tf:
             if floats:
                 for n in names:
                     tf.add(n, tensor(n).astype(FLOAT_QUANTS[quant]))
+            elif ckpt.config.tie_word_embeddings:
+                embedding = _shared_embedding(w, tf, head, g, ckpt)
+                bar.step("embed")
             else:
                 rows, scale = int8_rows(counted(g.get)("embed"))
                 tf.add("embed", rows)
                 tf.add("embed_scale", scale)
+                embedding = {"scheme": "int8"}
         w.write_bytes("tokenizer.json", ckpt.tokenizer_json.encode("utf-8"))
         source = Path(os.path.abspath(src)).name        # the name only: a path says where it was built
         w.finish({
             "name": name or source, "source": source, "quant": quant,
             "rotation": g.rotated, "smoothing": g.smoothed, "config": ckpt.config.to_dict(),
+            "embedding": embedding,
             "tokenizer": "tokenizer.json",
             "chat_template": ckpt.chat_template, "special_tokens": ckpt.special_tokens,
             "add_bos": ckpt.add_bos,
         })
     bar.close()
     return Path(dest)
+
+
+def _shared_embedding(w, tf, head, g: "_GraphWeights", ckpt: Checkpoint) -> dict:
+    """Index the tied embedding as the lm_head's rows inside model.tflite, with what undoes the
+    head's rewrites: its smoothing scales (a per-column divisor) and, when rotated, the final
+    norm folded into it (divided out in the unrotated basis; edge/model/embedding.py).
+    Returns the manifest's "embedding" entry."""
+    V, D = head.shape
+    packed = head.scheme != "int8"
+    w.index("embed", "model.tflite", np.dtype(np.uint8 if packed else np.int8),
+            (V, D // 2 if packed else D), head.data[0])
+    if head.block_size:
+        w.index("embed_scale", "model.tflite", np.dtype(np.float16), (V, D // head.block_size),
+                head.block_scales[0])
+    else:
+        tf.add("embed_scale", head.channel_scales)
+    if g.head_divisor is not None:
+        tf.add("embed_divisor", g.head_divisor.astype(np.float32))
+    if g.rotation is not None:
+        tf.add("embed_norm", ckpt.tensor("final_norm"))
+        tf.add("embed_rotation_signs", g.rotation.q_factors.signs.astype(np.float32))
+        tf.add("embed_rotation_r", g.rotation.q_factors.r.astype(np.float32))
+    return {"scheme": head.scheme, "block_size": head.block_size, "from": "lm_head"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +148,8 @@ class _GraphWeights:
     down_rotation: np.ndarray | None = None
     rotated: bool = False
     smoothed: bool = False
+    rotation: object = None                     # convert.rotation.Rotation, when rotated
+    head_divisor: np.ndarray | None = None      # the lm_head's smoothing scales [D]
 
     @classmethod
     def plain(cls, ckpt: Checkpoint) -> "_GraphWeights":
@@ -124,7 +158,7 @@ class _GraphWeights:
     def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool, smooth: bool, stream: dict):
         """Untied, then rotated and/or smoothed: exact in float, kinder to quantization."""
         get, cfg = untie(self.get, self.cfg)
-        down_rotation = None
+        down_rotation = rotation = None
         if rotate:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
@@ -133,7 +167,8 @@ class _GraphWeights:
         if smoothing:
             get = smoothing.weights(get)
         return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
-                             rotate, smoothing is not None)
+                             rotate, smoothing is not None, rotation,
+                             smoothing.scales["head"] if smoothing else None)
 
 
 def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, stream: dict,

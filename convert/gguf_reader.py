@@ -178,10 +178,35 @@ def read_gguf(path: Path) -> Checkpoint:
     return ckpt
 
 
+READ_CHUNK = 1 << 24      # bytes of the file per read while dequantizing
+
+
 def _dequantize(path: Path, t) -> np.ndarray:
+    """One tensor as a fresh float32 array, read and dequantized a chunk of rows at a time with
+    plain file reads: the reader's memory map is not touched, so the pages of tensors already
+    converted do not pile up in the resident set, and the `gguf` package's dequantizers (which
+    make several temporaries of their input's size) only ever see one chunk."""
     import gguf
+    shape = tuple(int(n) for n in reversed(t.shape))
+    stored = t.data.shape                          # [rows, values or bytes per row]
     try:
-        w = gguf.dequantize(t.data, t.tensor_type)
+        if len(stored) < 2:                        # norms, rope_freqs: small
+            return np.asarray(gguf.dequantize(np.array(t.data), t.tensor_type), np.float32).reshape(shape)
     except (NotImplementedError, ValueError) as e:
         raise CheckpointError(f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be read: {e}") from e
-    return np.asarray(w, dtype=np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+    row_items = int(np.prod(stored[1:], dtype=np.int64))
+    row_bytes = row_items * t.data.dtype.itemsize
+    out = np.empty((stored[0], int(np.prod(shape[1:], dtype=np.int64))), np.float32)
+    step = max(1, READ_CHUNK // max(row_bytes, 1))
+    try:
+        with open(path, "rb") as f:
+            f.seek(t.data_offset)
+            for lo in range(0, stored[0], step):
+                n = min(step, stored[0] - lo)
+                raw = np.fromfile(f, dtype=t.data.dtype, count=n * row_items)
+                if raw.size != n * row_items:
+                    raise CheckpointError(f"{path}: tensor {t.name!r} is truncated")
+                out[lo:lo + n] = gguf.dequantize(raw.reshape((n,) + stored[1:]), t.tensor_type).reshape(n, -1)
+    except (NotImplementedError, ValueError) as e:
+        raise CheckpointError(f"{path}: tensor {t.name!r} of type {t.tensor_type.name} cannot be read: {e}") from e
+    return out.reshape(shape)

@@ -24,6 +24,8 @@ already sit in the same XNNPACK node; the fused form only adds a SPLIT and a [T,
 from __future__ import annotations
 
 import os
+import dataclasses
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -39,24 +41,43 @@ Importance = Mapping[str, np.ndarray]
 def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
                       importance: Importance = {}, down_rotation: np.ndarray | None = None) -> bytes:
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`."""
-    return _build(weights_by_name, config, quant, importance, down_rotation).finish()
+    return _build(weights_by_name, config, quant, importance, down_rotation, []).finish()
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Where the lm_head's weight sits in the written graph file: what the embedding lookup of
+    a tied model reads instead of a copy of its own (edge/model/embedding.py)."""
+    scheme: str
+    shape: tuple[int, int]
+    data: tuple[int, int]                 # (offset, bytes) in the file
+    block_scales: tuple[int, int] | None  # blockwise: the fp16 scales' (offset, bytes)
+    block_size: int
+    channel_scales: np.ndarray | None     # per-channel schemes: f32 [V] (the flatbuffer holds them too)
 
 
 def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config: ModelConfig,
                       quant: str, importance: Importance = {},
-                      down_rotation: np.ndarray | None = None) -> int:
-    """Write the graph file to `path` (streams weights; use for real models). Returns bytes.
+                      down_rotation: np.ndarray | None = None) -> HeadLayout:
+    """Write the graph file to `path` (streams weights; use for real models). Returns where
+    its lm_head weight landed.
 
     importance maps a matmul group ("layers.{i}.qkv", ".wo", ".gate_up", ".down", "head"; see
     convert/calibration.py) to E[x^2] of its input, which steers the clip search.
     down_rotation [B, B]: multiply each B-channel block of w_down's input by it in the graph
     (convert/rotation.py; the weights must have been rotated to match)."""
-    return _build(weights_by_name, config, quant, importance, down_rotation).write(path)
+    head: list = []
+    mb = _build(weights_by_name, config, quant, importance, down_rotation, head)
+    mb.write(path)
+    data_buf, scale_buf = head[0].data              # buffer indices until the file is written
+    return dataclasses.replace(head[0], data=mb.buffer_span(data_buf),
+                               block_scales=mb.buffer_span(scale_buf) if scale_buf else None)
 
 
 def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance,
-           down_rotation: np.ndarray | None) -> ModelBuilder:
-    """Quantize tensor by tensor into a spilling builder: float weights never pile up."""
+           down_rotation: np.ndarray | None, head_out: list) -> ModelBuilder:
+    """Quantize tensor by tensor into a spilling builder: float weights never pile up.
+    The lm_head's `HeadLayout` (buffer indices, not yet file offsets) is appended to head_out."""
     if quant not in SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose from {SCHEMES}")
     get = weights_by_name if callable(weights_by_name) else weights_by_name.__getitem__
@@ -78,7 +99,12 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
 
     g = mb.subgraph("lm_head")
     head = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    g.output("logits", g.fully_connected(g.input("h", D), quant_for(head, "head", head_scheme(quant)), "logits"))
+    head_q = quant_for(head, "head", head_scheme(quant))
+    del head                                      # [V, D] float32: 1 GB on the 1B shape
+    g.output("logits", g.fully_connected(g.input("h", D), head_q, "logits"))
+    head_out.append(HeadLayout(head_q.scheme, head_q.shape, mb.weight_buffers(head_q), None,
+                               head_q.block_size,
+                               None if head_q.block_size or head_q.scales is None else head_q.scales))
     return mb
 
 

@@ -27,6 +27,8 @@ from typing import Callable
 
 import numpy as np
 
+from edge.model.embedding import bf16_round as _bf16, unpack_int4   # the runtime decodes with these too
+
 SCHEMES = ("int8", "int4", "int4-b32", "f16", "f32")
 DEFAULT_QUANT = "int8"     # chosen from the measured quant table in the README
 CLIP_RATIOS = np.linspace(0.70, 1.00, 16)       # int4
@@ -102,12 +104,6 @@ def quantize(w: np.ndarray, scheme: str, importance: np.ndarray | None = None) -
     raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES}")
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest even), returned as float32."""
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32)
-
-
 @dataclass(frozen=True)
 class _ScaleFormat:
     """How scales are stored (store: float32 -> file dtype) and applied (load: -> float32)."""
@@ -176,10 +172,3 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     """Row-major int4 levels -> bytes: element 2i in the low nibble, 2i+1 in the high nibble."""
     flat = q.reshape(-1).astype(np.uint8) & 0x0F
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
-
-
-def unpack_int4(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Inverse of `pack_int4`: sign-extend each nibble to int8."""
-    lo = (packed << 4).view(np.int8) >> 4
-    hi = packed.view(np.int8) >> 4
-    return np.stack([lo, hi], axis=-1).reshape(shape)

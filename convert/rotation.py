@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from edge.model.config import ModelConfig
+from edge.model.embedding import OrthogonalFactors, hadamard
 
 SEED = 20241123
 DOWN_BLOCK = 64
@@ -40,30 +41,38 @@ def rotate_blocks(x: np.ndarray, h: np.ndarray) -> np.ndarray:
     return (x.reshape(*x.shape[:-1], -1, b) @ h).reshape(x.shape)
 
 
-def hadamard(n: int) -> np.ndarray:
-    """Sylvester's orthonormal Hadamard matrix, n a power of two."""
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
+def rotate_rows(w: np.ndarray, q: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """w @ q computed in place, a chunk of rows at a time: the 1B model's [V, D] tables are
+    1 GB in float32, and `w @ q` would hold two of them."""
+    for lo in range(0, w.shape[0], rows):
+        w[lo:lo + rows] = w[lo:lo + rows] @ q
+    return w
+
+
+def orthogonal_factors(n: int, seed: int = SEED) -> OrthogonalFactors:
+    """The factors of `random_orthogonal(n, seed)`: row signs and the random block r, so that
+    Q = diag(signs) kron(r, H) (the runtime applies Q from them: edge/model/embedding.py)."""
+    rng = np.random.default_rng(seed + n)
+    two = n & -n                                    # largest power of two dividing n
+    m = n // two
+    r = np.linalg.qr(rng.standard_normal((m, m)))[0] if m > 1 else np.ones((1, 1))
+    signs = rng.choice([-1.0, 1.0], n)
+    return OrthogonalFactors(signs, r)
 
 
 def random_orthogonal(n: int, seed: int = SEED) -> np.ndarray:
     """An orthogonal [n, n] matrix that spreads every coordinate over all n: a Hadamard block
     for the power-of-two factor of n, a random orthogonal one (QR) for the rest, random
     signs on the rows. float64 for exact folding; cast when applied."""
-    rng = np.random.default_rng(seed + n)
-    two = n & -n                                    # largest power of two dividing n
-    m = n // two
-    r = np.linalg.qr(rng.standard_normal((m, m)))[0] if m > 1 else np.ones((1, 1))
-    signs = rng.choice([-1.0, 1.0], n)
-    return signs[:, None] * np.kron(r, hadamard(two))
+    f = orthogonal_factors(n, seed)
+    return f.signs[:, None] * np.kron(f.r, hadamard(n // f.r.shape[0]))
 
 
 class Rotation:
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.q = random_orthogonal(cfg.hidden_size).astype(np.float32)
+        self.q_factors = orthogonal_factors(cfg.hidden_size)    # the same Q, for the embedding lookup
         self.h = random_orthogonal(cfg.head_dim, SEED + 1).astype(np.float32)
         block = np.gcd(cfg.intermediate_size, DOWN_BLOCK)
         self.down_rotation = random_orthogonal(block, SEED + 2).astype(np.float32) if block >= 16 else None
@@ -81,9 +90,11 @@ class Rotation:
         def rotated(name: str) -> np.ndarray:
             layer, _, kind = name.rpartition(".")
             if name == "embed":
-                return get("embed") @ q
+                return rotate_rows(get("embed"), q)
             if name == "lm_head":
-                return (get("lm_head") * get("final_norm")) @ q
+                w = get("lm_head")
+                w *= get("final_norm")
+                return rotate_rows(w, q)
             if name == "final_norm" or kind in ("attn_norm", "ffn_norm"):
                 return np.ones_like(get(name))
             if kind in ("wq", "wk", "wv"):

@@ -136,7 +136,8 @@ class Smoothing:
             if name == "final_norm":
                 return t / s["head"]
             if name == "lm_head":
-                return t * s["head"][None, :]
+                t *= s["head"][None, :]             # in place: [V, D] is 1 GB on the 1B shape
+                return t
             return t
         return smoothed
 

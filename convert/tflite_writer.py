@@ -104,14 +104,21 @@ class ModelBuilder:
         return self._opcodes[key]
 
     def write(self, path: str | os.PathLike) -> int:
-        """Write the model file; returns its size in bytes."""
+        """Write the model file; returns its size in bytes. Afterwards `buffer_span` says where
+        in it each buffer landed."""
         head, data_start = self._pack()
+        self._data_start = data_start
         with open(path, "wb") as f:
             f.write(head)
             f.write(b"\0" * (data_start - len(head)))
             self._spill.seek(0)
             shutil.copyfileobj(self._spill, f, 1 << 24)
             return f.tell()
+
+    def buffer_span(self, index: int) -> tuple[int, int]:
+        """(offset from the start of the written file, size) of buffer `index`."""
+        offset, size = self._buffers[index - 1]
+        return self._data_start + offset, size
 
     def finish(self) -> bytes:
         """The whole model file as bytes (convenient for small graphs and tests)."""

