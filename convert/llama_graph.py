@@ -37,30 +37,39 @@ Importance = Mapping[str, np.ndarray]
 
 
 def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
-                      importance: Importance = {}, down_rotation: np.ndarray | None = None) -> bytes:
+                      importance: Importance = {}, down_rotation: np.ndarray | None = None,
+                      hessians=None, head: str | None = None) -> bytes:
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`."""
-    return _build(weights_by_name, config, quant, importance, down_rotation).finish()
+    return _build(weights_by_name, config, quant, importance, down_rotation, hessians, head).finish()
 
 
 def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config: ModelConfig,
                       quant: str, importance: Importance = {},
-                      down_rotation: np.ndarray | None = None) -> int:
+                      down_rotation: np.ndarray | None = None, hessians=None,
+                      head: str | None = None) -> int:
     """Write the graph file to `path` (streams weights; use for real models). Returns bytes.
 
     importance maps a matmul group ("layers.{i}.qkv", ".wo", ".gate_up", ".down", "head"; see
     convert/calibration.py) to E[x^2] of its input, which steers the clip search.
     down_rotation [B, B]: multiply each B-channel block of w_down's input by it in the graph
-    (convert/rotation.py; the weights must have been rotated to match)."""
-    return _build(weights_by_name, config, quant, importance, down_rotation).write(path)
+    (convert/rotation.py; the weights must have been rotated to match).
+    hessians (convert/gptq.Hessians): the groups it holds are rounded with GPTQ, the rest
+    to nearest. head: the lm_head's scheme when not `head_scheme(quant)`."""
+    return _build(weights_by_name, config, quant, importance, down_rotation, hessians, head).write(path)
 
 
 def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance,
-           down_rotation: np.ndarray | None) -> ModelBuilder:
+           down_rotation: np.ndarray | None, hessians=None, head: str | None = None) -> ModelBuilder:
     """Quantize tensor by tensor into a spilling builder: float weights never pile up."""
     if quant not in SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose from {SCHEMES}")
     get = weights_by_name if callable(weights_by_name) else weights_by_name.__getitem__
-    quant_for = lambda w, group, scheme=quant: quantize(w, scheme, importance.get(group))
+
+    def quant_for(w: np.ndarray, group: str, scheme: str = quant):
+        if hessians is not None and group in hessians:
+            from convert.gptq import gptq_quantize
+            return gptq_quantize(w, scheme, hessians.prepared(group), importance.get(group))
+        return quantize(w, scheme, importance.get(group))
     mb = ModelBuilder(f"edge-llm llama {quant}")
     D, L, eps = cfg.hidden_size, cfg.num_layers, cfg.rms_norm_eps
 
@@ -77,8 +86,8 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
             g.output("h_final", g.rms_norm(x_out, get("final_norm"), eps))
 
     g = mb.subgraph("lm_head")
-    head = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    g.output("logits", g.fully_connected(g.input("h", D), quant_for(head, "head", head_scheme(quant)), "logits"))
+    head_w = get("embed") if cfg.tie_word_embeddings else get("lm_head")
+    g.output("logits", g.fully_connected(g.input("h", D), quant_for(head_w, "head", head or head_scheme(quant)), "logits"))
     return mb
 
 

@@ -74,7 +74,7 @@ def cmd_chat(a) -> int:
 def cmd_convert(a) -> int:
     from convert.convert import convert
     convert(a.src, a.output, quant=a.quant, overwrite=a.force, rotate=a.rotate,
-            smooth=not a.no_smooth)
+            smooth=not a.no_smooth, gptq=not a.no_gptq, head=a.head)
     _log(f"wrote {a.output}")
     return 0
 
@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: int8 only, where it measured better)")
     v.add_argument("--no-smooth", action="store_true",
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
+    v.add_argument("--no-gptq", action="store_true",
+                   help="integer quants: round to nearest instead of GPTQ's error compensation (for comparison)")
+    v.add_argument("--head", choices=[s for s in SCHEMES if s not in ("f16", "f32")], default=None,
+                   help="integer quants: the lm_head's format (default: the one chosen for --quant)")
     v.set_defaults(func=cmd_convert)
 
     from edge.cli import bench, models, perplexity
