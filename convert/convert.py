@@ -168,7 +168,8 @@ def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: st
     """Calibrated smoothing scales (convert/smoothing.py)."""
     from convert.smoothing import Smoothing
     bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {len(tokens)} tokens", **stream)
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step,
+    from convert.llama_graph import parse_head
+    smoothing = Smoothing.fit(get, cfg, tokens, quant, parse_head(head)[0], on_group=bar.step,
                               down_rotation=down_rotation)
     bar.close()
     return smoothing

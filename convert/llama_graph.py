@@ -87,15 +87,38 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
 
     g = mb.subgraph("lm_head")
     head_w = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    g.output("logits", g.fully_connected(g.input("h", D), quant_for(head_w, "head", head or head_scheme(quant)), "logits"))
+    scheme, int8_rows = parse_head(head or head_scheme(quant))
+    h = g.input("h", D)
+    if int8_rows:         # split: the first rows (BPE's earliest merges, the frequent tokens) stay int8
+        parts = [g.fully_connected(h, quant_for(head_w[:int8_rows], "head", "int8"), "logits_int8"),
+                 g.fully_connected(h, quant_for(head_w[int8_rows:], "head", scheme), "logits_rest")]
+        g.output("logits", g.concat(parts))
+    else:
+        g.output("logits", g.fully_connected(h, quant_for(head_w, "head", scheme), "logits"))
     return mb
 
 
 def head_scheme(quant: str) -> str:
-    """int4 schemes keep the lm_head at int8, as llama.cpp keeps its output matrix at Q6_K:
-    on SmolLM2 an int4 head alone raised perplexity 4x (weight-only, 2k tokens: all-int4
-    394, int4 + int8 head 95, f32 39.8)."""
+    """The lm_head's format for each --quant: the one place this is decided.
+
+    "SCHEME" is one matrix; "SCHEME/int8:M" keeps the first M rows (token ids < M) at int8 and
+    the rest at SCHEME, as two FCs whose logits are concatenated. int4 schemes used to keep
+    the whole head at int8, as llama.cpp keeps its output matrix at Q6_K (on SmolLM2, before
+    smoothing and GPTQ, an int4 head alone raised perplexity 4x)."""
     return "int8" if quant.startswith("int4") else quant
+
+
+def parse_head(spec: str) -> tuple[str, int]:
+    """"int4/int8:8192" -> ("int4", 8192); "int4" -> ("int4", 0)."""
+    scheme, _, split = spec.partition("/")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown head scheme {spec!r}")
+    if not split:
+        return scheme, 0
+    kind, _, rows = split.partition(":")
+    if kind != "int8" or not rows.isdigit() or int(rows) <= 0:
+        raise ValueError(f"head split must read SCHEME/int8:ROWS, got {spec!r}")
+    return scheme, int(rows)
 
 
 def _qkv(g: GraphBuilder, x: Act, get, i: int, quant_for, eps: float) -> Act:

@@ -258,6 +258,15 @@ class GraphBuilder:
                  fb.BuiltinOptions.SplitOptions, opts)
         return outs
 
+    def concat(self, parts: list[Act]) -> Act:
+        """[T, W1], [T, W2], ... -> [T, W1 + W2 + ...] along the last axis."""
+        opts = fb.ConcatenationOptionsT()
+        opts.axis = 1
+        out = self._act(sum(p.width for p in parts))
+        self._op(_OP.CONCATENATION, [p.index for p in parts], [out.index],
+                 fb.BuiltinOptions.ConcatenationOptions, opts)
+        return out
+
     # -- constants ----------------------------------------------------------------------
     def constant(self, value: np.ndarray, name: str | None = None) -> int:
         """A constant tensor (f32/f16/int8/int32), deduplicated by content within the graph."""

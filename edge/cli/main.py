@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
     v.add_argument("--no-gptq", action="store_true",
                    help="integer quants: round to nearest instead of GPTQ's error compensation (for comparison)")
-    v.add_argument("--head", choices=[s for s in SCHEMES if s not in ("f16", "f32")], default=None,
-                   help="integer quants: the lm_head's format (default: the one chosen for --quant)")
+    v.add_argument("--head", default=None, metavar="SCHEME[/int8:ROWS]",
+                   help="integer quants: the lm_head's format, e.g. int8, int4, int4-b32, or int4/int8:8192 "
+                        "(the first 8192 token rows at int8); default: the one chosen for --quant")
     v.set_defaults(func=cmd_convert)
 
     from edge.cli import bench, models, perplexity
