@@ -41,12 +41,14 @@ def levels_range(scheme: str) -> tuple[int, int]:
     return (-127, 127) if scheme == "int8" else (-8, 7)
 
 
-def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(U, perm, dead): the upper Cholesky factor of (H + damp*mean(diag)*I)^-1, the column
-    order (None: natural), and the columns no calibration input ever reached."""
-    h = np.array(h, dtype=np.float64 if h.shape[0] <= 4096 else np.float32)
-    d = np.diag(h).copy()
-    dead = d <= 0
+def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER,
+            overwrite: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(U, perm, dead): the upper Cholesky factor of (H + damp*mean(diag)*I)^-1 (only its upper
+    triangle is meaningful, and only that is read), the column order (None: natural), and the
+    columns no calibration input ever reached. overwrite: H may be used as scratch space."""
+    dtype = np.float64 if h.shape[0] <= 4096 else np.float32     # 1B w_down: 8192^2, f32 halves it
+    h = np.asarray(h, dtype) if overwrite else np.array(h, dtype)
+    dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     perm = None
     if act_order:
@@ -55,11 +57,11 @@ def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER) -> t
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
     # H = L L^T with L lower  =>  H^-1 = (J L^-1 J)^T (J L^-1 J), J the reversal: U = J L^-1 J
     # is the upper Cholesky factor of H^-1, with one factorisation and one triangular inverse.
-    j = h[::-1, ::-1]
-    lower = np.linalg.cholesky(j)
-    del j, h
-    u = np.linalg.inv(lower)[::-1, ::-1]
-    return np.ascontiguousarray(np.triu(u), dtype=np.float32), perm, dead
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    del h
+    u = np.linalg.inv(lower)
+    del lower
+    return np.ascontiguousarray(u[::-1, ::-1], dtype=np.float32), perm, dead
 
 
 def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance: np.ndarray | None = None,
@@ -147,7 +149,7 @@ class Hessians:
     def prepared(self, group: str, damp: float = DAMP, act_order: bool = ACT_ORDER) -> tuple:
         if self._last is None or self._last[0] != group:
             self._last = None                       # free the previous group's factor first
-            self._last = (group, prepare(self.hessian(group), damp, act_order))
+            self._last = (group, prepare(self.hessian(group), damp, act_order, overwrite=True))
         return self._last[1]
 
     def close(self) -> None:
