@@ -22,6 +22,11 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # hurt int4 there (int4-b32 +12.6 % -> +41 %), whose GGUF weights sit on a Q4_1 grid that a
 # rotation scatters; re-measure on a bf16 checkpoint.
 ROTATE_BY_DEFAULT = ("int8",)
+# GPTQ (convert/gptq.py) on SmolLM2, 9471 tokens, vs f32: int8 +0.19 % / 94.9 % top-1 ->
+# +0.12 % / 96.1 %. It hurt both int4 schemes there (int4 +35.9 % -> +91.8 %, int4-b32 +12.6 % ->
+# +22.7 %): 512 calibration tokens give a rank-deficient H for K >= 576, and the Q4_1 source
+# grid; re-measure with more calibration text and a bf16 checkpoint.
+GPTQ_BY_DEFAULT = ("int8",)
 
 
 def read_checkpoint(src: Path) -> Checkpoint:
@@ -56,14 +61,14 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
 
 def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
-            smooth: bool = True, gptq: bool = True, head: str | None = None) -> Path:
+            smooth: bool = True, gptq: bool | None = None, head: str | None = None) -> Path:
     """Graph for the matmuls (any quant) + NumPy tensors: the embedding table, and for float
     quants every tensor, so the bundle also runs on the NumPy reference backend.
 
     Integer quants are rotated (convert/rotation.py; rotate=None: int8 only, see
     `ROTATE_BY_DEFAULT`), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
-    rounds to nearest). head: the lm_head's scheme, when not llama_graph.head_scheme(quant)."""
+    rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme, when not llama_graph.head_scheme(quant)."""
     from convert.llama_graph import head_scheme, write_llama_graph
     if quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
@@ -76,7 +81,7 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     g = _GraphWeights.plain(ckpt)
     if not floats:
         g = g.transformed(ckpt, quant, quant in ROTATE_BY_DEFAULT if rotate is None else rotate, smooth,
-                          gptq, head, stream)
+                          quant in GPTQ_BY_DEFAULT if gptq is None else gptq, head, stream)
 
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({quant})", **stream)
 

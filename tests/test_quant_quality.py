@@ -1,5 +1,5 @@
 """Quantized SmolLM2 bundles against the float NumPy reference on the shipped text, converted
-as users get them (int8: rotation + smoothing; int4 schemes: smoothing).
+as users get them (int8: rotation + smoothing + GPTQ; int4 schemes: smoothing).
 
 Perplexity bounds are the issue's targets where we meet them: int8 within +1 % of f32, and
 int4-b32 no worse than llama.cpp Q4_0's increase over F16 on the same text (+21.2 %, measured

@@ -74,7 +74,7 @@ def cmd_chat(a) -> int:
 def cmd_convert(a) -> int:
     from convert.convert import convert
     convert(a.src, a.output, quant=a.quant, overwrite=a.force, rotate=a.rotate,
-            smooth=not a.no_smooth, gptq=not a.no_gptq, head=a.head)
+            smooth=not a.no_smooth, gptq=a.gptq, head=a.head)
     _log(f"wrote {a.output}")
     return 0
 
@@ -154,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: int8 only, where it measured better)")
     v.add_argument("--no-smooth", action="store_true",
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
-    v.add_argument("--no-gptq", action="store_true",
-                   help="integer quants: round to nearest instead of GPTQ's error compensation (for comparison)")
+    v.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="integer quants: GPTQ's error-compensating rounding instead of round-to-nearest "
+                        "(default: int8 only, where it measured better)")
     v.add_argument("--head", default=None, metavar="SCHEME[/int8:ROWS]",
                    help="integer quants: the lm_head's format, e.g. int8, int4, int4-b32, or int4/int8:8192 "
                         "(the first 8192 token rows at int8); default: the one chosen for --quant")
