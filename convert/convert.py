@@ -1,6 +1,7 @@
 """checkpoint (HF directory | GGUF) -> bundle. The one entry point of the conversion step."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -21,6 +22,11 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # hurt int4 there (int4-b32 +12.6 % -> +41 %), whose GGUF weights sit on a Q4_1 grid that a
 # rotation scatters; re-measure on a bf16 checkpoint.
 ROTATE_BY_DEFAULT = ("int8",)
+# GPTQ (convert/gptq.py) on SmolLM2, 9471 tokens, vs f32: int8 +0.19 % / 94.9 % top-1 ->
+# +0.12 % / 96.1 %. It hurt both int4 schemes there (int4 +35.9 % -> +91.8 %, int4-b32 +12.6 % ->
+# +22.7 %): 512 calibration tokens give a rank-deficient H for K >= 576, and the Q4_1 source
+# grid; re-measure with more calibration text and a bf16 checkpoint.
+GPTQ_BY_DEFAULT = ("int8",)
 
 
 def read_checkpoint(src: Path) -> Checkpoint:
@@ -56,15 +62,16 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
 
 def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
-            smooth: bool = True) -> Path:
+            smooth: bool = True, gptq: bool | None = None, head: str | None = None) -> Path:
     """Graph for the matmuls (any quant) + NumPy tensors: for float quants every tensor, so the
     bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
     tied model does not store again (its lookup reads the lm_head's rows in the graph).
 
     Integer quants are rotated (convert/rotation.py; rotate=None: int8 only, see
-    `ROTATE_BY_DEFAULT`) and smoothed with calibrated scales (convert/smoothing.py;
-    smooth=False skips it, for comparison)."""
-    from convert.llama_graph import write_llama_graph
+    `ROTATE_BY_DEFAULT`), smoothed with calibrated scales (convert/smoothing.py;
+    smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
+    rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice)."""
+    from convert.llama_graph import head_scheme, write_llama_graph
     if quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
     ckpt = read_checkpoint(src)
@@ -72,9 +79,11 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS
     stream = {"stream": _Null()} if quiet else {}
+    head = head_scheme(quant, head)
     g = _GraphWeights.plain(ckpt)
     if not floats:
-        g = g.transformed(ckpt, quant, quant in ROTATE_BY_DEFAULT if rotate is None else rotate, smooth, stream)
+        g = g.transformed(ckpt, quant, quant in ROTATE_BY_DEFAULT if rotate is None else rotate, smooth,
+                          quant in GPTQ_BY_DEFAULT if gptq is None else gptq, head, stream)
 
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({quant})", **stream)
 
@@ -86,15 +95,15 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     tensor = counted(ckpt.tensor)
 
     embedding = {"scheme": "float"}
-    with atomic_bundle(dest, overwrite) as w:
-        head = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
-                                 g.down_rotation)
+    with atomic_bundle(dest, overwrite) as w, g.hessians or contextlib.nullcontext():
+        layout = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
+                                   g.down_rotation, g.hessians, head)
         with w.tensor_file("weights.bin") as tf:
             if floats:
                 for n in names:
                     tf.add(n, tensor(n).astype(FLOAT_QUANTS[quant]))
             elif ckpt.config.tie_word_embeddings:
-                embedding = _shared_embedding(w, tf, head, g, ckpt)
+                embedding = _shared_embedding(w, tf, layout, g, ckpt)
                 bar.step("embed")
             else:
                 rows, scale = int8_rows(counted(g.get)("embed"))
@@ -105,8 +114,8 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
         source = Path(os.path.abspath(src)).name        # the name only: a path says where it was built
         w.finish({
             "name": name or source, "source": source, "quant": quant,
-            "rotation": g.rotated, "smoothing": g.smoothed, "config": ckpt.config.to_dict(),
-            "embedding": embedding,
+            "rotation": g.rotated, "smoothing": g.smoothed, "gptq": g.hessians is not None,
+            "head": quant if floats else head, "config": ckpt.config.to_dict(), "embedding": embedding,
             "tokenizer": "tokenizer.json",
             "chat_template": ckpt.chat_template, "special_tokens": ckpt.special_tokens,
             "add_bos": ckpt.add_bos,
@@ -150,41 +159,54 @@ class _GraphWeights:
     smoothed: bool = False
     rotation: object = None                     # convert.rotation.Rotation, when rotated
     head_divisor: np.ndarray | None = None      # the lm_head's smoothing scales [D]
+    hessians: object = None                     # convert.gptq.Hessians when the levels are GPTQ-rounded
 
     @classmethod
     def plain(cls, ckpt: Checkpoint) -> "_GraphWeights":
         return cls(ckpt.tensor, ckpt.config)
 
-    def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool, smooth: bool, stream: dict):
-        """Untied, then rotated and/or smoothed: exact in float, kinder to quantization."""
+    def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool, smooth: bool, gptq: bool,
+                    head: str, stream: dict):
+        """Untied, then rotated and/or smoothed: exact in float, kinder to quantization; then
+        (gptq) the inputs of the weights as rewritten, for GPTQ's Hessians."""
         get, cfg = untie(self.get, self.cfg)
         down_rotation = rotation = None
         if rotate:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        smoothing = _fit_smoothing(ckpt, get, cfg, quant, stream, down_rotation) if smooth else None
+        tokens = _calibration_tokens(ckpt, stream) if smooth or gptq else None
+        smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation) \
+            if smooth and tokens is not None else None
         if smoothing:
             get = smoothing.weights(get)
+        hessians = None
+        if gptq and tokens is not None:
+            from convert.gptq import Hessians
+            bar = Progress(4 * cfg.num_layers + 1, "collecting inputs for GPTQ", **stream)
+            hessians = Hessians.collect(get, cfg, tokens, down_rotation, on_group=bar.step)
+            bar.close()
         return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
                              rotate, smoothing is not None, rotation,
-                             smoothing.scales["head"] if smoothing else None)
+                             smoothing.scales["head"] if smoothing else None, hessians)
 
 
-def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, stream: dict,
-                   down_rotation: np.ndarray | None):
-    """Calibrated smoothing scales (convert/smoothing.py), or None if the tokenizer cannot
-    read the calibration text."""
+def _calibration_tokens(ckpt: Checkpoint, stream: dict) -> np.ndarray | None:
+    """The calibration text's ids, or None (with a note) if the tokenizer cannot read it."""
     from convert.calibration import calibration_tokens
-    from convert.llama_graph import head_scheme
-    from convert.smoothing import Smoothing
     tokens = calibration_tokens(ckpt.tokenizer_json, ckpt.config.bos_token_id if ckpt.add_bos else None)
     if tokens is None:
-        print("note: the tokenizer cannot read the calibration text; quantizing without smoothing",
+        print("note: the tokenizer cannot read the calibration text; quantizing without smoothing or GPTQ",
               file=stream.get("stream", sys.stderr))
-        return None
+    return tokens
+
+
+def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: str, tokens: np.ndarray,
+                   stream: dict, down_rotation: np.ndarray | None):
+    """Calibrated smoothing scales (convert/smoothing.py)."""
+    from convert.smoothing import Smoothing
     bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {len(tokens)} tokens", **stream)
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head_scheme(quant), on_group=bar.step,
+    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step,
                               down_rotation=down_rotation)
     bar.close()
     return smoothing

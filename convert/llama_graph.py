@@ -39,9 +39,10 @@ Importance = Mapping[str, np.ndarray]
 
 
 def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
-                      importance: Importance = {}, down_rotation: np.ndarray | None = None) -> bytes:
+                      importance: Importance = {}, down_rotation: np.ndarray | None = None,
+                      hessians=None, head: str | None = None) -> bytes:
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`."""
-    return _build(weights_by_name, config, quant, importance, down_rotation, []).finish()
+    return _build(weights_by_name, config, quant, importance, down_rotation, [], hessians, head).finish()
 
 
 @dataclass(frozen=True)
@@ -58,30 +59,39 @@ class HeadLayout:
 
 def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config: ModelConfig,
                       quant: str, importance: Importance = {},
-                      down_rotation: np.ndarray | None = None) -> HeadLayout:
+                      down_rotation: np.ndarray | None = None, hessians=None,
+                      head: str | None = None) -> HeadLayout:
     """Write the graph file to `path` (streams weights; use for real models). Returns where
     its lm_head weight landed.
 
     importance maps a matmul group ("layers.{i}.qkv", ".wo", ".gate_up", ".down", "head"; see
     convert/calibration.py) to E[x^2] of its input, which steers the clip search.
     down_rotation [B, B]: multiply each B-channel block of w_down's input by it in the graph
-    (convert/rotation.py; the weights must have been rotated to match)."""
-    head: list = []
-    mb = _build(weights_by_name, config, quant, importance, down_rotation, head)
+    (convert/rotation.py; the weights must have been rotated to match).
+    hessians (convert/gptq.Hessians): the groups it holds are rounded with GPTQ, the rest
+    to nearest. head: the lm_head's scheme when not `head_scheme(quant)`."""
+    layout: list = []
+    mb = _build(weights_by_name, config, quant, importance, down_rotation, layout, hessians, head)
     mb.write(path)
-    data_buf, scale_buf = head[0].data              # buffer indices until the file is written
-    return dataclasses.replace(head[0], data=mb.buffer_span(data_buf),
+    data_buf, scale_buf = layout[0].data            # buffer indices until the file is written
+    return dataclasses.replace(layout[0], data=mb.buffer_span(data_buf),
                                block_scales=mb.buffer_span(scale_buf) if scale_buf else None)
 
 
 def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance,
-           down_rotation: np.ndarray | None, head_out: list) -> ModelBuilder:
+           down_rotation: np.ndarray | None, head_out: list, hessians=None,
+           head: str | None = None) -> ModelBuilder:
     """Quantize tensor by tensor into a spilling builder: float weights never pile up.
     The lm_head's `HeadLayout` (buffer indices, not yet file offsets) is appended to head_out."""
     if quant not in SCHEMES:
         raise ValueError(f"unknown quantization {quant!r}; choose from {SCHEMES}")
     get = weights_by_name if callable(weights_by_name) else weights_by_name.__getitem__
-    quant_for = lambda w, group, scheme=quant: quantize(w, scheme, importance.get(group))
+
+    def quant_for(w: np.ndarray, group: str, scheme: str = quant):
+        if hessians is not None and group in hessians:
+            from convert.gptq import gptq_quantize
+            return gptq_quantize(w, scheme, hessians.prepared(group), importance.get(group))
+        return quantize(w, scheme, importance.get(group))
     mb = ModelBuilder(f"edge-llm llama {quant}")
     D, L, eps = cfg.hidden_size, cfg.num_layers, cfg.rms_norm_eps
 
@@ -98,9 +108,9 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
             g.output("h_final", g.rms_norm(x_out, get("final_norm"), eps))
 
     g = mb.subgraph("lm_head")
-    head = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    head_q = quant_for(head, "head", head_scheme(quant))
-    del head                                      # [V, D] float32: 1 GB on the 1B shape
+    head_w = get("embed") if cfg.tie_word_embeddings else get("lm_head")
+    head_q = quant_for(head_w, "head", head_scheme(quant, head))
+    del head_w                                    # [V, D] float32: 1 GB on the 1B shape
     g.output("logits", g.fully_connected(g.input("h", D), head_q, "logits"))
     head_out.append(HeadLayout(head_q.scheme, head_q.shape, mb.weight_buffers(head_q), None,
                                head_q.block_size,
@@ -108,10 +118,15 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
     return mb
 
 
-def head_scheme(quant: str) -> str:
-    """int4 schemes keep the lm_head at int8, as llama.cpp keeps its output matrix at Q6_K:
-    on SmolLM2 an int4 head alone raised perplexity 4x (weight-only, 2k tokens: all-int4
-    394, int4 + int8 head 95, f32 39.8)."""
+def head_scheme(quant: str, head: str | None = None) -> str:
+    """The lm_head's format for each --quant (or the `--head` override, checked here): the one
+    place this is decided. A tied model's embedding lookup reads the same rows, so this is the
+    embedding's format too. int4 schemes keep the head at int8, as llama.cpp keeps its output
+    matrix at Q6_K (on SmolLM2, before smoothing, an int4 head alone raised perplexity 4x)."""
+    if head is not None:
+        if head not in SCHEMES:
+            raise ValueError(f"unknown head scheme {head!r}; choose from {', '.join(SCHEMES)}")
+        return head
     return "int8" if quant.startswith("int4") else quant
 
 

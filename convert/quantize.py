@@ -104,6 +104,22 @@ def quantize(w: np.ndarray, scheme: str, importance: np.ndarray | None = None) -
     raise ValueError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES}")
 
 
+def runtime_scales(qw: QuantizedWeight) -> np.ndarray:
+    """The scales [N, groups] as the runtime applies them (float32; bf16-rounded for blocks)."""
+    if qw.block_size:
+        return _BLOCK.load(qw.scales)
+    return qw.scales.reshape(-1, 1).astype(np.float32)
+
+
+def encode_levels(scheme: str, shape: tuple[int, int], q: np.ndarray, scales: np.ndarray) -> QuantizedWeight:
+    """A `QuantizedWeight` from integer levels [N, K] (int8) and stored scales (as `quantize`
+    returns them): for quantizers that choose the levels themselves (convert/gptq.py)."""
+    if scheme == "int8":
+        return QuantizedWeight(scheme, shape, np.ascontiguousarray(q, np.int8), scales)
+    packed = pack_int4(q.reshape(shape))
+    return QuantizedWeight(scheme, shape, packed, scales, INT4_BLOCK if scheme == "int4-b32" else 0)
+
+
 @dataclass(frozen=True)
 class _ScaleFormat:
     """How scales are stored (store: float32 -> file dtype) and applied (load: -> float32)."""

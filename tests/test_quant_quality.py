@@ -1,5 +1,5 @@
 """Quantized SmolLM2 bundles against the float NumPy reference on the shipped text, converted
-as users get them (int8: rotation + smoothing; int4 schemes: smoothing).
+as users get them (int8: rotation + smoothing + GPTQ; int4 schemes: smoothing).
 
 Perplexity bounds are the issue's targets where we meet them: int8 within +1 % of f32, and
 int4-b32 no worse than llama.cpp Q4_0's increase over F16 on the same text (+21.2 %, measured
@@ -33,10 +33,11 @@ def reference(smollm2_gguf):
     return ids, ppl, np.array(top1)
 
 
-# measured (1023 positions): int8 0.941 / -0.4 %, int4 0.629 / +31 %, int4-b32 0.754 / +9.1 %
+# measured (1023 positions): int8 0.950 / +0.08 % (GPTQ; 0.941 / -0.4 % without), int4 0.626 / +31.5 %,
+# int4-b32 0.745 / +10.0 % (0.754 / +9.1 % in an earlier run)
 # (plain round-to-nearest: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
 @pytest.mark.parametrize("quant,min_agree,max_ppl_increase", [
-    ("int8", 0.91, 0.01), ("int4", 0.58, 0.45), ("int4-b32", 0.70, 0.212)])
+    ("int8", 0.93, 0.01), ("int4", 0.58, 0.45), ("int4-b32", 0.70, 0.212)])
 def test_top1_agreement(smollm2_gguf, reference, tmp_path, quant, min_agree, max_ppl_increase):
     ids, ref_ppl, ref_top1 = reference
     bundle = Bundle.open(convert(smollm2_gguf, tmp_path / quant, quant=quant, quiet=True))

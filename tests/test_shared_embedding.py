@@ -50,12 +50,11 @@ def test_lookup_reads_the_head_rows_in_the_graph_file(tiny_ckpt, tmp_path, schem
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int4-b32"])
-def test_an_int4_head_is_the_embedding_too(tiny_ckpt, tmp_path, monkeypatch, scheme):
+def test_an_int4_head_is_the_embedding_too(tiny_ckpt, tmp_path, scheme):
     """Whatever format the head takes (today int8 for every integer scheme), the lookup decodes
     it: an int4 / int4-b32 head gives packed rows read from the graph file."""
-    import convert.llama_graph as llama_graph
-    monkeypatch.setattr(llama_graph, "head_scheme", lambda quant: quant)
-    b = Bundle.open(convert(tiny_ckpt, tmp_path / "b", quant=scheme, rotate=False, smooth=False, quiet=True))
+    b = Bundle.open(convert(tiny_ckpt, tmp_path / "b", quant=scheme, rotate=False, smooth=False, quiet=True,
+                            head=scheme))
     head = quantize(read_checkpoint(tiny_ckpt).tensor("embed"), scheme)
     assert b.manifest["embedding"]["scheme"] == scheme
     assert b.manifest["tensors"]["embed"]["file"] == "model.tflite"

@@ -74,7 +74,7 @@ def cmd_chat(a) -> int:
 def cmd_convert(a) -> int:
     from convert.convert import convert
     convert(a.src, a.output, quant=a.quant, overwrite=a.force, rotate=a.rotate,
-            smooth=not a.no_smooth)
+            smooth=not a.no_smooth, gptq=a.gptq, head=a.head)
     _log(f"wrote {a.output}")
     return 0
 
@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: int8 only, where it measured better)")
     v.add_argument("--no-smooth", action="store_true",
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
+    v.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
+                   help="integer quants: GPTQ's error-compensating rounding instead of round-to-nearest "
+                        "(default: int8 only, where it measured better)")
+    v.add_argument("--head", default=None, metavar="SCHEME",
+                   help="integer quants: the lm_head's format (and so a tied embedding's), e.g. int8, int4, "
+                        "int4-b32; default: the one chosen for --quant")
     v.set_defaults(func=cmd_convert)
 
     from edge.cli import bench, models, perplexity

@@ -1,0 +1,164 @@
+"""GPTQ: round a weight column by column, pushing each column's rounding error onto the
+columns not yet rounded, weighted by the Hessian of the matmul's inputs (Frantar et al. 2022).
+
+For y = x W^T, the output error of a quantized Q over calibration inputs X [T, K] is
+tr((W - Q) H (W - Q)^T) with H = X^T X. Round-to-nearest ignores H; GPTQ walks the columns
+in order, rounds column k, and moves the error onto columns k+1.. along H^-1's Cholesky row,
+so correlated inputs cancel each other's errors. Rows are independent (H is shared), so the
+work goes chunk of rows by chunk of rows, in bounded memory.
+
+The grid is the graph's: scales come first from convert/quantize.py's clip search (per
+channel, or bf16 block scales for int4-b32, weighted by E[x^2]), then GPTQ only chooses the
+integer levels under those fixed scales. The result is a `QuantizedWeight` exactly like
+`quantize()`'s: the graph writer and the runtime see nothing new.
+
+`Hessians` collects the inputs X of every matmul group from a float forward pass of the
+weights actually quantized (after rotation and smoothing: `matmul_inputs` on the rewritten
+weights sees x / s). It spills each group's X to a file and builds one H at a time when asked
+(T=512 calibration tokens: X is no larger than H for any K >= 512, and the 1B model's w_down
+H alone is 8192^2 f32 = 256 MB), so memory holds one group's H, never all of them.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from convert.calibration import matmul_inputs
+from convert.quantize import QuantizedWeight, encode_levels, quantize, runtime_scales
+from edge.model.config import ModelConfig
+
+DAMP = 0.01           # fraction of mean(diag H) added to the diagonal (the reference's 1 %)
+BLOCK = 128           # columns per lazy batch update
+ACT_ORDER = False     # descending diag(H) column order; measured on SmolLM2 (README): no gain
+_CHUNK_ELEMS = 1 << 21    # weight elements per chunk of rows (8 MB f32)
+
+
+def levels_range(scheme: str) -> tuple[int, int]:
+    return (-127, 127) if scheme == "int8" else (-8, 7)
+
+
+def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER,
+            overwrite: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(U, perm, dead): the upper Cholesky factor of (H + damp*mean(diag)*I)^-1 (only its upper
+    triangle is meaningful, and only that is read), the column order (None: natural), and the
+    columns no calibration input ever reached. overwrite: H may be used as scratch space."""
+    dtype = np.float64 if h.shape[0] <= 4096 else np.float32     # 1B w_down: 8192^2, f32 halves it
+    h = np.asarray(h, dtype) if overwrite else np.array(h, dtype)
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    perm = None
+    if act_order:
+        perm = np.argsort(-np.diag(h), kind="stable")
+        h = h[perm][:, perm]
+    h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
+    # H = L L^T with L lower  =>  H^-1 = (J L^-1 J)^T (J L^-1 J), J the reversal: U = J L^-1 J
+    # is the upper Cholesky factor of H^-1, with one factorisation and one triangular inverse.
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    del h
+    u = np.linalg.inv(lower)
+    del lower
+    return np.ascontiguousarray(u[::-1, ::-1], dtype=np.float32), perm, dead
+
+
+def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance: np.ndarray | None = None,
+                  damp: float = DAMP, act_order: bool = ACT_ORDER) -> QuantizedWeight:
+    """Quantize w [N, K] to `scheme` (int8, int4, int4-b32) with GPTQ under H [K, K] (or a
+    `prepare(H)` result, to reuse one factorisation for several weights of a group)."""
+    if scheme not in ("int8", "int4", "int4-b32"):
+        return quantize(w, scheme, importance)
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    n, k = w.shape
+    u, perm, dead = prepare(h, damp, act_order) if isinstance(h, np.ndarray) else h
+    if u.shape != (k, k):
+        raise ValueError(f"Hessian {u.shape} does not match weight {w.shape}")
+    rtn = quantize(w, scheme, importance)          # the scales: the clip search's, fixed from here on
+    s = runtime_scales(rtn)                         # [N, groups] float32 as the runtime applies them
+    col_group = np.arange(k) // (k // s.shape[1])   # which scale each column uses
+    lo, hi = levels_range(scheme)
+    q = np.empty((n, k), np.int8)
+    step = max(1, _CHUNK_ELEMS // k)
+    for r0 in range(0, n, step):
+        wc = w[r0:r0 + step].copy()
+        wc[:, dead] = 0.0
+        sc = s[r0:r0 + step][:, col_group]          # [R, K] the scale of each weight
+        if perm is not None:
+            wc, sc = wc[:, perm], sc[:, perm]
+        q[r0:r0 + step] = _gptq_rows(wc, sc, u, lo, hi)[:, _inverse(perm)] if perm is not None \
+            else _gptq_rows(wc, sc, u, lo, hi)
+    return encode_levels(scheme, (n, k), q, rtn.scales)
+
+
+def _inverse(perm: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(perm)
+    inv[perm] = np.arange(len(perm))
+    return inv
+
+
+def _gptq_rows(w: np.ndarray, s: np.ndarray, u: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The lazy-batch GPTQ loop over the columns of w [R, K] (modified in place) with per-weight
+    scales s [R, K]; returns the int8 levels."""
+    r, k = w.shape
+    q = np.empty((r, k), np.int8)
+    for i1 in range(0, k, BLOCK):
+        i2 = min(i1 + BLOCK, k)
+        w1, s1, u1 = w[:, i1:i2], s[:, i1:i2], u[i1:i2, i1:i2]
+        err1 = np.empty((r, i2 - i1), np.float32)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            lv = np.clip(np.rint(col / s1[:, i]), lo, hi)
+            q[:, i1 + i] = lv
+            e = (col - lv * s1[:, i]) / u1[i, i]
+            w1[:, i:] -= np.outer(e, u1[i, i:])
+            err1[:, i] = e
+        if i2 < k:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return q
+
+
+class Hessians:
+    """X [T, K] of every matmul group, spilled to a directory; `prepared(group)` gives the
+    `prepare(X^T X)` of one group at a time (cached for the next weight of the same group)."""
+
+    def __init__(self, directory: Path, owned: bool = False):
+        self.dir, self._owned = Path(directory), owned
+        self._last: tuple[str, tuple] | None = None
+
+    @classmethod
+    def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
+                down_rotation: np.ndarray | None = None, directory: Path | None = None,
+                on_group: Callable[[str], None] = lambda g: None) -> "Hessians":
+        """One float forward pass of `get` (the weights as they will be quantized)."""
+        owned = directory is None
+        d = Path(tempfile.mkdtemp(prefix="edge-llm-gptq-")) if owned else Path(directory)
+        for group, x in matmul_inputs(get, cfg, tokens, down_rotation):
+            np.save(d / f"{group}.npy", np.ascontiguousarray(x, np.float32))
+            on_group(group)
+        return cls(d, owned)
+
+    def __contains__(self, group: str) -> bool:
+        return (self.dir / f"{group}.npy").exists()
+
+    def hessian(self, group: str) -> np.ndarray:
+        x = np.load(self.dir / f"{group}.npy")
+        return x.T @ x
+
+    def prepared(self, group: str, damp: float = DAMP, act_order: bool = ACT_ORDER) -> tuple:
+        if self._last is None or self._last[0] != group:
+            self._last = None                       # free the previous group's factor first
+            self._last = (group, prepare(self.hessian(group), damp, act_order, overwrite=True))
+        return self._last[1]
+
+    def close(self) -> None:
+        self._last = None
+        if self._owned:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Hessians":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

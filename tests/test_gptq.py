@@ -1,0 +1,128 @@
+"""GPTQ (convert/gptq.py): error-compensating rounding on the graph's own grid.
+
+On a small random layer whose calibration inputs are correlated (as real activations are),
+GPTQ's output error on those inputs must be below round-to-nearest's with the same scales,
+and the weights it writes must be levels on the grid the graph decodes: integer levels in
+range, the clip search's scales untouched, and a LiteRT FC over them computing exactly what
+`QuantizedWeight.dequantize()` says. Its effect on a real model is measured in
+test_quant_quality.py.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from convert.convert import convert, read_checkpoint, untie
+from convert.gptq import Hessians, gptq_quantize, levels_range, prepare
+from convert.quantize import quantize, runtime_scales
+from edge.model.bundle import Bundle
+from edge.model.backends import load_backend
+from tests.test_tflite_graph import _assert_hybrid_fc, _fc_graph, _runner
+from tests.tiny_llama import write_tiny_llama
+
+SCHEMES = ["int8", "int4", "int4-b32"]
+
+
+def _layer(seed: int, t=256, k=128, n=48):
+    """Inputs [t, k] with a low-rank correlated part and two outlier channels, weights [n, k]."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((t, 12)) @ rng.standard_normal((12, k)) + 0.3 * rng.standard_normal((t, k))
+    x[:, [5, 77]] *= 8
+    w = rng.standard_normal((n, k)) * 0.05
+    return x.astype(np.float32), w.astype(np.float32)
+
+
+def _out_err(x, w, qw) -> float:
+    return float(np.square(x @ (qw.dequantize() - w).T).sum())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gptq_output_error_below_round_to_nearest(scheme, act_order):
+    for seed in range(3):
+        x, w = _layer(seed, t=512)
+        calib, held_out = x[:256], x[256:]
+        imp = np.mean(calib * calib, axis=0)
+        rtn = quantize(w, scheme, imp)
+        g = gptq_quantize(w, scheme, calib.T @ calib, imp, act_order=act_order)
+        assert _out_err(calib, w, g) < 0.7 * _out_err(calib, w, rtn)
+        assert _out_err(held_out, w, g) < _out_err(held_out, w, rtn)   # not just fitted to calib
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_gptq_levels_are_on_the_graph_grid(scheme):
+    x, w = _layer(7)
+    imp = np.mean(x * x, axis=0)
+    rtn = quantize(w, scheme, imp)
+    g = gptq_quantize(w, scheme, x.T @ x, imp)
+    assert (g.scheme, g.shape, g.block_size, g.data.dtype, g.data.shape) == \
+        (rtn.scheme, rtn.shape, rtn.block_size, rtn.data.dtype, rtn.data.shape)
+    np.testing.assert_array_equal(g.scales, rtn.scales)      # GPTQ picks levels, not scales
+    q = g.int_values()
+    lo, hi = levels_range(scheme)
+    assert q.min() >= lo and q.max() <= hi
+    assert not np.array_equal(q, rtn.int_values())             # it did move levels
+    s = runtime_scales(g)
+    groups = np.arange(w.shape[1]) // (w.shape[1] // s.shape[1])
+    np.testing.assert_array_equal(g.dequantize(), q.astype(np.float32) * s[:, groups])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_litert_fc_computes_the_gptq_weights(tmp_path, scheme):
+    x, w = _layer(11)
+    g = gptq_quantize(w, scheme, x.T @ x, np.mean(x * x, axis=0))
+    runner = _runner(tmp_path, _fc_graph(g))
+    assert runner.delegated
+    xs = x[:5].copy()
+    _assert_hybrid_fc(runner.run("fc", x=xs)["y"], xs, g)
+
+
+def test_dead_columns_and_prepared_factor():
+    x, w = _layer(3)
+    x[:, 9] = 0                                                # a channel no input reaches
+    u, perm, dead = prepare(x.T @ x)
+    assert dead[9] and dead.sum() == 1 and perm is None
+    assert (np.diag(u) > 0).all()
+    h = x.T @ x
+    h[9, 9] = 1
+    h[np.diag_indices_from(h)] += 0.01 * np.mean(np.diag(h))
+    upper = np.triu(u)                                         # only the upper triangle is read
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h), rtol=0, atol=1e-4 * np.abs(np.linalg.inv(h)).max())
+    g = gptq_quantize(w, "int4", (u, perm, dead))
+    assert (g.int_values()[:, 9] == 0).all()                  # no error to spread from it
+
+
+def test_hessians_spill_inputs_and_build_one_at_a_time(tmp_path):
+    d = tmp_path / "src"
+    write_tiny_llama(d)
+    ckpt = read_checkpoint(d)
+    get, cfg = untie(ckpt.tensor, ckpt.config)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 40)
+    with Hessians.collect(get, cfg, tokens) as hs:
+        spill = hs.dir
+        assert "head" in hs and "layers.0.down" in hs and "layers.0.nothing" not in hs
+        h = hs.hessian("layers.0.gate_up")
+        assert h.shape == (cfg.hidden_size, cfg.hidden_size) and np.allclose(h, h.T)
+        first = hs.prepared("layers.0.gate_up")
+        assert hs.prepared("layers.0.gate_up") is first        # w_gate and w_up share one factor
+        assert hs.prepared("layers.0.down")[0].shape == (cfg.intermediate_size,) * 2
+    assert not spill.exists()
+
+
+def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
+    d = tmp_path / "src"
+    write_tiny_llama(d)
+    import convert.calibration as calibration   # the tiny tokenizer cannot read the calibration text
+    monkeypatch.setattr(calibration, "calibration_tokens",
+                        lambda *a: np.random.default_rng(5).integers(0, 256, 64))
+    outs = {}
+    for gptq in (True, False):
+        b = Bundle.open(convert(d, tmp_path / f"b{gptq}", quant="int4", quiet=True, gptq=gptq))
+        assert json.loads((b.path / "manifest.json").read_text())["gptq"] is gptq
+        model = load_backend(b, "litert", 32, 2)
+        ids = np.arange(1, 17)
+        outs[gptq] = model.prefill(ids, model.new_cache(), all_logits=True)
+        assert np.isfinite(outs[gptq]).all()
+    assert not np.array_equal(outs[True], outs[False])
