@@ -305,8 +305,10 @@ def _edge_env() -> dict:
 
 
 def convert_bundle(hf_dir: Path, bundle: Path, quant: str) -> Path:
-    """`edge-llm convert HF_DIR -o BUNDLE --quant QUANT` (skipped when the bundle exists)."""
-    if (bundle / "manifest.json").exists():
+    """`edge-llm convert HF_DIR -o BUNDLE --quant QUANT` (skipped when a bundle in this
+    edge-llm's format exists)."""
+    from edge.model.bundle import is_current
+    if is_current(bundle):
         return bundle
     log(f"edge-llm convert {hf_dir} -o {bundle} --quant {quant} ...")
     t0 = time.perf_counter()

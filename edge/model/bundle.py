@@ -78,6 +78,11 @@ def is_bundle(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def is_current(path: Path) -> bool:
+    """A bundle in this edge-llm's format (one that `Bundle.open` will not refuse as old)."""
+    return is_bundle(path) and read_json(Path(path) / MANIFEST).get("format_version") == FORMAT_VERSION
+
+
 @dataclass
 class Bundle:
     path: Path
