@@ -77,6 +77,8 @@ def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance:
         raise ValueError(f"Hessian {u.shape} does not match weight {w.shape}")
     rtn = quantize(w, scheme, importance)          # the scales: the clip search's, fixed from here on
     s = runtime_scales(rtn)                         # [N, groups] float32 as the runtime applies them
+    stored_scales = rtn.scales
+    del rtn                                         # its levels: 263 MB for the 1B head, not needed
     col_group = np.arange(k) // (k // s.shape[1])   # which scale each column uses
     lo, hi = levels_range(scheme)
     q = np.empty((n, k), np.int8)
@@ -89,7 +91,7 @@ def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance:
             wc, sc = wc[:, perm], sc[:, perm]
         q[r0:r0 + step] = _gptq_rows(wc, sc, u, lo, hi)[:, _inverse(perm)] if perm is not None \
             else _gptq_rows(wc, sc, u, lo, hi)
-    return encode_levels(scheme, (n, k), q, rtn.scales)
+    return encode_levels(scheme, (n, k), q, stored_scales)
 
 
 def _inverse(perm: np.ndarray) -> np.ndarray:
