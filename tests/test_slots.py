@@ -177,3 +177,25 @@ def test_n_choices_read_the_prompt_once_and_decode_together(tiny_bundle):
     assert [g[0] for g in got] == want
     assert [g[1].usage.cached_tokens for g in got] == [0, 64, 64]      # the twin's whole chunk
     assert sum(rows) == len(prompt) + 2 * (len(prompt) - 64) + 3 * 7   # the rest of the prompt per fork
+
+
+def test_a_job_whose_reader_cancels_it_while_waiting_gives_its_queue_place_back(tiny_bundle):
+    """The serial console cancels through the event it passed to submit (Ctrl-C), not through
+    Job.cancel: such a job, dropped from the queue, must still give its place back, or the
+    queue fills with ghosts and refuses everyone ("busy: 0 requests are already waiting")."""
+    engine = Engine(Bundle.open(tiny_bundle), max_ctx=128, backend="numpy", parallel=1)
+    engine.eos_ids = frozenset()
+    real_step = engine.step
+    engine.step = lambda seqs: time.sleep(0.02) or real_step(seqs)     # the one slot stays busy
+    scheduler = Scheduler(engine, max_queue=2)
+    running = scheduler.submit(PROMPTS[0], GenerationParams(max_tokens=100, sampling=GREEDY))
+    p = GenerationParams(max_tokens=3, sampling=GREEDY)
+    for _ in range(4):                          # more rounds than the queue has places
+        cancel = threading.Event()
+        waiting = [scheduler.submit(PROMPTS[1], p, cancel=cancel) for _ in range(2)]
+        cancel.set()
+        for job in waiting:
+            assert list(job.events())[-1].finish_reason == "cancelled"
+    running.cancel()
+    assert list(running.events())[-1].finish_reason == "cancelled"
+    assert tokens(list(scheduler.submit(PROMPTS[2], p).events()))[1].finish_reason == "length"

@@ -201,6 +201,7 @@ class Scheduler:
                     self.last_progress = time.monotonic()
                 for job in [j for j in self._waiting if j.cancelled]:     # left while waiting
                     self._waiting.remove(job)
+                    job.ticket.release()     # its cancel event may have been set by its reader
                     self._end(job, Event(finish_reason="cancelled"))
                 self._admit()
                 if not self._running:          # every slot taken outside the queue (engine.generate)
