@@ -30,37 +30,64 @@ from edge.model.numpy_model import layer_weights, llama_layer, rms_norm
 from edge.model.rope import RopeTables
 
 CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
-MAX_TOKENS = 512
+SEGMENT = 512          # tokens per calibration sequence (each starts afresh, with BOS when the model uses it)
+SMOOTHING_TOKENS = 512     # smoothing's search simulates every matmul on these: one segment is enough
+GPTQ_TOKENS = 4096         # GPTQ's Hessians need many more tokens than input channels (README, GPTQ)
+GROUPS = ("qkv", "wo", "gate_up", "down")     # a layer's matmul groups, in the order they are met
 MIN_DISTINCT = 64      # fewer distinct ids means the tokenizer cannot read the text (e.g. all <unk>)
 
 
-def calibration_tokens(tokenizer_json: str, bos: int | None) -> np.ndarray | None:
-    """The calibration text's first MAX_TOKENS ids, or None when the tokenizer cannot read
-    it: scales fitted to a stream of <unk> would fit nothing the model will ever see."""
+def calibration_tokens(tokenizer_json: str, bos: int | None, max_tokens: int = SMOOTHING_TOKENS
+                       ) -> list[np.ndarray] | None:
+    """The calibration text as sequences of at most SEGMENT ids (max_tokens in all), or None
+    when the tokenizer cannot read it: scales fitted to a stream of <unk> would fit nothing
+    the model will ever see."""
     from tokenizers import Tokenizer
     text = CALIBRATION_TEXT.read_text(encoding="utf-8")
     ids = Tokenizer.from_str(tokenizer_json).encode(text, add_special_tokens=False).ids
-    ids = (([bos] if bos is not None else []) + ids)[:MAX_TOKENS]
-    return np.array(ids, dtype=np.int64) if len(set(ids)) >= MIN_DISTINCT else None
+    if len(set(ids[:max_tokens])) < MIN_DISTINCT:
+        return None
+    head = [bos] if bos is not None else []
+    step = SEGMENT - len(head)
+    segments, total = [], 0
+    for start in range(0, len(ids), step):
+        seg = (head + ids[start:start + step])[:max_tokens - total]
+        if total >= max_tokens or (segments and len(seg) < SEGMENT // 4):   # a short tail adds little
+            break
+        segments.append(np.array(seg, dtype=np.int64))
+        total += len(seg)
+    return segments
 
 
-def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
+def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig,
+                  segments: list[np.ndarray] | np.ndarray,
                   down_rotation: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (group name, float32 input [T, K]) for every matmul group, layer by layer: the
-    reference model's own `llama_layer`, observed."""
-    T, eps = len(tokens), cfg.rms_norm_eps
-    attention = Attention(cfg, RopeTables(cfg, T))
-    cache = KVCache(cfg, T)
-    x = get("embed")[tokens]
+    reference model's own `llama_layer`, observed, over each segment (a 1-D array is one),
+    with the segments' rows concatenated. Each layer's weights are read once."""
+    if isinstance(segments, np.ndarray) and segments.ndim == 1:
+        segments = [segments]
+    eps = cfg.rms_norm_eps
+    attention = Attention(cfg, RopeTables(cfg, max(len(s) for s in segments)))
+    embed = get("embed")
+    xs = [embed[s] for s in segments]
+    del embed
     for i in range(cfg.num_layers):
-        seen: list[tuple[str, np.ndarray]] = []
+        L = layer_weights(get, i)
+        seen: dict[str, list[np.ndarray]] = {}
 
         def observe(group: str, v: np.ndarray) -> np.ndarray:
             if group == "down" and down_rotation is not None:
                 v = rotate_blocks(v, down_rotation)      # what the graph's block rotation feeds w_down
-            seen.append((f"layers.{i}.{group}", v))
+            seen.setdefault(group, []).append(v)
             return v
 
-        x = llama_layer(x, layer_weights(get, i), lambda qkv: attention(i, qkv, cache, 0), eps, observe)
-        yield from seen
-    yield "head", rms_norm(x, get("final_norm"), eps)
+        for j, x in enumerate(xs):
+            cache = KVCache(cfg, len(x))
+            xs[j] = llama_layer(x, L, lambda qkv: attention(i, qkv, cache, 0), eps, observe)
+        del L
+        for group, parts in seen.items():
+            yield f"layers.{i}.{group}", np.concatenate(parts) if len(parts) > 1 else parts[0]
+        del seen
+    final_norm = get("final_norm")
+    yield "head", np.concatenate([rms_norm(x, final_norm, eps) for x in xs])

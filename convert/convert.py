@@ -85,7 +85,8 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
         g = g.transformed(ckpt, quant, quant in ROTATE_BY_DEFAULT if rotate is None else rotate, smooth,
                           quant in GPTQ_BY_DEFAULT if gptq is None else gptq, head, stream)
 
-    bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({quant})", **stream)
+    how = f"{quant}, GPTQ on {g.hessians.n_tokens} tokens" if g.hessians else quant
+    bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({how})", **stream)
 
     def counted(get):
         def tensor(n: str) -> np.ndarray:
@@ -175,26 +176,26 @@ class _GraphWeights:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        tokens = _calibration_tokens(ckpt, stream) if smooth or gptq else None
+        from convert.calibration import GPTQ_TOKENS, SMOOTHING_TOKENS
+        tokens = _calibration_tokens(ckpt, stream, SMOOTHING_TOKENS) if smooth or gptq else None
         smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation) \
             if smooth and tokens is not None else None
         if smoothing:
             get = smoothing.weights(get)
         hessians = None
-        if gptq and tokens is not None:
+        if gptq and tokens is not None:       # run lazily, as the graph writer reaches each group
             from convert.gptq import Hessians
-            bar = Progress(4 * cfg.num_layers + 1, "collecting inputs for GPTQ", **stream)
-            hessians = Hessians.collect(get, cfg, tokens, down_rotation, on_group=bar.step)
-            bar.close()
+            hessians = Hessians.collect(get, cfg, _calibration_tokens(ckpt, stream, GPTQ_TOKENS), down_rotation)
         return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
                              rotate, smoothing is not None, rotation,
                              smoothing.scales["head"] if smoothing else None, hessians)
 
 
-def _calibration_tokens(ckpt: Checkpoint, stream: dict) -> np.ndarray | None:
-    """The calibration text's ids, or None (with a note) if the tokenizer cannot read it."""
+def _calibration_tokens(ckpt: Checkpoint, stream: dict, max_tokens: int) -> list[np.ndarray] | None:
+    """The calibration text's segments of ids, or None (with a note) if the tokenizer cannot read it."""
     from convert.calibration import calibration_tokens
-    tokens = calibration_tokens(ckpt.tokenizer_json, ckpt.config.bos_token_id if ckpt.add_bos else None)
+    tokens = calibration_tokens(ckpt.tokenizer_json, ckpt.config.bos_token_id if ckpt.add_bos else None,
+                                max_tokens)
     if tokens is None:
         print("note: the tokenizer cannot read the calibration text; quantizing without smoothing or GPTQ",
               file=stream.get("stream", sys.stderr))
@@ -205,7 +206,7 @@ def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: st
                    stream: dict, down_rotation: np.ndarray | None):
     """Calibrated smoothing scales (convert/smoothing.py)."""
     from convert.smoothing import Smoothing
-    bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {len(tokens)} tokens", **stream)
+    bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {sum(map(len, tokens))} tokens", **stream)
     smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step,
                               down_rotation=down_rotation)
     bar.close()

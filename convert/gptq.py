@@ -12,22 +12,20 @@ channel, or bf16 block scales for int4-b32, weighted by E[x^2]), then GPTQ only 
 integer levels under those fixed scales. The result is a `QuantizedWeight` exactly like
 `quantize()`'s: the graph writer and the runtime see nothing new.
 
-`Hessians` collects the inputs X of every matmul group from a float forward pass of the
-weights actually quantized (after rotation and smoothing: `matmul_inputs` on the rewritten
-weights sees x / s). It spills each group's X to a file and builds one H at a time when asked
-(T=512 calibration tokens: X is no larger than H for any K >= 512, and the 1B model's w_down
-H alone is 8192^2 f32 = 256 MB), so memory holds one group's H, never all of them.
+`Hessians` takes the inputs X of every matmul group from a float forward pass of the weights
+actually quantized (after rotation and smoothing: `matmul_inputs` on the rewritten weights sees
+x / s), run lazily as the graph writer reaches each group, so memory holds one layer's inputs
+and one group's H (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them.
+The Hessian needs many more calibration tokens than input channels (GPTQ_TOKENS): with 512
+tokens against 1536-wide inputs it is rank-deficient, and GPTQ fits the calibration text.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
-from convert.calibration import matmul_inputs
+from convert.calibration import GROUPS, matmul_inputs
 from convert.quantize import QuantizedWeight, encode_levels, quantize, runtime_scales
 from edge.model.config import ModelConfig
 
@@ -47,7 +45,7 @@ def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER,
     triangle is meaningful, and only that is read), the column order (None: natural), and the
     columns no calibration input ever reached. overwrite: H may be used as scratch space."""
     dtype = np.float64 if h.shape[0] <= 4096 else np.float32     # 1B w_down: 8192^2, f32 halves it
-    h = np.asarray(h, dtype) if overwrite else np.array(h, dtype)
+    h = np.asarray(h, dtype) if overwrite else np.array(h, dtype)     # becomes U, in place
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     perm = None
@@ -56,12 +54,59 @@ def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER,
         h = h[perm][:, perm]
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
     # H = L L^T with L lower  =>  H^-1 = (J L^-1 J)^T (J L^-1 J), J the reversal: U = J L^-1 J
-    # is the upper Cholesky factor of H^-1, with one factorisation and one triangular inverse.
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    del h
-    u = np.linalg.inv(lower)
-    del lower
-    return np.ascontiguousarray(u[::-1, ::-1], dtype=np.float32), perm, dead
+    # is the upper Cholesky factor of H^-1, with one factorisation and one triangular inverse,
+    # both done in place in H's own buffer (np.linalg would hold 3-4 more copies of it: 1 GB
+    # for the 1B model's w_down).
+    _reverse(h)
+    _cholesky_in_place(h)
+    _invert_lower_in_place(h)
+    _reverse(h)
+    return (h if h.dtype == np.float32 else h.astype(np.float32)), perm, dead
+
+
+_PANEL = 512      # rows per block of the in-place factorisations: temporaries are [_PANEL, K]
+
+
+def _reverse(a: np.ndarray) -> None:
+    """a <- J a J (rows and columns reversed) in place, a block of rows at a time."""
+    n = a.shape[0]
+    for r0 in range(0, n // 2, _PANEL):
+        r1 = min(r0 + _PANEL, n // 2)
+        top = a[r0:r1, ::-1].copy()
+        a[r0:r1] = a[n - r0 - 1:n - r1 - 1 if n - r1 - 1 >= 0 else None:-1, ::-1]
+        a[n - r0 - 1:n - r1 - 1 if n - r1 - 1 >= 0 else None:-1] = top
+    if n % 2:
+        a[n // 2] = a[n // 2, ::-1].copy()
+
+
+def _cholesky_in_place(a: np.ndarray) -> None:
+    """a (symmetric positive definite; its lower triangle is read) <- L, lower, a = L L^T;
+    the strict upper triangle is zeroed. Blocked, right-looking."""
+    n = a.shape[0]
+    for k0 in range(0, n, _PANEL):
+        k1 = min(k0 + _PANEL, n)
+        lkk = np.linalg.cholesky(np.tril(a[k0:k1, k0:k1]) + np.tril(a[k0:k1, k0:k1], -1).T)
+        a[k0:k1, k0:k1] = lkk
+        a[k0:k1, k1:] = 0
+        if k1 == n:
+            break
+        a[k1:, k0:k1] = a[k1:, k0:k1] @ np.linalg.inv(lkk).T        # the panel below: A_ik L_kk^-T
+        panel = a[k1:, k0:k1]
+        for r0 in range(k1, n, _PANEL):                              # trailing lower part -= P P^T
+            r1 = min(r0 + _PANEL, n)
+            a[r0:r1, k1:r1] -= panel[r0 - k1:r1 - k1] @ panel[:r1 - k1].T
+
+
+def _invert_lower_in_place(a: np.ndarray) -> None:
+    """a (lower triangular, zero above) <- a^-1, block row by block row: from L X = I,
+    X_i,<i = -L_ii^-1 (L_i,<i X_<i,<i), where X_<i,<i is already in place above."""
+    n = a.shape[0]
+    for i0 in range(0, n, _PANEL):
+        i1 = min(i0 + _PANEL, n)
+        xii = np.tril(np.linalg.inv(a[i0:i1, i0:i1]))
+        if i0:
+            a[i0:i1, :i0] = -xii @ (a[i0:i1, :i0] @ a[:i0, :i0])
+        a[i0:i1, i0:i1] = xii
 
 
 def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance: np.ndarray | None = None,
@@ -122,30 +167,46 @@ def _gptq_rows(w: np.ndarray, s: np.ndarray, u: np.ndarray, lo: int, hi: int) ->
 
 
 class Hessians:
-    """X [T, K] of every matmul group, spilled to a directory; `prepared(group)` gives the
-    `prepare(X^T X)` of one group at a time (cached for the next weight of the same group)."""
+    """The Hessian H = X^T X of each matmul group's calibration inputs, made when the graph
+    writer asks for it. The float forward pass (`matmul_inputs`) is advanced lazily, group by
+    group; the writer asks in the order the pass yields (qkv, wo, gate_up, down of each layer,
+    then the head), so only one layer's inputs and one group's factor exist at a time, and
+    nothing is written to disk (4096 tokens of the 1B model's inputs would be 3.7 GB)."""
 
-    def __init__(self, directory: Path, owned: bool = False):
-        self.dir, self._owned = Path(directory), owned
+    def __init__(self, inputs: Iterator[tuple[str, np.ndarray]], groups: set[str], n_tokens: int,
+                 on_group: Callable[[str], None] = lambda g: None):
+        self._inputs, self._groups, self._on_group = inputs, groups, on_group
+        self.n_tokens = n_tokens
+        self._pending: dict[str, np.ndarray] = {}      # yielded by the pass, not yet asked for
         self._last: tuple[str, tuple] | None = None
 
     @classmethod
-    def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: np.ndarray,
-                down_rotation: np.ndarray | None = None, directory: Path | None = None,
+    def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens,
+                down_rotation: np.ndarray | None = None,
                 on_group: Callable[[str], None] = lambda g: None) -> "Hessians":
-        """One float forward pass of `get` (the weights as they will be quantized)."""
-        owned = directory is None
-        d = Path(tempfile.mkdtemp(prefix="edge-llm-gptq-")) if owned else Path(directory)
-        for group, x in matmul_inputs(get, cfg, tokens, down_rotation):
-            np.save(d / f"{group}.npy", np.ascontiguousarray(x, np.float32))
-            on_group(group)
-        return cls(d, owned)
+        """A float forward pass of `get` (the weights as they will be quantized) over tokens
+        (segments, as `matmul_inputs` takes them), run as its groups are asked for."""
+        groups = {f"layers.{i}.{g}" for i in range(cfg.num_layers) for g in GROUPS} | {"head"}
+        segments = [tokens] if isinstance(tokens, np.ndarray) and tokens.ndim == 1 else tokens
+        return cls(matmul_inputs(get, cfg, segments, down_rotation), groups,
+                   sum(len(s) for s in segments), on_group)
 
     def __contains__(self, group: str) -> bool:
-        return (self.dir / f"{group}.npy").exists()
+        return group in self._groups
+
+    def inputs(self, group: str) -> np.ndarray:
+        """X [T, K] of one group; each group's inputs can be taken once."""
+        while group not in self._pending:
+            try:
+                name, x = next(self._inputs)
+            except StopIteration:
+                raise KeyError(f"no calibration inputs (left) for {group!r}") from None
+            self._pending[name] = x
+            self._on_group(name)
+        return self._pending.pop(group)
 
     def hessian(self, group: str) -> np.ndarray:
-        x = np.load(self.dir / f"{group}.npy")
+        x = self.inputs(group)
         return x.T @ x
 
     def prepared(self, group: str, damp: float = DAMP, act_order: bool = ACT_ORDER) -> tuple:
@@ -156,8 +217,8 @@ class Hessians:
 
     def close(self) -> None:
         self._last = None
-        if self._owned:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        self._pending.clear()
+        self._inputs.close()
 
     def __enter__(self) -> "Hessians":
         return self

@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 
+from convert.calibration import matmul_inputs
 from convert.convert import convert, read_checkpoint, untie
 from convert.gptq import Hessians, gptq_quantize, levels_range, prepare
 from convert.quantize import quantize, runtime_scales
@@ -94,21 +95,34 @@ def test_dead_columns_and_prepared_factor():
     assert (g.int_values()[:, 9] == 0).all()                  # no error to spread from it
 
 
-def test_hessians_spill_inputs_and_build_one_at_a_time(tmp_path):
+def test_hessians_run_the_calibration_pass_as_the_writer_asks(tmp_path):
+    """H = X^T X of the calibration pass's inputs, one group at a time: asking in the pass's
+    order leaves nothing pending (one layer's inputs at most in memory); asking out of order
+    still gives the right H; a group's factor is reused for the weights that share it."""
     d = tmp_path / "src"
     write_tiny_llama(d)
     ckpt = read_checkpoint(d)
     get, cfg = untie(ckpt.tensor, ckpt.config)
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 40)
-    with Hessians.collect(get, cfg, tokens) as hs:
-        spill = hs.dir
+    rng = np.random.default_rng(0)
+    segments = [rng.integers(0, cfg.vocab_size, 40), rng.integers(0, cfg.vocab_size, 24)]
+    expected = dict(matmul_inputs(get, cfg, segments))
+    seen = []
+    with Hessians.collect(get, cfg, segments, on_group=seen.append) as hs:
+        assert hs.n_tokens == 64 and not seen                  # nothing runs until asked
         assert "head" in hs and "layers.0.down" in hs and "layers.0.nothing" not in hs
-        h = hs.hessian("layers.0.gate_up")
-        assert h.shape == (cfg.hidden_size, cfg.hidden_size) and np.allclose(h, h.T)
-        first = hs.prepared("layers.0.gate_up")
-        assert hs.prepared("layers.0.gate_up") is first        # w_gate and w_up share one factor
+        first = hs.prepared("layers.0.qkv")
+        assert seen == ["layers.0.qkv"]
+        assert hs.prepared("layers.0.qkv") is first             # wq, wk, wv share one factor
+        h = hs.hessian("layers.0.gate_up")                      # out of order: wo waits
+        x = expected["layers.0.gate_up"]
+        assert x.shape == (64, cfg.hidden_size)
+        np.testing.assert_allclose(h, x.T @ x, rtol=1e-5, atol=1e-5)
         assert hs.prepared("layers.0.down")[0].shape == (cfg.intermediate_size,) * 2
-    assert not spill.exists()
+        assert hs.prepared("layers.0.wo")[0].shape == (cfg.num_heads * cfg.head_dim,) * 2
+        hs.prepared("layers.1.qkv")
+        assert not hs._pending                                 # layer 0's inputs are gone
+        with pytest.raises(KeyError):
+            hs.hessian("layers.0.qkv")                          # taken once
 
 
 def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
@@ -116,7 +130,7 @@ def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
     write_tiny_llama(d)
     import convert.calibration as calibration   # the tiny tokenizer cannot read the calibration text
     monkeypatch.setattr(calibration, "calibration_tokens",
-                        lambda *a: np.random.default_rng(5).integers(0, 256, 64))
+                        lambda *a: [np.random.default_rng(5).integers(0, 256, 64)])
     outs = {}
     for gptq in (True, False):
         b = Bundle.open(convert(d, tmp_path / f"b{gptq}", quant="int4", quiet=True, gptq=gptq))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from convert.calibration import MIN_DISTINCT, calibration_tokens, matmul_inputs
+from convert.calibration import GPTQ_TOKENS, MIN_DISTINCT, SEGMENT, calibration_tokens, matmul_inputs
 from convert.convert import ROTATE_BY_DEFAULT, convert, read_checkpoint, untie
 from convert.quantize import quantize
 from convert.llama_graph import build_llama_graph
@@ -120,8 +120,11 @@ def test_unreadable_calibration_text_falls_back_to_plain_quantization(tiny, tmp_
 
 def test_smollm2_reads_the_calibration_text(smollm2_gguf):
     ckpt = read_checkpoint(smollm2_gguf)
-    tokens = calibration_tokens(ckpt.tokenizer_json, None)
-    assert tokens is not None and len(set(tokens.tolist())) > 4 * MIN_DISTINCT
+    segments = calibration_tokens(ckpt.tokenizer_json, None)
+    assert segments is not None and len(set(segments[0].tolist())) > 4 * MIN_DISTINCT
+    many = calibration_tokens(ckpt.tokenizer_json, 1, GPTQ_TOKENS)
+    assert sum(map(len, many)) == GPTQ_TOKENS                  # the text is long enough for GPTQ
+    assert all(len(s) <= SEGMENT and s[0] == 1 for s in many)  # each sequence starts with BOS
 
 
 # -- rotation (convert/rotation.py) ----------------------------------------------------
