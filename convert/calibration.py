@@ -86,8 +86,11 @@ def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig,
             cache = KVCache(cfg, len(x))
             xs[j] = llama_layer(x, L, lambda qkv: attention(i, qkv, cache, 0), eps, observe)
         del L
-        for group, parts in seen.items():
-            yield f"layers.{i}.{group}", np.concatenate(parts) if len(parts) > 1 else parts[0]
-        del seen
+        for group in list(seen):                 # handed over: the consumer's is the only reference
+            parts = seen.pop(group)
+            v = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            del parts
+            yield f"layers.{i}.{group}", v
+            del v
     final_norm = get("final_norm")
     yield "head", np.concatenate([rms_norm(x, final_norm, eps) for x in xs])

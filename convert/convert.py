@@ -17,16 +17,16 @@ from convert.quantize import DEFAULT_QUANT, SCHEMES
 from edge.model.config import ModelConfig
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
-# Rotation spreads activation outliers: on SmolLM2 int8 perplexity over f32 +0.70 % -> +0.19 %,
-# top-1 agreement 0.927 -> 0.949 (folded rotations, then the in-graph one before w_down). It
-# hurt int4 there (int4-b32 +12.6 % -> +41 %), whose GGUF weights sit on a Q4_1 grid that a
-# rotation scatters; re-measure on a bf16 checkpoint.
-ROTATE_BY_DEFAULT = ("int8",)
-# GPTQ (convert/gptq.py) on SmolLM2, 9471 tokens, vs f32: int8 +0.19 % / 94.9 % top-1 ->
-# +0.12 % / 96.1 %. It hurt both int4 schemes there (int4 +35.9 % -> +91.8 %, int4-b32 +12.6 % ->
-# +22.7 %): 512 calibration tokens give a rank-deficient H for K >= 576, and the Q4_1 source
-# grid; re-measure with more calibration text and a bf16 checkpoint.
-GPTQ_BY_DEFAULT = ("int8",)
+# Defaults from the measured table in the README (SmolLM2, 9471 tokens, vs f32):
+# - int8: rotation + smoothing + GPTQ. Rotation spreads activation outliers (+0.70 % -> +0.19 %
+#   perplexity, top-1 0.927 -> 0.949: folded rotations, then the in-graph one before w_down);
+#   GPTQ takes it to +0.12 % / 96.1 %.
+# - int4 (per channel): rotation + smoothing + GPTQ on 4096 tokens: +17.6 % / 74.3 % (Q4_0:
+#   +21.2 % / 68.8 %). Neither helps alone (first 1024 tokens, ctx 256: round-to-nearest +31 %,
+#   rotation alone +173 %, as it scatters the Q4_1 source's grid; GPTQ alone +44 %).
+# - int4-b32: smoothing only, round-to-nearest (see the README for rotation and GPTQ there).
+ROTATE_BY_DEFAULT = ("int8", "int4")
+GPTQ_BY_DEFAULT = ("int8", "int4")
 
 
 def read_checkpoint(src: Path) -> Checkpoint:
@@ -67,8 +67,8 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
     tied model does not store again (its lookup reads the lm_head's rows in the graph).
 
-    Integer quants are rotated (convert/rotation.py; rotate=None: int8 only, see
-    `ROTATE_BY_DEFAULT`), smoothed with calibrated scales (convert/smoothing.py;
+    Integer quants are rotated (convert/rotation.py; rotate=None: as
+    `ROTATE_BY_DEFAULT` says), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
     rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice)."""
     from convert.llama_graph import head_scheme, write_llama_graph

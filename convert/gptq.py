@@ -39,19 +39,22 @@ def levels_range(scheme: str) -> tuple[int, int]:
     return (-127, 127) if scheme == "int8" else (-8, 7)
 
 
-def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER,
-            overwrite: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def prepare(h: np.ndarray, damp: float = DAMP, act_order: bool = ACT_ORDER, overwrite: bool = False,
+            perm: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """(U, perm, dead): the upper Cholesky factor of (H + damp*mean(diag)*I)^-1 (only its upper
     triangle is meaningful, and only that is read), the column order (None: natural), and the
-    columns no calibration input ever reached. overwrite: H may be used as scratch space."""
+    columns no calibration input ever reached (in natural order). overwrite: H may be used as
+    scratch space. perm: H is already in this column order (`Hessians` permutes X instead, to
+    avoid a second K x K copy)."""
     dtype = np.float64 if h.shape[0] <= 4096 else np.float32     # 1B w_down: 8192^2, f32 halves it
     h = np.asarray(h, dtype) if overwrite else np.array(h, dtype)     # becomes U, in place
+    if act_order and perm is None:
+        perm = np.argsort(-np.diag(h), kind="stable")
+        h = h[np.ix_(perm, perm)]
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
-    perm = None
-    if act_order:
-        perm = np.argsort(-np.diag(h), kind="stable")
-        h = h[perm][:, perm]
+    if perm is not None:
+        dead = dead[_inverse(perm)]
     h[np.diag_indices_from(h)] += damp * float(np.mean(np.diag(h)))
     # H = L L^T with L lower  =>  H^-1 = (J L^-1 J)^T (J L^-1 J), J the reversal: U = J L^-1 J
     # is the upper Cholesky factor of H^-1, with one factorisation and one triangular inverse,
@@ -212,7 +215,13 @@ class Hessians:
     def prepared(self, group: str, damp: float = DAMP, act_order: bool = ACT_ORDER) -> tuple:
         if self._last is None or self._last[0] != group:
             self._last = None                       # free the previous group's factor first
-            self._last = (group, prepare(self.hessian(group), damp, act_order, overwrite=True))
+            x, perm = self.inputs(group), None
+            if act_order:                           # descending diag(H) = column sums of x^2
+                perm = np.argsort(-np.einsum("tk,tk->k", x, x), kind="stable")
+                x = x[:, perm]
+            h = x.T @ x
+            del x
+            self._last = (group, prepare(h, damp, act_order, overwrite=True, perm=perm))
         return self._last[1]
 
     def close(self) -> None:

@@ -123,6 +123,13 @@ def test_hessians_run_the_calibration_pass_as_the_writer_asks(tmp_path):
         assert not hs._pending                                 # layer 0's inputs are gone
         with pytest.raises(KeyError):
             hs.hessian("layers.0.qkv")                          # taken once
+    with Hessians.collect(get, cfg, segments) as hs:          # act-order permutes X, then builds H
+        x = expected["layers.0.qkv"].astype(np.float64)
+        u, perm, dead = hs.prepared("layers.0.qkv", act_order=True)
+        u_ref, perm_ref, dead_ref = prepare(x.T @ x, act_order=True)
+        np.testing.assert_array_equal(perm, perm_ref)
+        np.testing.assert_array_equal(dead, dead_ref)
+        np.testing.assert_allclose(np.triu(u), np.triu(u_ref), rtol=1e-4, atol=1e-4 * np.abs(u_ref).max())
 
 
 def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):

@@ -155,13 +155,13 @@ def test_rotated_weights_are_an_exact_rewrite_in_float(tiny, smooth):
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
 
 
-def test_rotation_defaults_to_int8_and_is_recorded(tiny, tmp_path):
+def test_rotation_defaults_follow_the_measured_table_and_are_recorded(tiny, tmp_path):
     src, _ = tiny
-    assert ROTATE_BY_DEFAULT == ("int8",)
-    for quant, rotated in (("int8", True), ("int4", False), ("f32", False)):
+    assert ROTATE_BY_DEFAULT == ("int8", "int4")
+    for quant, rotated in (("int8", True), ("int4", True), ("int4-b32", False), ("f32", False)):
         b = Bundle.open(convert(src, tmp_path / quant, quant=quant, quiet=True))
         assert b.manifest["rotation"] is rotated, quant
-    b = Bundle.open(convert(src, tmp_path / "r4", quant="int4", rotate=True, quiet=True))
+    b = Bundle.open(convert(src, tmp_path / "r4", quant="int4-b32", rotate=True, quiet=True))
     assert b.manifest["rotation"] is True
 
 
