@@ -13,7 +13,7 @@ import numpy as np
 from convert.bundle_writer import atomic_bundle
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
-from convert.quantize import DEFAULT_QUANT, SCHEMES
+from convert.quantize import SCHEMES, default_quant
 from edge.model.config import ModelConfig
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
@@ -60,7 +60,7 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
     return (lambda n: get("embed" if n == "lm_head" else n)), dataclasses.replace(cfg, tie_word_embeddings=False)
 
 
-def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool = False,
+def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
             smooth: bool = True, gptq: bool | None = None, head: str | None = None) -> Path:
     """Graph for the matmuls (any quant) + NumPy tensors: for float quants every tensor, so the
@@ -70,11 +70,13 @@ def convert(src: Path, dest: Path, quant: str = DEFAULT_QUANT, overwrite: bool =
     Integer quants are rotated (convert/rotation.py; rotate=None: as
     `ROTATE_BY_DEFAULT` says), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
-    rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice)."""
+    rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice).
+    quant None: `default_quant` for the checkpoint's size."""
     from convert.llama_graph import head_scheme, write_llama_graph
-    if quant not in SCHEMES:
+    if quant is not None and quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
     ckpt = read_checkpoint(src)
+    quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS

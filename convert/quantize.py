@@ -30,7 +30,9 @@ import numpy as np
 from edge.model.embedding import bf16_round as _bf16, unpack_int4   # the runtime decodes with these too
 
 SCHEMES = ("int8", "int4", "int4-b32", "f16", "f32")
-DEFAULT_QUANT = "int8"     # chosen from the measured quant table in the README
+DEFAULT_QUANT = "int8"          # below BIG_MODEL_PARAMS (the default SmolLM2-135M): see default_quant
+BIG_MODEL_QUANT = "int4"
+BIG_MODEL_PARAMS = 500_000_000
 CLIP_RATIOS = np.linspace(0.70, 1.00, 16)       # int4
 INT8_CLIP_RATIOS = np.linspace(0.80, 1.00, 11)  # int8: 255 levels, little to gain below 0.8
 INT4_BLOCK = 32
@@ -66,6 +68,14 @@ class QuantizedWeight:
             s = _BLOCK.load(self.scales)[:, :, None]
             return (q.reshape(n, k // self.block_size, self.block_size) * s).reshape(n, k)
         return q * self.scales[:, None]
+
+
+def default_quant(parameter_count: int) -> str:
+    """The --quant a checkpoint gets when none is asked for (README, Defaults). Below half a
+    billion parameters int8: quality decides, the bundle is small either way. From there int4:
+    decode reads every weight once a token, so int4 decodes about 1.6x faster than int8 on the
+    1B shape, in 0.71 GiB instead of 1.19, with quality better than llama.cpp's Q4_0."""
+    return BIG_MODEL_QUANT if parameter_count >= BIG_MODEL_PARAMS else DEFAULT_QUANT
 
 
 def quantize(w: np.ndarray, scheme: str, importance: np.ndarray | None = None) -> QuantizedWeight:

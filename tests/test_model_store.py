@@ -3,6 +3,7 @@ belong to no bundle, re-conversion when a file inside a checkpoint changes, and 
 permissions that follow the umask."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from convert.convert import read_checkpoint
+from convert.quantize import default_quant
 from edge.launch import model_store
 from edge.model.bundle import Bundle
 from tests.tiny_llama import write_tiny_llama
@@ -135,3 +138,18 @@ def test_a_bundle_in_an_older_format_is_converted_again(store, checkpoint):
     assert model_store.resolve(first.name, quant="int8", log=logs.append) == first
     assert len(logs) == 3 and "bundle format changed" in logs[2]
     Bundle.open(first)
+
+
+def test_the_default_quant_follows_the_checkpoints_size(store, checkpoint):
+    """No --quant: int8 below half a billion parameters (the default SmolLM2-135M), int4 from
+    there (Llama 3.2 1B): convert.quantize.default_quant, the one place this is decided."""
+    path = model_store.resolve(str(checkpoint), log=lambda m: None)
+    assert Bundle.open(path).manifest["quant"] == "int8" and "-int8-" in path.name
+    tiny = read_checkpoint(checkpoint).config
+    shape = dict(num_heads=32, num_kv_heads=8, head_dim=64, tie_word_embeddings=True)
+    llama_1b = dataclasses.replace(tiny, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                                   vocab_size=128256, **shape)
+    smollm2 = dataclasses.replace(tiny, hidden_size=576, intermediate_size=1536, num_layers=30,
+                                  vocab_size=49152, **{**shape, "num_heads": 9, "num_kv_heads": 3})
+    assert 1.2e9 < llama_1b.parameter_count < 1.3e9 and 1.3e8 < smollm2.parameter_count < 1.4e8
+    assert (default_quant(llama_1b.parameter_count), default_quant(smollm2.parameter_count)) == ("int4", "int8")

@@ -6,7 +6,7 @@ import os
 import sys
 
 from convert.convert import GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT
-from convert.quantize import DEFAULT_QUANT, SCHEMES
+from convert.quantize import BIG_MODEL_PARAMS, BIG_MODEL_QUANT, DEFAULT_QUANT, SCHEMES
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_sampling_args, request_defaults
 
@@ -146,9 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle")
     v.add_argument("src", help="Hugging Face checkpoint directory or GGUF file")
     v.add_argument("-o", "--output", required=True, help="bundle directory to write")
-    v.add_argument("--quant", default=DEFAULT_QUANT, choices=SCHEMES,
-                   help=f"weight format of the graph (default {DEFAULT_QUANT}; f16/f32 bundles also run "
-                        "on the numpy backend)")
+    v.add_argument("--quant", default=None, choices=SCHEMES,
+                   help=f"weight format of the graph (default {DEFAULT_QUANT} below {BIG_MODEL_PARAMS // 10**6} M "
+                        f"parameters, {BIG_MODEL_QUANT} from there; f16/f32 bundles also run on the numpy backend)")
     v.add_argument("--force", action="store_true", help="replace an existing output")
     v.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="integer quants: fold outlier-spreading rotations into the weights "

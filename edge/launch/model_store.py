@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from convert.quantize import DEFAULT_QUANT
+from convert.quantize import DEFAULT_QUANT, default_quant
 from edge.launch import wheel_fetch
 from edge.model.bundle import MANIFEST, Bundle, is_bundle, is_current, read_json, sha256_of
 
@@ -73,11 +73,14 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _convert_once(src: Path, quant: str, name: str, log) -> Path:
+def _convert_once(src: Path, quant: str | None, name: str, log) -> Path:
     """Convert a checkpoint into the cache the first time it is used, and again whenever any
-    of its files changed or the bundle format did (needs convert/)."""
-    from convert.convert import convert
+    of its files changed or the bundle format did (needs convert/). quant None: the default
+    for the checkpoint's size (convert.quantize.default_quant)."""
+    from convert.convert import convert, read_checkpoint
     src = src.resolve()
+    if quant is None:
+        quant = default_quant(read_checkpoint(src).config.parameter_count)
     key = hashlib.sha256(f"{src}|{quant}".encode()).hexdigest()[:8]
     dest = bundles_dir() / f"{name.lower()}-{quant}-{key}"
     recorded = read_json(dest / SOURCE_STAMP) if is_bundle(dest) else {}
@@ -179,11 +182,11 @@ def find_by_name(name: str, quant: str | None = None, prefix: bool = True) -> Pa
     return None
 
 
-def resolve(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Path:
+def resolve(model: str | None, quant: str | None = None, log=print) -> Path:
     """--model argument -> bundle directory: a path (bundle, checkpoint directory, GGUF file)
     or the name of a converted model (`edge-llm models`)."""
     if model is None:
-        return default_model_path(quant, log)
+        return default_model_path(quant or DEFAULT_QUANT, log)
     p = Path(model).expanduser()
     if is_bundle(p):
         return p
@@ -192,7 +195,7 @@ def resolve(model: str | None, quant: str = DEFAULT_QUANT, log=print) -> Path:
     if os.sep not in model and (found := find_by_name(model, quant)) is not None:
         return _refresh(found, log)
     if model.lower() in DEFAULT_ALIASES:
-        return default_model_path(quant, log)
+        return default_model_path(quant or DEFAULT_QUANT, log)
     raise FileNotFoundError(f"{model}: no such bundle, checkpoint directory, GGUF file or converted model "
                             "(edge-llm models lists the converted ones)")
 
@@ -276,7 +279,7 @@ def remove(name: str) -> tuple[Path, int]:
     return path, size
 
 
-def open_bundle(model: str | None, quant: str = DEFAULT_QUANT, log=print, verify: bool | str = True) -> Bundle:
+def open_bundle(model: str | None, quant: str | None = None, log=print, verify: bool | str = True) -> Bundle:
     clean_stale(home() / "bundles", log)
     path = resolve(model, quant, log)
     if verify == "full":
