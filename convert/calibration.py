@@ -1,4 +1,4 @@
-"""What every weight matmul sees: a float forward pass over a short calibration text.
+"""What every weight matmul sees: a float forward pass over our calibration text.
 
 `matmul_inputs` runs the checkpoint's own float weights one layer at a time (a 1B model never
 sits in memory whole) and yields, in order, the input of each group of matmuls that share
@@ -11,9 +11,12 @@ one input:
                         (block-rotated first when the graph does that: `down_rotation`)
     head                rmsnorm(x) * final_norm      [T, D]      -> lm_head
 
-The text (convert/data/calibration.txt) is ours: everyday prose, Q&A, chat, code, numbers.
-It is deliberately not the perplexity text in edge/data/perplexity/, so quality measured on
-that text is not measured on what the scales were fitted to.
+The text (convert/data/calibration.txt, about 8,500 words) is ours: everyday prose, Q&A and
+chat turns, code, logs, JSON and tool calls, tables and numbers, a little of ten other
+languages. It is deliberately not the perplexity text in edge/data/perplexity/, so quality
+measured on that text is not measured on what the scales were fitted to. It is read as
+independent sequences of SEGMENT tokens (as a model meets text: from position 0): smoothing
+searches on the first one, GPTQ's Hessians take GPTQ_TOKENS.
 """
 from __future__ import annotations
 

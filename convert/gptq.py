@@ -31,7 +31,7 @@ from edge.model.config import ModelConfig
 
 DAMP = 0.01           # fraction of mean(diag H) added to the diagonal (the reference's 1 %)
 BLOCK = 128           # columns per lazy batch update
-ACT_ORDER = False     # descending diag(H) column order; measured on SmolLM2 (README): no gain
+ACT_ORDER = True      # columns in descending diag(H) order (README: int4 +17.6 % -> +15.8 % on SmolLM2)
 _CHUNK_ELEMS = 1 << 21    # weight elements per chunk of rows (8 MB f32)
 
 

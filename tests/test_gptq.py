@@ -83,7 +83,9 @@ def test_litert_fc_computes_the_gptq_weights(tmp_path, scheme):
 def test_dead_columns_and_prepared_factor():
     x, w = _layer(3)
     x[:, 9] = 0                                                # a channel no input reaches
-    u, perm, dead = prepare(x.T @ x)
+    _, perm, dead = prepare(x.T @ x, act_order=True)
+    assert dead[9] and dead.sum() == 1 and perm[-1] == 9          # natural order; the dead column last
+    u, perm, dead = prepare(x.T @ x, act_order=False)
     assert dead[9] and dead.sum() == 1 and perm is None
     assert (np.diag(u) > 0).all()
     h = x.T @ x
