@@ -16,8 +16,7 @@ integer levels under those fixed scales. The result is a `QuantizedWeight` exact
 actually quantized (after rotation and smoothing: `matmul_inputs` on the rewritten weights sees
 x / s), run lazily as the graph writer reaches each group, so memory holds one layer's inputs
 and one group's H (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them.
-The Hessian needs many more calibration tokens than input channels (GPTQ_TOKENS): with 512
-tokens against 1536-wide inputs it is rank-deficient, and GPTQ fits the calibration text.
+The pass reads GPTQ_TOKENS tokens of the calibration text (convert/calibration.py).
 """
 from __future__ import annotations
 
@@ -76,8 +75,8 @@ def _reverse(a: np.ndarray) -> None:
     for r0 in range(0, n // 2, _PANEL):
         r1 = min(r0 + _PANEL, n // 2)
         top = a[r0:r1, ::-1].copy()
-        a[r0:r1] = a[n - r0 - 1:n - r1 - 1 if n - r1 - 1 >= 0 else None:-1, ::-1]
-        a[n - r0 - 1:n - r1 - 1 if n - r1 - 1 >= 0 else None:-1] = top
+        a[r0:r1] = a[n - r1:n - r0][::-1, ::-1]       # rows n-1-r0 .. n-r1, each reversed
+        a[n - r1:n - r0] = top[::-1]
     if n % 2:
         a[n // 2] = a[n // 2, ::-1].copy()
 

@@ -149,3 +149,28 @@ def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
         outs[gptq] = model.prefill(ids, model.new_cache(), all_logits=True)
         assert np.isfinite(outs[gptq]).all()
     assert not np.array_equal(outs[True], outs[False])
+
+
+@pytest.mark.parametrize("n,panel", [(300, 64), (257, 32), (1100, 512)])
+def test_in_place_factorisation_matches_numpy(monkeypatch, n, panel):
+    """prepare's blocked, in-place Cholesky and triangular inverse (many panels, a ragged last
+    one, odd sizes) give np.linalg's factors, in float64 and in float32 (the 1B w_down's)."""
+    import convert.gptq as gptq
+    monkeypatch.setattr(gptq, "_PANEL", panel)
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((n + 50, n))
+    h = x.T @ x
+    for dtype, tol in ((np.float64, 1e-9), (np.float32, 2e-4)):
+        a = h.astype(dtype)
+        gptq._reverse(a)
+        np.testing.assert_array_equal(a, h.astype(dtype)[::-1, ::-1])
+        a = h.astype(dtype)
+        gptq._cholesky_in_place(a)
+        lower = np.linalg.cholesky(h)
+        np.testing.assert_allclose(a, lower, rtol=0, atol=tol * np.abs(lower).max())
+        gptq._invert_lower_in_place(a)
+        inv = np.linalg.inv(lower)
+        np.testing.assert_allclose(a, inv, rtol=0, atol=tol * np.abs(inv).max())
+    u, _, _ = prepare(h, damp=0.0, act_order=False)
+    np.testing.assert_allclose(np.triu(u).T @ np.triu(u), np.linalg.inv(h), rtol=0,
+                               atol=1e-5 * np.abs(np.linalg.inv(h)).max())
