@@ -20,13 +20,14 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # Defaults from the measured table in the README (SmolLM2, 9471 tokens, vs f32):
 # - int8: rotation + smoothing + GPTQ. Rotation spreads activation outliers (+0.70 % -> +0.19 %
 #   perplexity, top-1 0.927 -> 0.949: folded rotations, then the in-graph one before w_down);
-#   GPTQ takes it to +0.12 % / 96.1 %.
-# - int4 (per channel): rotation + smoothing + GPTQ on 4096 tokens: +17.6 % / 74.3 % (Q4_0:
-#   +21.2 % / 68.8 %). Neither helps alone (first 1024 tokens, ctx 256: round-to-nearest +31 %,
-#   rotation alone +173 %, as it scatters the Q4_1 source's grid; GPTQ alone +44 %).
-# - int4-b32: smoothing only, round-to-nearest (see the README for rotation and GPTQ there).
-ROTATE_BY_DEFAULT = ("int8", "int4")
-GPTQ_BY_DEFAULT = ("int8", "int4")
+#   GPTQ (act-order, 4096 tokens) gives +0.30 % / 96.1 %.
+# - int4 (per channel): rotation + smoothing + GPTQ (act-order, 4096 tokens): +15.8 % / 74.7 %,
+#   +19.6 % / 71.7 % with its int4 head (Q4_0: +21.2 % / 68.8 %). Neither helps alone (first
+#   1024 tokens, ctx 256: round-to-nearest +31 %, rotation alone +173 %, as it scatters the
+#   Q4_1 source's grid; GPTQ alone +44 %).
+# - int4-b32: rotation + smoothing + GPTQ: +10.0 % / 78.8 % (round-to-nearest +12.6 % / 77.0 %).
+ROTATE_BY_DEFAULT = ("int8", "int4", "int4-b32")
+GPTQ_BY_DEFAULT = ("int8", "int4", "int4-b32")
 
 
 def read_checkpoint(src: Path) -> Checkpoint:

@@ -1,6 +1,6 @@
 """Quantized SmolLM2 bundles against the float NumPy reference on the shipped text (its first
-1024 tokens, ctx 256), converted as users get them (int8 and int4: rotation + smoothing + GPTQ,
-int4 with an int4 lm_head; int4-b32: smoothing).
+1024 tokens, ctx 256), converted as users get them: rotation + smoothing + GPTQ, and for
+int4 an int4 lm_head.
 
 Targets (the issue's, met on the whole text: README, Quantization): perplexity within +1 % of
 f32 for int8, and no worse than llama.cpp Q4_0's increase over F16 on the same text (+21.2 %,
@@ -35,6 +35,7 @@ def reference(smollm2_gguf):
 
 
 # measured (1023 positions): int8 0.956 / -0.2 %, int4 0.685 / +15.2 %, int4-b32 0.759 / +8.4 %
+# (int4-b32 before it had rotation and GPTQ; @@B32Q)
 # (the previous release: int8 0.950 / +0.08 %, int4 0.626 / +31.5 % with round-to-nearest and an
 # int8 head; plain round-to-nearest: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
 @pytest.mark.parametrize("quant,min_agree,max_ppl_increase", [
