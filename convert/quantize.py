@@ -196,5 +196,10 @@ def _search_rows(g: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray, qmax: int,
 
 def pack_int4(q: np.ndarray) -> np.ndarray:
     """Row-major int4 levels -> bytes: element 2i in the low nibble, 2i+1 in the high nibble."""
-    flat = q.reshape(-1).astype(np.uint8) & 0x0F
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+    flat = np.ascontiguousarray(q).reshape(-1).view(np.uint8)     # two's complement: low nibble = level
+    out = np.empty(flat.size // 2, np.uint8)
+    step = _ROWS_PER_CHUNK_ELEMS          # in chunks: the 1B head has 263 M levels
+    for i in range(0, out.size, step):
+        pair = flat[2 * i:2 * (i + step)]
+        out[i:i + step] = (pair[0::2] & 0x0F) | (pair[1::2] << 4)
+    return out
