@@ -26,7 +26,10 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 #   1024 tokens, ctx 256: round-to-nearest +31 %, rotation alone +173 %, as it scatters the
 #   Q4_1 source's grid; GPTQ alone +44 %).
 # - int4-b32: rotation + smoothing + GPTQ: +10.0 % / 78.8 % (round-to-nearest +12.6 % / 77.0 %).
+# A 4-bit scheme is rotated only when GPTQ runs too (a tokenizer that cannot read the
+# calibration text means no GPTQ): rotation with round-to-nearest hurt 4-bit badly.
 ROTATE_BY_DEFAULT = ("int8", "int4", "int4-b32")
+ROTATE_ONLY_WITH_GPTQ = ("int4", "int4-b32")
 GPTQ_BY_DEFAULT = ("int8", "int4", "int4-b32")
 
 
@@ -68,8 +71,8 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
     tied model does not store again (its lookup reads the lm_head's rows in the graph).
 
-    Integer quants are rotated (convert/rotation.py; rotate=None: as
-    `ROTATE_BY_DEFAULT` says), smoothed with calibrated scales (convert/smoothing.py;
+    Integer quants are rotated (convert/rotation.py; rotate=None: as `ROTATE_BY_DEFAULT` and
+    `ROTATE_ONLY_WITH_GPTQ` say), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
     rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice).
     quant None: `default_quant` for the checkpoint's size."""
@@ -85,8 +88,8 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     head = head_scheme(quant, head)
     g = _GraphWeights.plain(ckpt)
     if not floats:
-        g = g.transformed(ckpt, quant, quant in ROTATE_BY_DEFAULT if rotate is None else rotate, smooth,
-                          quant in GPTQ_BY_DEFAULT if gptq is None else gptq, head, stream)
+        g = g.transformed(ckpt, quant, rotate, smooth, quant in GPTQ_BY_DEFAULT if gptq is None else gptq,
+                          head, stream)
 
     how = f"{quant}, GPTQ on {g.hessians.n_tokens} tokens" if g.hessians else quant
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({how})", **stream)
@@ -169,18 +172,22 @@ class _GraphWeights:
     def plain(cls, ckpt: Checkpoint) -> "_GraphWeights":
         return cls(ckpt.tensor, ckpt.config)
 
-    def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool, smooth: bool, gptq: bool,
+    def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool | None, smooth: bool, gptq: bool,
                     head: str, stream: dict):
         """Untied, then rotated and/or smoothed: exact in float, kinder to quantization; then
-        (gptq) the inputs of the weights as rewritten, for GPTQ's Hessians."""
+        (gptq) the inputs of the weights as rewritten, for GPTQ's Hessians. rotate None: the
+        default (ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ)."""
+        from convert.calibration import GPTQ_TOKENS, SMOOTHING_TOKENS
         get, cfg = untie(self.get, self.cfg)
+        tokens = _calibration_tokens(ckpt, stream, SMOOTHING_TOKENS) if smooth or gptq else None
+        if rotate is None:
+            rotate = quant in ROTATE_BY_DEFAULT and (
+                quant not in ROTATE_ONLY_WITH_GPTQ or (gptq and tokens is not None))
         down_rotation = rotation = None
         if rotate:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        from convert.calibration import GPTQ_TOKENS, SMOOTHING_TOKENS
-        tokens = _calibration_tokens(ckpt, stream, SMOOTHING_TOKENS) if smooth or gptq else None
         smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation) \
             if smooth and tokens is not None else None
         if smoothing:

@@ -143,7 +143,8 @@ def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
     outs = {}
     for gptq in (True, False):
         b = Bundle.open(convert(d, tmp_path / f"b{gptq}", quant="int4", quiet=True, gptq=gptq))
-        assert json.loads((b.path / "manifest.json").read_text())["gptq"] is gptq
+        manifest = json.loads((b.path / "manifest.json").read_text())
+        assert (manifest["gptq"], manifest["rotation"]) == (gptq, gptq)   # 4-bit rotates only with GPTQ
         model = load_backend(b, "litert", 32, 2)
         ids = np.arange(1, 17)
         outs[gptq] = model.prefill(ids, model.new_cache(), all_logits=True)
