@@ -62,6 +62,17 @@ def calibration_tokens(tokenizer_json: str, bos: int | None, max_tokens: int = S
     return segments
 
 
+def first_tokens(segments: list[np.ndarray], max_tokens: int) -> list[np.ndarray]:
+    """The leading segments holding at most max_tokens ids (at least the first one)."""
+    out, total = [], 0
+    for seg in segments:
+        if out and total + len(seg) > max_tokens:
+            break
+        out.append(seg[:max_tokens] if not out else seg)
+        total += len(out[-1])
+    return out
+
+
 def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig,
                   segments: list[np.ndarray] | np.ndarray,
                   down_rotation: np.ndarray | None = None) -> Iterator[tuple[str, np.ndarray]]:

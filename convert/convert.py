@@ -177,9 +177,11 @@ class _GraphWeights:
         """Untied, then rotated and/or smoothed: exact in float, kinder to quantization; then
         (gptq) the inputs of the weights as rewritten, for GPTQ's Hessians. rotate None: the
         default (ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ)."""
-        from convert.calibration import GPTQ_TOKENS, SMOOTHING_TOKENS
+        from convert.calibration import GPTQ_TOKENS, SMOOTHING_TOKENS, first_tokens
         get, cfg = untie(self.get, self.cfg)
-        tokens = _calibration_tokens(ckpt, stream, SMOOTHING_TOKENS) if smooth or gptq else None
+        segments = _calibration_tokens(ckpt, stream, GPTQ_TOKENS if gptq else SMOOTHING_TOKENS) \
+            if smooth or gptq else None
+        tokens = first_tokens(segments, SMOOTHING_TOKENS) if segments else None
         if rotate is None:
             rotate = quant in ROTATE_BY_DEFAULT and (
                 quant not in ROTATE_ONLY_WITH_GPTQ or (gptq and tokens is not None))
@@ -195,7 +197,7 @@ class _GraphWeights:
         hessians = None
         if gptq and tokens is not None:       # run lazily, as the graph writer reaches each group
             from convert.gptq import Hessians
-            hessians = Hessians.collect(get, cfg, _calibration_tokens(ckpt, stream, GPTQ_TOKENS), down_rotation)
+            hessians = Hessians.collect(get, cfg, segments, down_rotation)
         return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
                              rotate, smoothing is not None, rotation,
                              smoothing.scales["head"] if smoothing else None, hessians)

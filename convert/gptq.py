@@ -130,14 +130,15 @@ def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance:
     lo, hi = levels_range(scheme)
     q = np.empty((n, k), np.int8)
     step = max(1, _CHUNK_ELEMS // k)
+    unperm = None if perm is None else _inverse(perm)
     for r0 in range(0, n, step):
         wc = w[r0:r0 + step].copy()
         wc[:, dead] = 0.0
         sc = s[r0:r0 + step][:, col_group]          # [R, K] the scale of each weight
         if perm is not None:
             wc, sc = wc[:, perm], sc[:, perm]
-        q[r0:r0 + step] = _gptq_rows(wc, sc, u, lo, hi)[:, _inverse(perm)] if perm is not None \
-            else _gptq_rows(wc, sc, u, lo, hi)
+        rows = _gptq_rows(wc, sc, u, lo, hi)
+        q[r0:r0 + step] = rows if unperm is None else rows[:, unperm]
     return encode_levels(scheme, (n, k), q, stored_scales)
 
 
@@ -183,15 +184,14 @@ class Hessians:
         self._last: tuple[str, tuple] | None = None
 
     @classmethod
-    def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens,
+    def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: list[np.ndarray],
                 down_rotation: np.ndarray | None = None,
                 on_group: Callable[[str], None] = lambda g: None) -> "Hessians":
         """A float forward pass of `get` (the weights as they will be quantized) over tokens
         (segments, as `matmul_inputs` takes them), run as its groups are asked for."""
         groups = {f"layers.{i}.{g}" for i in range(cfg.num_layers) for g in GROUPS} | {"head"}
-        segments = [tokens] if isinstance(tokens, np.ndarray) and tokens.ndim == 1 else tokens
-        return cls(matmul_inputs(get, cfg, segments, down_rotation), groups,
-                   sum(len(s) for s in segments), on_group)
+        return cls(matmul_inputs(get, cfg, tokens, down_rotation), groups,
+                   sum(len(s) for s in tokens), on_group)
 
     def __contains__(self, group: str) -> bool:
         return group in self._groups

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from convert.convert import GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT
+from convert.convert import GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ
 from convert.quantize import BIG_MODEL_PARAMS, BIG_MODEL_QUANT, DEFAULT_QUANT, SCHEMES
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_sampling_args, request_defaults
@@ -152,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--force", action="store_true", help="replace an existing output")
     v.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="integer quants: fold outlier-spreading rotations into the weights "
-                        f"(default: {' and '.join(ROTATE_BY_DEFAULT)}, where it measured better)")
+                        f"(default: {', '.join(ROTATE_BY_DEFAULT)}, where it measured better; "
+                        f"{', '.join(ROTATE_ONLY_WITH_GPTQ)} only together with GPTQ)")
     v.add_argument("--no-smooth", action="store_true",
                    help="integer quants: skip the calibrated per-channel smoothing (for comparison)")
     v.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None,
                    help="integer quants: GPTQ's error-compensating rounding instead of round-to-nearest "
-                        f"(default: {' and '.join(GPTQ_BY_DEFAULT)}, where it measured better)")
+                        f"(default: {', '.join(GPTQ_BY_DEFAULT)}, where it measured better)")
     v.add_argument("--head", default=None, metavar="SCHEME",
                    help="integer quants: the lm_head's format (and so a tied embedding's), e.g. int8, int4, "
                         "int4-b32; default: the one chosen for --quant")
