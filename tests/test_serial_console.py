@@ -365,6 +365,20 @@ def fuzz(term, seconds: float, seed: int) -> int:
     return sent
 
 
+def interrupt_a_long_reply(engine, term, lines: bytes, first: bytes) -> None:
+    """After a fuzz, start a reply long enough to be interrupted (whether the fuzz's own
+    Ctrl-Cs met a running reply is up to timing) and stop it with Ctrl-C."""
+    step = engine.step
+    slow_down(engine, 0.02)
+    try:
+        term.type(lines)
+        term.read_until(first, timeout=10)    # the reply has begun
+        term.type(b"\x03")
+        term.read_for(1.0)
+    finally:
+        engine.step = step
+
+
 def check_fuzz_counters(console, sent: int, mode: str) -> None:
     assert all(t.is_alive() for t in console._threads)
     c = console.counters
@@ -373,8 +387,9 @@ def check_fuzz_counters(console, sent: int, mode: str) -> None:
     print(f"\nfuzz ({mode}): {sent} bytes in 3 s; console counters: {dict(c)}")
 
 
-def test_fuzz_random_bytes_then_a_normal_prompt(console, term):
+def test_fuzz_random_bytes_then_a_normal_prompt(engine, console, term):
     sent = fuzz(term, 3.0, seed=1234)
+    interrupt_a_long_reply(engine, term, b"/max 200\rtell me everything\r", b"w")
     ask(term, "/max 5")
     ask(term, "/reset")            # the fuzz's lines filled the conversation
     assert len(ask(term, "a normal prompt").split()) == 5
@@ -433,8 +448,10 @@ def test_machine_mode_errors(machine, term):
     assert request(term, {"prompt": "fine", "max_tokens": 2})[-1]["done"]
 
 
-def test_machine_mode_fuzz_then_a_normal_request(machine, term):
+def test_machine_mode_fuzz_then_a_normal_request(engine, machine, term):
     sent = fuzz(term, 3.0, seed=99)
+    interrupt_a_long_reply(engine, term, json.dumps({"prompt": "long", "max_tokens": 200}).encode() + b"\n",
+                           b'"delta"')
     *deltas, done = request(term, {"id": "after", "prompt": "hi", "max_tokens": 5})
     assert done["id"] == "after" and done["usage"]["completion_tokens"] == 5
     check_fuzz_counters(machine, sent, "jsonl")
