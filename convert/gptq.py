@@ -31,7 +31,7 @@ from edge.model.config import ModelConfig
 DAMP = 0.01           # fraction of mean(diag H) added to the diagonal (the reference's 1 %)
 BLOCK = 128           # columns per lazy batch update
 ACT_ORDER = True      # columns in descending diag(H) order (README: int4 +17.6 % -> +15.8 % on SmolLM2)
-_CHUNK_ELEMS = 1 << 21    # weight elements per chunk of rows (8 MB f32)
+_CHUNK_ELEMS = 1 << 23    # weight elements per chunk of rows (32 MB f32; larger chunks, fewer Python-level column steps)
 
 
 def levels_range(scheme: str) -> tuple[int, int]:
@@ -131,14 +131,14 @@ def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance:
     q = np.empty((n, k), np.int8)
     step = max(1, _CHUNK_ELEMS // k)
     unperm = None if perm is None else _inverse(perm)
+    cols = col_group if perm is None else col_group[perm]
     for r0 in range(0, n, step):
-        wc = w[r0:r0 + step].copy()
-        wc[:, dead] = 0.0
-        sc = s[r0:r0 + step][:, col_group]          # [R, K] the scale of each weight
+        wt = w[r0:r0 + step].T.copy()               # [K, R]: a column is a contiguous row here
+        wt[dead] = 0.0
         if perm is not None:
-            wc, sc = wc[:, perm], sc[:, perm]
-        rows = _gptq_rows(wc, sc, u, lo, hi)
-        q[r0:r0 + step] = rows if unperm is None else rows[:, unperm]
+            wt = wt[perm]
+        levels = _gptq_columns(wt, np.ascontiguousarray(s[r0:r0 + step].T), cols, u, lo, hi)
+        q[r0:r0 + step] = (levels if unperm is None else levels[unperm]).T
     return encode_levels(scheme, (n, k), q, stored_scales)
 
 
@@ -148,24 +148,28 @@ def _inverse(perm: np.ndarray) -> np.ndarray:
     return inv
 
 
-def _gptq_rows(w: np.ndarray, s: np.ndarray, u: np.ndarray, lo: int, hi: int) -> np.ndarray:
-    """The lazy-batch GPTQ loop over the columns of w [R, K] (modified in place) with per-weight
-    scales s [R, K]; returns the int8 levels."""
-    r, k = w.shape
-    q = np.empty((r, k), np.int8)
+def _gptq_columns(wt: np.ndarray, st: np.ndarray, cols: np.ndarray, u: np.ndarray, lo: int, hi: int
+                  ) -> np.ndarray:
+    """The lazy-batch GPTQ loop over the columns of a chunk of rows, held transposed: wt [K, R]
+    (modified in place), st [G, R] the scales, cols [K] which of them each column uses.
+    Returns the int8 levels [K, R]. Transposed, each column's update is contiguous: 2-5x
+    faster than walking strided columns of [R, K] (same levels)."""
+    k, r = wt.shape
+    q = np.empty((k, r), np.int8)
+    err = np.empty((BLOCK, r), np.float32)
+    lv = np.empty(r, np.float32)
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
-        w1, s1, u1 = w[:, i1:i2], s[:, i1:i2], u[i1:i2, i1:i2]
-        err1 = np.empty((r, i2 - i1), np.float32)
+        w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            lv = np.clip(np.rint(col / s1[:, i]), lo, hi)
-            q[:, i1 + i] = lv
-            e = (col - lv * s1[:, i]) / u1[i, i]
-            w1[:, i:] -= np.outer(e, u1[i, i:])
-            err1[:, i] = e
+            col, sc, e = w1[i], st[cols[i1 + i]], err[i]
+            np.clip(np.rint(np.divide(col, sc, out=lv), out=lv), lo, hi, out=lv)
+            q[i1 + i] = lv
+            np.subtract(col, np.multiply(lv, sc, out=e), out=e)
+            e /= u1[i, i]
+            w1[i:] -= u1[i, i:, None] * e
         if i2 < k:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            wt[i2:] -= u[i1:i2, i2:].T @ err[:i2 - i1]
     return q
 
 

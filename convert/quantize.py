@@ -36,7 +36,7 @@ BIG_MODEL_PARAMS = 500_000_000
 CLIP_RATIOS = np.linspace(0.70, 1.00, 16)       # int4
 INT8_CLIP_RATIOS = np.linspace(0.80, 1.00, 11)  # int8: 255 levels, little to gain below 0.8
 INT4_BLOCK = 32
-_ROWS_PER_CHUNK_ELEMS = 1 << 22   # elements per chunk while quantizing (see _by_rows)
+_CHUNK_ELEMS = 1 << 22   # elements per chunk while quantizing (see _by_rows)
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ def _by_rows(fn, groups: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tupl
     """
     q = np.empty(groups.shape, np.int8)
     scales = np.empty(groups.shape[:2], fmt.dtype)
-    step = max(1, _ROWS_PER_CHUNK_ELEMS // (groups.shape[1] * groups.shape[2]))
+    step = max(1, _CHUNK_ELEMS // (groups.shape[1] * groups.shape[2]))
     for lo in range(0, groups.shape[0], step):
         q[lo:lo + step], scales[lo:lo + step] = fn(groups[lo:lo + step], fmt, imp)
     return q, scales
@@ -198,7 +198,7 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     """Row-major int4 levels -> bytes: element 2i in the low nibble, 2i+1 in the high nibble."""
     flat = np.ascontiguousarray(q).reshape(-1).view(np.uint8)     # two's complement: low nibble = level
     out = np.empty(flat.size // 2, np.uint8)
-    step = _ROWS_PER_CHUNK_ELEMS          # in chunks: the 1B head has 263 M levels
+    step = _CHUNK_ELEMS          # in chunks: the 1B head has 263 M levels
     for i in range(0, out.size, step):
         pair = flat[2 * i:2 * (i + step)]
         out[i:i + step] = (pair[0::2] & 0x0F) | (pair[1::2] << 4)

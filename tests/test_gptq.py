@@ -16,6 +16,7 @@ import pytest
 
 from convert.calibration import matmul_inputs
 from convert.convert import convert, read_checkpoint, untie
+from convert import gptq
 from convert.gptq import Hessians, gptq_quantize, levels_range, prepare
 from convert.quantize import quantize, runtime_scales
 from edge.model.bundle import Bundle
@@ -78,6 +79,38 @@ def test_litert_fc_computes_the_gptq_weights(tmp_path, scheme):
     assert runner.delegated
     xs = x[:5].copy()
     _assert_hybrid_fc(runner.run("fc", x=xs)["y"], xs, g)
+
+
+def _textbook_gptq(w, s_cols, u, lo, hi):
+    """GPTQ as the paper writes it, in float64: column by column, each one's rounding error
+    spread over the columns not yet rounded through the upper factor u of H^-1."""
+    w = w.astype(np.float64).copy()
+    q = np.zeros(w.shape, np.int8)
+    for j in range(w.shape[1]):
+        q[:, j] = np.clip(np.rint(w[:, j] / s_cols[:, j]), lo, hi)
+        e = (w[:, j] - q[:, j] * s_cols[:, j]) / u[j, j]
+        w[:, j:] -= np.outer(e, u[j, j:])
+    return q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_chunked_transposed_loop_matches_the_textbook_algorithm(monkeypatch, scheme, act_order):
+    """The lazy-batch loop over transposed chunks of rows (ragged chunks of 7 rows here, and
+    blocks of 16 columns) picks the levels of the plain column-by-column algorithm."""
+    x, w = _layer(5, k=96, n=45)
+    imp = np.mean(x * x, axis=0)
+    u, perm, dead = prepare(x.T @ x, act_order=act_order)
+    s = runtime_scales(quantize(w, scheme, imp))
+    s_cols = s[:, np.arange(w.shape[1]) // (w.shape[1] // s.shape[1])]
+    order = perm if perm is not None else np.arange(w.shape[1])
+    expected = np.empty(w.shape, np.int8)
+    expected[:, order] = _textbook_gptq(np.where(dead, 0, w)[:, order], s_cols[:, order], np.triu(u),
+                                        *levels_range(scheme))
+    monkeypatch.setattr(gptq, "_CHUNK_ELEMS", 7 * w.shape[1])
+    monkeypatch.setattr(gptq, "BLOCK", 16)
+    got = gptq_quantize(w, scheme, (u, perm, dead), imp).int_values()
+    assert np.mean(got == expected) > 0.995, np.mean(got == expected)
 
 
 def test_dead_columns_and_prepared_factor():
