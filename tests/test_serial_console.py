@@ -389,7 +389,7 @@ def check_fuzz_counters(console, sent: int, mode: str) -> None:
 
 def test_fuzz_random_bytes_then_a_normal_prompt(engine, console, term):
     sent = fuzz(term, 3.0, seed=1234)
-    interrupt_a_long_reply(engine, term, b"/max 200\rtell me everything\r", b"w")
+    interrupt_a_long_reply(engine, term, b"/reset\r/max 200\rtell me everything\r", b"w")
     ask(term, "/max 5")
     ask(term, "/reset")            # the fuzz's lines filled the conversation
     assert len(ask(term, "a normal prompt").split()) == 5
