@@ -20,12 +20,12 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # Defaults from the measured table in the README (SmolLM2, 9471 tokens, vs f32):
 # - int8: rotation + smoothing + GPTQ. Rotation spreads activation outliers (+0.70 % -> +0.19 %
 #   perplexity, top-1 0.927 -> 0.949: folded rotations, then the in-graph one before w_down);
-#   GPTQ (act-order, 4096 tokens) gives +0.30 % / 96.1 %.
+#   GPTQ (act-order, 4096 tokens, int8's damping: convert.gptq.damping) gives +0.03 % / 96.3 %.
 # - int4 (per channel): rotation + smoothing + GPTQ (act-order, 4096 tokens): +15.8 % / 74.7 %,
 #   +19.6 % / 71.7 % with its int4 head (Q4_0: +21.2 % / 68.8 %). Neither helps alone (first
 #   1024 tokens, ctx 256: round-to-nearest +31 %, rotation alone +173 %, as it scatters the
 #   Q4_1 source's grid; GPTQ alone +44 %).
-# - int4-b32: rotation + smoothing + GPTQ: +10.0 % / 78.8 % (round-to-nearest +12.6 % / 77.0 %).
+# - int4-b32: rotation + smoothing + GPTQ: +9.9 % / 79.2 % (round-to-nearest +12.6 % / 77.0 %).
 # A 4-bit scheme is rotated only when GPTQ runs too (a tokenizer that cannot read the
 # calibration text means no GPTQ): rotation with round-to-nearest hurt 4-bit badly.
 ROTATE_BY_DEFAULT = ("int8", "int4", "int4-b32")

@@ -89,8 +89,8 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
 
     def quant_for(w: np.ndarray, group: str, scheme: str = quant):
         if hessians is not None and group in hessians:
-            from convert.gptq import gptq_quantize
-            return gptq_quantize(w, scheme, hessians.prepared(group), importance.get(group))
+            from convert.gptq import damping, gptq_quantize
+            return gptq_quantize(w, scheme, hessians.prepared(group, damping(scheme)), importance.get(group))
         return quantize(w, scheme, importance.get(group))
     mb = ModelBuilder(f"edge-llm llama {quant}")
     D, L, eps = cfg.hidden_size, cfg.num_layers, cfg.rms_norm_eps

@@ -113,6 +113,20 @@ def test_chunked_transposed_loop_matches_the_textbook_algorithm(monkeypatch, sch
     assert np.mean(got == expected) > 0.995, np.mean(got == expected)
 
 
+def test_damping_by_scheme_reaches_the_factor():
+    """int8 is damped more than the 4-bit schemes (README, GPTQ); gptq_quantize without a damp
+    applies the scheme's, as the graph writer does through Hessians.prepared."""
+    assert gptq.damping("int8") > gptq.damping("int4") == gptq.damping("int4-b32") == gptq.DAMP
+    x, w = _layer(4)
+    h = x.T @ x
+    for scheme in SCHEMES:
+        own = gptq_quantize(w, scheme, h, act_order=False)
+        explicit = gptq_quantize(w, scheme, prepare(h, gptq.damping(scheme), act_order=False))
+        np.testing.assert_array_equal(own.data, explicit.data)
+    other = gptq_quantize(w, "int8", prepare(h, gptq.DAMP, act_order=False))
+    assert not np.array_equal(other.data, gptq_quantize(w, "int8", h, act_order=False).data)
+
+
 def test_dead_columns_and_prepared_factor():
     x, w = _layer(3)
     x[:, 9] = 0                                                # a channel no input reaches
@@ -123,7 +137,7 @@ def test_dead_columns_and_prepared_factor():
     assert (np.diag(u) > 0).all()
     h = x.T @ x
     h[9, 9] = 1
-    h[np.diag_indices_from(h)] += 0.01 * np.mean(np.diag(h))
+    h[np.diag_indices_from(h)] += gptq.DAMP * np.mean(np.diag(h))
     upper = np.triu(u)                                         # only the upper triangle is read
     np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h), rtol=0, atol=1e-4 * np.abs(np.linalg.inv(h)).max())
     g = gptq_quantize(w, "int4", (u, perm, dead))
@@ -148,6 +162,8 @@ def test_hessians_run_the_calibration_pass_as_the_writer_asks(tmp_path):
         first = hs.prepared("layers.0.qkv")
         assert seen == ["layers.0.qkv"]
         assert hs.prepared("layers.0.qkv") is first             # wq, wk, wv share one factor
+        with pytest.raises(ValueError, match="asked with"):
+            hs.prepared("layers.0.qkv", damp=0.5)                # its inputs are gone: no second factor
         h = hs.hessian("layers.0.gate_up")                      # out of order: wo waits
         x = expected["layers.0.gate_up"]
         assert x.shape == (64, cfg.hidden_size)

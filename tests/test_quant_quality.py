@@ -34,7 +34,7 @@ def reference(smollm2_gguf):
     return ids, ppl, np.array(top1)
 
 
-# measured (1023 positions): int8 0.956 / -0.2 %, int4 0.685 / +15.2 %, int4-b32 0.774 / +11.3 %
+# measured (1023 positions): int8 0.962 / -0.3 %, int4 0.685 / +15.2 %, int4-b32 0.784 / +10.8 %
 # (int4-b32 round-to-nearest: 0.759 / +8.4 % here, worse on the whole text: README)
 # (the previous release: int8 0.950 / +0.08 %, int4 0.626 / +31.5 % with round-to-nearest and an
 # int8 head; plain round-to-nearest: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
