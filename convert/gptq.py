@@ -195,7 +195,7 @@ class Hessians:
         self._inputs, self._groups, self._on_group = inputs, groups, on_group
         self.n_tokens = n_tokens
         self._pending: dict[str, np.ndarray] = {}      # yielded by the pass, not yet asked for
-        self._last: tuple[str, tuple] | None = None
+        self._last: tuple[str, tuple, tuple] | None = None   # (group, (damp, act_order), factor)
 
     @classmethod
     def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: list[np.ndarray],

@@ -205,7 +205,6 @@ def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
 def test_in_place_factorisation_matches_numpy(monkeypatch, n, panel):
     """prepare's blocked, in-place Cholesky and triangular inverse (many panels, a ragged last
     one, odd sizes) give np.linalg's factors, in float64 and in float32 (the 1B w_down's)."""
-    import convert.gptq as gptq
     monkeypatch.setattr(gptq, "_PANEL", panel)
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n + 50, n))
