@@ -21,8 +21,8 @@ import sys
 import threading
 from pathlib import Path
 
+from edge.engine import ContextFull, replies
 from edge.engine.conversation import Conversation
-from edge.model.kv_cache import ContextFull
 
 HELP = '''commands:
   /help           this list
@@ -230,11 +230,11 @@ class TerminalChat:
         last = None
         with ctrl_c_cancels(cancel):
             try:
-                for ev in self.conv.ask(text, self.params, cancel):
-                    if ev.text:
-                        self.out.write(ev.text)
+                for piece in replies.stream(self.conv.ask(text, self.params, cancel)):
+                    if piece.text:
+                        self.out.write(piece.text)
                         self.out.flush()
-                    last = ev
+                    last = piece.final or last
             except KeyboardInterrupt:
                 pass                      # a second Ctrl-C: ask() recorded the partial reply
         if last is None or last.finish_reason == "cancelled":
