@@ -73,12 +73,7 @@ class GenerationRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
-    logit_bias: dict | None = None
-
-    @model_validator(mode="after")
-    def _no_logit_bias(self):
-        _refuse(self.logit_bias, "logit_bias is not supported by this server")
-        return self
+    logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
 
     @model_validator(mode="before")
     @classmethod
@@ -116,7 +111,7 @@ class GenerationRequest(BaseModel):
         means a random seed whatever the server's default)."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-                      presence_penalty=self.presence_penalty, seed=self.seed)
+                      presence_penalty=self.presence_penalty, seed=self.seed, logit_bias=self.logit_bias)
         return fields
 
 

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
+from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
 from edge.launch.request import RequestDefaults
@@ -246,7 +247,9 @@ def request_params(state: ServerState, ids: list[int], param: str, **overrides) 
                        f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
                        param=param, code="context_length_exceeded") from e
     try:
-        return state.config.defaults.build(**overrides)
+        params = state.config.defaults.build(**overrides)
+        check_vocab(params.sampling, state.engine.config.vocab_size)
+        return params
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 

@@ -122,9 +122,9 @@ class Sequence:
         self.twin = twin if twin is not None and twin.history[:len(ids)] == list(ids) else None
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
-        self.sampler = Sampler(params.sampling)
         self.decoder = StreamDecoder(engine.tokenizer, skip_special_tokens=not params.special_text)
         self.matcher = engine.grammars.matcher(params.constraint) if params.constraint is not None else None
+        self.sampler = Sampler(params.sampling, self.matcher)     # the grammar's mask, penalties, bias, draw
         self.scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.stops = StopMatcher(params.stop)
         self.usage = Usage(prompt_tokens=len(ids))
@@ -167,8 +167,7 @@ class Sequence:
     def take(self, logits: np.ndarray) -> list[Event]:
         """The model's logits after the last pending token: sample (within the grammar, when
         there is one), and say what came out."""
-        allowed = logits if self.matcher is None else self.matcher.apply(logits)
-        token = self.sampler.sample(allowed, self.history)
+        token = self.sampler.sample(logits, self.history)
         self.sampled = token
         u = self.usage
         u.completion_tokens += 1

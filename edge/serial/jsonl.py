@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from edge.engine import ContextFull, QueueFull
+from edge.engine.sampler import check_vocab
 from edge.engine.tool_calls import CHAT_FIELDS, prepare_chat
 from edge.launch.request import REQUEST_FIELDS, prompt_messages
 from edge.serial.line_editor import Line
@@ -84,6 +85,7 @@ class JsonlProtocol(Protocol):
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
         chat = prepare_chat(self.engine, _messages(req), **{k: req[k] for k in CHAT_FIELDS & req.keys()})
         params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()}, **chat.overrides())
+        check_vocab(params.sampling, self.engine.config.vocab_size)
         self.engine.check_fits(chat.ids)
         return chat.ids, params, chat
 
