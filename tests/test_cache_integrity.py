@@ -134,3 +134,85 @@ def test_damaged_prompt_cache_header_never_stops_the_service_from_starting(damag
         e = engine(bundle, tmp_path)                  # what `serve` does at start
     assert not stored.exists() and f"removing {stored.name}" in caplog.text
     assert answer(e) == (cold, 0)
+
+
+# --- the XNNPACK weight cache -----------------------------------------------------------------
+
+def litert_answer(bundle, cache_dir):
+    e = Engine(bundle, max_ctx=128, backend="litert", weight_cache=cache_dir)
+    e.eos_ids = frozenset()
+    events = list(e.generate(PROMPT_IDS, GREEDY))
+    logits = e.model.prefill(PROMPT_IDS, e.model.new_cache())
+    return [ev.token_id for ev in events if ev.token_id is not None], logits
+
+
+PROMPT_IDS = [5, 17, 33, 2, 9, 40, 41, 8, 8, 1, 30, 31]
+
+
+@pytest.fixture
+def packed(bundle, tmp_path):
+    """A weight-cache directory holding a sound cache, and the answer of that clean start."""
+    cache_dir = tmp_path / "xnnpack"
+    clean = litert_answer(bundle, cache_dir)
+    (cache,) = cache_dir.glob("*.xnnpack")
+    return cache_dir, cache, clean
+
+
+def same(a, b) -> bool:
+    return a[0] == b[0] and np.array_equal(a[1], b[1])
+
+
+def flip_bytes(cache):
+    data = bytearray(cache.read_bytes())
+    rng = np.random.default_rng(2)
+    for i in rng.integers(0, len(data), max(1, len(data) // 50)):
+        data[i] ^= 0xFF
+    cache.write_bytes(bytes(data))
+
+
+def fill_7f(cache):
+    n = min(4 << 20, cache.stat().st_size)
+    with open(cache, "r+b") as f:
+        f.write(b"\x7f" * n)
+
+
+def foreign_graph(cache):
+    check = cache.with_name(cache.name + ".sum")
+    check.write_text(json.dumps({**json.loads(check.read_text()), "graph": "0" * 64}))
+
+
+@pytest.mark.parametrize("damage", [flip_bytes, fill_7f, foreign_graph, lambda c: c.with_name(c.name + ".sum").unlink()],
+                         ids=["flipped bytes", "4 MiB of 0x7f", "another graph's", "no check file"])
+def test_a_damaged_weight_cache_is_rebuilt_and_answers_like_a_clean_start(damage, bundle, packed, caplog):
+    from edge.model.litert_runner import cache_is_sound
+    cache_dir, cache, clean = packed
+    damage(cache)
+    with caplog.at_level(logging.WARNING, "edge"):
+        assert same(litert_answer(bundle, cache_dir), clean)
+    assert "is not used" in caplog.text and "building it again" in caplog.text
+    assert cache_is_sound(cache, bundle.manifest["files"]["model.tflite"]["sha256"])[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "edge"):
+        assert same(litert_answer(bundle, cache_dir), clean)        # the next start uses it: no loop
+    assert "is not used" not in caplog.text
+
+
+def test_a_disk_filling_up_while_the_cache_is_written_is_logged_not_fatal(bundle, tmp_path, monkeypatch, caplog):
+    """The writer's files are capped below the cache's size (RLIMIT_FSIZE, as a full disk):
+    XNNPACK's write fails and it aborts its process; the service logs it and packs in memory."""
+    import resource
+    import signal
+
+    from edge.model import litert_runner
+    clean = litert_answer(bundle, None)
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)             # writes fail with EFBIG, like ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, 16 << 10))
+    monkeypatch.setattr(litert_runner, "_writer_setup", small_disk)
+    cache_dir = tmp_path / "xnnpack"
+    with caplog.at_level(logging.WARNING, "edge"):
+        got = litert_answer(bundle, cache_dir)
+    assert same(got, clean)
+    assert "XNNPACK weight cache not written" in caplog.text and "exit status" in caplog.text, caplog.text
+    assert list(cache_dir.iterdir()) == []
