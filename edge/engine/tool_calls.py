@@ -33,7 +33,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from edge.engine.constraint import ConstraintError, Grammar, closed, compact
+from edge.engine.constraint import ConstraintError, Grammar, check_depth, closed, compact
 
 PYTHON_TAG = "<|python_tag|>"
 CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})   # a request's own
@@ -99,6 +99,10 @@ def parse_tools(tools) -> tuple[Tool, ...]:
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ToolError(f"{where}.function.parameters must be a JSON schema of type 'object'",
                             f"{where}.function.parameters")
+        try:
+            check_depth(params, f"{where}.function.parameters")
+        except ConstraintError as e:
+            raise ToolError(str(e), f"{where}.function.parameters") from e
         description = fn.get("description") or ""
         if not isinstance(description, str):
             raise ToolError(f"{where}.function.description must be a string", f"{where}.function.description")
@@ -469,8 +473,9 @@ def response_grammar(response_format) -> Grammar | None:
             if not isinstance(spec, dict) or "schema" not in spec:
                 raise ToolError("response_format.json_schema must be an object with a 'name' and a 'schema'",
                                 "response_format.json_schema")
-            schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
-            return Grammar.json_schema(schema, origin="response_format.json_schema.schema")
+            origin = "response_format.json_schema.schema"
+            schema = closed(spec["schema"], origin) if spec.get("strict") else spec["schema"]
+            return Grammar.json_schema(schema, origin=origin)
     except ConstraintError as e:
         raise ToolError(str(e), "response_format.json_schema.schema" if kind == "json_schema"
                         else "response_format") from e

@@ -21,6 +21,7 @@ DEFAULT_CTX = 2048              # tokens of KV cache per sequence
 DEFAULT_PROMPT_CACHE_MB = 1024  # serve: KV of long prompts on disk, across restarts
 DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on grounded replies, ~1x on novel text (README)
 DEFAULT_PARALLEL = 4            # serve's slots: 4 streams decode at ~3x one stream's total (README, Speed)
+WATCHDOG_STALL_SECONDS = 60.0   # serve: work pending this long with no step or admission = wedged (/health 503, no watchdog ping)
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 REQUEST_FIELDS = SAMPLING_FIELDS | {"max_tokens", "stop", "speculate"}

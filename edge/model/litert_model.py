@@ -25,7 +25,8 @@ class LiteRTModel(CausalLM):
         from edge.model.litert_runner import GraphRunner
         super().__init__(bundle.config, max_ctx)
         cfg = bundle.config
-        self.graph = GraphRunner(bundle.file("model.tflite"), threads=threads, weight_cache=weight_cache)
+        self.graph = GraphRunner(bundle.file("model.tflite"), threads=threads, weight_cache=weight_cache,
+                                 identity=bundle.manifest["files"]["model.tflite"]["sha256"])
         self.embed = bundle.embedding()                              # rows mmapped (see bundle.py)
         self.attention = Attention(cfg, RopeTables(cfg, max_ctx))
         self.entry = self.graph.runner("entry")

@@ -22,8 +22,7 @@ from pathlib import Path
 
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, request_defaults
-from edge.launch.request import RequestDefaults
-from edge.engine.scheduler import DEFAULT_STALL_SECONDS
+from edge.launch.request import WATCHDOG_STALL_SECONDS, RequestDefaults
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
@@ -79,8 +78,9 @@ def register(sub) -> None:
     s.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
-    s.add_argument("--watchdog-stall", type=float, default=DEFAULT_STALL_SECONDS,
-                   help="seconds busy without a new token before the systemd watchdog is no longer fed")
+    s.add_argument("--watchdog-stall", type=_at_least(0.001, float), default=WATCHDOG_STALL_SECONDS,
+                   help="seconds with requests pending but no engine step or admission before /health reports "
+                   f"'stalled' and the systemd watchdog is no longer fed (default {WATCHDOG_STALL_SECONDS:g})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity")
     g = s.add_argument_group("default sampling (a request's own fields win)")
