@@ -128,12 +128,12 @@ def cmd_serve(a) -> int:
     from edge.api.openai_api import ServerState, create_app
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
-    from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
-    max_connections = fit_fd_limit(a.max_connections)
-    sock = bind(a.host, a.port)
+    from edge.api.connections import DrainingServer, guarded_protocol
+    max_connections, backlog = fit_fd_limit(a.max_connections)
+    sock = bind(a.host, a.port, backlog)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
     sockets, app = [sock], create_app(state)
-    ollama = bind_ollama(a.host, a.ollama_port)
+    ollama = bind_ollama(a.host, a.ollama_port, backlog)
     if ollama is not None:
         sockets.append(ollama)
         app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
@@ -142,7 +142,7 @@ def cmd_serve(a) -> int:
     server = DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=5, loop="asyncio",
                                            http=guarded_protocol(max_connections, a.read_timeout),
-                                           timeout_keep_alive=5, backlog=ACCEPT_BACKLOG),
+                                           timeout_keep_alive=5, backlog=backlog),
                             on_drain=state.drain)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (auth %s); loading the model in the background",
@@ -162,13 +162,13 @@ def cmd_serve(a) -> int:
     return 1 if state.error else 0
 
 
-def bind_ollama(host: str, port: int | str | None) -> socket.socket | None:
+def bind_ollama(host: str, port: int | str | None, backlog: int | None = None) -> socket.socket | None:
     """The Ollama API's socket: an explicit port must bind; the default (11434) is skipped
     with a warning when something else (a real Ollama) holds it."""
     if port == "off":
         return None
     try:
-        return bind(host, OLLAMA_PORT if port is None else port)
+        return bind(host, OLLAMA_PORT if port is None else port, backlog)
     except OSError as e:
         if port is not None:
             raise
@@ -196,14 +196,16 @@ def server_config(a, key: str | None):
                         defaults=request_defaults(a, RequestDefaults(max_tokens=None)))
 
 
-def fit_fd_limit(max_connections: int) -> int:
-    """The connection bound must stay below RLIMIT_NOFILE, or accept() fails with EMFILE and
+def fit_fd_limit(max_connections: int) -> tuple[int, int]:
+    """(connection bound, accept backlog) below RLIMIT_NOFILE, or accept() fails with EMFILE and
     nothing is answered: raise the soft limit as far as the hard one allows, and if that is
-    not enough lower the bound (loudly)."""
+    not enough lower the accept bursts and then the bound (loudly). A limit too low for
+    MIN_CONNECTIONS is a start-up error (ValueError)."""
     import resource
-    from edge.api.connections import fds_needed
+    from edge.api.connections import ACCEPT_BACKLOG, RESERVED_FDS, fds_needed, fit_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = fds_needed(max_connections)
+    in_use = open_fds()
+    need = fds_needed(max_connections, others=in_use + RESERVED_FDS)
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
@@ -211,12 +213,20 @@ def fit_fd_limit(max_connections: int) -> int:
             soft = new
         except (ValueError, OSError):
             pass
-    if soft != resource.RLIM_INFINITY and soft < need:
-        fitted = max(1, max_connections - (need - soft))
-        log.warning("--max-connections %d does not fit the file-descriptor limit %d (LimitNOFILE); using %d",
-                    max_connections, soft, fitted)
-        return fitted
-    return max_connections
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return max_connections, ACCEPT_BACKLOG
+    fitted, backlog = fit_connections(max_connections, soft, in_use)
+    log.warning("--max-connections %d does not fit the file-descriptor limit %d (LimitNOFILE); using %d "
+                "(accept backlog %d)", max_connections, soft, fitted, backlog)
+    return fitted, backlog
+
+
+def open_fds() -> int:
+    """Descriptors this process has open now (a guess of 32 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
 
 
 def is_loopback(host: str) -> bool:
@@ -245,7 +255,7 @@ def check_exposure(host: str, key: str | None, no_auth: bool) -> str | None:
     return None
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, backlog: int | None = None) -> socket.socket:
     """Bind before loading anything: a busy port fails at once, and port 0 picks a free one."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
@@ -256,7 +266,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from e
     from edge.api.connections import ACCEPT_BACKLOG
-    sock.listen(ACCEPT_BACKLOG)
+    sock.listen(backlog or ACCEPT_BACKLOG)
     return sock
 
 
