@@ -28,11 +28,13 @@ no grammar, no parsing.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 import uuid
 from dataclasses import dataclass
 
+from edge.engine import tool_guard
 from edge.engine.constraint import ConstraintError, Grammar, closed, compact
 
 PYTHON_TAG = "<|python_tag|>"
@@ -113,6 +115,7 @@ class ToolUse:
     choice: str = "auto"             # "auto" | "none" | "required" (a named function is "required" + forced)
     forced: str | None = None
     parallel: bool = True
+    answered: tuple = ()             # (name, arguments) the grammar leaves out (`tool_guard`)
 
     @classmethod
     def of(cls, tools, tool_choice=None, parallel_tool_calls=None) -> ToolUse | None:
@@ -150,18 +153,28 @@ class ToolUse:
         return tuple(t for t in self.tools if self.forced in (None, t.name))
 
     # --- the grammar ------------------------------------------------------------------
-    def call_schema(self) -> dict:
-        """One call in the JSON form, its arguments held to the tool's schema."""
-        options = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": closed(t.parameters)},
-                    "required": ["name", "parameters"], "additionalProperties": False} for t in self.offered]
+    def call_schema(self, guard: bool = True) -> dict | None:
+        """One call in the JSON form, its arguments held to the tool's schema and, with
+        `guard`, different from the calls in `answered`. None when no call is left."""
+        options = []
+        for t in self.offered:
+            banned = [args for name, args in self.answered if name == t.name] if guard else []
+            for params in tool_guard.excluding(closed(t.parameters), banned):
+                options.append({"type": "object", "properties": {"name": {"const": t.name}, "parameters": params},
+                                "required": ["name", "parameters"], "additionalProperties": False})
+        if not options:
+            return None
         return options[0] if len(options) == 1 else {"anyOf": options}
 
     def grammar(self) -> Grammar | None:
         if not self.active:
             return None
-        if self.choice == "required":
-            return Grammar.json_schema(self.call_schema(), origin="tools")
-        call = json.dumps(compact(self.call_schema()), ensure_ascii=False)
+        schema = self.call_schema()
+        if self.choice == "required":       # a call there must be: the guard gives way when none is left
+            return Grammar.json_schema(schema or self.call_schema(guard=False), origin="tools")
+        if schema is None:                  # every call was answered already: text only
+            return Grammar.lark('start: TEXT |\nTEXT: /(?s:[^{\\s].*|\\s+[^{\\s].*)/\n', origin="tools")
+        call = json.dumps(compact(schema), ensure_ascii=False)
         more = ' (SEP call)*\nSEP: /[ \\t]*(\\n|; ?)[ \\t]*/' if self.parallel else ""
         # free text that does not open with "{", or calls; the empty reply too
         lark = (f'start: TEXT | calls |\ncalls: call{more}\nTEXT: /(?s:[^{{\\s].*|\\s+[^{{\\s].*)/\n'
@@ -421,11 +434,14 @@ class ChatRequest:
 
 
 def prepare_chat(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                 response_format=None) -> ChatRequest:
+                 response_format=None, loop_guard: bool = False) -> ChatRequest:
     """Messages (OpenAI-shaped dicts) and the client's tool / format fields -> prompt ids and
     grammar. Raises ToolError (with `param`) for anything malformed or uncompilable, and the
-    template's own ValueError for a conversation it rejects."""
+    template's own ValueError for a conversation it rejects. `loop_guard`: calls answered in
+    this turn are left out of the grammar (`tool_guard`)."""
     use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
+    if use is not None and loop_guard:
+        use = dataclasses.replace(use, answered=tuple(tool_guard.answered_calls(messages)))
     messages = history(messages, engine.template.source)
     extra = {}
     if use is not None:
