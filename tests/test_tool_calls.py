@@ -135,7 +135,7 @@ def test_fallback_prompt_for_chatml_puts_tools_in_the_system_turn():
     assert extra == {}
     text = ChatTemplate(DEFAULT_CHATML).render(messages)
     system = text.split("<|im_end|>")[0]
-    assert system.startswith("<|im_start|>system\nYou are a home assistant.\n\nYou can call")
+    assert system.startswith("<|im_start|>system\nYou can call") and system.endswith("\n\nYou are a home assistant.")
     assert json.dumps(WEATHER["function"]["parameters"]) in system and "You must call" in system
     assert '<|im_start|>assistant\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|im_end|>' in text
     assert 'Result of get_weather: {"temperature": 21' in text

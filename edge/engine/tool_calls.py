@@ -7,9 +7,11 @@ the generated text, `(content, calls)`.
 
 Prompting. A template that knows tools (Llama 3.2's: it tests `tools`) gets them as its `tools`
 variable and renders them its own way. Any other template (SmolLM2's ChatML) gets the fallback:
-the tool list and the call format are appended to the system turn (one is added if there is
-none), earlier assistant calls are written back as the JSON they would have been generated as,
-and tool results become user turns that say which call they answer.
+the tool list and the call format open the system turn, before the client's system text (one
+is added if there is none): what does not change comes first, so a system prompt whose text
+changes (Home Assistant's clock line) still shares the tool block's KV with the last request.
+Earlier assistant calls are written back as the JSON they would have been generated as, and
+tool results become user turns that say which call they answer.
 
 The call format asked for is Llama 3.2's JSON form, one object per call:
 `{"name": "get_weather", "parameters": {"city": "Paris"}}`. The parser also reads the other
@@ -190,7 +192,7 @@ class ToolUse:
             return messages, {"tools": [t.spec for t in self.offered]}
         system = fallback_system_text(self.offered, self.choice == "required", self.parallel)
         if messages and messages[0].get("role") == "system":
-            first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{system}".lstrip())
+            first = dict(messages[0], content=f"{system}\n\n{messages[0].get('content') or ''}".rstrip())
             return [first, *messages[1:]], {}
         return [{"role": "system", "content": system}, *messages], {}
 
