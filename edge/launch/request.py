@@ -17,6 +17,8 @@ from edge.engine.sampler import SamplingParams
 # llama.cpp's defaults for a chat: mildly creative, with the usual filters on.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1)
 DEFAULT_MAX_TOKENS = 256        # terminal interfaces; the HTTP APIs default to "the rest of the context"
+DEFAULT_TOOL_LOOP_GUARD = True  # a tool call answered in this turn is not generated again (engine.tool_guard)
+DEFAULT_SPOKEN_TOKENS = 64      # Wyoming: a reply ends at the first sentence end past this many tokens
 DEFAULT_CTX = 2048              # tokens of KV cache per sequence
 DEFAULT_PROMPT_CACHE_MB = 1024  # serve: KV of long prompts on disk, across restarts
 DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on grounded replies, ~1x on novel text (README)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, request_defaults
-from edge.launch.request import WATCHDOG_STALL_SECONDS, RequestDefaults
+from edge.launch.request import DEFAULT_SPOKEN_TOKENS, WATCHDOG_STALL_SECONDS, RequestDefaults
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
@@ -94,6 +94,9 @@ def register(sub) -> None:
                         "no authentication, so bind loopback unless the LAN must reach it), e.g. 127.0.0.1:10400")
     h.add_argument("--wyoming-languages", default="en", help="languages the Wyoming service announces (default en)")
     h.add_argument("--wyoming-system", default=None, help="system prompt for Wyoming conversations")
+    h.add_argument("--wyoming-reply-tokens", type=_positive_or_off, default=DEFAULT_SPOKEN_TOKENS, metavar="N|off",
+                   help="a Wyoming reply ends at the first sentence end after N tokens (default "
+                        f"{DEFAULT_SPOKEN_TOKENS}; 'off': only --max-tokens ends it)")
     from edge.serial import args as serial_args
     serial_args.add_serial_args(s.add_argument_group("serial console"))
     s.set_defaults(func=cmd_serve)
@@ -101,6 +104,15 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
     add_model_args(p)
     p.set_defaults(func=cmd_prepare)
+
+
+def _positive_or_off(value: str) -> int | None:
+    if value == "off":
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or 'off', got {value}")
+    return n
 
 
 def _port_or_off(value: str) -> int | str:
@@ -328,6 +340,7 @@ def start_wyoming(a, engine, scheduler):
     host, port = parse_address(a.wyoming)
     defaults = request_defaults(a)            # the terminal-style reply limit, not "rest of the context"
     service = WyomingService(engine, scheduler, host, port, defaults=defaults, system=a.wyoming_system,
+                             reply_tokens=getattr(a, "wyoming_reply_tokens", DEFAULT_SPOKEN_TOKENS),
                              languages=tuple(x.strip() for x in a.wyoming_languages.split(",") if x.strip()))
     try:
         service.start()
