@@ -17,6 +17,7 @@ from edge.engine.sampler import SamplingParams
 # llama.cpp's defaults for a chat: mildly creative, with the usual filters on.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1)
 DEFAULT_MAX_TOKENS = 256        # terminal interfaces; the HTTP APIs default to "the rest of the context"
+DEFAULT_PAGE_MAX_TOKENS = 1024  # the chat page's reply budget when its Max tokens field is empty
 DEFAULT_CTX = 2048              # tokens of KV cache per sequence
 DEFAULT_PROMPT_CACHE_MB = 1024  # serve: KV of long prompts on disk, across restarts
 DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on grounded replies, ~1x on novel text (README)
