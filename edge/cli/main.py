@@ -81,6 +81,11 @@ def cmd_run(a) -> int:
         ids = engine.encode_chat(msgs)
     last = stream(engine.generate(ids, params))
     print()
+    u = last.usage
+    if (last.finish_reason == "length" and not (params.max_tokens and u.completion_tokens >= params.max_tokens)
+            and u.prompt_tokens + u.completion_tokens + 1 < engine.max_ctx):
+        _log(f"edge-llm: the answer was stopped after {u.completion_tokens} tokens: it was repeating itself "
+             "(--stop-loops off lets it run on)")
     if a.verbose:
         _log(format_stats(last.usage))
     return 0

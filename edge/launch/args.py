@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 
 from edge.engine.engine import KV_TYPES
+from edge.engine.repetition import MIN_REPEATS, MIN_SPAN
 from edge.launch.request import (DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING,
-                                 DEFAULT_SPECULATE, RequestDefaults)
+                                 DEFAULT_SPECULATE, TERMINAL_STOP_LOOPS, RequestDefaults)
 from edge.model.backends import BACKENDS
 
 
@@ -81,15 +82,23 @@ def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None
     p.add_argument("--speculate", default=None, choices=("on", "off"),
                    help="prompt-lookup speculative decoding: drafts copied from the prompt, checked in one pass; "
                         f"same output, faster when the reply repeats the prompt (default {'on' if DEFAULT_SPECULATE else 'off'})")
+    p.add_argument("--stop-loops", default=None, choices=("on", "off"),
+                   help=f"end a reply caught in an exact loop (the same run of tokens {MIN_REPEATS} times back to back, "
+                        f"{MIN_SPAN}+ tokens) as if cut at the token limit (default {'on' if TERMINAL_STOP_LOOPS else 'off'} "
+                        "for chat, run and the serial console; off for the HTTP APIs)")
 
 
 def request_overrides(a: argparse.Namespace) -> dict:
     """The sampling flags as `RequestDefaults` field names (None = not given)."""
     return dict(max_tokens=a.max_tokens, stop=a.stop, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                 min_p=a.min_p, repetition_penalty=a.repeat_penalty, seed=a.seed,
-                speculate=None if getattr(a, "speculate", None) is None else a.speculate == "on")
+                speculate=None if getattr(a, "speculate", None) is None else a.speculate == "on",
+                stop_loops=None if getattr(a, "stop_loops", None) is None else a.stop_loops == "on")
 
 
-def request_defaults(a: argparse.Namespace, base: RequestDefaults = RequestDefaults()) -> RequestDefaults:
-    """`base` with the command's sampling flags applied."""
+TERMINAL_DEFAULTS = RequestDefaults(stop_loops=TERMINAL_STOP_LOOPS)
+
+
+def request_defaults(a: argparse.Namespace, base: RequestDefaults = TERMINAL_DEFAULTS) -> RequestDefaults:
+    """`base` (the terminal interfaces' defaults unless given) with the command's sampling flags applied."""
     return base.with_overrides(**request_overrides(a))
