@@ -15,7 +15,7 @@ import numpy as np
 from edge.engine.constraint import Grammar, Grammars
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
-from edge.launch.args import add_model_choice
+from edge.launch.args import add_model_choice, non_negative, positive
 from edge.launch.model_store import resolve, weight_cache_dir
 from edge.model.backends import default_threads, load_backend
 from edge.model.bundle import Bundle
@@ -388,7 +388,7 @@ def register(sub) -> None:
                    help="generated tokens per tg test, list allowed; 0 = no tg test (default 64)")
     b.add_argument("-t", "--threads", type=int_list, default=None,
                    help="thread counts, comma separated (e.g. 1,2,4); default: all cores")
-    b.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test (default 3)")
+    b.add_argument("-r", "--reps", type=positive, default=3, help="repetitions of each test (default 3)")
     b.add_argument("--json", action="store_true", help="JSON (every figure and sample) instead of the table")
     b.add_argument("-v", "--verbose", action="store_true",
                    help="also print time to first token, load time, KV cache size and peak RSS")
@@ -404,6 +404,6 @@ def register(sub) -> None:
                         "output asserted (-n: tokens per reply, default 128)")
     b.add_argument("--prompts", type=Path, default=None,
                    help="with --speculate: a JSON list of {kind, messages} instead of the shipped set")
-    b.add_argument("--verify-curve", type=int, metavar="K", default=None,
+    b.add_argument("--verify-curve", type=non_negative, metavar="K", default=None,
                    help="time of a decode step of k+1 rows against one row, k = 0..K, at -p tokens cached")
     b.set_defaults(func=run)

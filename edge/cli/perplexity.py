@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.launch.model_store import resolve, weight_cache_dir
-from edge.launch.args import add_model_args
+from edge.launch.args import add_model_args, positive
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
 
@@ -69,5 +69,5 @@ def register(sub) -> None:
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     p.add_argument("file", help="UTF-8 text file to score (e.g. edge/data/perplexity/*.txt)")
     add_model_args(p, ctx=512)
-    p.add_argument("--stride", type=int, default=256, help="tokens the window moves per step")
+    p.add_argument("--stride", type=positive, default=256, help="tokens the window moves per step")
     p.set_defaults(func=run)

@@ -31,6 +31,7 @@ from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.constraint import Grammar, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes
 from edge.engine.prompt_cache import PromptCache
+from edge.engine.repetition import LoopGuard
 from edge.engine.sampler import Sampler, SamplingParams
 from edge.engine.slots import PERSIST_MIN_TOKENS, Slot, Slots
 from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
@@ -96,6 +97,7 @@ class GenerationParams:
     logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
     special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
     speculate: bool = False            # draft tokens by prompt lookup and verify them in one pass (speculation.py)
+    stop_loops: bool = False           # end a reply stuck in an exact loop, as "length" (repetition.py)
 
     def __post_init__(self):
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
@@ -129,6 +131,7 @@ class Sequence:
         self.matcher = engine.grammars.matcher(params.constraint) if params.constraint is not None else None
         self.scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.stops = StopMatcher(params.stop)
+        self.loops = LoopGuard() if params.stop_loops else None
         self.usage = Usage(prompt_tokens=len(ids))
         self.history = list(ids)
         self.limit = params.max_tokens or engine.max_ctx
@@ -196,8 +199,9 @@ class Sequence:
             self.matcher.advance(token)
             if self.matcher.stopped:                  # the grammar is complete: nothing may follow
                 return events + self.finish("stop")
-        if self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit:
-            return events + self.finish("length")       # context full or enough tokens: "length"
+        if (self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit
+                or (self.loops is not None and self.loops.feed(token))):
+            return events + self.finish("length")       # context full, enough tokens, or a loop: "length"
         self.pending = [token]
         return events
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from edge.launch import engine_from_args
-from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, request_defaults
+from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
 from edge.launch.request import DEFAULT_SPOKEN_TOKENS, WATCHDOG_STALL_SECONDS, RequestDefaults
 from edge.service import sd_notify
 
@@ -58,7 +58,7 @@ def register(sub) -> None:
     add_parallel_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
-    s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
+    s.add_argument("--port", type=port, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
     s.add_argument("--max-queue", type=_at_least(1, int), default=8,
@@ -74,11 +74,11 @@ def register(sub) -> None:
     s.add_argument("--allow-host", action="append", default=[],
                    help="also accept this Host header name on a loopback bind (e.g. a reverse proxy's name; "
                    "repeatable). Other names are refused there against DNS rebinding")
-    s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
+    s.add_argument("--max-body", type=number(int, 1), default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
-    s.add_argument("--watchdog-stall", type=_at_least(0.001, float), default=WATCHDOG_STALL_SECONDS,
+    s.add_argument("--watchdog-stall", type=number(float, 0.001), default=WATCHDOG_STALL_SECONDS,
                    help="seconds with requests pending but no engine step or admission before /health reports "
                    f"'stalled' and the systemd watchdog is no longer fed (default {WATCHDOG_STALL_SECONDS:g})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
