@@ -15,6 +15,7 @@ from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
 from convert.quantize import SCHEMES, default_quant
 from edge.model.config import ModelConfig
+from edge.model.thread_policy import BlasPacer
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # Defaults from the measured table in the README (SmolLM2, 9471 tokens, vs f32):
@@ -66,7 +67,8 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
 
 def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
-            smooth: bool = True, gptq: bool | None = None, head: str | None = None) -> Path:
+            smooth: bool = True, gptq: bool | None = None, head: str | None = None,
+            threads: int | str | None = None) -> Path:
     """Graph for the matmuls (any quant) + NumPy tensors: for float quants every tensor, so the
     bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
     tied model does not store again (its lookup reads the lm_head's rows in the graph).
@@ -75,28 +77,45 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     `ROTATE_ONLY_WITH_GPTQ` say), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
     rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice).
-    quant None: `default_quant` for the checkpoint's size."""
-    from convert.llama_graph import head_scheme, write_llama_graph
+    quant None: `default_quant` for the checkpoint's size. threads: NumPy's BLAS pool, a count or
+    "auto"/None: one thread or all cores, re-chosen layer by layer as each is timed (BlasPacer)."""
+    from convert.llama_graph import head_scheme
     if quant is not None and quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
     ckpt = read_checkpoint(src)
     quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
-    names = ckpt.names()
-    floats = quant in FLOAT_QUANTS
     stream = {"stream": _Null()} if quiet else {}
     head = head_scheme(quant, head)
+    with BlasPacer(threads) as pacer:
+        return _convert(ckpt, src, dest, quant, overwrite, name, rotate, smooth, gptq, head, stream, pacer)
+
+
+def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rotate, smooth, gptq, head: str,
+             stream: dict, pacer: BlasPacer) -> Path:
+    from convert.llama_graph import write_llama_graph
+    names = ckpt.names()
+    floats = quant in FLOAT_QUANTS
     g = _GraphWeights.plain(ckpt)
     if not floats:
         g = g.transformed(ckpt, quant, rotate, smooth, quant in GPTQ_BY_DEFAULT if gptq is None else gptq,
-                          head, stream)
+                          head, stream, pacer)
 
     how = f"{quant}, GPTQ on {g.hessians.n_tokens} tokens" if g.hessians else quant
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({how})", **stream)
 
+    layer = [-1]
+
     def counted(get):
         def tensor(n: str) -> np.ndarray:
             bar.step(n)
+            if n.startswith("layers."):         # a layer's first tensor: the graph writer's next unit
+                i = int(n.split(".")[1])
+                if i != layer[0]:
+                    layer[0] = i
+                    pacer.mark("gptq" if g.hessians else "quantize")
+            elif layer[0] >= 0 and n in ("final_norm", "lm_head", "embed"):
+                pacer.hold("gptq" if g.hessians else "quantize")    # the head: once, on the best count
             return get(n)
         return tensor
     tensor = counted(ckpt.tensor)
@@ -173,7 +192,7 @@ class _GraphWeights:
         return cls(ckpt.tensor, ckpt.config)
 
     def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool | None, smooth: bool, gptq: bool,
-                    head: str, stream: dict):
+                    head: str, stream: dict, pacer: BlasPacer):
         """Untied, then rotated and/or smoothed: exact in float, kinder to quantization; then
         (gptq) the inputs of the weights as rewritten, for GPTQ's Hessians. rotate None: the
         default (ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ)."""
@@ -190,7 +209,7 @@ class _GraphWeights:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation) \
+        smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation, pacer) \
             if smooth and tokens is not None else None
         if smoothing:
             get = smoothing.weights(get)
@@ -215,12 +234,21 @@ def _calibration_tokens(ckpt: Checkpoint, stream: dict, max_tokens: int) -> list
 
 
 def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: str, tokens: np.ndarray,
-                   stream: dict, down_rotation: np.ndarray | None):
-    """Calibrated smoothing scales (convert/smoothing.py)."""
+                   stream: dict, down_rotation: np.ndarray | None, pacer: BlasPacer):
+    """Calibrated smoothing scales (convert/smoothing.py), a layer at a time on the BLAS thread
+    count `pacer` picks."""
     from convert.smoothing import Smoothing
     bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {sum(map(len, tokens))} tokens", **stream)
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step,
-                              down_rotation=down_rotation)
+
+    def on_group(group: str) -> None:
+        bar.step(group)
+        if group.endswith(".down"):             # a layer done: the next unit starts
+            pacer.mark("calibration" if not group.endswith(f".{cfg.num_layers - 1}.down") else None)
+        if group == "head":
+            pacer.mark(None)
+    pacer.hold("calibration")                   # the embedding and layer 0: not a layer's like
+    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=on_group, down_rotation=down_rotation)
+    pacer.mark(None)
     bar.close()
     return smoothing
 

@@ -20,6 +20,7 @@ DEFAULT_MAX_TOKENS = 256        # terminal interfaces; the HTTP APIs default to 
 DEFAULT_CTX = 2048              # tokens of KV cache per sequence
 DEFAULT_PROMPT_CACHE_MB = 1024  # serve: KV of long prompts on disk, across restarts
 DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on grounded replies, ~1x on novel text (README)
+DEFAULT_THREADS = "auto"        # 1 thread or all cores, whichever runs faster now (edge/model/thread_policy.py, docs/SPEED.md)
 DEFAULT_PARALLEL = 4            # serve's slots: 4 streams decode at ~3x one stream's total (README, Speed)
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
