@@ -14,8 +14,9 @@ from convert.bundle_writer import atomic_bundle
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
 from convert.quantize import SCHEMES, default_quant
+from convert.reuse import CalibrationRows, Reuse
 from edge.model.config import ModelConfig
-from edge.model.thread_policy import BlasPacer
+from edge.model.thread_policy import parse_threads
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # Defaults from the measured table in the README (SmolLM2, 9471 tokens, vs f32):
@@ -32,6 +33,11 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 ROTATE_BY_DEFAULT = ("int8", "int4", "int4-b32")
 ROTATE_ONLY_WITH_GPTQ = ("int4", "int4-b32")
 GPTQ_BY_DEFAULT = ("int8", "int4", "int4-b32")
+# NumPy's BLAS threads while converting. One: beside busy processes OpenBLAS's threads wait for
+# each other at every matmul (calibration 11.4 s -> 309.5 s, GPTQ 37 s -> 896 s at load 13,
+# where one thread would lose only its share of the CPU), and its results change with the
+# thread count, so a fixed count keeps the bundle the same whatever the load (docs/SPEED.md).
+CONVERT_THREADS = 1
 
 
 def read_checkpoint(src: Path) -> Checkpoint:
@@ -77,8 +83,10 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     `ROTATE_ONLY_WITH_GPTQ` say), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
     rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice).
-    quant None: `default_quant` for the checkpoint's size. threads: NumPy's BLAS pool, a count or
-    "auto"/None: one thread or all cores, re-chosen layer by layer as each is timed (BlasPacer)."""
+    quant None: `default_quant` for the checkpoint's size. threads: NumPy's BLAS pool for the
+    whole conversion (None/"auto": CONVERT_THREADS). It is fixed, not timed and switched as the
+    runtime's is: OpenBLAS's results change with its thread count, and a bundle must not
+    depend on what else ran while it was made."""
     from convert.llama_graph import head_scheme
     if quant is not None and quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
@@ -87,35 +95,28 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     _check_tokenizer(ckpt)
     stream = {"stream": _Null()} if quiet else {}
     head = head_scheme(quant, head)
-    with BlasPacer(threads) as pacer:
-        return _convert(ckpt, src, dest, quant, overwrite, name, rotate, smooth, gptq, head, stream, pacer)
+    import threadpoolctl
+    threads = parse_threads(threads)
+    with threadpoolctl.threadpool_limits(threads if isinstance(threads, int) else CONVERT_THREADS, user_api="blas"):
+        return _convert(ckpt, src, dest, quant, overwrite, name, rotate, smooth, gptq, head, stream)
 
 
 def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rotate, smooth, gptq, head: str,
-             stream: dict, pacer: BlasPacer) -> Path:
+             stream: dict) -> Path:
     from convert.llama_graph import write_llama_graph
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS
     g = _GraphWeights.plain(ckpt)
     if not floats:
         g = g.transformed(ckpt, quant, rotate, smooth, quant in GPTQ_BY_DEFAULT if gptq is None else gptq,
-                          head, stream, pacer)
+                          head, stream)
 
     how = f"{quant}, GPTQ on {g.hessians.n_tokens} tokens" if g.hessians else quant
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({how})", **stream)
 
-    layer = [-1]
-
     def counted(get):
         def tensor(n: str) -> np.ndarray:
             bar.step(n)
-            if n.startswith("layers."):         # a layer's first tensor: the graph writer's next unit
-                i = int(n.split(".")[1])
-                if i != layer[0]:
-                    layer[0] = i
-                    pacer.mark("gptq" if g.hessians else "quantize")
-            elif layer[0] >= 0 and n in ("final_norm", "lm_head", "embed"):
-                pacer.hold("gptq" if g.hessians else "quantize")    # the head: once, on the best count
             return get(n)
         return tensor
     tensor = counted(ckpt.tensor)
@@ -192,7 +193,7 @@ class _GraphWeights:
         return cls(ckpt.tensor, ckpt.config)
 
     def transformed(self, ckpt: Checkpoint, quant: str, rotate: bool | None, smooth: bool, gptq: bool,
-                    head: str, stream: dict, pacer: BlasPacer):
+                    head: str, stream: dict):
         """Untied, then rotated and/or smoothed: exact in float, kinder to quantization; then
         (gptq) the inputs of the weights as rewritten, for GPTQ's Hessians. rotate None: the
         default (ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ)."""
@@ -209,14 +210,19 @@ class _GraphWeights:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation, pacer) \
-            if smooth and tokens is not None else None
-        if smoothing:
+        # Each tensor made once per pass (convert/reuse.py): smoothing's pass and search share a
+        # layer's rotated weights, GPTQ's pass and the writer its smoothed ones, and both passes
+        # take the calibration tokens' embedding rows from one rotation of the table.
+        rows = CalibrationRows(get, segments) if segments else None
+        smoothing = None
+        if smooth and tokens is not None:
+            smoothing = _fit_smoothing(ckpt, Reuse(rows), cfg, quant, head, tokens, stream, down_rotation)
             get = smoothing.weights(get)
         hessians = None
         if gptq and tokens is not None:       # run lazily, as the graph writer reaches each group
             from convert.gptq import Hessians
-            hessians = Hessians.collect(get, cfg, segments, down_rotation)
+            get = Reuse(get)
+            hessians = Hessians.collect(rows.on(get), cfg, segments, down_rotation)
         return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
                              rotate, smoothing is not None, rotation,
                              smoothing.scales["head"] if smoothing else None, hessians)
@@ -234,21 +240,11 @@ def _calibration_tokens(ckpt: Checkpoint, stream: dict, max_tokens: int) -> list
 
 
 def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: str, tokens: np.ndarray,
-                   stream: dict, down_rotation: np.ndarray | None, pacer: BlasPacer):
-    """Calibrated smoothing scales (convert/smoothing.py), a layer at a time on the BLAS thread
-    count `pacer` picks."""
+                   stream: dict, down_rotation: np.ndarray | None):
+    """Calibrated smoothing scales (convert/smoothing.py)."""
     from convert.smoothing import Smoothing
     bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {sum(map(len, tokens))} tokens", **stream)
-
-    def on_group(group: str) -> None:
-        bar.step(group)
-        if group.endswith(".down"):             # a layer done: the next unit starts
-            pacer.mark("calibration" if not group.endswith(f".{cfg.num_layers - 1}.down") else None)
-        if group == "head":
-            pacer.mark(None)
-    pacer.hold("calibration")                   # the embedding and layer 0: not a layer's like
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=on_group, down_rotation=down_rotation)
-    pacer.mark(None)
+    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step, down_rotation=down_rotation)
     bar.close()
     return smoothing
 
