@@ -27,6 +27,7 @@ DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on
 # interfaces (chat, run, the serial console), where a person waits; off for the HTTP APIs,
 # whose clients get exactly what they asked for (serve --stop-loops on turns it on there).
 TERMINAL_STOP_LOOPS = True
+DEFAULT_THREADS = "auto"        # 1 thread or all cores, whichever runs faster now (edge/model/thread_policy.py, docs/SPEED.md)
 DEFAULT_PARALLEL = 4            # serve's slots: 4 streams decode at ~3x one stream's total (README, Speed)
 WATCHDOG_STALL_SECONDS = 60.0   # serve: work pending this long with no step or admission = wedged (/health 503, no watchdog ping)
 
