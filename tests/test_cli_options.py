@@ -35,7 +35,7 @@ def edge(*args, home: Path | None = None, **kw):
     (["serve", "--port", "80a"], "argument --port: not an integer: '80a'"),
     (["serve", "--ollama-port", "70000"], "a port is 0-65535 or 'off', got 70000"),
     (["serve", "--max-body", "0"], "argument --max-body: must be at least 1, got 0"),
-    (["serve", "--watchdog-stall", "-5"], "argument --watchdog-stall: must be at least 0, got -5"),
+    (["serve", "--watchdog-stall", "-5"], "argument --watchdog-stall: must be at least 0.001, got -5"),
     (["serve", "--parallel", "0"], "argument --parallel/-np: must be at least 1, got 0"),
     (["serve", "--prompt-cache-mb", "-1"], "argument --prompt-cache-mb: must be at least 0, got -1"),
     (["run", "x", "--max-tokens", "0"], "argument --max-tokens/-n: must be at least 1, got 0"),
