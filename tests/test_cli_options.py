@@ -47,7 +47,7 @@ def edge(*args, home: Path | None = None, **kw):
     (["run", "x", "--top-k", "-3"], "argument --top-k: must be at least 0, got -3"),
     (["run", "x", "--repeat-penalty", "0"], "argument --repeat-penalty: must be above 0, got 0"),
     (["run", "x", "--seed", "-2"], "argument --seed: must be at least -1, got -2"),
-    (["chat", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    (["chat", "--threads", "0"], "argument --threads: --threads takes a positive number or 'auto', got '0'"),
     (["chat", "--ctx", "-1"], "argument --ctx: must be at least 0, got -1"),
     (["chat", "--ctx", "2k"], "argument --ctx: not an integer: '2k'"),
     (["perplexity", "f.txt", "--stride", "0"], "argument --stride: must be at least 1, got 0"),
