@@ -551,7 +551,10 @@ def _check(engine, grammar: Grammar, param: str) -> None:
 
 
 def response_grammar(response_format) -> Grammar | None:
-    """OpenAI's `response_format` -> a Grammar (None for plain text)."""
+    """OpenAI's `response_format` -> a Grammar (None for plain text); a Grammar an interface
+    built from its own field (Ollama's `format`) is taken as it is."""
+    if isinstance(response_format, Grammar):
+        return response_format
     if not response_format:
         return None
     if not isinstance(response_format, dict):

@@ -71,3 +71,8 @@ class RequestDefaults:
                 raise ValueError(f"{name} must be true or false, got {flag!r}")
         return GenerationParams(max_tokens=given.get("max_tokens", self.max_tokens), stop=list(stop),
                                 sampling=sampling, speculate=speculate, stop_loops=stop_loops, **{k: given[k] for k in PER_REQUEST_FIELDS & given.keys()})
+
+
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict]:
+    """A prompt and an optional system prompt as chat messages (every interface that takes them)."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

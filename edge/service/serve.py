@@ -49,7 +49,7 @@ def _at_least(low, kind):
 
 def register(sub) -> None:
     from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_SECONDS
-    from edge.api.openai_api import MAX_BODY_BYTES
+    from edge.api.runtime import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
                        "/v1/completions, /v1/models, /health, /metrics). Environment defaults: EDGE_LLM_MODEL, "
@@ -137,7 +137,8 @@ def api_key(a) -> str | None:
 def cmd_serve(a) -> int:
     import uvicorn
     from edge.api.ollama_api import create_ollama_app
-    from edge.api.openai_api import ServerState, create_app
+    from edge.api.openai_api import create_app
+    from edge.api.runtime import ServerState
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
     from edge.api.connections import DrainingServer, guarded_protocol
@@ -200,7 +201,7 @@ class PortDispatch:
 
 
 def server_config(a, key: str | None):
-    from edge.api.openai_api import ServerConfig
+    from edge.api.runtime import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
                         cors_origins=a.cors_origin, log_prompts=a.log_prompts,
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
