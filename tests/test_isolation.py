@@ -13,7 +13,7 @@ from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
 from edge.engine import constraint
-from edge.engine.constraint import Grammar
+from edge.engine.constraint import Grammar, GrammarFailed
 from edge.engine.engine import Engine, GenerationParams, SequenceFailed
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
@@ -140,7 +140,7 @@ class FaultyMatcher:
     def advance(self, token):
         self.seen += 1
         if self.seen == self.fail_at:
-            raise RuntimeError("constrained decoding failed: injected fault")
+            raise GrammarFailed("constrained decoding failed: injected fault")
 
 
 def run_beside(engine: Engine, odd: GenerationParams, odd_prompt=PROMPTS[3]):
@@ -187,6 +187,7 @@ def test_a_failure_in_one_sequences_rows_of_the_pass_ends_it_alone(tiny4):
     assert batch == 4
     assert [g[0] for g in got] == want and all(g[1].finish_reason == "length" for g in got)
     assert isinstance(odd_end, SequenceFailed) and "rows are broken" in str(odd_end) and len(odd_tokens) == 5
+    assert not odd_end.by_request                          # not the request's fault: a server error
     assert tiny4.free_slots() == 4
 
 
@@ -232,6 +233,7 @@ def test_an_llguidance_failure_mid_answer_ends_that_request_alone(smol_bundle, m
     assert [read(j)[0] for j in jobs] == want
     _, end = read(odd)
     assert isinstance(end, SequenceFailed) and "max is 5" in str(end) and "<state>" not in str(end)
+    assert end.by_request                                  # the request's own grammar: a client error
     assert engine.free_slots() == 4
 
 
@@ -278,3 +280,21 @@ def test_deep_tool_parameters_and_format_are_400_on_both_apis(smol_bundle):
             "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
         assert r.status_code == 400 and "levels deep" in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "tools[0].function.parameters"
+
+
+def test_an_empty_stop_string_on_the_serial_console_is_an_error_and_it_still_answers(tiny_bundle):
+    """One slot, JSON lines: the request that once froze the console for good."""
+    from tests.test_serial_console import Terminal, jsonl, make_console, request
+    engine = endless_engine(tiny_bundle, 256, backend="numpy")
+    term = Terminal()
+    console = make_console(engine, Scheduler(engine), term.path, mode="jsonl").start()
+    try:
+        assert jsonl(term)["ready"]
+        for _ in range(3):
+            (event,) = request(term, {"id": 1, "prompt": "w1 w2", "stop": [""]})
+            assert event["error"]["code"] == "bad_request" and "stop" in event["error"]["message"], event
+        assert request(term, {"prompt": "w1", "max_tokens": 2})[-1]["done"]
+        assert engine.free_slots() == 1
+    finally:
+        console.stop()
+        term.close()

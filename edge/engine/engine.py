@@ -30,7 +30,7 @@ import numpy as np
 
 from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
-from edge.engine.constraint import Grammars
+from edge.engine.constraint import ConstraintError, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes, longest_token_bytes
 from edge.engine.events import (MAX_TOP_LOGPROBS, Event, GenerationParams, SequenceFailed,  # noqa: F401
                                  TokenLogprob, Usage)
@@ -156,8 +156,8 @@ class Sequence:
         self.done, self.pending = True, []
         if self.slot is not None:
             self.engine.slot_pool.release(self.slot, self, self.drafted_end, forget=True)
-        failure = error if isinstance(error, SequenceFailed) else \
-            SequenceFailed(f"generation failed: {error or type(error).__name__}")
+        failure = error if isinstance(error, SequenceFailed) else SequenceFailed(
+            f"generation failed: {error or type(error).__name__}", by_request=isinstance(error, ConstraintError))
         failure.__cause__ = failure.__cause__ if failure is error else error
         return [Event(finish_reason="error", usage=self.usage, error=failure)]
 

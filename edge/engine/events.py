@@ -35,7 +35,13 @@ class Event:
 
 class SequenceFailed(RuntimeError):
     """One request's generation failed on its own (its grammar, its restored prefix, its
-    sampler) and was ended; the other sequences went on. Readers of its events get it raised."""
+    sampler) and was ended; the other sequences went on. Readers of its events get it raised.
+    `by_request`: the request's own input caused it (its grammar), a client error for the
+    interfaces; otherwise the server's."""
+
+    def __init__(self, message: str, by_request: bool = False):
+        super().__init__(message)
+        self.by_request = by_request
 
 
 @dataclass
