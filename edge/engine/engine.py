@@ -35,6 +35,7 @@ from edge.engine.detokenizer import StreamDecoder, TokenBytes, longest_token_byt
 from edge.engine.events import (MAX_TOP_LOGPROBS, Event, GenerationParams, SequenceFailed,  # noqa: F401
                                  TokenLogprob, Usage)
 from edge.engine.prompt_cache import PromptCache
+from edge.engine.repetition import LoopGuard
 from edge.engine.sampler import Sampler
 from edge.engine.slots import PERSIST_MIN_TOKENS, Slot, Slots
 from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
@@ -67,6 +68,7 @@ class Sequence:
         self.matcher = engine.grammars.matcher(params.constraint) if params.constraint is not None else None
         self.scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.stops = StopMatcher(params.stop)
+        self.loops = LoopGuard() if params.stop_loops else None
         self.usage = Usage(prompt_tokens=len(ids))
         self.history = list(ids)
         self.limit = params.max_tokens or engine.max_ctx
@@ -134,8 +136,9 @@ class Sequence:
             self.matcher.advance(token)
             if self.matcher.stopped:                  # the grammar is complete: nothing may follow
                 return events + self.finish("stop")
-        if self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit:
-            return events + self.finish("length")       # context full or enough tokens: "length"
+        if (self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit
+                or (self.loops is not None and self.loops.feed(token))):
+            return events + self.finish("length")       # context full, enough tokens, or a loop: "length"
         self.pending = [token]
         return events
 

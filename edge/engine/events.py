@@ -66,6 +66,7 @@ class GenerationParams:
     logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
     special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
     speculate: bool = False            # draft tokens by prompt lookup and verify them in one pass (speculation.py)
+    stop_loops: bool = False           # end a reply stuck in an exact loop, as "length" (repetition.py)
 
     def __post_init__(self):
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
