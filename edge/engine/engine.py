@@ -32,8 +32,8 @@ from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.constraint import ConstraintError, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes, longest_token_bytes
-from edge.engine.events import (MAX_TOP_LOGPROBS, Event, GenerationParams, SequenceFailed,  # noqa: F401
-                                 TokenLogprob, Usage)
+from edge.engine.events import (MAX_TOP_LOGPROBS, Event, GenerationParams, RequestFailed,  # noqa: F401
+                                 SequenceFailed, TokenLogprob, Usage)
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.repetition import LoopGuard
 from edge.engine.sampler import Sampler
@@ -159,8 +159,9 @@ class Sequence:
         self.done, self.pending = True, []
         if self.slot is not None:
             self.engine.slot_pool.release(self.slot, self, self.drafted_end, forget=True)
-        failure = error if isinstance(error, SequenceFailed) else SequenceFailed(
-            f"generation failed: {error or type(error).__name__}", by_request=isinstance(error, ConstraintError))
+        kind = RequestFailed if isinstance(error, ConstraintError) else SequenceFailed
+        failure = error if isinstance(error, SequenceFailed) else kind(
+            f"generation failed: {error or type(error).__name__}")
         failure.__cause__ = failure.__cause__ if failure is error else error
         return [Event(finish_reason="error", usage=self.usage, error=failure)]
 

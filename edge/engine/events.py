@@ -34,14 +34,14 @@ class Event:
 
 
 class SequenceFailed(RuntimeError):
-    """One request's generation failed on its own (its grammar, its restored prefix, its
-    sampler) and was ended; the other sequences went on. Readers of its events get it raised.
-    `by_request`: the request's own input caused it (its grammar), a client error for the
-    interfaces; otherwise the server's."""
+    """One request's generation failed on its own (its restored prefix, its sampler, its
+    grammar) and was ended; the other sequences went on. Readers of its events get it raised.
+    The server's fault unless it is a `RequestFailed`."""
 
-    def __init__(self, message: str, by_request: bool = False):
-        super().__init__(message)
-        self.by_request = by_request
+
+class RequestFailed(SequenceFailed):
+    """A `SequenceFailed` the request's own input caused (its grammar failed mid-answer, e.g.
+    a schema exceeding the grammar engine's limits): a client error for the interfaces."""
 
 
 @dataclass
