@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edge.api.middleware import add_error_handlers, add_guard_and_log
 from edge.api.runtime import (ApiError, JobStream, ServerState, StateDep, admit, api_error, chat_prompt,
                               check_bytes, job_events, message_bytes, ready_engine, request_params, tokenize)
-from edge.engine import ContextFull, QueueFull
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.constraint import ConstraintError, Grammar, closed
 from edge.engine.engine import Usage
 from edge.engine.replies import acollect, astream
@@ -108,7 +108,8 @@ class ModelBody(BaseModel):
 # --- the app -----------------------------------------------------------------------------
 
 # the engine's refusals in Ollama's terms (its errors are one string; type and code unused)
-ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None)}
+ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None),
+          RequestFailed: (400, "invalid_request_error", None), SequenceFailed: (500, "server_error", None)}
 
 
 def error(status: int, message: str, **_) -> JSONResponse:
@@ -352,7 +353,7 @@ async def _respond(state: ServerState, body, ids: list[int], param: str, ticket,
         return JobStream(job, _ndjson(state, job, model, shape, t0), media_type=NDJSON)
     try:
         answer = await acollect(job_events(job, state.limiter), tool_use)
-    except ContextFull as e:
+    except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
         job.cancel()          # a client that left stops its generation; a finished job ignores it
@@ -370,7 +371,7 @@ async def _ndjson(state: ServerState, job, model: str, shape, t0: float) -> Asyn
                 yield _line(_final(model, shape(""), piece.final, t0))
             elif piece.text:
                 yield _line({"model": model, "created_at": _now(), **shape(piece.text), "done": False})
-    except ContextFull as e:
+    except (ContextFull, SequenceFailed) as e:
         yield _line({"error": named(api_error(state, ERRORS, e))})
     except Exception as e:        # mid-stream: the status is sent already, so say it in the stream
         yield _line({"error": f"generation failed: {e}"})

@@ -32,7 +32,7 @@ from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, ch
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
                               job_events, message_bytes, note_prompt, ready_engine, request_params, tokenize)
-from edge.engine import ContextFull, QueueFull
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, acollect, astream
 from edge.engine.tool_calls import ToolUse
@@ -41,7 +41,9 @@ log = logging.getLogger("edge.http")
 
 # the engine's refusals in OpenAI's terms: (status, type, code)
 ERRORS = {ContextFull: (400, "invalid_request_error", "context_length_exceeded"),
-          QueueFull: (429, "rate_limit_error", "queue_full")}
+          QueueFull: (429, "rate_limit_error", "queue_full"),
+          RequestFailed: (400, "invalid_request_error", "generation_failed"),     # e.g. its grammar's limits
+          SequenceFailed: (500, "server_error", "generation_failed")}
 
 
 def render(exc: ApiError) -> JSONResponse:
@@ -272,7 +274,7 @@ class Reply:
             for index in range(jobs.n):
                 try:
                     answer = await acollect(job_events(jobs.next(), limiter), self.shape.tool_use)
-                except ContextFull as e:
+                except (ContextFull, SequenceFailed) as e:
                     raise api_error(self.state, ERRORS, e) from e
                 if getattr(self.request.state, "client_gone", False):
                     return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
@@ -301,8 +303,8 @@ class Reply:
                     usage = self.request.state.usage = _total(usage, piece.final.usage)
             if include_usage:
                 yield self.chunk_dict([], usage=usage_dict(usage))
-        except (ApiError, ContextFull) as e:
-            e = api_error(self.state, ERRORS, e) if isinstance(e, ContextFull) else e
+        except (ApiError, ContextFull, SequenceFailed) as e:
+            e = e if isinstance(e, ApiError) else api_error(self.state, ERRORS, e)
             yield _sse(error_body(e.message, e.type, e.param, e.code))
         except (asyncio.CancelledError, GeneratorExit):
             self.request.state.client_gone = True
