@@ -139,3 +139,48 @@ def test_refusals_keep_the_connection_usable(ports):
         assert client.get("/v1/models", headers={"Origin": EVIL}).status_code == 403
         assert client.get("/v1/models").status_code == 200
         assert client.get("/health").status_code == 200
+
+
+# --- edge-llm serve ----------------------------------------------------------------------
+
+def test_serve_applies_the_policy_on_both_ports_and_refuses_a_malformed_allow_origin(tiny_bundle, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "EDGE_LLM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo)}
+    env.pop("EDGE_LLM_API_KEY", None)
+    bad = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "-m", str(tiny_bundle), "--port", "0",
+                          "--ollama-port", "off", "--allow-origin", "ha.example"], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "--allow-origin 'ha.example': an origin is SCHEME://HOST[:PORT]" in bad.stderr, \
+        bad.stderr
+    from tests.test_low_limits import free_port
+    oport = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "-m", str(tiny_bundle), "--port", "0",
+                             "--ctx", "64", "--ollama-port", str(oport), "--allow-origin", "http://192.168.1.*"],
+                            env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = None
+        for line in proc.stdout:
+            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
+                base = m.group(1)
+            if "ready:" in line:
+                break
+        assert base, "edge-llm serve did not start"
+        ollama_base = f"http://127.0.0.1:{oport}"
+        model = httpx.get(ollama_base + "/api/tags").json()["models"][0]["model"]
+        body = {"model": model, "prompt": "w1", "stream": False, "options": {"num_predict": 2}}
+        for origin, want in ((EVIL, 403), ("http://192.168.1.9:3000", 200), (None, 200)):
+            headers = {"Content-Type": "text/plain"} | ({"Origin": origin} if origin else {})
+            r = httpx.post(ollama_base + "/api/generate", content=__import__("json").dumps(body), headers=headers)
+            assert r.status_code == want, (origin, r.text)
+            r = httpx.post(base + "/v1/completions", json={"prompt": "w1", "max_tokens": 2},
+                           headers={"Origin": origin} if origin else {})
+            assert r.status_code == want, (origin, r.text)
+        assert httpx.get(base + "/", headers={"Origin": base}).status_code == 200      # the chat page
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -77,7 +77,12 @@ def register(sub) -> None:
                    "repeatable). Other names are refused there against DNS rebinding")
     s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
-                   help="allow browser requests from this origin (repeatable; CORS is off by default)")
+                   help="allow browser requests from this origin and let its pages read the answers (repeatable; "
+                        "CORS is off by default)")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGINS",
+                   help="also accept requests from web pages of these origins, on both ports (comma-separated, "
+                        "repeatable; OLLAMA_ORIGINS syntax: https://ha.example:8123, http://192.168.1.*, '*' = any). "
+                        "Default: the page's own origin (the chat page), loopback origins and local apps")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
     s.add_argument("--watchdog-stall", type=float, default=DEFAULT_STALL_SECONDS,
                    help="seconds busy without a new token before the systemd watchdog is no longer fed")
@@ -128,15 +133,19 @@ def cmd_serve(a) -> int:
     from edge.api.openai_api import ServerState, create_app
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
+    from edge.api.origins import OriginPolicy
+    policy = OriginPolicy(a.allow_origin + a.cors_origin)          # ValueError: a malformed --allow-origin
     from edge.api.connections import DrainingServer, guarded_protocol
     max_connections, backlog = fit_fd_limit(a.max_connections)
     sock = bind(a.host, a.port, backlog)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
-    sockets, app = [sock], create_app(state)
+    from edge.api.origins import OriginMiddleware, ollama_error, openai_error
+    sockets, app = [sock], OriginMiddleware(create_app(state), policy, openai_error)
     ollama = bind_ollama(a.host, a.ollama_port, backlog)
     if ollama is not None:
         sockets.append(ollama)
-        app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
+        app = PortDispatch(app, {ollama.getsockname()[1]: OriginMiddleware(create_ollama_app(state), policy,
+                                                                           ollama_error)})
     # h11 with the connection bound and request deadline of edge.api.connections; asyncio pinned
     # (not uvloop, if installed: untested here) with a small backlog that bounds its accept bursts
     server = DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
