@@ -245,12 +245,14 @@ def wyoming_transcripts(server: Server, table: Table, parallel: int) -> None:
                   f"{kinds or 'nothing'}, then {then or 'nothing'}", "error" in kinds and "info" in then)
 
 
-SURROGATE_BODIES = {
-    "/api/chat content": '{"model": "%s", "stream": false, "messages": [{"role": "user", "content": "w1 \\ud800"}]}',
-    "/api/generate prompt": '{"model": "%s", "stream": false, "prompt": "w1 \\udfff"}',
-    "/api/generate system": '{"model": "%s", "stream": false, "prompt": "w1", "system": "\\ud83d"}',
+SURROGATE_BODIES = {     # each with a short answer length, in case one is answered after all
+    "/api/chat content": '{"model": "%s", "stream": false, "options": {"num_predict": 4}, '
+                         '"messages": [{"role": "user", "content": "w1 \\ud800"}]}',
+    "/api/generate prompt": '{"model": "%s", "stream": false, "options": {"num_predict": 4}, "prompt": "w1 \\udfff"}',
+    "/api/generate system": '{"model": "%s", "stream": false, "options": {"num_predict": 4}, "prompt": "w1", '
+                            '"system": "\\ud83d"}',
     "/api/chat stop": '{"model": "%s", "stream": false, "messages": [{"role": "user", "content": "w1"}], '
-                      '"options": {"stop": ["\\ud800"]}}',
+                      '"options": {"num_predict": 4, "stop": ["\\ud800"]}}',
 }
 MALFORMED = [b"", b"{", b"[]", b"null", b"\"x\"", b"{\"model\": 5}", b"{\"messages\": 7}", b"\xff\xfe",
              b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": -1}",
