@@ -449,14 +449,16 @@ def test_leftovers_of_interrupted_work_are_cleaned(tiny_bundle, tmp_path, monkey
 
     graph, cache_dir = tiny_bundle / "model.tflite", tmp_path / "xnnpack"
     litert_runner.GraphRunner(graph, 1, cache_dir)
-    (cache,) = cache_dir.iterdir()
+    (cache,) = cache_dir.glob("*.xnnpack")
     good = cache.stat().st_size
     cache.write_bytes(cache.read_bytes()[:4096])                 # killed mid-way (older edge-llm)
     (cache_dir / f".{cache.name}.tmp-999999999").write_bytes(b"\0" * 4096)   # killed mid-way (a dead pid)
     litert_runner.GraphRunner(graph, 1, cache_dir)
-    assert [p.name for p in cache_dir.iterdir()] == [cache.name] and cache.stat().st_size == good
+    assert sorted(p.name for p in cache_dir.iterdir()) == [cache.name, cache.name + ".sum"]
+    assert cache.stat().st_size == good
 
     cache.unlink()                                               # full disk: no cache, no abort
+    (cache_dir / (cache.name + ".sum")).unlink()
     monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 10 << 20})())
     with pytest.warns(RuntimeWarning, match="packing the weights in memory"):
         runner = litert_runner.GraphRunner(graph, 1, cache_dir)

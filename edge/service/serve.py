@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 from edge.launch import engine_from_args
-from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, request_defaults
-from edge.launch.request import RequestDefaults
-from edge.engine.scheduler import DEFAULT_STALL_SECONDS
+from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
+from edge.launch.request import DEFAULT_SPOKEN_TOKENS, WATCHDOG_STALL_SECONDS, RequestDefaults
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
@@ -50,7 +49,7 @@ def _at_least(low, kind):
 
 def register(sub) -> None:
     from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_SECONDS
-    from edge.api.openai_api import MAX_BODY_BYTES
+    from edge.api.runtime import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
                        "/v1/completions, /v1/models, /health, /metrics). Environment defaults: EDGE_LLM_MODEL, "
@@ -59,7 +58,7 @@ def register(sub) -> None:
     add_parallel_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
-    s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
+    s.add_argument("--port", type=port, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
     s.add_argument("--max-queue", type=_at_least(1, int), default=8,
@@ -75,7 +74,7 @@ def register(sub) -> None:
     s.add_argument("--allow-host", action="append", default=[],
                    help="also accept this Host header name on a loopback bind (e.g. a reverse proxy's name; "
                    "repeatable). Other names are refused there against DNS rebinding")
-    s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
+    s.add_argument("--max-body", type=number(int, 1), default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser requests from this origin and let its pages read the answers (repeatable; "
                         "CORS is off by default)")
@@ -84,8 +83,9 @@ def register(sub) -> None:
                         "repeatable; OLLAMA_ORIGINS syntax: https://ha.example:8123, http://192.168.1.*, '*' = any). "
                         "Default: the page's own origin (the chat page), loopback origins and local apps")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
-    s.add_argument("--watchdog-stall", type=float, default=DEFAULT_STALL_SECONDS,
-                   help="seconds busy without a new token before the systemd watchdog is no longer fed")
+    s.add_argument("--watchdog-stall", type=number(float, 0.001), default=WATCHDOG_STALL_SECONDS,
+                   help="seconds with requests pending but no engine step or admission before /health reports "
+                   f"'stalled' and the systemd watchdog is no longer fed (default {WATCHDOG_STALL_SECONDS:g})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity")
     g = s.add_argument_group("default sampling (a request's own fields win)")
@@ -99,6 +99,9 @@ def register(sub) -> None:
                         "no authentication, so bind loopback unless the LAN must reach it), e.g. 127.0.0.1:10400")
     h.add_argument("--wyoming-languages", default="en", help="languages the Wyoming service announces (default en)")
     h.add_argument("--wyoming-system", default=None, help="system prompt for Wyoming conversations")
+    h.add_argument("--wyoming-reply-tokens", type=_positive_or_off, default=DEFAULT_SPOKEN_TOKENS, metavar="N|off",
+                   help="a Wyoming reply ends at the first sentence end after N tokens (default "
+                        f"{DEFAULT_SPOKEN_TOKENS}; 'off': only --max-tokens ends it)")
     from edge.serial import args as serial_args
     serial_args.add_serial_args(s.add_argument_group("serial console"))
     s.set_defaults(func=cmd_serve)
@@ -106,6 +109,15 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
     add_model_args(p)
     p.set_defaults(func=cmd_prepare)
+
+
+def _positive_or_off(value: str) -> int | None:
+    if value == "off":
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or 'off', got {value}")
+    return n
 
 
 def _port_or_off(value: str) -> int | str:
@@ -130,7 +142,8 @@ def api_key(a) -> str | None:
 def cmd_serve(a) -> int:
     import uvicorn
     from edge.api.ollama_api import create_ollama_app
-    from edge.api.openai_api import ServerState, create_app
+    from edge.api.openai_api import create_app
+    from edge.api.runtime import ServerState
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
     from edge.api.origins import OriginPolicy
@@ -197,7 +210,7 @@ class PortDispatch:
 
 
 def server_config(a, key: str | None):
-    from edge.api.openai_api import ServerConfig
+    from edge.api.runtime import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
                         cors_origins=a.cors_origin, log_prompts=a.log_prompts,
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
@@ -337,6 +350,7 @@ def start_wyoming(a, engine, scheduler):
     host, port = parse_address(a.wyoming)
     defaults = request_defaults(a)            # the terminal-style reply limit, not "rest of the context"
     service = WyomingService(engine, scheduler, host, port, defaults=defaults, system=a.wyoming_system,
+                             reply_tokens=getattr(a, "wyoming_reply_tokens", DEFAULT_SPOKEN_TOKENS),
                              languages=tuple(x.strip() for x in a.wyoming_languages.split(",") if x.strip()))
     try:
         service.start()
