@@ -10,7 +10,7 @@ from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
 from edge.api.openai_api import create_app
-from edge.api.origins import OriginMiddleware, OriginPolicy, ollama_error, openai_error, parse_origins
+from edge.api.origins import OriginPolicy, parse_origins
 from tests.http_server import endless_engine, ready_state, running
 
 EVIL = "http://evil.example"
@@ -63,11 +63,9 @@ def tiny(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def ports(tiny):
-    """(OpenAI base, Ollama base), both with the default policy plus one allowed origin."""
-    state = ready_state(tiny)
-    policy = OriginPolicy(["https://ha.example:8123"])
-    with running(state, make_app=lambda s: OriginMiddleware(create_app(s), policy, openai_error)) as openai_base, \
-            running(state, make_app=lambda s: OriginMiddleware(create_ollama_app(s), policy, ollama_error)) as ollama_base:
+    """(OpenAI base, Ollama base, state): both apps as serve builds them, one origin allowed."""
+    state = ready_state(tiny, allowed_origins=["https://ha.example:8123"])
+    with running(state) as openai_base, running(state, make_app=create_ollama_app) as ollama_base:
         yield openai_base, ollama_base, state
 
 

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from edge.api.middleware import add_error_handlers, add_guard_and_log
+from edge.api.origins import guard_origins
 from edge.api.runtime import (ApiError, JobStream, ServerState, StateDep, admit, api_error, chat_prompt,
                               check_bytes, job_events, message_bytes, ready_engine, request_params, tokenize)
 from edge.engine import ContextFull, QueueFull
@@ -130,7 +131,7 @@ def create_ollama_app(state: ServerState) -> FastAPI:
     app.include_router(router)
     add_error_handlers(app, render)
     add_guard_and_log(app, state, error)
-    return JsonBodies(app)
+    return guard_origins(JsonBodies(app), state.config, error)
 
 
 class JsonBodies:

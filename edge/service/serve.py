@@ -146,19 +146,15 @@ def cmd_serve(a) -> int:
     from edge.api.runtime import ServerState
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
-    from edge.api.origins import OriginPolicy
-    policy = OriginPolicy(a.allow_origin + a.cors_origin)          # ValueError: a malformed --allow-origin
     from edge.api.connections import DrainingServer, guarded_protocol
     max_connections, backlog = fit_fd_limit(a.max_connections)
     sock = bind(a.host, a.port, backlog)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
-    from edge.api.origins import OriginMiddleware, ollama_error, openai_error
-    sockets, app = [sock], OriginMiddleware(create_app(state), policy, openai_error)
+    sockets, app = [sock], create_app(state)           # ValueError: a malformed --allow-origin
     ollama = bind_ollama(a.host, a.ollama_port, backlog)
     if ollama is not None:
         sockets.append(ollama)
-        app = PortDispatch(app, {ollama.getsockname()[1]: OriginMiddleware(create_ollama_app(state), policy,
-                                                                           ollama_error)})
+        app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
     # h11 with the connection bound and request deadline of edge.api.connections; asyncio pinned
     # (not uvloop, if installed: untested here) with a small backlog that bounds its accept bursts
     server = DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
@@ -212,7 +208,7 @@ class PortDispatch:
 def server_config(a, key: str | None):
     from edge.api.runtime import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
-                        cors_origins=a.cors_origin, log_prompts=a.log_prompts,
+                        cors_origins=a.cors_origin, allowed_origins=a.allow_origin, log_prompts=a.log_prompts,
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
                         if is_loopback(a.host) else None,
                         defaults=request_defaults(a, RequestDefaults(max_tokens=None)))
