@@ -25,7 +25,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from edge.api import chat_page
-from edge.api.middleware import add_error_handlers, add_guard_and_log
+from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.origins import guard_origins
 from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     chat_logprobs, envelope, error_body, model_card, text_choice, text_logprobs,
                                     usage_dict)
@@ -65,7 +66,7 @@ def create_app(state: ServerState) -> FastAPI:
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    return app
+    return guard_origins(Contained(app), state.config, error_response)
 
 
 router = APIRouter()

@@ -43,6 +43,8 @@ class ServerConfig:
     request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
+    # web origins allowed beyond edge.api.origins' defaults (the page's own, loopback, local apps)
+    allowed_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     # Host header names accepted (None = any): a loopback bind allows only loopback names, so
     # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
