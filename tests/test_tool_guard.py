@@ -130,3 +130,4 @@ def test_a_model_that_would_repeat_the_answered_call_cannot(smol, monkeypatch, g
     else:
         assert text != repeat and ("HassTurnOn", KITCHEN) not in [(c.name, c.arguments) for c in calls]
         assert text.startswith(repeat[:-3])        # it went along the script as far as the grammar let it
+
