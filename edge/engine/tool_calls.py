@@ -39,7 +39,7 @@ from edge.engine import tool_guard
 from edge.engine.call_parser import CallStream, ToolCall, parse_calls  # noqa: F401 (parse_calls: re-exported)
 from edge.engine.constraint import ConstraintError, Grammar, closed, compact
 
-CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})   # a request's own
+CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format", "tool_loop_guard"})
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
 
 
@@ -283,13 +283,16 @@ class ChatRequest:
 
 
 def prepare_chat(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                 response_format=None, loop_guard: bool = False) -> ChatRequest:
+                 response_format=None, tool_loop_guard: bool = False) -> ChatRequest:
     """Messages (OpenAI-shaped dicts) and the client's tool / format fields -> prompt ids and
     grammar. Raises ToolError (with `param`) for anything malformed or uncompilable, and the
-    template's own ValueError for a conversation it rejects. `loop_guard`: calls answered in
-    this turn are left out of the grammar (`tool_guard`)."""
+    template's own ValueError for a conversation it rejects. `tool_loop_guard`: calls answered
+    in this turn are left out of the grammar (`tool_guard`; the interfaces' default is the
+    launch layer's)."""
+    if not isinstance(tool_loop_guard, bool):
+        raise ToolError("tool_loop_guard must be true or false", "tool_loop_guard")
     use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
-    if use is not None and loop_guard:
+    if use is not None and tool_loop_guard:
         use = dataclasses.replace(use, answered=tuple(tool_guard.answered_calls(messages)))
     messages = history(messages, engine.template.source)
     extra = {}
