@@ -143,7 +143,7 @@ def test_wyoming_and_an_openai_stream_at_the_same_time(service, smol):
 
     from openai import OpenAI
 
-    from edge.api.openai_api import ServerState
+    from edge.api.runtime import ServerState
     from tests.http_server import running
     state = ServerState(smol.name)
     state.set_ready(smol, service.scheduler)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from edge.engine import tool_guard
 from edge.engine.call_parser import CallStream, ToolCall, parse_calls  # noqa: F401 (parse_calls: re-exported)
-from edge.engine.constraint import ConstraintError, Grammar, closed, compact
+from edge.engine.constraint import ConstraintError, Grammar, check_depth, closed, compact
 
 CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format", "tool_loop_guard"})
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")      # OpenAI's rule for function names (plus '.')
@@ -83,6 +83,10 @@ def parse_tools(tools) -> tuple[Tool, ...]:
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ToolError(f"{where}.function.parameters must be a JSON schema of type 'object'",
                             f"{where}.function.parameters")
+        try:
+            check_depth(params, f"{where}.function.parameters")
+        except ConstraintError as e:
+            raise ToolError(str(e), f"{where}.function.parameters") from e
         description = fn.get("description") or ""
         if not isinstance(description, str):
             raise ToolError(f"{where}.function.description must be a string", f"{where}.function.description")
@@ -321,7 +325,10 @@ def _check(engine, grammar: Grammar, param: str) -> None:
 
 
 def response_grammar(response_format) -> Grammar | None:
-    """OpenAI's `response_format` -> a Grammar (None for plain text)."""
+    """OpenAI's `response_format` -> a Grammar (None for plain text); a Grammar an interface
+    built from its own field (Ollama's `format`) is taken as it is."""
+    if isinstance(response_format, Grammar):
+        return response_format
     if not response_format:
         return None
     if not isinstance(response_format, dict):
@@ -337,8 +344,9 @@ def response_grammar(response_format) -> Grammar | None:
             if not isinstance(spec, dict) or "schema" not in spec:
                 raise ToolError("response_format.json_schema must be an object with a 'name' and a 'schema'",
                                 "response_format.json_schema")
-            schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
-            return Grammar.json_schema(schema, origin="response_format.json_schema.schema")
+            origin = "response_format.json_schema.schema"
+            schema = closed(spec["schema"], origin) if spec.get("strict") else spec["schema"]
+            return Grammar.json_schema(schema, origin=origin)
     except ConstraintError as e:
         raise ToolError(str(e), "response_format.json_schema.schema" if kind == "json_schema"
                         else "response_format") from e
