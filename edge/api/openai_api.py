@@ -32,7 +32,7 @@ from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, ch
                                     usage_dict)
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
-                              job_events, message_bytes, note_prompt, ready_engine, request_params, tokenize)
+                              job_events, loop_guard, message_bytes, note_prompt, ready_engine, request_params, tokenize)
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, acollect, astream
@@ -116,7 +116,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     check_bytes(engine, nbytes, "messages")
     with admit(state, ERRORS) as ticket:
         prompt = functools.partial(chat_prompt, engine, tools=body.tools, tool_choice=body.tool_choice,
-                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format)
+                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
         chat = await tokenize(state, prompt, messages, "messages", nbytes)
         note_prompt(request, state, messages)
         return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", ticket,

@@ -132,6 +132,7 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    tool_loop_guard: bool | None = None        # ours: False lets a call answered in this turn be made again
 
     @model_validator(mode="after")
     def _supported(self):

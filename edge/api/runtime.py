@@ -31,7 +31,7 @@ from edge.engine.engine import GenerationParams
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
-from edge.launch.request import RequestDefaults
+from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -51,6 +51,7 @@ class ServerConfig:
     allowed_hosts: frozenset[str] | None = None
     # serve's flags over the product defaults; max_tokens None = the rest of the context
     defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
+    tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD      # a request's own `tool_loop_guard` wins
 
 
 class ServerState:
@@ -212,11 +213,12 @@ def _encode(encode, value, param: str) -> list[int]:
 
 
 def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                response_format=None) -> ChatRequest:
+                response_format=None, tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD) -> ChatRequest:
     """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field.
     `response_format` is OpenAI's object or a Grammar an adapter built from its own field."""
     try:
-        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format)
+        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format,
+                            tool_loop_guard=tool_loop_guard)
     except ToolError as e:
         raise ApiError(400, str(e), param=e.param) from e
     except ValueError as e:       # the chat template's own raise_exception
@@ -224,6 +226,11 @@ def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, para
     if not chat.ids:
         raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
     return chat
+
+
+def loop_guard(state: ServerState, asked: bool | None) -> bool:
+    """The tool-loop guard for a request: its own `tool_loop_guard`, else the server's."""
+    return state.config.tool_loop_guard if asked is None else asked
 
 
 def checked_token_ids(ids: list[int], engine) -> list[int]:
