@@ -81,3 +81,18 @@ def test_on_for_the_terminal_off_for_the_api():
     assert request_defaults(serve, RequestDefaults(max_tokens=None)).build().stop_loops is True
     with pytest.raises(ValueError, match="stop_loops must be true or false"):
         RequestDefaults().build(stop_loops="yes")
+
+
+def test_run_says_when_the_guard_stopped_the_answer(tiny_bundle):
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "edge.cli", "run", "w1 w2 w3", "-m", str(tiny_bundle), "-n", "300",
+            "--temperature", "0", "--ctx", "512"]
+    guarded = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert guarded.returncode == 0, guarded.stderr
+    words = len(guarded.stdout.split())
+    assert words < 300
+    assert f"the answer was stopped after {words} tokens: it was repeating itself" in guarded.stderr
+    free = subprocess.run(argv + ["--stop-loops", "off"], capture_output=True, text=True, timeout=300)
+    assert free.returncode == 0 and len(free.stdout.split()) == 300 and "repeating" not in free.stderr
+    assert free.stdout.startswith(guarded.stdout.rstrip("\n"))          # the same answer, cut
