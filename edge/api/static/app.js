@@ -322,6 +322,7 @@ async function ask(conv, { onNothing }) {
   conv.messages.push(reply);
   conv.updated = Date.now();
   state.streaming = reply;
+  state.confirmDelete = null;
   renderAll();
   const view = $("messages").lastElementChild;
   const content = view.querySelector(".content");
