@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from convert.convert import GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ
+from convert.convert import CONVERT_THREADS, GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ
 from convert.quantize import BIG_MODEL_PARAMS, BIG_MODEL_QUANT, DEFAULT_QUANT, SCHEMES
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_sampling_args, request_defaults
@@ -100,7 +100,7 @@ def cmd_chat(a) -> int:
 def cmd_convert(a) -> int:
     from convert.convert import convert
     convert(a.src, a.output, quant=a.quant, overwrite=a.force, rotate=a.rotate,
-            smooth=not a.no_smooth, gptq=a.gptq, head=a.head)
+            smooth=not a.no_smooth, gptq=a.gptq, head=a.head, threads=a.threads)
     _log(f"wrote {a.output}")
     return 0
 
@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--head", default=None, metavar="SCHEME",
                    help="integer quants: the lm_head's format (and so a tied embedding's), e.g. int8, int4, "
                         "int4-b32; default: the one chosen for --quant")
+    v.add_argument("--threads", type=int, default=None,
+                   help=f"NumPy threads while converting (default {CONVERT_THREADS}: steady beside other work, "
+                        "and the same bundle whatever the load; bundles made with different counts differ in "
+                        "rounding)")
     v.set_defaults(func=cmd_convert)
 
     from edge.cli import bench, models, perplexity

@@ -7,8 +7,9 @@ import argparse
 from edge.engine.engine import KV_TYPES
 from edge.engine.repetition import MIN_REPEATS, MIN_SPAN
 from edge.launch.request import (DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING,
-                                 DEFAULT_SPECULATE, TERMINAL_STOP_LOOPS, RequestDefaults)
+                                 DEFAULT_SPECULATE, DEFAULT_THREADS, TERMINAL_STOP_LOOPS, RequestDefaults)
 from edge.model.backends import BACKENDS
+from edge.model.thread_policy import parse_threads
 
 
 def add_model_choice(p: argparse.ArgumentParser) -> None:
@@ -51,7 +52,9 @@ non_negative = number(int, 0)
 def add_model_args(p: argparse.ArgumentParser, ctx: int = DEFAULT_CTX) -> None:
     """--model, --backend, --threads and --ctx."""
     add_model_choice(p)
-    p.add_argument("--threads", type=positive, default=None, help="worker threads (default: all cores)")
+    p.add_argument("--threads", type=threads_arg, default=DEFAULT_THREADS,
+                   help="worker threads: a number, or auto = one thread or all cores, whichever runs faster "
+                        f"beside the machine's other work, timed as it runs (default {DEFAULT_THREADS})")
     p.add_argument("--ctx", type=non_negative, default=ctx, help=f"context length in tokens, per slot; 0 = the model's maximum, bounded by memory (default {ctx})")
     p.add_argument("--kv-type", default="f32", choices=sorted(KV_TYPES),
                    help="KV cache storage: f16 halves its memory (default f32)")
@@ -64,6 +67,13 @@ def add_parallel_args(p: argparse.ArgumentParser, default: int = DEFAULT_PARALLE
     p.add_argument("--prompt-cache-mb", type=non_negative, default=DEFAULT_PROMPT_CACHE_MB,
                    help="disk for the KV of long prompts, kept across restarts in the state directory "
                         f"(0 = off; default {DEFAULT_PROMPT_CACHE_MB})")
+
+
+def threads_arg(value: str) -> int | str:
+    try:
+        return parse_threads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_sampling_args(p, max_tokens_help: str = str(DEFAULT_MAX_TOKENS)) -> None:
