@@ -113,6 +113,7 @@ def test_markdown_renders_lists_tables_links_and_code_and_html_stays_inert(tiny_
         assert driver.find_elements(By.CSS_SELECTOR, ".msg .note") == []
         job = next(j for j, ev in events if ev.usage is not None)
         assert job.params.max_tokens == DEFAULT_PAGE_MAX_TOKENS            # the page's reply budget
+        assert job.params.stop_loops is True                                # and the loop guard
         content = assistant_content(driver)
 
         assert content.find_element(By.TAG_NAME, "h2").text == "Fruit, by colour"

@@ -74,6 +74,8 @@ class GenerationRequest(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
     logit_bias: dict | None = None
+    # edge-llm's: end a reply caught in an exact loop as "length" (engine/repetition.py); the chat page sends it
+    stop_loops: bool | None = None
 
     @model_validator(mode="after")
     def _no_logit_bias(self):
@@ -116,7 +118,7 @@ class GenerationRequest(BaseModel):
         means a random seed whatever the server's default)."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-                      presence_penalty=self.presence_penalty, seed=self.seed)
+                      presence_penalty=self.presence_penalty, seed=self.seed, stop_loops=self.stop_loops)
         return fields
 
 
