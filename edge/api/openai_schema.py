@@ -76,6 +76,8 @@ class GenerationRequest(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
     logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
+    # edge-llm's: end a reply caught in an exact loop as "length" (engine/repetition.py); the chat page sends it
+    stop_loops: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -112,7 +114,8 @@ class GenerationRequest(BaseModel):
         means a random seed whatever the server's default)."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-                      presence_penalty=self.presence_penalty, seed=self.seed, logit_bias=self.logit_bias)
+                      presence_penalty=self.presence_penalty, seed=self.seed, logit_bias=self.logit_bias,
+                      stop_loops=self.stop_loops)
         return fields
 
 
