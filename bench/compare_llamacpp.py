@@ -488,9 +488,11 @@ def _median_ts(record: dict) -> float:
     return statistics.median(record["samples_ts"]) if record.get("samples_ts") else record["avg_ts"]
 
 
-def run_llama_bench(gguf_path: Path, threads: int, reps: int, n_prompt: int, n_gen: int, workdir: Path) -> dict:
-    """`llama-bench -m GGUF -p N -n N -t T -r R -o json` (one pp and one tg record)."""
-    out, rss, wall = run_measured([str(llamacpp_bin("llama-bench", workdir)), "-m", str(gguf_path),
+def run_llama_bench(gguf_path: Path, threads: int, reps: int, n_prompt: int, n_gen: int, workdir: Path,
+                    binary: Path | None = None) -> dict:
+    """`llama-bench -m GGUF -p N -n N -t T -r R -o json` (one pp and one tg record); binary:
+    a llama-bench to use instead of the workdir's build."""
+    out, rss, wall = run_measured([str(binary or llamacpp_bin("llama-bench", workdir)), "-m", str(gguf_path),
                                    "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", str(reps),
                                    "-o", "json"])
     records = json.loads(out)
@@ -574,6 +576,7 @@ def prepare(args) -> dict:
 def compare(args, files: dict) -> dict:
     """Interleaved runs: for each round, for each pair, ours then llama.cpp."""
     runs: dict[tuple[str, str], list[dict]] = {}
+    rounds: list[dict] = []
     before = os.getloadavg()
     for rnd in range(args.rounds):
         for q in args.quants:
@@ -585,11 +588,16 @@ def compare(args, files: dict) -> dict:
                 busy = wait_for_idle(args.max_busy, args.idle_wait) if args.idle_wait > 0 else cpu_busy(1)
                 log(f"round {rnd + 1}/{args.rounds}: {engine} {q if engine == 'edge' else PAIRS[q]} "
                     f"(load {os.getloadavg()[0]:.2f}, cpu {busy:.0%} busy) ...")
+                load = os.getloadavg()
                 r = job()
-                r["loadavg_at_start"], r["cpu_busy_at_start"] = os.getloadavg(), busy
+                r["loadavg_at_start"], r["cpu_busy_at_start"] = load, busy
                 runs.setdefault((q, engine), []).append(r)
                 log(f"  pp {r['pp_tokens_per_s']:.1f} t/s, tg {r['tg_tokens_per_s']:.1f} t/s, "
                     f"peak RSS {r['peak_rss_mb']:.0f} MB")
+            if len(jobs) == 2:
+                ours, theirs = runs[(q, "edge")][-1], runs[(q, "llamacpp")][-1]
+                rounds.append(round_ratio(rnd + 1, q, ours, theirs))
+                log(round_line(rounds[-1]))
     pairs = []
     for q in args.quants:
         pair = {"quant": q, "llamacpp_type": PAIRS[q]}
@@ -607,7 +615,33 @@ def compare(args, files: dict) -> dict:
             "cpu": _cpu_name(), "machine": platform.machine(), "llama_cpp_commit": llamacpp_commit(args.workdir),
             "llama_cpp_build": info, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "files": {k: str(v) if isinstance(v, Path) else {q: str(p) for q, p in v.items()} for k, v in files.items()},
-            "pairs": pairs}
+            "pairs": pairs, "round_ratios": rounds}
+
+
+def round_ratio(rnd: int, quant: str, ours: dict, theirs: dict) -> dict:
+    """One round's ours ÷ llama.cpp, with the load average (1 min) at the start of each run."""
+    return {"round": rnd, "quant": quant, "llamacpp_type": PAIRS[quant],
+            "load_ours": ours["loadavg_at_start"][0], "load_llamacpp": theirs["loadavg_at_start"][0],
+            "pp_ours": ours["pp_tokens_per_s"], "pp_llamacpp": theirs["pp_tokens_per_s"],
+            "tg_ours": ours["tg_tokens_per_s"], "tg_llamacpp": theirs["tg_tokens_per_s"],
+            "pp_ratio": ours["pp_tokens_per_s"] / theirs["pp_tokens_per_s"],
+            "tg_ratio": ours["tg_tokens_per_s"] / theirs["tg_tokens_per_s"]}
+
+
+def round_line(r: dict) -> str:
+    return (f"round {r['round']} {r['quant']}/{r['llamacpp_type']}: pp {r['pp_ratio']:.2f}x, "
+            f"tg {r['tg_ratio']:.2f}x (load {r['load_ours']:.2f} / {r['load_llamacpp']:.2f})")
+
+
+def markdown_rounds(rounds: list[dict]) -> str:
+    """Each round's ratio with the load average at that round."""
+    lines = ["| round | weights | load (ours / llama.cpp) | pp ours | pp llama.cpp | **pp ×** | "
+             "tg ours | tg llama.cpp | **tg ×** |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rounds:
+        lines.append(f"| {r['round']} | {r['quant']} / {r['llamacpp_type']} | {r['load_ours']:.2f} / "
+                     f"{r['load_llamacpp']:.2f} | {r['pp_ours']:.1f} | {r['pp_llamacpp']:.1f} | "
+                     f"**{r['pp_ratio']:.2f}** | {r['tg_ours']:.1f} | {r['tg_llamacpp']:.1f} | **{r['tg_ratio']:.2f}** |")
+    return "\n".join(lines)
 
 
 def _cpu_name() -> str:
@@ -629,8 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "24 heads / 8 KV heads, head_dim 128)")
     p.add_argument("--threads", "-t", type=int, default=2, help="threads for both engines (default 2)")
     p.add_argument("--reps", "-r", type=int, default=3, help="repetitions inside each tool's run (default 3)")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="interleaved rounds of all runs; medians are reported (default 1)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="interleaved rounds of all runs; each round's ratio is printed with the load average "
+                        "at that round, and medians are reported (default 5)")
     p.add_argument("-p", "--n-prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("-n", "--n-gen", type=int, default=64, help="generated tokens (default 64)")
     p.add_argument("--quants", type=lambda s: [q for q in s.split(",") if q], default=DEFAULT_QUANTS,
@@ -675,6 +710,9 @@ def main(argv: list[str] | None = None) -> int:
                                                for k, v in pr.items()} for pr in result["pairs"]]}, indent=1))
     else:
         print(markdown(result))
+        if result["round_ratios"]:
+            print()
+            print(markdown_rounds(result["round_ratios"]))
     return 0
 
 

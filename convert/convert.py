@@ -10,11 +10,13 @@ from typing import Callable
 
 import numpy as np
 
-from convert.bundle_writer import atomic_bundle
+from convert.bundle_writer import atomic_bundle, clean_partials
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
 from convert.quantize import SCHEMES, default_quant
+from convert.reuse import CalibrationRows, Reuse
 from edge.model.config import ModelConfig
+from edge.model.thread_policy import parse_threads
 
 FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # Defaults from the measured table in the README (SmolLM2, 9471 tokens, vs f32):
@@ -31,6 +33,11 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 ROTATE_BY_DEFAULT = ("int8", "int4", "int4-b32")
 ROTATE_ONLY_WITH_GPTQ = ("int4", "int4-b32")
 GPTQ_BY_DEFAULT = ("int8", "int4", "int4-b32")
+# NumPy's BLAS threads while converting. One: beside busy processes OpenBLAS's threads wait for
+# each other at every matmul (calibration 11.4 s -> 309.5 s, GPTQ 37 s -> 896 s at load 13,
+# where one thread would lose only its share of the CPU), and its results change with the
+# thread count, so a fixed count keeps the bundle the same whatever the load (docs/SPEED.md).
+CONVERT_THREADS = 1
 
 
 def read_checkpoint(src: Path) -> Checkpoint:
@@ -66,7 +73,8 @@ def untie(get: Callable[[str], np.ndarray], cfg: ModelConfig) -> tuple[Callable[
 
 def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = False,
             name: str | None = None, quiet: bool = False, rotate: bool | None = None,
-            smooth: bool = True, gptq: bool | None = None, head: str | None = None) -> Path:
+            smooth: bool = True, gptq: bool | None = None, head: str | None = None,
+            threads: int | str | None = None) -> Path:
     """Graph for the matmuls (any quant) + NumPy tensors: for float quants every tensor, so the
     bundle also runs on the NumPy reference backend; for integer quants the embedding, which a
     tied model does not store again (its lookup reads the lm_head's rows in the graph).
@@ -75,17 +83,32 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     `ROTATE_ONLY_WITH_GPTQ` say), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
     rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice).
-    quant None: `default_quant` for the checkpoint's size."""
-    from convert.llama_graph import head_scheme, write_llama_graph
+    quant None: `default_quant` for the checkpoint's size. threads: NumPy's BLAS pool for the
+    whole conversion (None/"auto": CONVERT_THREADS). It is fixed, not timed and switched as the
+    runtime's is: OpenBLAS's results change with its thread count, and a bundle must not
+    depend on what else ran while it was made."""
+    from convert.llama_graph import head_scheme
     if quant is not None and quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
+    stream = {"stream": _Null()} if quiet else {}
+    note = (lambda m: print(m, file=stream.get("stream", sys.stderr)))
+    clean_partials(Path(dest).resolve(), note)        # first: the space they hold may be needed
     ckpt = read_checkpoint(src)
     quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
+    head = head_scheme(quant, head)
+    import threadpoolctl
+    threads = parse_threads(threads)
+    with threadpoolctl.threadpool_limits(threads if isinstance(threads, int) else CONVERT_THREADS, user_api="blas"):
+        return _convert(ckpt, src, dest, quant, overwrite, name, rotate, smooth, gptq, head, stream)
+
+
+def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rotate, smooth, gptq, head: str,
+             stream: dict) -> Path:
+    from convert.llama_graph import write_llama_graph
+    note = (lambda m: print(m, file=stream.get("stream", sys.stderr)))
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS
-    stream = {"stream": _Null()} if quiet else {}
-    head = head_scheme(quant, head)
     g = _GraphWeights.plain(ckpt)
     if not floats:
         g = g.transformed(ckpt, quant, rotate, smooth, quant in GPTQ_BY_DEFAULT if gptq is None else gptq,
@@ -102,7 +125,7 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     tensor = counted(ckpt.tensor)
 
     embedding = {"scheme": "float"}
-    with atomic_bundle(dest, overwrite) as w, g.hessians or contextlib.nullcontext():
+    with atomic_bundle(dest, overwrite, log=note) as w, g.hessians or contextlib.nullcontext():
         layout = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
                                    g.down_rotation, g.hessians, head)
         with w.tensor_file("weights.bin") as tf:
@@ -190,14 +213,19 @@ class _GraphWeights:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        smoothing = _fit_smoothing(ckpt, get, cfg, quant, head, tokens, stream, down_rotation) \
-            if smooth and tokens is not None else None
-        if smoothing:
+        # Each tensor made once per pass (convert/reuse.py): smoothing's pass and search share a
+        # layer's rotated weights, GPTQ's pass and the writer its smoothed ones, and both passes
+        # take the calibration tokens' embedding rows from one rotation of the table.
+        rows = CalibrationRows(get, segments) if segments else None
+        smoothing = None
+        if smooth and tokens is not None:
+            smoothing = _fit_smoothing(ckpt, Reuse(rows), cfg, quant, head, tokens, stream, down_rotation)
             get = smoothing.weights(get)
         hessians = None
         if gptq and tokens is not None:       # run lazily, as the graph writer reaches each group
             from convert.gptq import Hessians
-            hessians = Hessians.collect(get, cfg, segments, down_rotation)
+            get = Reuse(get)
+            hessians = Hessians.collect(rows.on(get), cfg, segments, down_rotation)
         return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
                              rotate, smoothing is not None, rotation,
                              smoothing.scales["head"] if smoothing else None, hessians)
@@ -219,8 +247,7 @@ def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: st
     """Calibrated smoothing scales (convert/smoothing.py)."""
     from convert.smoothing import Smoothing
     bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {sum(map(len, tokens))} tokens", **stream)
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step,
-                              down_rotation=down_rotation)
+    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step, down_rotation=down_rotation)
     bar.close()
     return smoothing
 

@@ -114,7 +114,7 @@ def test_chunked_transposed_loop_matches_the_textbook_algorithm(monkeypatch, sch
 
 
 def test_damping_by_scheme_reaches_the_factor():
-    """int8 is damped more than the 4-bit schemes (README, GPTQ); gptq_quantize without a damp
+    """int8 is damped more than the 4-bit schemes (docs/QUANTIZATION.md, GPTQ); gptq_quantize without a damp
     applies the scheme's, as the graph writer does through Hessians.prepared."""
     assert gptq.damping("int8") > gptq.damping("int4") == gptq.damping("int4-b32") == gptq.DAMP
     x, w = _layer(4)

