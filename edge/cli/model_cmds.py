@@ -11,7 +11,6 @@ import urllib.request
 
 from convert.quantize import SCHEMES
 from edge.launch import model_store
-from edge.launch.aliases import normalize
 
 
 def _mb(n: float) -> str:
@@ -50,10 +49,19 @@ class ProgressLine:
         self.out.flush()
 
 
+def json_lines(ev) -> None:
+    """`pull --json`: one event a line on stdout (the server relays them as Ollama's)."""
+    d = {"status": ev.status, "digest": ev.digest, "total": ev.total, "completed": ev.completed,
+         "rate": ev.rate, "eta": ev.eta, **ev.extra}
+    print(json.dumps({k: v for k, v in d.items() if v is not None}), flush=True)
+
+
 def cmd_pull(a) -> int:
     from edge.launch.pull import pull
-    dest = pull(a.spec, quant=a.quant, emit=ProgressLine(), log=lambda m: print(m, file=sys.stderr),
-                keep_download=not a.no_keep)
+    dest = pull(a.spec, quant=a.quant, emit=json_lines if a.json else ProgressLine(),
+                log=lambda m: print(m, file=sys.stderr), keep_download=not a.no_keep)
+    if a.json:
+        return 0
     names = model_store.alias_table().of(dest.name)
     print(dest.name)
     print(f"installed {dest.name}" + (f" (also: {', '.join(names)})" if names else "")
@@ -182,8 +190,8 @@ def cmd_stop(a) -> int:
     """As `ollama stop`: a generate request with keep_alive 0, then a look at /api/ps."""
     base = server_url(a.host)
     _call(base + "/api/generate", {"model": a.name, "keep_alive": 0, "stream": False})
-    still = [m["name"] for m in _call(base + "/api/ps").get("models", [])
-             if normalize(m.get("name", "")) == normalize(a.name)]
+    # the server answered for that name, so it is the model it runs; if /api/ps still lists it, it stayed
+    still = _call(base + "/api/ps").get("models", [])
     if still:
         print(f"{a.name} stays loaded: this server keeps the model it was started with; "
               "stop the service to free its memory", file=sys.stderr)
@@ -205,6 +213,8 @@ def register(sub) -> None:
     p.add_argument("--no-keep", action="store_true",
                    help="delete the downloaded checkpoint after converting it (saves its size on disk; "
                         "a later bundle format change then needs a new pull)")
+    p.add_argument("--json", action="store_true",
+                   help="progress as JSON lines on stdout (status, digest, total, completed, rate, eta)")
     p.set_defaults(func=cmd_pull)
 
     al = sub.add_parser("alias", help="give an installed model another name (e.g. llama3.2:latest); "
