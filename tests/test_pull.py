@@ -220,6 +220,12 @@ def test_unknown_repository(home, hub):
         pull.pull("nobody/nothing", log=lambda m: None)
 
 
+def test_unreachable_hub(home, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(pull.PullError, match="cannot reach http://127.0.0.1:9"):
+        pull.pull("someone/Tiny", log=lambda m: None)
+
+
 def test_wrong_sha256_is_removed(home, hub, tiny_gguf):
     hub.repos["someone/Tiny-GGUF"] = gguf_repo(tiny_gguf)
     hub.corrupt.add("tiny-Q4_K_M.gguf")

@@ -106,6 +106,12 @@ class Event:
     extra: dict = field(default_factory=dict)
 
 
+def _network_error(e: Exception) -> bool:
+    """A transport error of huggingface_hub's HTTP client (connection refused, reset, timeout)."""
+    return type(e).__module__.split(".")[0].startswith("httpx") or type(e).__name__.endswith(
+        ("ConnectError", "TimeoutException", "ProtocolError", "NetworkError"))
+
+
 def _endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
@@ -165,8 +171,10 @@ def plan(spec: PullSpec) -> Plan:
             spec.repo, revision=spec.revision, files_metadata=True)
     except HfHubHTTPError as e:
         raise _hub_error(e, spec) from None
-    except OSError as e:
-        raise PullError(f"cannot reach {_endpoint()}: {e}") from None
+    except Exception as e:
+        if isinstance(e, OSError) or _network_error(e):
+            raise PullError(f"cannot reach {_endpoint()}: {e}") from None
+        raise
     siblings = {s.rfilename: RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None,
                                         None if s.lfs else s.blob_id)
                 for s in info.siblings or []}
@@ -319,8 +327,10 @@ def _fetch_part(p: Plan, f: RemoteFile, dest: Path, part: Path, meter: _Meter) -
             status = e.response.status_code if e.response is not None else e
             raise PullError(f"the download of {f.name} failed ({status}); pull again to resume it "
                             f"from {_mb(out.tell())}") from None
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        except Exception as e:
+            if not (isinstance(e, OSError) or _network_error(e)):
+                raise
+            if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
                 part.unlink(missing_ok=True)
                 raise PullError(f"the disk filled up while writing {f.name}; its partial download was removed. "
                                 f"Free {_mb(f.size or 0)} or more in {part.parent} and pull again") from None
