@@ -40,7 +40,7 @@ from edge.api.origins import guard_origins
 from edge.api.text import lone_surrogate, surrogate_message
 from edge.api.runtime import (CLIENT_GONE, ApiError, JobStream, ServerState, StateDep, admit, api_error,
                               cancel_on_disconnect, chat_prompt,
-                              check_bytes, job_events, loop_guard, message_bytes, ready_engine, request_params, tokenize)
+                              check_bytes, job_events, loop_guard, message_bytes, model_error, ready_engine, request_params, tokenize)
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.constraint import ConstraintError, Grammar, closed
 from edge.engine.conversation import fit_messages
@@ -127,6 +127,11 @@ class ModelBody(Body):
         if not (self.model or self.name):
             raise ApiError(400, "model is required")
         return self.model or self.name
+
+
+class PullBody(ModelBody):
+    stream: bool = True
+    insecure: bool = False
 
 
 # --- the app -----------------------------------------------------------------------------
@@ -226,11 +231,20 @@ def show(body: ModelBody, state: StateDep):
 
 
 @router.post("/api/pull")
+async def pull(body: PullBody, state: StateDep):
+    """An installed model (the loaded one, another, an alias): success at once. A Hugging Face
+    repository (OWNER/NAME[:QUANT], hf.co/...): `edge-llm pull` in a child process (the
+    conversion's memory goes back to the system when it ends), its progress streamed in
+    Ollama's lines: pulling manifest, pulling <digest> with total/completed, verifying sha256
+    digest, success; a failure is an {"error"} line (or a 4xx/5xx without streaming)."""
+    from edge.api import pulling
+    return await pulling.respond(state, body.wanted, body.stream)
+
+
 @router.post("/api/create")
-def pull(body: ModelBody, state: StateDep):
-    """Nothing is downloaded here: success for the installed model, a clear error otherwise."""
-    _engine_for(state, body.wanted, hint="this server runs one installed model and downloads nothing; "
-                                         "convert another with `edge-llm convert` and restart with --model")
+def create(body: ModelBody, state: StateDep):
+    """Nothing is built here: success for the loaded model, a clear error otherwise."""
+    _engine_for(state, body.wanted, hint="this server builds no models; use edge-llm pull or edge-llm convert")
     return {"status": "success"}
 
 
@@ -498,18 +512,12 @@ def _loaded(state: ServerState, content: dict) -> JSONResponse:
 
 # --- the one model, by Ollama's names ------------------------------------------------------
 
-def model_names(state: ServerState) -> set[str]:
-    """What a client may call the model: its id, with or without Ollama's ":latest" tag,
-    in any case."""
-    base = state.model_id.lower()
-    return {base, f"{base}:latest"}
-
-
 def _engine_for(state: ServerState, name: str, hint: str = ""):
+    """The engine, when `name` is the loaded model's (runtime.served_names: its name, installed
+    name or an alias, any case, ":latest" or not); else a 404 saying why."""
     engine = ready_engine(state)
-    if (name or "").lower() not in model_names(state):
-        raise ApiError(404, f"model '{name}' not found; this server runs '{_tag(state)}'"
-                            + (f" ({hint})" if hint else ""))
+    if (err := model_error(state, name or "", hint)) is not None:
+        raise err
     return engine
 
 

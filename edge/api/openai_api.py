@@ -32,7 +32,8 @@ from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, ch
                                     usage_dict)
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
-                              job_events, loop_guard, message_bytes, note_prompt, ready_engine, request_params, tokenize)
+                              installed, job_events, loop_guard, message_bytes, model_error, note_prompt, ready_engine,
+                              request_params, tokenize)
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, acollect, astream
@@ -102,15 +103,23 @@ def list_models(state: StateDep):
 
 @router.get("/v1/models/{model_id:path}")
 def get_model(model_id: str, state: StateDep):
-    if model_id != state.model_id:
-        raise ApiError(404, f"the model {model_id!r} does not exist; this server runs {state.model_id!r}",
-                       param="model", code="model_not_found")
+    if (err := model_error(state, model_id)) is not None:
+        raise err
     return model_card(state.model_id, state.created)
+
+
+def check_model(state: ServerState, name: str | None) -> None:
+    """A request naming another installed model (or an alias of one) is a 404: this server
+    would answer it with a different model. Other names are answered by the loaded model
+    (OpenAI clients often send a fixed name of their own)."""
+    if name and installed(name) and (err := model_error(state, name)) is not None:
+        raise err
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = ready_engine(state)
+    check_model(state, body.model)
     messages = [m.as_dict() for m in body.messages]
     nbytes = message_bytes(messages)
     check_bytes(engine, nbytes, "messages")
@@ -127,6 +136,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: StateDep):
     engine = ready_engine(state)
+    check_model(state, body.model)
     with admit(state, ERRORS) as ticket:
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
             ids = checked_token_ids(body.prompt, engine)

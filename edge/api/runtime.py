@@ -31,6 +31,8 @@ from edge.engine.engine import GenerationParams
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
+from edge.launch import model_store
+from edge.launch.aliases import normalize
 from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
@@ -154,6 +156,43 @@ def ready_engine(state: ServerState):
         raise ApiError(503, "the model is still loading; retry in a few seconds", "unavailable_error",
                        code="model_loading", headers={"Retry-After": "5"})
     return state.engine
+
+
+# --- models by name -------------------------------------------------------------------------
+
+def served_names(state: ServerState) -> set[str]:
+    """What a client may call the loaded model (compared after `aliases.normalize`: any case,
+    ":latest" or not): its name, its installed name (`edge-llm models`) and their aliases."""
+    names = {normalize(state.model_id)}
+    if state.engine is not None:
+        names.add(normalize(state.engine.bundle.path.name))
+    try:
+        table = model_store.alias_table().load()
+    except ValueError:
+        table = {}
+    return names | {alias for alias, target in table.items() if normalize(target) in names}
+
+
+def installed(name: str) -> bool:
+    """An installed model's name or alias (`edge-llm models`, `edge-llm alias`)."""
+    try:
+        return (model_store.alias_table().lookup(name) is not None
+                or model_store.find_by_name(name, prefix=False) is not None)
+    except (ValueError, OSError):
+        return False
+
+
+def model_error(state: ServerState, name: str, hint: str = "") -> ApiError | None:
+    """None when `name` names the loaded model; else the 404 that says what is wrong."""
+    if normalize(name) in served_names(state):
+        return None
+    if installed(name):
+        message = (f"model '{name}' is installed but not loaded: this server runs '{state.model_id}' "
+                   f"(restart it with --model {name})")
+    else:
+        message = (f"model '{name}' not found; this server runs '{state.model_id}' (edge-llm pull installs "
+                   "a model from the Hugging Face Hub, edge-llm alias gives it another name)")
+    return ApiError(404, message + (f"; {hint}" if hint else ""), param="model", code="model_not_found")
 
 
 def admit(state: ServerState, table: ErrorTable):

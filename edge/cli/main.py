@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     from edge.serial import args as serial_args
     from edge.service import serve
     models.register(sub)
+    from edge.cli import model_cmds
+    model_cmds.register(sub)
     bench.register(sub)
     perplexity.register(sub)
     serial_args.register(sub)
