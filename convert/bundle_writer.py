@@ -1,10 +1,17 @@
 """Write a bundle atomically: everything goes into a temporary sibling directory, is fsynced,
-and only then renamed into place, so a failed or interrupted conversion leaves nothing behind."""
+and only then renamed into place, so a failed conversion leaves nothing behind.
+
+The temporary directory is named `.NAME.PID@HOST.XXXXXXXX.partial`: a conversion killed
+outright (SIGKILL, power loss) cannot remove it, so the next conversion to the same target
+removes those whose process, on this host, no longer runs. Directories of a live process and
+any name without that tag are left alone."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,13 +73,54 @@ def _umask() -> int:
     return mask
 
 
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "localhost"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:            # someone else's process: alive
+        return True
+    return True
+
+
+def stale_partials(dest: Path) -> list[Path]:
+    """Temporary directories beside `dest` left by conversions to it whose process has died."""
+    dest = Path(dest)
+    tag = re.compile(rf"\.{re.escape(dest.name)}\.(\d+)@(.+)\.[A-Za-z0-9_]{{8}}\.partial")
+    host, found = _host(), []
+    try:
+        entries = list(dest.parent.iterdir())
+    except OSError:
+        return found
+    for p in entries:
+        m = tag.fullmatch(p.name)
+        if m and m[2] == host and p.is_dir() and not p.is_symlink() and not _alive(int(m[1])):
+            found.append(p)
+    return found
+
+
+def clean_partials(dest: Path, log=None) -> list[Path]:
+    """Remove `stale_partials(dest)`; returns them."""
+    removed = stale_partials(dest)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+        if log:
+            log(f"removed {p}: left by an interrupted conversion")
+    return removed
+
+
 @contextmanager
-def atomic_bundle(dest: Path, overwrite: bool = False) -> Iterator[BundleWriter]:
+def atomic_bundle(dest: Path, overwrite: bool = False, log=None) -> Iterator[BundleWriter]:
     dest = Path(dest).resolve()
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest}: already exists (pass --force to replace it)")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    clean_partials(dest, log)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}@{_host()}.", suffix=".partial", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())      # mkdtemp makes it 0700: the bundle honours the umask like its files
     try:
         yield BundleWriter(tmp)
@@ -89,6 +137,11 @@ def atomic_bundle(dest: Path, overwrite: bool = False) -> Iterator[BundleWriter]
             os.fsync(fd)
         finally:
             os.close(fd)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:        # a failed write() names no file: say where it went
+            raise OSError(e.errno, f"{e.strerror}: writing the bundle {dest} (in {tmp}, now removed)") from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

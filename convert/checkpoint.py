@@ -39,6 +39,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+FINITE_CHECK_CHUNK = 1 << 22     # values per np.isfinite pass: its mask stays small
+
+
+def count_non_finite(arr: np.ndarray) -> int:
+    """How many values of `arr` are NaN or infinite, checked a chunk at a time so a 1 GB
+    tensor does not get a 250 MB mask beside it."""
+    flat = arr.reshape(-1)
+    return sum(int(flat[lo:lo + FINITE_CHECK_CHUNK].size - np.count_nonzero(np.isfinite(flat[lo:lo + FINITE_CHECK_CHUNK])))
+               for lo in range(0, flat.size, FINITE_CHECK_CHUNK))
+
+
 @dataclass
 class Checkpoint:
     config: ModelConfig
@@ -48,6 +59,7 @@ class Checkpoint:
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token/eos_token text
     add_bos: bool = True                          # raw (non-chat) prompts start with BOS
+    stored_names: dict[str, str] = field(default_factory=dict)  # canonical -> where the file keeps it
 
     def names(self) -> list[str]:
         return list(self.loaders)
@@ -64,6 +76,12 @@ class Checkpoint:
             arr = arr.copy()
         if arr.shape != want:
             raise CheckpointError(f"{self.source}: tensor {name!r} has shape {arr.shape}, config implies {want}")
+        bad = count_non_finite(arr)
+        if bad:
+            stored = self.stored_names.get(name)
+            where = f" ({stored})" if stored else ""
+            raise CheckpointError(f"{self.source}: tensor {name!r}{where} has {bad} non-finite value(s) (NaN or "
+                                  f"infinity) after dequantization; the checkpoint is damaged")
         return arr
 
     def validate(self) -> None:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from convert.bundle_writer import atomic_bundle
+from convert.bundle_writer import atomic_bundle, clean_partials
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
 from convert.quantize import SCHEMES, default_quant
@@ -90,10 +90,12 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     from convert.llama_graph import head_scheme
     if quant is not None and quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
+    stream = {"stream": _Null()} if quiet else {}
+    note = (lambda m: print(m, file=stream.get("stream", sys.stderr)))
+    clean_partials(Path(dest).resolve(), note)        # first: the space they hold may be needed
     ckpt = read_checkpoint(src)
     quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
-    stream = {"stream": _Null()} if quiet else {}
     head = head_scheme(quant, head)
     import threadpoolctl
     threads = parse_threads(threads)
@@ -104,6 +106,7 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
 def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rotate, smooth, gptq, head: str,
              stream: dict) -> Path:
     from convert.llama_graph import write_llama_graph
+    note = (lambda m: print(m, file=stream.get("stream", sys.stderr)))
     names = ckpt.names()
     floats = quant in FLOAT_QUANTS
     g = _GraphWeights.plain(ckpt)
@@ -122,7 +125,7 @@ def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rot
     tensor = counted(ckpt.tensor)
 
     embedding = {"scheme": "float"}
-    with atomic_bundle(dest, overwrite) as w, g.hessians or contextlib.nullcontext():
+    with atomic_bundle(dest, overwrite, log=note) as w, g.hessians or contextlib.nullcontext():
         layout = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
                                    g.down_rotation, g.hessians, head)
         with w.tensor_file("weights.bin") as tf:

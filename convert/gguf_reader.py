@@ -158,14 +158,15 @@ def read_gguf(path: Path) -> Checkpoint:
             return unpermute_rope_rows(w, unpermute_heads) if unpermute_heads else w
         return load
 
-    loaders = {"embed": loader("token_embd.weight"), "final_norm": loader("output_norm.weight")}
+    stored = {"embed": "token_embd.weight", "final_norm": "output_norm.weight"}
     if not cfg.tie_word_embeddings:
-        loaders["lm_head"] = loader("output.weight")
+        stored["lm_head"] = "output.weight"
     for i in range(cfg.num_layers):
         for short, g in _GGUF_NAMES.items():
             if f"blk.{i}.{g}.weight" in tensors:
-                perm = heads if short == "wq" else kv_heads if short == "wk" else 0
-                loaders[f"layers.{i}.{short}"] = loader(f"blk.{i}.{g}.weight", perm)
+                stored[f"layers.{i}.{short}"] = f"blk.{i}.{g}.weight"
+    loaders = {name: loader(g, heads if name.endswith(".wq") else kv_heads if name.endswith(".wk") else 0)
+               for name, g in stored.items()}
     tokens = meta.get("tokenizer.ggml.tokens", [])
     special = {}
     for key, meta_key in (("bos_token", "tokenizer.ggml.bos_token_id"), ("eos_token", "tokenizer.ggml.eos_token_id")):
@@ -173,7 +174,9 @@ def read_gguf(path: Path) -> Checkpoint:
             special[key] = tokens[meta[meta_key]]
     ckpt = Checkpoint(config=cfg, source=str(path), loaders=loaders, tokenizer_json=tokenizer_json,
                       chat_template=meta.get("tokenizer.chat_template"), special_tokens=special,
-                      add_bos=add_bos_token(meta))
+                      add_bos=add_bos_token(meta),
+                      stored_names={name: f"{g} of type {tensors[g].tensor_type.name}" for name, g in stored.items()
+                                    if g in tensors})
     ckpt.validate()
     return ckpt
 

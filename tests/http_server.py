@@ -13,7 +13,8 @@ from edge.model.bundle import Bundle
 from edge.engine.sampler import SamplingParams
 from edge.launch.request import RequestDefaults
 from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
-from edge.api.openai_api import ServerConfig, ServerState, create_app
+from edge.api.openai_api import create_app
+from edge.api.runtime import ServerConfig, ServerState
 from edge.engine.scheduler import Scheduler
 from edge.service.serve import bind
 

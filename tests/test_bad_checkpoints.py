@@ -113,3 +113,41 @@ def test_gguf_garbage(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"GGUF" + bytes(range(256)) * 4)
     refused(f, "m.gguf", "not a readable GGUF")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_safetensors_tensor_is_refused_by_name(ckpt, tmp_path, bad):
+    from safetensors.numpy import load_file, save_file
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    w = tensors["model.layers.1.mlp.down_proj.weight"].copy()
+    w[3, 5] = bad
+    tensors["model.layers.1.mlp.down_proj.weight"] = w
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(ckpt).tensor("layers.1.w_down")
+    msg = str(e.value)
+    assert "'layers.1.w_down'" in msg and "model.layers.1.mlp.down_proj.weight in model.safetensors" in msg, msg
+    assert "1 non-finite" in msg, msg
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="layers.1.w_down"):
+        convert(ckpt, out, quant="int8", quiet=True)
+    assert not out.exists()
+
+
+def test_gguf_with_random_tensor_bytes_is_refused_by_name(smollm2_gguf, tmp_path):
+    """A real GGUF whose attn_k data of layer 3 is replaced with random bytes: its Q4_1 blocks'
+    f16 scales hit NaN/infinity bit patterns, which dequantize to non-finite weights."""
+    import gguf
+    t = next(t for t in gguf.GGUFReader(smollm2_gguf).tensors if t.name == "blk.3.attn_k.weight")
+    data = bytearray(smollm2_gguf.read_bytes())
+    data[t.data_offset:t.data_offset + t.n_bytes] = np.random.default_rng(0).bytes(t.n_bytes)
+    f = tmp_path / "random.gguf"
+    f.write_bytes(bytes(data))
+    from convert.gguf_reader import read_gguf
+    ckpt = read_gguf(f)
+    assert np.isfinite(ckpt.tensor("layers.3.wq")).all()       # the untouched tensors still read
+    with pytest.raises(CheckpointError) as e:
+        ckpt.tensor("layers.3.wk")
+    msg = str(e.value)
+    assert "random.gguf" in msg and "'layers.3.wk' (blk.3.attn_k.weight of type Q4_1)" in msg and "non-finite" in msg, msg

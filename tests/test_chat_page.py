@@ -157,7 +157,10 @@ def test_html_in_a_reply_shows_as_text_and_stats_follow(tiny_bundle, driver):
         assert "<script>" in reply and "onerror" in reply
 
         content = assistant_content(driver)
-        assert content.get_attribute("textContent") == reply         # the markup, as characters
+        shown = content.get_attribute("textContent")
+        for piece in ("<script>window.__pwned = 1</script>", '<img src=x onerror="window.__pwned = 2">',
+                      "<b>not bold</b>", '<a href="javascript:alert(1)">link</a>'):
+            assert piece in shown, piece                               # the markup, as characters
         assert driver.execute_script("return window.__pwned") is None
         for tag in ("script", "img", "b", "a"):
             assert content.find_elements(By.TAG_NAME, tag) == [], tag
@@ -203,6 +206,7 @@ def test_edge_llm_serve_page_loads_offline_and_asks_for_the_key(edge_llm_serve, 
     page = httpx.get(base + "/")
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
     assert httpx.get(base + "/v1/models").status_code == 401          # the API itself still needs the key
+    assert httpx.get(base + "/static/defaults.json").json() == {"max_tokens": 24}   # serve's --max-tokens is smaller
     d = browser.start(chromium_paths, 390, 844, phone=True)           # a phone's screen
     try:
         open_page(d, base)

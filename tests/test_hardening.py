@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import socket
@@ -91,7 +92,7 @@ def partial(port: int, i: int) -> socket.socket:
 def test_many_partial_connections_cannot_take_the_service_down(tiny_bundle, tmp_path):
     """issue 12: under LimitNOFILE=1024, 1,100 connections sending half a request made /health
     and every call time out, and asyncio logged accept() failures thousands of times a second.
-    Here: an fd limit of 512 (room for 256 connections), 400 partial connections; /health
+    Here: an fd limit of 512 (room for ~300 connections), 400 partial connections; /health
     answers at once, the holders get 408 after the read timeout (or were evicted with 503 to
     make room), and nothing is logged about accept()."""
     port = free_port()
@@ -137,7 +138,8 @@ def test_many_partial_connections_cannot_take_the_service_down(tiny_bundle, tmp_
         proc.wait(timeout=30)
         log.close()
     out = (tmp_path / "serve.log").read_text()
-    assert "does not fit the file-descriptor limit 512 (LimitNOFILE); using 256" in out
+    fitted = re.search(r"does not fit the file-descriptor limit 512 \(LimitNOFILE\); using (\d+)", out)
+    assert fitted and 256 <= int(fitted[1]) < 400, out[-2000:]        # 400 partial connections overflow it
     assert "out of system resource" not in out and "Too many open files" not in out, out[-2000:]
 
 
@@ -447,14 +449,16 @@ def test_leftovers_of_interrupted_work_are_cleaned(tiny_bundle, tmp_path, monkey
 
     graph, cache_dir = tiny_bundle / "model.tflite", tmp_path / "xnnpack"
     litert_runner.GraphRunner(graph, 1, cache_dir)
-    (cache,) = cache_dir.iterdir()
+    (cache,) = cache_dir.glob("*.xnnpack")
     good = cache.stat().st_size
     cache.write_bytes(cache.read_bytes()[:4096])                 # killed mid-way (older edge-llm)
     (cache_dir / f".{cache.name}.tmp-999999999").write_bytes(b"\0" * 4096)   # killed mid-way (a dead pid)
     litert_runner.GraphRunner(graph, 1, cache_dir)
-    assert [p.name for p in cache_dir.iterdir()] == [cache.name] and cache.stat().st_size == good
+    assert sorted(p.name for p in cache_dir.iterdir()) == [cache.name, cache.name + ".sum"]
+    assert cache.stat().st_size == good
 
     cache.unlink()                                               # full disk: no cache, no abort
+    (cache_dir / (cache.name + ".sum")).unlink()
     monkeypatch.setattr("shutil.disk_usage", lambda p: type("U", (), {"free": 10 << 20})())
     with pytest.warns(RuntimeWarning, match="packing the weights in memory"):
         runner = litert_runner.GraphRunner(graph, 1, cache_dir)

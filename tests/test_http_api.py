@@ -26,7 +26,7 @@ from edge.cli import main as cli
 from edge.service import serve
 from edge.model.bundle import Bundle
 from edge.engine.engine import Engine
-from edge.api.openai_api import ServerState
+from edge.api.runtime import ServerState
 from edge.engine.scheduler import Scheduler
 from tests.http_server import engine_text, endless_engine, ready_state, running
 from tests.tiny_llama import write_tiny_llama

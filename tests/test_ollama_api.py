@@ -139,9 +139,9 @@ def test_chat_with_tools_gives_calls_with_object_arguments(smol_ollama, smol, mo
     Ollama's shape: arguments as an object, the call sent back, the tool result answered."""
     import jsonschema
 
-    from edge.api import openai_api          # the chat layer both APIs call
-    real = openai_api.prepare_chat
-    monkeypatch.setattr(openai_api, "prepare_chat",
+    from edge.api import runtime          # the chat layer both APIs call
+    real = runtime.prepare_chat
+    monkeypatch.setattr(runtime, "prepare_chat",
                         lambda engine, messages, tools, choice, parallel, fmt: real(engine, messages, tools, "required",
                                                                                     parallel, fmt))
     client, _ = smol_ollama
@@ -159,7 +159,7 @@ def test_chat_with_tools_gives_calls_with_object_arguments(smol_ollama, smol, mo
         assert isinstance(calls[0].function.arguments, dict)
         jsonschema.validate(calls[0].function.arguments, params)
         assert parts[-1].done
-    monkeypatch.setattr(openai_api, "prepare_chat", real)
+    monkeypatch.setattr(runtime, "prepare_chat", real)
     follow = messages + [{"role": "assistant", "content": "", "tool_calls": [
         {"function": {"name": "set_light", "arguments": calls[0].function.arguments}}]},
         {"role": "tool", "tool_name": "set_light", "content": '{"ok": true}'}]

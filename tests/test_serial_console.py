@@ -644,7 +644,8 @@ def test_start_from_args_with_serve_style_args(engine, scheduler, term, consoles
 def test_serial_and_http_at_the_same_time(engine, scheduler, console, term):
     from fastapi.testclient import TestClient
 
-    from edge.api.openai_api import ServerState, create_app
+    from edge.api.openai_api import create_app
+    from edge.api.runtime import ServerState
     slow_down(engine, 0.02)
     state = ServerState("tiny")
     state.set_ready(engine, scheduler)

@@ -12,7 +12,7 @@ from convert.convert import convert
 from edge.service import serve
 from edge.cli.main import build_parser
 from edge.engine.engine import GenerationParams
-from edge.api.openai_api import ServerState
+from edge.api.runtime import ServerState
 from tests.tiny_llama import write_tiny_llama
 
 

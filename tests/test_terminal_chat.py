@@ -1,9 +1,11 @@
 """`edge-llm chat` through a real pseudo-terminal (pexpect): bracketed paste, \"\"\" blocks,
-arrow-key history, /help, /context, /stats, Ctrl-C keeping the partial reply, and a context
-that fills and keeps the newest turns. The tiny random model runs through
+arrow-key history, /help, /context, /stats, /set, /save and /load, Ctrl-C keeping the partial
+reply, replies wrapped at word boundaries, keys typed during a reply held for the next prompt,
+and a context that fills and keeps the newest turns. The tiny random model runs through
 tests/chat_helper.py, which slows it down and takes away its end-of-sequence token."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -23,13 +25,13 @@ def plain(text: str) -> str:
 
 
 class Chat:
-    def __init__(self, bundle, tmp_path, *args, delay: float = 0.0):
+    def __init__(self, bundle, tmp_path, *args, delay: float = 0.0, dimensions=(50, 250)):
         env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm",
                "EDGE_LLM_HOME": str(tmp_path / "home")}
         self.p = pexpect.spawn(sys.executable, ["-m", "tests.chat_helper", str(delay), "chat", "-m", str(bundle),
                                                 "--temperature", "0", *args],
                                env=env, cwd=os.path.dirname(os.path.dirname(__file__)),
-                               dimensions=(50, 250), encoding="utf-8", timeout=60)
+                               dimensions=dimensions, encoding="utf-8", timeout=60)
         self.banner = self.wait()
 
     def wait(self) -> str:
@@ -167,3 +169,69 @@ def test_chat_reads_plain_lines_when_stdin_is_not_a_terminal(tiny_bundle, tmp_pa
                           text=True, timeout=120, env={**os.environ, "EDGE_LLM_HOME": str(tmp_path / "home")})
     assert done.returncode == 0, done.stderr
     assert user_lines(done.stdout) == ["w1", "w2 w3"]
+
+
+def test_replies_wrap_at_word_boundaries_and_keys_typed_meanwhile_wait(tiny_bundle, tmp_path):
+    chat = Chat(tiny_bundle, tmp_path, "-n", "40", delay=0.05, dimensions=(24, 40))
+    chat.p.send("w1 w2 w3\r")
+    chat.p.expect(r"\n *w\d+")                  # the reply has begun
+    chat.p.send("/context\r")                    # typed while it streams
+    reply = chat.wait()
+    lines = [line for line in reply.split("\n") if line.strip()]
+    words = [w for line in lines for w in line.split()]
+    assert "/context" not in reply                                   # not echoed into the reply
+    assert len([w for w in words if re.fullmatch(r"w\d+", w)]) >= 30
+    assert len(lines) >= 4 and all(len(line) <= 39 for line in lines), lines     # wrapped to the 40 columns
+    for line in lines[1:-2]:
+        assert re.fullmatch(r"(w\d+ ?)+", line), line                # whole words on every line
+    assert "[cut at 40 tokens" in " ".join(lines)
+
+    # what was typed arrived at the next prompt, whole, and ran
+    context = chat.wait()
+    assert user_lines(context) == ["w1 w2 w3"] and "1 turn(s)" in context
+    chat.close()
+
+
+def test_set_save_and_load(tiny_bundle, tmp_path):
+    chat = Chat(tiny_bundle, tmp_path, "-n", "5", "--ctx", "256")
+    assert "temperature 0.0, max_tokens 5, system (none)" in chat.say("/set")
+    assert "(temperature = 0.3)" in chat.say("/set temperature 0.3")
+    assert "not changed: temperature must be >= 0" in chat.say("/set temperature -1")
+    assert "not changed" in chat.say("/set max_tokens 0")
+    assert "/set knows temperature, max_tokens and system" in chat.say("/set top_k 3")
+    assert "(max_tokens = 3)" in chat.say("/set max_tokens 3")
+    assert "temperature 0.3, max_tokens 3" in chat.say("/set")
+    assert "[cut at 3 tokens" in chat.say("w1 w2")
+    assert "(system prompt set; conversation cleared)" in chat.say("/set system w90 w91")
+    assert user_lines(chat.context()) == []
+    chat.say("w1 w2")
+    chat.say("w3")
+    saved = tmp_path / "talk.json"
+    assert f"(saved 5 message(s) to {saved})" in chat.say(f"/save {saved}")
+    messages = json.loads(saved.read_text())
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages if m["role"] != "assistant"] == ["w90 w91", "w1 w2", "w3"]
+    assert all(re.fullmatch(r" ?(w\d+ ?)+", m["content"]) for m in messages if m["role"] == "assistant")
+    assert all(set(m) == {"role", "content"} for m in messages)        # OpenAI's messages shape
+
+    chat.say("/reset")
+    chat.say("/system")
+    loaded = chat.say(f"/load {saved}")
+    assert f"(loaded 4 message(s) and the system prompt from {saved}; context " in loaded
+    ctx = chat.context()
+    assert user_lines(ctx) == ["w1 w2", "w3"] and "system (always kept): w90 w91" in ctx
+    chat.say("w4")                                                  # the conversation goes on
+    assert user_lines(chat.context()) == ["w1 w2", "w3", "w4"]
+
+    # an OpenAI request body's messages load too; what is not a conversation is refused
+    body = tmp_path / "request.json"
+    body.write_text(json.dumps({"model": "x", "messages": [{"role": "user", "content": "w5"},
+                                                           {"role": "assistant", "content": "w6"}]}))
+    assert "(loaded 2 message(s) from" in chat.say(f"/load {body}")
+    assert user_lines(chat.context()) == ["w5"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"role": "robot", "content": "x"}]))
+    assert "not loaded" in chat.say(f"/load {bad}") and "message 1: expected" in chat.say(f"/load {bad}")
+    assert "not loaded: No such file" in chat.say(f"/load {tmp_path / 'missing.json'}")
+    assert user_lines(chat.context()) == ["w5"]                     # a failed load changes nothing
+    chat.close()

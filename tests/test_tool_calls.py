@@ -76,6 +76,26 @@ def test_streamed_pieces_give_the_same_content_and_calls(text):
         assert (shown + (rest or "")).rstrip() == (whole_content or "")
 
 
+STREAMED_EARLY = [      # (text, what is shown before the reply ends, one character at a time)
+    ("In Python a dict looks like {'a': 1} and a list like [1, 2].", "all"),
+    ('The JSON {"name": "Bob", "parameters": {}} describes a person.', "all"),
+    ("[get_weather] is a function; call it like get_weather(city='x').", "all"),
+    ('{"name": "get_weather", "parameters": {"city": "Paris"}} is how you would call it.', "all"),
+    ("[os.system('rm -rf /')]", "all"),
+    ('Let me check.\n{"name": "get_weather", "parameters": {"city": "Oslo"}}', "Let me check.\n"),
+    ('{"name": "get_weather", "parameters": {"city": "Par', ""),
+    ('<|python_tag|>set_timer(minutes=5)', ""),
+]
+
+
+@pytest.mark.parametrize("text, early", STREAMED_EARLY)
+def test_prose_streams_as_it_comes_and_only_a_possible_call_is_held(text, early):
+    """llama.cpp's partial parsing: a brace holds the text only while a call may follow."""
+    stream = ToolUse.of([WEATHER, TIMER]).stream()
+    shown = "".join(stream.feed(c) for c in text)
+    assert shown == (text if early == "all" else early)
+
+
 BAD_TOOLS = [
     ([{"type": "function", "function": {"parameters": {"type": "object"}}}], None, "tools[0].function.name"),
     ([{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}], None,
@@ -135,7 +155,7 @@ def test_fallback_prompt_for_chatml_puts_tools_in_the_system_turn():
     assert extra == {}
     text = ChatTemplate(DEFAULT_CHATML).render(messages)
     system = text.split("<|im_end|>")[0]
-    assert system.startswith("<|im_start|>system\nYou are a home assistant.\n\nYou can call")
+    assert system.startswith("<|im_start|>system\nYou can call") and system.endswith("\n\nYou are a home assistant.")
     assert json.dumps(WEATHER["function"]["parameters"]) in system and "You must call" in system
     assert '<|im_start|>assistant\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|im_end|>' in text
     assert 'Result of get_weather: {"temperature": 21' in text
@@ -159,3 +179,22 @@ def test_llama3_2_parallel_calls_in_the_history_become_one_call_per_turn(frozen_
         + messages[2:]
     assert ours == hf_render(LLAMA3_2_TEMPLATE, one_each, True, LLAMA3_TOKENS)
     assert ours.count('"name": "get_weather"') == 1 and ours.count('"name": "set_timer"') == 1
+
+
+@pytest.mark.parametrize("role", ["tool", "ipython"])
+def test_object_tool_results_and_the_ipython_role_render_like_transformers(frozen_clock, role):  # noqa: F811
+    template = ChatTemplate(LLAMA3_2_TEMPLATE, **LLAMA3_TOKENS)
+    messages = conversation_with_a_call({"city": "Paris"})
+    messages[-1] = {"role": role, "tool_call_id": "call_1", "content": {"temperature": 21, "sky": "clear"}}
+    ours = template.render(history(messages, template.source), tools=[WEATHER["function"]])
+    assert ours == hf_render(LLAMA3_2_TEMPLATE, messages, True, LLAMA3_TOKENS, tools=[WEATHER["function"]])
+    assert '<|start_header_id|>ipython<|end_header_id|>\n\n{"temperature": 21, "sky": "clear"}<|eot_id|>' in ours
+
+
+def test_object_results_and_developer_messages_in_the_fallback_prompt():
+    messages = conversation_with_a_call({"city": "Paris"})
+    messages[0] = {"role": "developer", "content": "You are a home assistant."}
+    messages[-1] = {"role": "tool", "tool_call_id": "call_1", "content": {"temperature": 21}}
+    text = ChatTemplate(DEFAULT_CHATML).render(history(messages, DEFAULT_CHATML))
+    assert text.startswith("<|im_start|>system\nYou are a home assistant.<|im_end|>")
+    assert 'Result of get_weather: {"temperature": 21}' in text

@@ -38,10 +38,34 @@ log = logging.getLogger("edge.http")
 ACCEPT_BACKLOG = 64
 
 
-def fds_needed(max_connections: int, others: int = 128) -> int:
+# Descriptors kept for everything but HTTP connections, on top of those open at start-up:
+# model and cache files, Wyoming's and the serial console's connections, pipes, logs.
+RESERVED_FDS = 96
+MIN_CONNECTIONS = 8         # fewer, and one stream plus a few clients leave /health no room
+MIN_BACKLOG = 4
+
+
+def fds_needed(max_connections: int, others: int = 128, backlog: int = ACCEPT_BACKLOG) -> int:
     """File descriptors the server may hold: the bound, two accept bursts in flight (accepted,
     not yet closed by the bound), and `others` (model files, caches, pipes, serial, logs)."""
-    return max_connections + 2 * ACCEPT_BACKLOG + others
+    return max_connections + 2 * backlog + others
+
+
+def fit_connections(max_connections: int, fd_limit: int, in_use: int) -> tuple[int, int]:
+    """(connection bound, accept backlog) that fit `fd_limit` descriptors with `in_use` open
+    now. Under a low limit the accept bursts shrink before the bound does; a limit that leaves
+    fewer than MIN_CONNECTIONS raises ValueError saying how much is needed."""
+    room = fd_limit - in_use - RESERVED_FDS
+    if room >= fds_needed(max_connections, others=0):
+        return max_connections, ACCEPT_BACKLOG
+    backlog = max(MIN_BACKLOG, min(ACCEPT_BACKLOG, room // 8))
+    connections = min(max_connections, room - 2 * backlog)
+    if connections < MIN_CONNECTIONS:
+        need = in_use + RESERVED_FDS + fds_needed(MIN_CONNECTIONS, others=0, backlog=MIN_BACKLOG)
+        raise ValueError(f"the file-descriptor limit ({fd_limit}) leaves room for {max(connections, 0)} HTTP "
+                         f"connection(s), fewer than the {MIN_CONNECTIONS} needed: raise it to at least {need} "
+                         "(ulimit -n, or LimitNOFILE= in the systemd unit)")
+    return connections, backlog
 
 
 class DrainingServer(uvicorn.Server):

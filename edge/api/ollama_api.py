@@ -1,6 +1,7 @@
 """The Ollama-compatible API: what Home Assistant's Ollama integration, Open WebUI and the
 `ollama` client speak. It runs on its own port (Ollama's 11434 by default) in the same
-server as the OpenAI API, over the same engine, scheduler, API key and limits.
+server as the OpenAI API, over the same engine, scheduler, API key and limits: a thin
+adapter over the HTTP runtime (`runtime`), side by side with the OpenAI one.
 
 `tools` (tool calls come back with `arguments` as an object, as Ollama sends them; a `tool`
 message answers the earliest open call of its `tool_name`) and `format` ("json" or a JSON
@@ -24,18 +25,20 @@ import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge.api.openai_api import (ApiError, Guard, JobStream, RequestLog, ServerState, StateDep, _check_bytes,
-                                 _engine, admit, chat_prompt, job_events, request_params, tokenize,
-                                 validation_message)
+from edge.api.middleware import add_error_handlers, add_guard_and_log
+from edge.api.runtime import (ApiError, JobStream, ServerState, StateDep, admit, api_error, chat_prompt,
+                              check_bytes, job_events, message_bytes, ready_engine, request_params, tokenize)
+from edge.engine import ContextFull, QueueFull
+from edge.engine.constraint import ConstraintError, Grammar, closed
+from edge.engine.engine import Usage
+from edge.engine.replies import acollect, astream
+from edge.engine.tool_calls import ChatRequest
 from edge.launch.model_store import bundle_id
-from edge.engine.tool_calls import ChatRequest, ToolError, response_grammar
-from edge.model.kv_cache import ContextFull
+from edge.launch.request import prompt_messages
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
 DEFAULT_PORT = 11434
@@ -104,25 +107,29 @@ class ModelBody(BaseModel):
 
 # --- the app -----------------------------------------------------------------------------
 
+# the engine's refusals in Ollama's terms (its errors are one string; type and code unused)
+ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None)}
+
+
 def error(status: int, message: str, **_) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def _named(exc: ApiError) -> str:
+def named(exc: ApiError) -> str:
     """Ollama's errors are one string: it names the field the OpenAI shape carries apart."""
     return f"{exc.param}: {exc.message}" if exc.param and exc.param not in exc.message else exc.message
+
+
+def render(exc: ApiError) -> JSONResponse:
+    return error(exc.status, named(exc))
 
 
 def create_ollama_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edge-llm (Ollama API)", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.include_router(router)
-    app.add_exception_handler(ApiError, lambda req, exc: error(exc.status, _named(exc)))
-    app.add_exception_handler(RequestValidationError,
-                              lambda req, exc: error(400, validation_message(exc.errors())[0]))
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(Guard, state=state, error=error)
-    app.add_middleware(RequestLog, state=state)
+    add_error_handlers(app, render)
+    add_guard_and_log(app, state, error)
     return JsonBodies(app)
 
 
@@ -141,14 +148,6 @@ class JsonBodies:
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
-
-
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    if exc.status_code == 404:
-        return error(404, f"{request.method} {request.url.path}: no such endpoint")
-    if exc.status_code == 405:
-        return error(405, f"{request.url.path} does not accept {request.method}")
-    return error(exc.status_code, str(exc.detail))
 
 
 router = APIRouter()
@@ -223,24 +222,24 @@ def manage():
 
 
 @router.post("/api/chat")
-async def chat(body: ChatBody, request: Request, state: StateDep):
+async def chat(body: ChatBody, state: StateDep):
     engine = _engine_for(state, body.model)
     if any(m.images for m in body.messages):
         raise ApiError(400, "images are not supported: this model reads text only")
-    messages = openai_messages(body.messages)
+    messages = chat_messages(body.messages)
     if not messages:       # Ollama: an empty chat loads the model and returns at once
         return _loaded(state, {"message": {"role": "assistant", "content": ""}})
-    nbytes = sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
-    _check_bytes(engine, nbytes, "messages")
-    fmt = response_format(body.format)
-    with admit(state) as ticket:
-        chat = await tokenize(state, functools.partial(chat_prompt, engine, tools=body.tools, response_format=fmt),
+    nbytes = message_bytes(messages)
+    check_bytes(engine, nbytes, "messages")
+    grammar = format_grammar(body.format)
+    with admit(state, ERRORS) as ticket:
+        chat = await tokenize(state, functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar),
                               messages, "messages", nbytes)
-        return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat)
+        return await _respond(state, body, chat.ids, "messages", ticket, _chat_message, chat)
 
 
 @router.post("/api/generate")
-async def generate(body: GenerateBody, request: Request, state: StateDep):
+async def generate(body: GenerateBody, state: StateDep):
     engine = _engine_for(state, body.model)
     if body.images:
         raise ApiError(400, "images are not supported: this model reads text only")
@@ -249,28 +248,29 @@ async def generate(body: GenerateBody, request: Request, state: StateDep):
     if body.template:
         raise ApiError(400, "a custom template is not supported; the model's own chat template is used "
                             "(or send raw: true with the whole prompt)")
-    constraint = _grammar(engine, response_format(body.format))
+    grammar = format_grammar(body.format)
+    if grammar is not None:
+        _check_grammar(engine, grammar)
     if not body.prompt:
         return _loaded(state, {"response": ""})
     nbytes = len(body.prompt.encode()) + len((body.system or "").encode())
-    _check_bytes(engine, nbytes, "prompt")
-    with admit(state) as ticket:
+    check_bytes(engine, nbytes, "prompt")
+    with admit(state, ERRORS) as ticket:
         if body.raw:
             ids = await tokenize(state, engine.encode_text, body.prompt, "prompt", nbytes)
         else:
-            messages = ([{"role": "system", "content": body.system}] if body.system else []) + \
-                       [{"role": "user", "content": body.prompt}]
-            ids = await tokenize(state, engine.encode_chat, messages, "prompt", nbytes)
-        return await _respond(state, request, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
-                              constraint=constraint)
+            ids = await tokenize(state, engine.encode_chat, prompt_messages(body.prompt, body.system), "prompt",
+                                 nbytes)
+        return await _respond(state, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
+                              constraint=grammar)
 
 
-# --- requests -> jobs -> NDJSON ------------------------------------------------------------
+# --- Ollama's request -> the chat layer and the launch layer's request ------------------------
 
-def openai_messages(messages: list[Message]) -> list[dict]:
-    """Ollama's messages as the chat layer takes them (OpenAI's shape): a call's arguments
-    become a JSON string with an id, and a `tool` message answers the earliest unanswered call
-    (of its `tool_name`, when it says)."""
+def chat_messages(messages: list[Message]) -> list[dict]:
+    """Ollama's messages as the chat layer takes them (the chat template's messages): a call
+    keeps its arguments as an object and gets an id, and a `tool` message answers the earliest
+    unanswered call (of its `tool_name`, when it says)."""
     out, open_calls, n = [], [], 0
     for m in messages:
         msg = {"role": m.role, "content": m.content or ""}
@@ -281,8 +281,8 @@ def openai_messages(messages: list[Message]) -> list[dict]:
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise ApiError(400, "messages: a tool call needs function.name")
                 n += 1
-                calls.append({"id": f"call_{n}", "type": "function", "function": {
-                    "name": fn["name"], "arguments": json.dumps(fn.get("arguments") or {}, ensure_ascii=False)}})
+                calls.append({"id": f"call_{n}", "type": "function",
+                              "function": {"name": fn["name"], "arguments": fn.get("arguments") or {}}})
             msg["tool_calls"] = calls
             open_calls += [(c["id"], c["function"]["name"]) for c in calls]
         if m.role == "tool":
@@ -295,24 +295,22 @@ def openai_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
-def response_format(fmt) -> dict | None:
-    """Ollama's `format` ("json" or a JSON schema) as OpenAI's `response_format`."""
+def format_grammar(fmt) -> Grammar | None:
+    """Ollama's `format` ("json" or a JSON schema, held to its properties) as a grammar."""
     if fmt in (None, ""):
         return None
-    if fmt == "json":
-        return {"type": "json_object"}
-    if isinstance(fmt, dict):
-        return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": True}}
-    raise ApiError(400, f'format must be "json" or a JSON schema object, got {fmt!r}')
-
-
-def _grammar(engine, fmt: dict | None):
+    if fmt != "json" and not isinstance(fmt, dict):
+        raise ApiError(400, f'format must be "json" or a JSON schema object, got {fmt!r}')
     try:
-        grammar = response_grammar(fmt)
-        if grammar is not None:
-            engine.check_grammar(grammar)
-        return grammar
-    except (ToolError, ValueError) as e:
+        return Grammar.json_object("format") if fmt == "json" else Grammar.json_schema(closed(fmt), "format")
+    except ConstraintError as e:
+        raise ApiError(400, f"format: {e}") from e
+
+
+def _check_grammar(engine, grammar: Grammar) -> None:
+    try:
+        engine.check_grammar(grammar)
+    except ConstraintError as e:
         raise ApiError(400, f"format: {e}") from e
 
 
@@ -337,7 +335,9 @@ def overrides(options: dict | None) -> dict:
     return out
 
 
-async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape,
+# --- the job's pieces -> Ollama's replies (NDJSON or one object) ------------------------------
+
+async def _respond(state: ServerState, body, ids: list[int], param: str, ticket, shape,
                    chat: ChatRequest | None = None, **extra):
     """`shape(text, calls)` is the reply's content; with tools, the text is held back until the
     end (a call must not reach the client as text) and parsed into calls there."""
@@ -347,43 +347,37 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], p
     params = request_params(state, ids, param, **overrides(body.options), **extra)
     job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     model = body.model
-    tools = chat is not None and chat.tool_use is not None and chat.tool_use.active
-    if body.stream and not tools:
+    tool_use = chat.tool_use if chat is not None and chat.tool_use is not None and chat.tool_use.active else None
+    if body.stream and tool_use is None:
         return JobStream(job, _ndjson(state, job, model, shape, t0), media_type=NDJSON)
-    parts, last = [], None
     try:
-        async for ev in job_events(job, state.limiter):
-            parts.append(ev.text)
-            last = ev
+        answer = await acollect(job_events(job, state.limiter), tool_use)
     except ContextFull as e:
-        raise ApiError(400, str(e)) from e
+        raise api_error(state, ERRORS, e) from e
     finally:
         job.cancel()          # a client that left stops its generation; a finished job ignores it
-    text, calls = chat.parse("".join(parts)) if tools else ("".join(parts), [])
-    final = _final(model, shape(text or "", calls), last, t0)
+    content = shape(answer.content or "", answer.tool_calls)
     if body.stream:           # tools: the whole answer as one line, then the final one
-        return Response(_line({"model": model, "created_at": _now(), **shape(text or "", calls), "done": False})
-                        + _line(_final(model, shape("", ()), last, t0)), media_type=NDJSON)
-    return JSONResponse(final)
+        return Response(_line({"model": model, "created_at": _now(), **content, "done": False})
+                        + _line(_final(model, shape("", ()), answer.final, t0)), media_type=NDJSON)
+    return JSONResponse(_final(model, content, answer.final, t0))
 
 
 async def _ndjson(state: ServerState, job, model: str, shape, t0: float) -> AsyncIterator[str]:
     try:
-        async for ev in job_events(job, state.limiter):
-            if ev.usage is not None:
-                if ev.text:
-                    yield _line({"model": model, "created_at": _now(), **shape(ev.text), "done": False})
-                yield _line(_final(model, shape(""), ev, t0))
-            elif ev.text:
-                yield _line({"model": model, "created_at": _now(), **shape(ev.text), "done": False})
+        async for piece in astream(job_events(job, state.limiter)):
+            if piece.final is not None:
+                yield _line(_final(model, shape(""), piece.final, t0))
+            elif piece.text:
+                yield _line({"model": model, "created_at": _now(), **shape(piece.text), "done": False})
     except ContextFull as e:
-        yield _line({"error": str(e)})
+        yield _line({"error": named(api_error(state, ERRORS, e))})
     except Exception as e:        # mid-stream: the status is sent already, so say it in the stream
         yield _line({"error": f"generation failed: {e}"})
 
 
 def _final(model: str, content: dict, last, t0: float) -> dict:
-    usage = last.usage
+    usage = last.usage or Usage()          # a job cancelled before it started has none
     reason = {"stop": "stop", "length": "length", "cancelled": "stop"}.get(last.finish_reason, last.finish_reason)
     ns = lambda s: int(s * 1e9)
     return {"model": model, "created_at": _now(), **content, "done": True, "done_reason": reason,
@@ -411,7 +405,7 @@ def model_names(state: ServerState) -> set[str]:
 
 
 def _engine_for(state: ServerState, name: str, hint: str = ""):
-    engine = _engine(state)
+    engine = ready_engine(state)
     if (name or "").lower() not in model_names(state):
         raise ApiError(404, f"model '{name}' not found; this server runs '{_tag(state)}'"
                             + (f" ({hint})" if hint else ""))

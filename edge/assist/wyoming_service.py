@@ -2,13 +2,18 @@
 (`transcript`) and gets the answer back, streamed (`handled-start`, `handled-chunk`...,
 `handled`, `handled-stop`), over a plain TCP socket.
 
-The event classes and writer are the `wyoming` package's own (the protocol's reference
-implementation). Reading is ours, because its reader trusts the peer: here a header line is
-at most MAX_HEADER bytes, `data_length` and `payload_length` at most MAX_BLOCK, and a block
-must arrive within BLOCK_TIMEOUT seconds; a peer that breaks those gets an `error` event and
-is disconnected. Unknown event types are ignored, as the protocol says.
+Framing, timeouts and the connection limit are `wyoming_io`'s. A transcript goes the HTTP
+path's way: its size is checked before anything else, it takes a place in the scheduler's
+queue (`Scheduler.admit`) before it is tokenized, prompts are tokenized one at a time, and
+the job's events are read on this service's own bounded thread pool. Anything that keeps a
+turn from being answered -- a full queue, an empty or too long transcript, a malformed
+event, a failure while answering -- gets `not-handled` with a short sentence Assist can speak,
+and the connection is closed (Home Assistant 2025.4 waits forever after an `error` event; a
+malformed event also gets an `error` after the `not-handled`, for other clients).
 
-Each `conversation_id` keeps its history for CONVERSATION_TTL seconds (at most
+Replies stop at the first sentence end once `reply_tokens` tokens are generated
+(`spoken.SentenceBudget`), and the transcript's `language` becomes a line of the system
+prompt. Each `conversation_id` keeps its history for CONVERSATION_TTL seconds (at most
 MAX_CONVERSATIONS of them), so follow-up questions work; when a history no longer fits the
 context its oldest turns are dropped. Wyoming has no authentication: the service binds
 loopback unless given a LAN address, and the log says so.
@@ -16,75 +21,41 @@ loopback unless given a LAN address, and the log says so.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 
-from wyoming.asr import Transcript
 from wyoming.error import Error
 from wyoming.event import Event, async_write_event
 from wyoming.handle import Handled, HandledChunk, HandledStart, HandledStop, NotHandled
 from wyoming.info import Attribution, Describe, HandleModel, HandleProgram, Info
 
+from edge.assist import spoken, wyoming_io
+from edge.assist.wyoming_io import ConnectionTable, Idle, ProtocolError, read_event
 from edge.engine.conversation import Conversation
 from edge.engine.engine import Engine
 from edge.engine.scheduler import QueueFull, Scheduler
-from edge.launch.request import RequestDefaults
+from edge.launch.request import DEFAULT_SPOKEN_TOKENS, RequestDefaults
 from edge.model.kv_cache import ContextFull
 
 log = logging.getLogger("edge.wyoming")
 
-MAX_HEADER = 64 << 10          # bytes in one JSON header line
-MAX_BLOCK = 1 << 20            # bytes of data or payload after a header
-BLOCK_TIMEOUT = 30.0           # seconds for a data/payload block to arrive
-MAX_CONNECTIONS = 16
 CONVERSATION_TTL = 300.0       # seconds a conversation's history is kept after its last turn
 MAX_CONVERSATIONS = 64
 ATTRIBUTION = Attribution(name="edge-llm", url="https://github.com/")
+TRANSCRIPT = "transcript"
 
 
-class ProtocolError(ValueError):
-    """The peer broke the framing; it gets an error event and is disconnected."""
+class Refusal(Exception):
+    """A turn that cannot be answered: `spoken` is said to the user, `detail` is logged (and
+    sent as an `error` event when the request itself was malformed)."""
 
-
-async def read_event(reader: asyncio.StreamReader) -> Event | None:
-    """One event, or None at the end of the stream. Raises ProtocolError."""
-    try:
-        line = await reader.readline()
-    except (ValueError, asyncio.LimitOverrunError) as e:
-        raise ProtocolError(f"header line over {MAX_HEADER} bytes") from e
-    if not line:
-        return None
-    try:
-        header = json.loads(line)
-    except ValueError as e:
-        raise ProtocolError(f"header is not JSON: {e}") from e
-    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-        raise ProtocolError('header must be a JSON object with a string "type"')
-    data = header.get("data") or {}
-    blocks = {}
-    for key in ("data_length", "payload_length"):
-        n = header.get(key) or 0
-        if not isinstance(n, int) or not 0 <= n <= MAX_BLOCK:
-            raise ProtocolError(f"{key} must be an integer from 0 to {MAX_BLOCK}, got {n!r}")
-        try:
-            blocks[key] = await asyncio.wait_for(reader.readexactly(n), BLOCK_TIMEOUT) if n else b""
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
-            raise ProtocolError(f"{key} said {n} bytes, but they did not arrive") from e
-    if blocks["data_length"]:
-        try:
-            extra = json.loads(blocks["data_length"])
-        except ValueError as e:
-            raise ProtocolError(f"data block is not JSON: {e}") from e
-        if not isinstance(extra, dict):
-            raise ProtocolError("data block must be a JSON object")
-        data = {**data, **extra}
-    if not isinstance(data, dict):
-        raise ProtocolError('"data" must be a JSON object')
-    return Event(type=header["type"], data=data, payload=blocks["payload_length"] or None)
+    def __init__(self, spoken_text: str, detail: str, malformed: bool = False):
+        super().__init__(detail)
+        self.spoken, self.malformed = spoken_text, malformed
 
 
 class Conversations:
@@ -113,15 +84,24 @@ class Conversations:
 class WyomingService:
     def __init__(self, engine: Engine, scheduler: Scheduler, host: str, port: int,
                  defaults: RequestDefaults = RequestDefaults(), system: str | None = None,
-                 languages: tuple[str, ...] = ("en",)):
+                 languages: tuple[str, ...] = ("en",), reply_tokens: int | None = DEFAULT_SPOKEN_TOKENS):
+        """`reply_tokens`: a reply ends at the first sentence end after this many tokens
+        (None: only `defaults.max_tokens` ends it)."""
         self.engine, self.scheduler, self.defaults = engine, scheduler, defaults
         self.host, self.port, self.languages = host, port, list(languages)
+        self.system, self.reply_tokens = system, reply_tokens
         self.conversations = Conversations(lambda: Conversation(engine, system))
-        self.connections = 0
+        self.table = ConnectionTable()
         self.ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._threads = ThreadPoolExecutor(self.table.limit + 1, thread_name_prefix="edge-llm-wyoming")
+        self._tokenizing: asyncio.Lock | None = None
         self.error: BaseException | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self.table)
 
     # --- lifetime: its own thread and event loop, beside uvicorn's ----------------------
     def start(self) -> WyomingService:
@@ -137,9 +117,10 @@ class WyomingService:
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
+        self._tokenizing = asyncio.Lock()
         try:
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._connection, self.host, self.port, limit=MAX_HEADER))
+                asyncio.start_server(self._connection, self.host, self.port, limit=wyoming_io.MAX_HEADER))
             self.port = self._server.sockets[0].getsockname()[1]
         except OSError as e:
             self.error = OSError(f"cannot bind the Wyoming service to {self.host}:{self.port}: {e.strerror}")
@@ -156,26 +137,34 @@ class WyomingService:
 
     # --- one connection --------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= MAX_CONNECTIONS:
-            await self._send(writer, Error(text="too many connections", code="busy").event())
+        conn = self.table.open(writer)
+        if conn is None:
+            log.warning("Wyoming: %d connections are all busy; refusing a new one", self.table.limit)
+            await self._refuse(writer, Refusal(spoken.BUSY, "too many connections"), {})
             writer.close()
             return
-        self.connections += 1
         try:
-            while (event := await read_event(reader)) is not None:
+            while (event := await read_event(reader, conn)) is not None:
                 if Describe.is_type(event.type):
                     await self._send(writer, self.info().event())
-                elif Transcript.is_type(event.type):
-                    await self.answer(Transcript.from_event(event), writer)
+                elif event.type == TRANSCRIPT:
+                    if not await self.answer(event, writer):
+                        break                     # refused: said so, and closed
                 else:
                     log.debug("ignoring Wyoming event %r", event.type)
+                conn.waiting()
         except ProtocolError as e:
             log.warning("Wyoming peer broke the protocol: %s", e)
-            await self._send(writer, Error(text=str(e), code="protocol").event())
+            await self._quietly(self._send(writer, Error(text=str(e), code="protocol").event()))
+        except Idle:
+            log.debug("Wyoming: closing a connection idle for %g s", wyoming_io.IDLE_TIMEOUT)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception:       # a bug of ours: logged, the peer told, the service lives on
+            log.exception("Wyoming: a connection failed")
+            await self._quietly(self._refuse(writer, Refusal(spoken.FAILED, "internal error"), {}))
         finally:
-            self.connections -= 1
+            self.table.close(conn)
             writer.close()
 
     async def _send(self, writer: asyncio.StreamWriter, event: Event) -> None:
@@ -183,6 +172,19 @@ class WyomingService:
             await async_write_event(event, writer)
         except RuntimeError as e:      # the transport is closing: the peer is gone
             raise ConnectionResetError("peer gone") from e
+
+    @staticmethod
+    async def _quietly(coro) -> None:
+        try:
+            await coro
+        except (ConnectionError, OSError):
+            pass
+
+    async def _refuse(self, writer: asyncio.StreamWriter, refusal: Refusal, context: dict) -> None:
+        """`not-handled` with the spoken reason (and `error` for a malformed request)."""
+        await self._send(writer, NotHandled(text=refusal.spoken, context=context or None).event())
+        if refusal.malformed:
+            await self._send(writer, Error(text=str(refusal), code="bad-request").event())
 
     def info(self) -> Info:
         ver = _version()
@@ -194,33 +196,82 @@ class WyomingService:
                                 version=ver, models=[model], supports_handled_streaming=True)
         return Info(handle=[program])
 
-    async def answer(self, transcript: Transcript, writer: asyncio.StreamWriter) -> None:
-        context = transcript.context or {}
-        cid = context.get("conversation_id") if isinstance(context.get("conversation_id"), str) else None
-        loop = asyncio.get_running_loop()
-        conv, question = self.conversations.get(cid), transcript.text or ""
+    # --- one turn ------------------------------------------------------------------------
+    async def answer(self, event: Event, writer: asyncio.StreamWriter) -> bool:
+        """Answer a transcript event; False when it was refused (the caller closes)."""
+        context = event.data.get("context")
+        context = context if isinstance(context, dict) else {}
         try:
-            ids = await loop.run_in_executor(None, self._prompt, conv, question)
-            job = self.scheduler.submit(ids, self.defaults.build())
-        except QueueFull as e:
-            return await self._send(writer, Error(text=f"busy: {e}", code="busy").event())
-        except (ValueError, TypeError) as e:      # ContextFull, a template's own error, bad text
-            return await self._send(writer, NotHandled(text=f"I cannot answer that: {e}", context=context).event())
-        events, parts = job.events(), []
+            conv, question, job = await self._admit(event.data)
+        except Refusal as r:
+            log.info("Wyoming: not handled: %s", r)
+            await self._refuse(writer, r, context)
+            return False
         try:
-            await self._send(writer, HandledStart(context=context).event())
-            while (ev := await loop.run_in_executor(None, next, events, None)) is not None:
-                if ev.text:
-                    parts.append(ev.text)
-                    await self._send(writer, HandledChunk(text=ev.text).event())
-            text = "".join(parts).strip()
-            await self._send(writer, Handled(text=text, context=context).event())
-            await self._send(writer, HandledStop().event())
-        except ContextFull as e:
-            return await self._send(writer, NotHandled(text=str(e), context=context).event())
+            return await self._stream(job, conv, question, writer, context)
         finally:
             job.cancel()          # the client left mid-answer: stop generating for nobody
-        conv.record(question, parts, interrupted=False)
+
+    async def _admit(self, data: dict):
+        """(conversation, question, job): checked, given a queue place, tokenized, queued.
+        Raises Refusal."""
+        text, context, language = data.get("text"), data.get("context"), data.get("language")
+        if not isinstance(text, str):
+            raise Refusal(spoken.UNREADABLE, 'a transcript needs "text", a string', malformed=True)
+        if context is not None and not isinstance(context, dict):
+            raise Refusal(spoken.UNREADABLE, '"context" must be a JSON object', malformed=True)
+        if language is not None and not isinstance(language, str):
+            raise Refusal(spoken.UNREADABLE, '"language" must be a string', malformed=True)
+        try:
+            nbytes = len(text.encode())
+        except UnicodeEncodeError:
+            raise Refusal(spoken.UNREADABLE, "the transcript is not valid Unicode text", malformed=True) from None
+        if not text.strip():
+            raise Refusal(spoken.EMPTY, "the transcript is empty")
+        try:
+            self.engine.check_fits_bytes(nbytes)          # before any queue place or tokenizer
+        except ContextFull as e:
+            raise Refusal(spoken.TOO_LONG, f"the transcript ({nbytes} bytes) has at least {e.needed} tokens; "
+                                           f"the context holds {e.max_ctx}") from None
+        cid = (context or {}).get("conversation_id")
+        conv = self.conversations.get(cid if isinstance(cid, str) else None)
+        conv.system = spoken.system_prompt(self.system, language)
+        try:
+            ticket = self.scheduler.admit()
+        except QueueFull as e:
+            raise Refusal(spoken.BUSY, f"the queue is full: {e}") from None
+        with ticket:
+            try:
+                async with self._tokenizing:          # one prompt tokenized at a time
+                    ids = await asyncio.get_running_loop().run_in_executor(self._threads, self._prompt, conv, text)
+            except ContextFull as e:
+                raise Refusal(spoken.TOO_LONG, str(e)) from None
+            except ValueError as e:                   # a template's own error, bad text
+                raise Refusal(spoken.UNREADABLE, str(e)) from None
+            job = self.scheduler.submit(ids, self.defaults.build(), ticket=ticket)
+        return conv, text, job
+
+    async def _stream(self, job, conv: Conversation, question: str, writer, context: dict) -> bool:
+        loop, events = asyncio.get_running_loop(), job.events()
+        budget, last = spoken.SentenceBudget(self.reply_tokens), None
+        await self._send(writer, HandledStart(context=context).event())
+        try:
+            while (ev := await loop.run_in_executor(self._threads, next, events, None)) is not None:
+                last = ev
+                piece, complete = budget.feed(ev.text, 1 if ev.token_id is not None else 0)
+                if piece:
+                    await self._send(writer, HandledChunk(text=piece).event())
+                if complete:
+                    break
+        except Exception as e:        # ContextFull, or the engine failed this sequence
+            log.warning("Wyoming: the answer failed: %s", e)
+            await self._refuse(writer, Refusal(spoken.FAILED, str(e)), context)
+            return False
+        text = budget.complete_sentences() if last is not None and last.finish_reason == "length" else budget.text.strip()
+        await self._send(writer, Handled(text=text, context=context).event())
+        await self._send(writer, HandledStop().event())
+        conv.record(question, [text], interrupted=False)
+        return True
 
     @staticmethod
     def _prompt(conv: Conversation, question: str) -> list[int]:

@@ -15,7 +15,7 @@ import numpy as np
 from edge.engine.constraint import Grammar, Grammars
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
-from edge.launch.args import add_model_choice
+from edge.launch.args import add_model_choice, non_negative, positive
 from edge.launch.model_store import resolve, weight_cache_dir
 from edge.launch.request import DEFAULT_THREADS
 from edge.model.backends import load_backend
@@ -401,7 +401,7 @@ def register(sub) -> None:
     b.add_argument("-t", "--threads", type=threads_list, default=None,
                    help="thread counts or auto, comma separated (e.g. 1,2,auto); "
                         f"default {DEFAULT_THREADS}: one thread or all cores, whichever is faster as it runs")
-    b.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test (default 3)")
+    b.add_argument("-r", "--reps", type=positive, default=3, help="repetitions of each test (default 3)")
     b.add_argument("--json", action="store_true", help="JSON (every figure and sample) instead of the table")
     b.add_argument("-v", "--verbose", action="store_true",
                    help="also print time to first token, load time, KV cache size and peak RSS")
@@ -417,6 +417,6 @@ def register(sub) -> None:
                         "output asserted (-n: tokens per reply, default 128)")
     b.add_argument("--prompts", type=Path, default=None,
                    help="with --speculate: a JSON list of {kind, messages} instead of the shipped set")
-    b.add_argument("--verify-curve", type=int, metavar="K", default=None,
+    b.add_argument("--verify-curve", type=non_negative, metavar="K", default=None,
                    help="time of a decode step of k+1 rows against one row, k = 0..K, at -p tokens cached")
     b.set_defaults(func=run)

@@ -7,8 +7,11 @@ Debian but libedit elsewhere, and absent on some builds), and is a pure-Python w
 installs on the Pi's aarch64 as anywhere. When stdin is not a terminal, lines are read plainly.
 
 - `\"\"\"` on a line starts a multi-line message, ended by a line ending in `\"\"\"`.
-- /help, /context, /stats, /reset, /system TEXT, /exit; Ctrl-C stops a reply (the partial
-  reply stays in the history, marked interrupted), Ctrl-D exits.
+- /help, /context, /stats, /reset, /system TEXT, /set, /save FILE, /load FILE, /exit; Ctrl-C
+  stops a reply (the partial reply stays in the history, marked interrupted), Ctrl-D exits.
+- Replies are wrapped at word boundaries to the terminal's width; keys typed while a reply
+  streams are not echoed into it: they wait, and arrive at the next prompt.
+- A conversation is saved and loaded as JSON: OpenAI's `messages` array.
 - A full context drops the oldest turns, never the system prompt, with a one-line notice
   (the rule: `Conversation.make_room`).
 - `-f FILE`: the file's text goes before the first question.
@@ -16,6 +19,9 @@ installs on the Pi's aarch64 as anywhere. When stdin is not a terminal, lines ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import shutil
 import signal
 import sys
 import threading
@@ -30,12 +36,18 @@ HELP = '''commands:
   /stats          figures of the last reply (prompt, cached, generated, speed)
   /reset          forget the conversation (the system prompt stays)
   /system TEXT    set a new system prompt and start over (/system alone: none)
+  /set            show the settings below
+  /set temperature X | max_tokens N | system TEXT
+                  change one for the rest of the chat (system starts over, like /system)
+  /save FILE      write the conversation to FILE as JSON (OpenAI's messages array)
+  /load FILE      continue a conversation saved with /save (or any such messages array)
   /exit           quit (or Ctrl-D)
 input:
   """             on a line of its own (or before the text) starts a multi-line message;
                   a line ending in """ ends it
   a pasted block is sent as one message; up/down recall earlier messages
-  Ctrl-C          stops a reply (what came so far stays in the conversation, marked)'''
+  Ctrl-C          stops a reply (what came so far stays in the conversation, marked)
+  keys typed while a reply streams wait for the next prompt'''
 
 QUOTES = '"""'
 PREVIEW = 60
@@ -108,6 +120,120 @@ class LineReader:
             lines.append(line)
 
 
+class WordWrap:
+    """Streamed text wrapped at word boundaries to `width` columns (None: as it comes). A word
+    is held until its end (a space or a newline) has arrived, so that it goes to the next line
+    whole; a word wider than the line is broken."""
+
+    def __init__(self, out, width: int | None):
+        from prompt_toolkit.utils import get_cwidth
+        self.out, self.width, self.cwidth = out, width, get_cwidth
+        self.col = 0
+        self.word = ""
+        self.wrapped = False              # the line was broken here: a space at its start goes
+
+    def write(self, text: str) -> None:
+        if not self.width:
+            self.out.write(text)
+        else:
+            for ch in text:
+                if ch == "\n":
+                    self._word()
+                    self.out.write("\n")
+                    self.col, self.wrapped = 0, False
+                elif ch == " ":
+                    self._word()
+                    if self.col >= self.width:      # a space at the edge: the next line
+                        self.out.write("\n")
+                        self.col, self.wrapped = 0, True
+                    elif not (self.col == 0 and self.wrapped):
+                        self.out.write(" ")
+                        self.col += 1
+                else:
+                    self.word += ch
+        self.out.flush()
+
+    def finish(self) -> None:
+        self._word()
+        self.out.flush()
+
+    def _word(self) -> None:
+        word, self.word = self.word, ""
+        if not word:
+            return
+        w = self.cwidth(word)
+        self.wrapped = False
+        if self.col and self.col + w > self.width:
+            self.out.write("\n")
+            self.col = 0
+        if w <= self.width:
+            self.out.write(word)
+            self.col += w
+            return
+        for ch in word:                              # longer than a line: break it
+            cw = self.cwidth(ch)
+            if self.col + cw > self.width:
+                self.out.write("\n")
+                self.col = 0
+            self.out.write(ch)
+            self.col += cw
+
+
+def terminal_width(out) -> int | None:
+    """Columns to wrap replies to: the terminal's, when `out` is one (a pipe gets text as is)."""
+    try:
+        if not out.isatty():
+            return None
+    except (AttributeError, ValueError):
+        return None
+    return max(10, shutil.get_terminal_size().columns - 1)
+
+
+@contextlib.contextmanager
+def typing_held(stream=None):
+    """While a reply streams, what is typed is not echoed into it: the terminal's echo and line
+    editing are off, so the keys wait in its input queue (Ctrl-C still interrupts), and the
+    next prompt reads them. The settings come back as they were, the queue untouched."""
+    stream = stream or sys.stdin
+    try:
+        import termios
+        fd = stream.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, AttributeError, ValueError, OSError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ICANON)
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
+
+
+def load_messages(path: Path) -> tuple[str | None, list[dict]]:
+    """A saved conversation: OpenAI's messages array (or an object with one under "messages"),
+    as (system prompt, turns). ValueError says what is wrong with it."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        data = data.get("messages")
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON array of messages ({\"role\": ..., \"content\": ...})")
+    system, turns = None, []
+    for i, m in enumerate(data):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or \
+                m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i + 1}: expected {{\"role\": \"system\"|\"user\"|\"assistant\", "
+                             "\"content\": \"text\"}")
+        if m["role"] == "system":
+            if i:
+                raise ValueError(f"message {i + 1}: a system message may only come first")
+            system = m["content"]
+        else:
+            turns.append({"role": m["role"], "content": m["content"]})
+    return system, turns
+
+
 @contextlib.contextmanager
 def ctrl_c_cancels(cancel: threading.Event):
     """While a reply streams, Ctrl-C asks the engine to stop at the next token (the reply
@@ -135,6 +261,7 @@ class TerminalChat:
         self.preamble = preamble          # -f FILE: put before the first question
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.format_stats = format_stats
+        self.hold_typing = False          # a terminal: keys typed during a reply wait (typing_held)
 
     @property
     def reserve(self) -> int:
@@ -188,9 +315,73 @@ class TerminalChat:
             self.stats()
         elif cmd == "/context":
             self.context()
+        elif cmd == "/set":
+            self.set(arg.strip())
+        elif cmd == "/save":
+            self.save(arg.strip())
+        elif cmd == "/load":
+            self.load(arg.strip())
         else:
             print(f"unknown command {cmd}; /help lists them", file=self.out)
         return True
+
+    def set(self, arg: str) -> None:
+        name, _, value = arg.partition(" ")
+        name, value = name.lower(), value.strip()
+        p = self.params
+        if not name:
+            print(f"temperature {p.sampling.temperature}, max_tokens {p.max_tokens or 'until the context is full'}, "
+                  f"system {preview(self.conv.system) if self.conv.system else '(none)'}", file=self.out)
+            return
+        try:
+            if name == "temperature":
+                self.params = dataclasses.replace(p, sampling=dataclasses.replace(p.sampling, temperature=float(value)))
+            elif name in ("max_tokens", "max-tokens"):
+                self.params = dataclasses.replace(p, max_tokens=int(value))
+            elif name == "system":
+                self.conv.reset(value or None)
+                print("(system prompt set; conversation cleared)" if value else
+                      "(no system prompt; conversation cleared)", file=self.out)
+                return
+            else:
+                print(f"/set knows temperature, max_tokens and system, not {name}", file=self.out)
+                return
+        except ValueError as e:
+            print(f"(not changed: {e})", file=self.out)
+            return
+        print(f"({name} = {value})", file=self.out)
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            print("/save FILE: which file?", file=self.out)
+            return
+        path = Path(arg).expanduser()
+        messages = self.conv.messages()
+        try:
+            path.write_text(json.dumps(messages, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            print(f"(not saved: {e.strerror or e}: {path})", file=self.out)
+            return
+        print(f"(saved {len(messages)} message(s) to {path})", file=self.out)
+
+    def load(self, arg: str) -> None:
+        if not arg:
+            print("/load FILE: which file?", file=self.out)
+            return
+        path = Path(arg).expanduser()
+        try:
+            system, turns = load_messages(path)
+        except OSError as e:
+            print(f"(not loaded: {e.strerror or e}: {path})", file=self.out)
+            return
+        except ValueError as e:
+            print(f"(not loaded: {path} is not a saved conversation: {e})", file=self.out)
+            return
+        self.conv.reset(system)
+        self.conv.turns[:] = turns
+        used = len(self.conv.tokens())
+        print(f"(loaded {len(turns)} message(s){' and the system prompt' if system else ''} from {path}; "
+              f"context {used}/{self.engine.max_ctx} tokens)", file=self.out)
 
     def stats(self) -> None:
         u = self.conv.last_usage
@@ -228,21 +419,32 @@ class TerminalChat:
             self.preamble = None          # it went with this first question
         cancel = threading.Event()
         last = None
-        with ctrl_c_cancels(cancel):
+        wrap = WordWrap(self.out, terminal_width(self.out))
+        with ctrl_c_cancels(cancel), (typing_held() if self.hold_typing else contextlib.nullcontext()):
             try:
                 for ev in self.conv.ask(text, self.params, cancel):
                     if ev.text:
-                        self.out.write(ev.text)
-                        self.out.flush()
+                        wrap.write(ev.text)
                     last = ev
             except KeyboardInterrupt:
                 pass                      # a second Ctrl-C: ask() recorded the partial reply
         if last is None or last.finish_reason == "cancelled":
-            self.out.write(" [interrupted]")
+            wrap.write(" [interrupted]")
         elif last.finish_reason == "length":
-            self.out.write(f" [cut at {last.usage.completion_tokens} tokens: --max-tokens]")
+            wrap.write(" " + self.cut_note(last.usage))
+        wrap.finish()
         self.out.write("\n")
         self.out.flush()
+
+    def cut_note(self, usage) -> str:
+        """Why a reply ended as "length": the token limit, the full context, or the loop guard
+        (neither limit reached: it was repeating itself)."""
+        n = usage.completion_tokens
+        if self.params.max_tokens and n >= self.params.max_tokens:
+            return f"[cut at {n} tokens: --max-tokens, /set max_tokens]"
+        if usage.prompt_tokens + n + 1 >= self.engine.max_ctx:
+            return f"[cut at {n} tokens: the context is full]"
+        return f"[stopped after {n} tokens: the reply was repeating itself]"
 
 
 def run(a, engine, params, format_stats) -> int:
@@ -252,6 +454,7 @@ def run(a, engine, params, format_stats) -> int:
     chat = TerminalChat(engine, params, a.system, preamble, format_stats=format_stats)
     from edge.launch.model_store import home
     reader = LineReader(home() / "chat-history")
+    chat.hold_typing = reader.interactive
     extra = f"; {a.file} goes before your first question" if a.file else ""
     chat.say(f"edge-llm chat with {engine.name} (context {engine.max_ctx} tokens{extra}). /help for commands; "
              '""" for several lines; Ctrl-C stops a reply, Ctrl-D exits.')

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from convert.convert import CONVERT_THREADS, GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ
 from convert.quantize import BIG_MODEL_PARAMS, BIG_MODEL_QUANT, DEFAULT_QUANT, SCHEMES
@@ -50,10 +52,28 @@ def read_prompt(prompt: str | None, stdin=None) -> str:
     return prompt
 
 
+def output_grammar(a):
+    """--format json / --json-schema FILE as a Grammar (None: free text). Read before the model
+    loads, so that a missing or broken file fails at once."""
+    from edge.engine.constraint import Grammar, closed
+    if a.json_schema:
+        try:
+            schema = json.loads(Path(a.json_schema).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema {a.json_schema}: not JSON: {e}") from None
+        return Grammar.json_schema(closed(schema), origin=f"--json-schema {a.json_schema}")
+    if a.format == "json":
+        return Grammar.json_object(origin="--format json")
+    return None
+
+
 def cmd_run(a) -> int:
     prompt = read_prompt(a.prompt)           # before loading: a missing prompt fails at once
+    grammar = output_grammar(a)
     engine = load_engine(a)
-    params = request_defaults(a).build()
+    if grammar is not None:
+        engine.check_grammar(grammar)
+    params = request_defaults(a).build(constraint=grammar)
     if a.raw:
         ids = engine.encode_text(prompt)
     else:
@@ -61,6 +81,11 @@ def cmd_run(a) -> int:
         ids = engine.encode_chat(msgs)
     last = stream(engine.generate(ids, params))
     print()
+    u = last.usage
+    if (last.finish_reason == "length" and not (params.max_tokens and u.completion_tokens >= params.max_tokens)
+            and u.prompt_tokens + u.completion_tokens + 1 < engine.max_ctx):
+        _log(f"edge-llm: the answer was stopped after {u.completion_tokens} tokens: it was repeating itself "
+             "(--stop-loops off lets it run on)")
     if a.verbose:
         _log(format_stats(last.usage))
     return 0
@@ -130,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--system", "-p", help="system prompt (default: none)")
     r.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     r.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
+    shape = r.add_mutually_exclusive_group()
+    shape.add_argument("--format", choices=["json"], default=None,
+                       help="json: the answer is one JSON object (default: free text)")
+    shape.add_argument("--json-schema", metavar="FILE", default=None,
+                       help="the answer is JSON valid against the JSON schema in FILE (default: none)")
     add_model_args(r)
     add_sampling_args(r)
     r.set_defaults(func=cmd_run)
@@ -143,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 
-    v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle")
+    v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle",
+                       description="Convert a Hugging Face checkpoint directory or a GGUF file into a bundle: "
+                       "a TFLite graph with int8/int4 weights and the tokenizer, which every other command "
+                       "runs (--model DIR). Converting is needed once; --model with a checkpoint does it itself.")
     v.add_argument("src", help="Hugging Face checkpoint directory or GGUF file")
     v.add_argument("-o", "--output", required=True, help="bundle directory to write")
     v.add_argument("--quant", default=None, choices=SCHEMES,
@@ -177,7 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
     serial_args.register(sub)
     serve.register(sub)
     _no_silent_options(p)
+    _every_command_described(p)
     return p
+
+
+def _every_command_described(parser: argparse.ArgumentParser) -> None:
+    """`edge-llm CMD --help` says what CMD does: a subcommand without a description of its own
+    gets its one-line help as one."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    text = helps[name]
+                    sub.description = text[0].upper() + text[1:] + "."
 
 
 def version() -> str:

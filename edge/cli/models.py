@@ -47,8 +47,10 @@ def cmd_rm(a) -> int:
     if not a.names and not a.orphans:
         raise ValueError("name a model to remove (edge-llm models lists them), or pass --orphans")
     for name in a.names:
-        path, size = model_store.remove(name)
+        path, size, shared = model_store.remove(name)
         print(f"removed {path.name} ({_mb(size)})")
+        if shared is not None:
+            print(f"kept its XNNPACK cache {shared.name}: another bundle has the same graph", file=sys.stderr)
     freed = model_store.prune_caches()
     if freed or a.orphans:
         print(f"removed XNNPACK caches that belonged to no bundle ({_mb(freed)})", file=sys.stderr)
@@ -56,9 +58,15 @@ def cmd_rm(a) -> int:
 
 
 def register(sub) -> None:
-    m = sub.add_parser("models", help="list the converted models (name, quant, size, source) and the default")
+    m = sub.add_parser("models", aliases=["list", "ls"],
+                       help="list the converted models (name, quant, size, source) and the default",
+                       description="List the converted models in the model store (name, model, quant, size, "
+                       "source), which one is the default, and the XNNPACK weight caches' disk use.")
     m.set_defaults(func=cmd_models)
-    r = sub.add_parser("rm", help="remove converted models by name, with their XNNPACK caches")
+    r = sub.add_parser("rm", help="remove converted models by name, with their XNNPACK caches",
+                       description="Remove converted models from the model store by name, each with its own "
+                       "XNNPACK weight cache; caches that belong to no bundle go too. Nothing of another "
+                       "model is touched.")
     r.add_argument("names", nargs="*", metavar="NAME", help="a converted model's name, as edge-llm models lists it")
     r.add_argument("--orphans", action="store_true",
                    help="only remove the XNNPACK caches that belong to no bundle (rm always does this too)")

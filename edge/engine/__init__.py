@@ -1,6 +1,14 @@
 """The engine layer: requests in, streamed text out.
 
 Owns: the generation loop with prefix reuse and the one context rule (`engine`), the shared
-request queue (`scheduler`), sampling, UTF-8-safe detokenizing, stop strings, chat templates
-and multi-turn conversations. May import edge.model; never an interface or edge.launch.
+request queue (`scheduler`), the one consumer of a request's events (`replies`), sampling,
+UTF-8-safe detokenizing, stop strings, chat templates, tool calls and multi-turn
+conversations. May import edge.model; never an interface or edge.launch.
+
+The two refusals every interface answers in its own shape are re-exported here:
+`ContextFull` (a prompt or reply does not fit the context) and `QueueFull` (no place left).
 """
+from edge.engine.scheduler import QueueFull
+from edge.model.kv_cache import ContextFull
+
+__all__ = ["ContextFull", "QueueFull"]

@@ -23,7 +23,8 @@ import jinja2.nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-ROLES = frozenset({"system", "user", "assistant", "tool"})
+ROLES = frozenset({"system", "user", "assistant", "tool", "ipython"})   # ipython: Llama 3.x's tool results
+RESULT_ROLES = frozenset({"tool", "ipython"})        # their content may be a JSON object or list
 
 # The ChatML template transformers used as its class-level default; SmolLM2, Qwen and many others
 # are trained on this layout, so it is the least surprising choice for a checkpoint without one.
@@ -101,7 +102,9 @@ def _checked_messages(messages: list[dict]) -> list[dict]:
                                   or not all(isinstance(c, Mapping) for c in calls)):
             raise ValueError(f"messages[{i}]['tool_calls'] must be a list of dicts on an assistant message")
         content = message.get("content")
-        if not isinstance(content, str) and not (content is None and calls):
+        if role in RESULT_ROLES and isinstance(content, (Mapping, list)):
+            pass                 # the template writes it (Llama 3.x: `tojson`), as transformers passes it
+        elif not isinstance(content, str) and not (content is None and calls):
             raise ValueError(f"messages[{i}]['content'] must be a string"
                              f"{' (or null with tool_calls)' if role == 'assistant' else ''}, got {type(content).__name__}")
         # A fresh dict per message: the template can never touch the caller's objects.

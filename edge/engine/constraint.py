@@ -23,8 +23,31 @@ from dataclasses import dataclass
 import numpy as np
 
 
+MAX_SCHEMA_DEPTH = 64      # objects/arrays nested in a schema: far beyond real ones, far below Python's recursion limit
+# llguidance's bounds on one grammar's work (its defaults, which bound a mask to milliseconds);
+# errors leave out the parser's state, which would echo the schema and output into messages
+GRAMMAR_LIMITS = {"verbose_errors": False}
+
+
 class ConstraintError(ValueError):
     """A grammar or schema the engine cannot compile; the message names the problem."""
+
+
+def check_depth(value, origin: str) -> None:
+    """ConstraintError when `value` (a schema, JSON-shaped) nests objects and arrays more than
+    MAX_SCHEMA_DEPTH deep; checked without recursion, so any depth is answered."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            inner = item.values()
+        elif isinstance(item, (list, tuple)):
+            inner = item
+        else:
+            continue
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ConstraintError(f"{origin} nests objects and arrays more than {MAX_SCHEMA_DEPTH} levels deep")
+        stack.extend((x, depth + 1) for x in inner)
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,7 @@ class Grammar:
         """Output one JSON value valid against `schema` (a dict, or True/False)."""
         if not isinstance(schema, (dict, bool)):
             raise ConstraintError(f"{origin} must be a JSON object (a JSON schema), got {type(schema).__name__}")
+        check_depth(schema, origin)
         return cls(_ll().LLMatcher.grammar_from_json_schema(_schema_text(compact(schema), origin)), origin)
 
     @classmethod
@@ -63,15 +87,21 @@ def compact(schema):
     return schema
 
 
-def closed(schema):
+def closed(schema, origin: str = "schema"):
     """`schema` with every object that lists `properties` but says nothing of others closed
     (`additionalProperties: false`), as OpenAI's strict mode requires: output valid against the
-    result is valid against the original, and a small model cannot wander off into made-up keys."""
+    result is valid against the original, and a small model cannot wander off into made-up keys.
+    ConstraintError for a schema nested too deep (`check_depth`)."""
+    check_depth(schema, origin)
+    return _closed(schema)
+
+
+def _closed(schema):
     if isinstance(schema, list):
-        return [closed(s) for s in schema]
+        return [_closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed(v) for k, v in schema.items()}
+    out = {k: _closed(v) for k, v in schema.items()}
     if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
         out["additionalProperties"] = False
     return out
@@ -129,16 +159,26 @@ class Grammars:
             return self._tokenizer
 
     def check(self, grammar: Grammar) -> None:
-        """Raise ConstraintError naming the problem if `grammar` does not compile."""
-        message = _ll().LLMatcher.validate_grammar(grammar.source, self.tokenizer)
+        """Raise ConstraintError naming the problem if `grammar` does not compile within the
+        limits, or cannot even compute its first mask."""
+        ll = _ll()
+        message = ll.LLMatcher.validate_grammar(grammar.source, self.tokenizer, limits=_limits())
         if message:
             raise ConstraintError(f"{grammar.origin}: the schema cannot be compiled: {message}")
+        try:
+            self.matcher(grammar).allowed()
+        except RuntimeError as e:
+            raise ConstraintError(f"{grammar.origin}: {e}") from e
 
     def matcher(self, grammar: Grammar) -> Matcher:
-        m = _ll().LLMatcher(self.tokenizer, grammar.source, log_level=0)
+        m = _ll().LLMatcher(self.tokenizer, grammar.source, log_level=0, limits=_limits())
         if m.is_error():
             raise ConstraintError(f"{grammar.origin}: the schema cannot be compiled: {m.get_error()}")
         return Matcher(m, self.tokenizer.vocab_size, self.vocab_size)
+
+
+def _limits():
+    return _ll().LLParserLimits(**GRAMMAR_LIMITS)
 
 
 class Matcher:
@@ -150,8 +190,11 @@ class Matcher:
         self._bits = np.zeros((grammar_vocab + 31) // 32, dtype=np.int32)
 
     def allowed(self) -> np.ndarray:
-        """Bool mask [vocab_size] of the tokens that keep the output inside the grammar."""
+        """Bool mask [vocab_size] of the tokens that keep the output inside the grammar.
+        RuntimeError when the grammar has failed (e.g. a limit of its work exceeded)."""
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        if self._m.is_error():
+            raise RuntimeError(f"constrained decoding failed: {self._m.get_error()}")
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:

@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,17 +30,18 @@ from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
 from edge.engine.constraint import Grammar, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes
-from edge.engine.prompt_cache import PromptCache, snapshot
+from edge.engine.prompt_cache import PromptCache
+from edge.engine.repetition import LoopGuard
 from edge.engine.sampler import Sampler, SamplingParams
+from edge.engine.slots import PERSIST_MIN_TOKENS, Slot, Slots
 from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.engine.stop_strings import StopMatcher
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
 from edge.model.forward import PREFILL_CHUNK, chunk_rows, whole_chunk
-from edge.model.kv_cache import ContextFull, KVCache, common_prefix
+from edge.model.kv_cache import ContextFull
 
 KV_TYPES = {"f32": np.float32, "f16": np.float16}
-PERSIST_MIN_TOKENS = 256    # a prompt this long, read fresh, is worth keeping on disk
 SPEC_MAX_BATCH = 1          # draft only while at most this many sequences decode together (measured, README)
 log = logging.getLogger("edge.engine")
 
@@ -64,9 +64,15 @@ class Usage:
 class Event:
     text: str = ""                  # new text, never a partial UTF-8 character
     token_id: int | None = None
-    finish_reason: str | None = None   # "stop" | "length" | "cancelled", on the last event only
+    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error", on the last event only
     usage: Usage | None = None         # on the last event only
     logprobs: list[TokenLogprob] | None = None   # when asked for: the tokens behind this event's text
+    error: SequenceFailed | None = None          # with finish_reason "error": what ended this request
+
+
+class SequenceFailed(RuntimeError):
+    """One request's generation failed on its own (its grammar, its restored prefix, its
+    sampler) and was ended; the other sequences went on. Readers of its events get it raised."""
 
 
 @dataclass
@@ -91,6 +97,7 @@ class GenerationParams:
     logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
     special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
     speculate: bool = False            # draft tokens by prompt lookup and verify them in one pass (speculation.py)
+    stop_loops: bool = False           # end a reply stuck in an exact loop, as "length" (repetition.py)
 
     def __post_init__(self):
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
@@ -99,26 +106,23 @@ class GenerationParams:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
 
 MAX_TOP_LOGPROBS = 20      # OpenAI's limit
 
 
-@dataclass
-class Slot:
-    cache: KVCache
-    busy: bool = False
-    last_used: float = 0.0
-
-
 class Sequence:
     """One request in flight: its slot, sampler, detokenizer, stop strings and usage.
     `pending` holds the tokens the model has still to read (the uncached prompt, then each
-    sampled token)."""
+    sampled token). Everything that can fail for the request alone is built before it takes
+    a slot (`occupy`)."""
 
     def __init__(self, engine: Engine, ids: list[int], params: GenerationParams,
-                 cancel: threading.Event | None, slot: Slot, twin: Sequence | None = None):
-        self.engine, self.params, self.cancel, self.slot = engine, params, cancel, slot
+                 cancel: threading.Event | None, twin: Sequence | None = None):
+        self.engine, self.params, self.cancel = engine, params, cancel
+        self.slot: Slot | None = None
         self.twin = twin if twin is not None and twin.history[:len(ids)] == list(ids) else None
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
@@ -127,17 +131,24 @@ class Sequence:
         self.matcher = engine.grammars.matcher(params.constraint) if params.constraint is not None else None
         self.scores: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.stops = StopMatcher(params.stop)
+        self.loops = LoopGuard() if params.stop_loops else None
         self.usage = Usage(prompt_tokens=len(ids))
         self.history = list(ids)
         self.limit = params.max_tokens or engine.max_ctx
-        cached = engine.model.reusable(ids, slot.cache)     # whole aligned chunks: same answer as cold
-        slot.cache.truncate(cached)
-        self.usage.cached_tokens = cached
-        self.pending: list[int] = list(ids[cached:])
+        self.pending: list[int] = []
         self.done = False
         self.spec = Speculator(engine.new_drafter()) if params.speculate else None
         self.sampled: int | None = None      # the token the last `take` sampled (eos included)
         self.drafted_end = 0                 # rows up to here may hold a rejected draft's K/V
+
+    def occupy(self, slot: Slot) -> None:
+        """Run in `slot`, keeping the whole aligned chunks of its cache that the prompt starts
+        with (the same answer as from an empty cache)."""
+        self.slot, self.t0 = slot, time.perf_counter()
+        cached = self.engine.model.reusable(self.history, slot.cache)
+        slot.cache.truncate(cached)
+        self.usage.cached_tokens = cached
+        self.pending = self.history[cached:]
 
     @property
     def decoding(self) -> bool:
@@ -188,8 +199,9 @@ class Sequence:
             self.matcher.advance(token)
             if self.matcher.stopped:                  # the grammar is complete: nothing may follow
                 return events + self.finish("stop")
-        if self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit:
-            return events + self.finish("length")       # context full or enough tokens: "length"
+        if (self.slot.cache.length + 1 >= self.engine.max_ctx or u.completion_tokens >= self.limit
+                or (self.loops is not None and self.loops.feed(token))):
+            return events + self.finish("length")       # context full, enough tokens, or a loop: "length"
         self.pending = [token]
         return events
 
@@ -200,6 +212,20 @@ class Sequence:
         self.done, self.pending = True, []
         self.engine.release(self)
         return [Event(text=tail, finish_reason=reason, usage=self.usage, logprobs=self._take_scores())]
+
+    def fail(self, error: BaseException) -> list[Event]:
+        """End this sequence alone after `error`; its slot is given back emptied (its K/V,
+        e.g. a damaged restored prefix, are not to be reused)."""
+        log.warning("a request failed and was ended alone: %s: %s", type(error).__name__, error)
+        if self.t_first is not None:
+            self.usage.decode_seconds = time.perf_counter() - self.t_first
+        self.done, self.pending = True, []
+        if self.slot is not None:
+            self.engine.slot_pool.release(self.slot, self, self.drafted_end, forget=True)
+        failure = error if isinstance(error, SequenceFailed) else \
+            SequenceFailed(f"generation failed: {error or type(error).__name__}")
+        failure.__cause__ = failure.__cause__ if failure is error else error
+        return [Event(finish_reason="error", usage=self.usage, error=failure)]
 
     def _take_scores(self) -> list | None:
         """The scores gathered so far, handed over once."""
@@ -228,9 +254,10 @@ class Engine:
             raise ValueError(f"parallel must be at least 1, got {parallel}")
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
-        self.slots = [Slot(self.model.new_cache(KV_TYPES[kv_type])) for _ in range(parallel)]
-        self._slots_free = threading.Condition()
+        self.slot_pool = Slots([self.model.new_cache(KV_TYPES[kv_type]) for _ in range(parallel)], prompt_cache)
+        self.slots = self.slot_pool.all
         self._step_lock = threading.Lock()
+        self.last_step = time.monotonic()        # when a step last finished (liveness)
         self._longest: int | None = None     # 0: the tokenizer drops bytes, no bound from size
         self._grammars: Grammars | None = None
         self._token_bytes: TokenBytes | None = None
@@ -238,9 +265,6 @@ class Engine:
         self.new_drafter = PromptLookup          # one drafter per speculating sequence (tests swap it)
         self.spec_max_batch = SPEC_MAX_BATCH
         self.verify_cost = VerifyCost()           # step time by row count, measured as we go
-        self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
-        self._writer: ThreadPoolExecutor | None = None
-        self._writes: list[Future] = []
 
     @property
     def name(self) -> str:
@@ -308,10 +332,7 @@ class Engine:
 
     def reset(self) -> None:
         """Forget every idle slot's cached tokens."""
-        with self._slots_free:
-            for slot in self.slots:
-                if not slot.busy:
-                    slot.cache.truncate(0)
+        self.slot_pool.reset()
 
     # --- generation -------------------------------------------------------------------
     def check_fits(self, prompt_ids: list[int], reserve: int = 1) -> None:
@@ -340,116 +361,73 @@ class Engine:
               wait: bool = True, twin: Sequence | None = None) -> Sequence | None:
         """A sequence in the best free slot (`check_fits` first). Without `wait`, None when
         every slot is busy. A `twin` (another choice of the same prompt, already started)
-        lends its prompt's KV once it has read it, so the prompt is read once for all choices."""
+        lends its prompt's KV once it has read it, so the prompt is read once for all choices.
+        All or nothing: the sequence (stop strings, sampler, grammar) is built before a slot
+        is claimed, and a failure after the claim gives the slot back before it is raised."""
         self.check_fits(prompt_ids)
-        with self._slots_free:
-            while (slot := self._pick_slot(prompt_ids)) is None:
-                if not wait:
-                    return None
-                self._slots_free.wait()
-            slot.busy = True
-        self._restore_prefix(slot, prompt_ids)
-        return Sequence(self, list(prompt_ids), params, cancel, slot, twin)
-
-    def _pick_slot(self, ids: list[int]) -> Slot | None:
-        free = [s for s in self.slots if not s.busy]
-        if not free:
+        seq = Sequence(self, list(prompt_ids), params, cancel, twin)
+        slot = self.slot_pool.claim(prompt_ids, seq, wait)
+        if slot is None:
             return None
-        return max(free, key=lambda s: (s.cache.common_prefix(ids), -s.last_used))
+        try:
+            self.slot_pool.restore_prefix(slot, prompt_ids)
+            seq.occupy(slot)
+        except BaseException:
+            self.slot_pool.release(slot, seq, forget=True)
+            raise
+        return seq
 
     def free_slots(self) -> int:
-        with self._slots_free:
-            return sum(not s.busy for s in self.slots)
+        return self.slot_pool.free()
 
     def release(self, seq: Sequence) -> None:
-        long_prompt = seq.usage.prompt_tokens - seq.usage.cached_tokens >= PERSIST_MIN_TOKENS
-        with self._slots_free:
-            if not seq.slot.busy:
-                seq.done = True
-                return
-            cache = seq.slot.cache
-            if seq.drafted_end > cache.length:          # a rejected draft's rows: gone before reuse
-                cache.erase(cache.length, seq.drafted_end)
-            seq.drafted_end = 0
-            if long_prompt and seq.decoding:
-                self._persist(seq.slot)
-            seq.slot.busy, seq.slot.last_used = False, time.monotonic()
-            self._slots_free.notify()
+        if seq.slot is not None:
+            long_prompt = seq.usage.prompt_tokens - seq.usage.cached_tokens >= PERSIST_MIN_TOKENS
+            self.slot_pool.release(seq.slot, seq, seq.drafted_end, persist=long_prompt and seq.decoding)
+        seq.drafted_end = 0
         seq.done = True
-
-    # --- the prompt cache on disk ---------------------------------------------------------
-    def _restore_prefix(self, slot: Slot, ids: list[int]) -> None:
-        """Load the stored prefix that shares most with `ids`, when it beats the slot's own."""
-        if not self._stored:
-            return
-        have = slot.cache.common_prefix(ids)
-        best = max(self._stored, key=lambda e: common_prefix(e.tokens, ids))
-        if common_prefix(best.tokens, ids) < have + PREFILL_CHUNK:
-            return
-        try:
-            self.prompt_cache.restore(best, slot.cache)
-        except (OSError, ValueError) as e:
-            log.warning("prompt cache: cannot restore %s: %s", best.path.name, e)
-            self._stored.remove(best)
-            slot.cache.truncate(0)
-
-    def _persist(self, slot: Slot) -> None:
-        """Store a slot's whole aligned prompt chunks (a long prompt just read), if a cache is
-        set: restored, they give what reading the prompt again would. The K/V are copied here
-        and written by a thread of their own, so the other streams never wait on the disk."""
-        if not self.prompt_cache or slot.cache.canonical == 0:
-            return
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="edge-llm-prompt-cache")
-        self._writes = [f for f in self._writes if not f.done()]
-        self._writes.append(self._writer.submit(self._write, snapshot(slot.cache, slot.cache.canonical)))
-
-    def _write(self, taken) -> None:
-        try:
-            path = self.prompt_cache.write(*taken)
-        except OSError as e:
-            log.warning("prompt cache: not saved: %s", e)
-            return
-        if path is not None:
-            self._stored = self.prompt_cache.entries()
 
     def persist(self) -> None:
         """Store every idle slot's tokens and wait until everything is on disk (at shutdown)."""
-        with self._slots_free:
-            for slot in self.slots:
-                if not slot.busy and slot.cache.canonical >= PERSIST_MIN_TOKENS:
-                    self._persist(slot)
-        self.wait_for_writes()
+        self.slot_pool.persist_idle()
 
     def wait_for_writes(self) -> None:
         """Block until the prompt-cache writes queued so far are done."""
-        while self._writes:
-            self._writes.pop(0).result()
+        self.slot_pool.wait_for_writes()
 
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[Event]]]:
         """One model pass for the running sequences: a row for each decoding one, chunks of
         prompt for the others (one aligned chunk a step, oldest request first). Returns the
-        events of each sequence that moved; finished ones have released their slots."""
+        events of each sequence that moved; finished ones have released their slots.
+
+        A failure of one sequence's own work (its grammar, sampler, stop strings, restored
+        prefix) ends that sequence alone, with an "error" event; the others' results are
+        those of the same step without it. Only a failure of the shared pass raises, and then
+        every cache is as it was before the step."""
         out: list[tuple[Sequence, list[Event]]] = []
         batch: list[tuple[Sequence, int]] = []
         budget = PREFILL_CHUNK
         for seq in seqs:
-            if seq.twin is not None and not seq.twin.done and not seq.twin.decoding:
-                continue                                # its twin is still reading the prompt
-            if seq.twin is not None:
-                seq.fork()
-            if seq.done:
-                continue
-            if seq.cancelled:
-                out.append((seq, seq.finish("cancelled")))
-            elif seq.decoding:
-                batch.append((seq, 1))
-            elif budget > 0:
-                # one whole aligned chunk (as `prefill` would run it), or none this step
-                n = chunk_rows(seq.slot.cache.length, len(seq.pending))
-                batch.append((seq, n))
-                budget -= PREFILL_CHUNK
+            try:
+                if seq.twin is not None and not seq.twin.done and not seq.twin.decoding:
+                    continue                                # its twin is still reading the prompt
+                if seq.twin is not None:
+                    seq.fork()
+                if seq.done:
+                    continue
+                if seq.cancelled:
+                    out.append((seq, seq.finish("cancelled")))
+                elif seq.decoding:
+                    batch.append((seq, 1))
+                elif budget > 0:
+                    # one whole aligned chunk (as `prefill` would run it), or none this step
+                    n = chunk_rows(seq.slot.cache.length, len(seq.pending))
+                    batch.append((seq, n))
+                    budget -= PREFILL_CHUNK
+            except Exception as e:
+                out.append((seq, seq.fail(e)))
         if not batch:
+            self.last_step = time.monotonic()
             return out
         drafts = self._drafts(batch)
         verifying = any(drafts)
@@ -459,41 +437,86 @@ class Engine:
                 seq.pending = seq.pending + d
         whole = [whole_chunk(seq.slot.cache, n) for seq, n in batch]
         t0 = time.perf_counter()
-        items = [(seq.pending[:n], seq.slot.cache) for seq, n in batch]
-        with self._step_lock:
-            logits = (self.model.forward_batch(items, all_logits=True, stepwise=[bool(d) for d in drafts])
-                      if verifying else self.model.forward_batch(items))
+        logits = self._forward(batch, drafts if verifying else None)
         if len(batch) == 1 and batch[0][0].decoding:
             self.verify_cost.observe(batch[0][1], time.perf_counter() - t0)
-        for (seq, n), w in zip(batch, whole):
-            if w:
-                seq.slot.cache.canonical = seq.slot.cache.length
-        for (seq, n), lg, d in zip(batch, logits, drafts if verifying else [None] * len(batch)):
-            if d:
-                out.append((seq, self._verify(seq, lg, d)))
-            elif n < len(seq.pending):
-                seq.pending = seq.pending[n:]           # more prompt to read: no token yet
-                out.append((seq, []))
-            else:
-                if seq.spec is not None and seq.decoding:
-                    seq.spec.update(0, 0)               # a step without a draft
-                out.append((seq, seq.take(lg[-1] if verifying else lg)))
+        for (seq, n), lg, d, w in zip(batch, logits, drafts if verifying else [None] * len(batch), whole):
+            try:
+                if isinstance(lg, BaseException):
+                    raise lg
+                if w:
+                    seq.slot.cache.canonical = seq.slot.cache.length
+                if d:
+                    out.append((seq, self._verify(seq, lg, d)))
+                elif n < len(seq.pending):
+                    seq.pending = seq.pending[n:]           # more prompt to read: no token yet
+                    out.append((seq, []))
+                else:
+                    if seq.spec is not None and seq.decoding:
+                        seq.spec.update(0, 0)               # a step without a draft
+                    out.append((seq, seq.take(lg[-1] if verifying else lg)))
+            except Exception as e:
+                out.append((seq, seq.fail(e)))
+        self.last_step = time.monotonic()
         return out
+
+    def _forward(self, batch: list[tuple[Sequence, int]], drafts: list[list[int]] | None) -> list:
+        """The model pass for `batch`: each sequence's logits. When the batched pass fails,
+        each sequence runs alone, so that one whose own rows fail (its cache) gets its error
+        in place of logits and the others their logits; if every one fails alone the pass
+        itself is broken and the error is raised, with every cache as before."""
+        items = [(seq.pending[:n], seq.slot.cache) for seq, n in batch]
+        kept = [(c.length, c.canonical) for _, c in items]
+
+        def run(part, flags):
+            with self._step_lock:
+                if drafts is None:
+                    return self.model.forward_batch(part)
+                return self.model.forward_batch(part, all_logits=True, stepwise=flags)
+
+        def undo(cache, was):
+            cache.truncate(was[0])
+            cache.canonical = was[1]
+        flags = [bool(d) for d in drafts] if drafts is not None else None
+        try:
+            return run(items, flags)
+        except Exception as e:
+            for (_, cache), was in zip(items, kept):
+                undo(cache, was)
+            if len(items) == 1:
+                raise
+            shared = e
+        logits = []
+        for i, item in enumerate(items):
+            try:
+                logits.append(run([item], None if flags is None else [flags[i]])[0])
+            except Exception as e:
+                undo(item[1], kept[i])
+                logits.append(e)
+        if all(isinstance(lg, BaseException) for lg in logits):
+            for (_, cache), was in zip(items, kept):
+                undo(cache, was)
+            raise shared
+        return logits
 
     def _drafts(self, batch: list[tuple[Sequence, int]]) -> list[list[int]]:
         """Each decoding sequence's draft for this step ([] for none): only when every row of
         the step is a decode row and at most `spec_max_batch` sequences share it (a prompt
-        chunk or a busy batch already fills the pass)."""
+        chunk or a busy batch already fills the pass). A drafter that fails is dropped: the
+        sequence goes on undrafted (drafts never change the output)."""
         if len(batch) > self.spec_max_batch or any(not seq.decoding or n != 1 for seq, n in batch):
             return []
         drafts = []
         for seq, _ in batch:
-            if seq.spec is None:
-                drafts.append([])
-                continue
             length = seq.slot.cache.length + 1            # once the pending token is read
             room = min(self.max_ctx - length - 1, seq.limit - seq.usage.completion_tokens - 1)
-            drafts.append(seq.spec.draft(seq.history, room, self.verify_cost) if room > 0 else [])
+            try:
+                drafts.append(seq.spec.draft(seq.history, room, self.verify_cost)
+                              if seq.spec is not None and room > 0 else [])
+            except Exception as e:
+                log.warning("drafting failed; the request goes on without drafts: %s", e)
+                seq.spec = None
+                drafts.append([])
         return drafts
 
     def _verify(self, seq: Sequence, rows: np.ndarray, draft: list[int]) -> list[Event]:
@@ -523,7 +546,10 @@ class Engine:
         try:
             while not seq.done:
                 for _, events in self.step([seq]):
-                    yield from events
+                    for ev in events:
+                        if ev.error is not None:
+                            raise ev.error
+                        yield ev
         finally:
             self.release(seq)      # a reader that stopped early frees the slot
 

@@ -3,13 +3,21 @@ kept across restarts so the first request after a reboot skips what it already c
 
 One file per entry, `<key>.kv`, key = sha256 of (bundle identity, token ids):
 
-    line 1     JSON header: format, bundle identity, token count, dtype, shape of K (and V)
+    line 1     JSON header: format, bundle identity, token count, dtype, shape of K (and V),
+               CRC-32 of everything after the header
     then       the token ids (int32), K, then V ([layers, kv_heads, n, head_dim] each)
 
 Writes go to a temporary file in the same directory, are fsynced and renamed, so a crash
 leaves either the old entry or the new one. The directory is bounded (`limit_bytes`): the
-least recently used entries go first. A file that is damaged, truncated or from another
-bundle is ignored with a log line and removed, never loaded.
+least recently used entries go first.
+
+Verified: at start (`entries`) every header field is checked (type and range, the shape
+against the token count and the file's size, the name against the tokens); at each restore
+the data's CRC-32 and that every K/V value is finite. A file failing any check is ignored,
+removed and logged, never loaded, and never stops the service from starting. CRC-32 (zlib)
+because it is the cheapest check that catches damage (measured in docs, with sha256 and
+blake2b); the cache guards against bit rot and broken writes, not against an attacker who
+can write the service's own state directory.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import json
 import logging
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +37,10 @@ from edge.model.kv_cache import KVCache
 
 log = logging.getLogger("edge.prompt_cache")
 
-FORMAT = "edge-llm-kv-1"
+FORMAT = "edge-llm-kv-2"
 SUFFIX = ".kv"
 MAX_HEADER = 4096
+DTYPES = ("float32", "float16")
 
 
 @dataclass
@@ -67,8 +77,11 @@ class PromptCache:
     def write(self, tokens: list[int], k: np.ndarray, v: np.ndarray) -> Path | None:
         """`save` for K/V [layers, kv_heads, n, head_dim] taken from a cache (`snapshot`)."""
         n = len(tokens)
+        ids = np.asarray(tokens, dtype=np.int32)
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+        crc = zlib.crc32(v, zlib.crc32(k, zlib.crc32(ids)))
         header = json.dumps({"format": FORMAT, "bundle": self.bundle_id, "n": n, "dtype": str(k.dtype),
-                             "shape": list(k.shape)}).encode() + b"\n"
+                             "shape": list(k.shape), "crc32": crc}).encode() + b"\n"
         size = len(header) + 4 * n + k.nbytes + v.nbytes
         if size > self.limit:
             return None
@@ -78,9 +91,9 @@ class PromptCache:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(header)
-                f.write(np.asarray(tokens, dtype=np.int32).tobytes())
-                f.write(np.ascontiguousarray(k).tobytes())
-                f.write(np.ascontiguousarray(v).tobytes())
+                f.write(ids)
+                f.write(k)
+                f.write(v)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -105,14 +118,15 @@ class PromptCache:
             try:
                 header, tokens = self._read_header(path)
                 found.append(Entry(path, tokens))
-            except (OSError, ValueError) as e:
-                log.warning("prompt cache: ignoring %s: %s", path.name, e)
+            except Exception as e:          # whatever is wrong with it: never a reason not to start
+                log.warning("prompt cache: ignoring and removing %s: %s", path.name, e)
                 path.unlink(missing_ok=True)
         for p in self.dir.glob(".*.tmp"):            # a write that was interrupted
             p.unlink(missing_ok=True)
         return found
 
     def _read_header(self, path: Path) -> tuple[dict, list[int]]:
+        """The header, every field checked, and the tokens; ValueError naming what is wrong."""
         with open(path, "rb") as f:
             line = f.readline(MAX_HEADER)
             try:
@@ -123,10 +137,18 @@ class PromptCache:
                 raise ValueError("not a prompt-cache file of this version")
             if header.get("bundle") != self.bundle_id:
                 raise ValueError("it belongs to another bundle")
-            n, shape = header["n"], header["shape"]
-            itemsize = np.dtype(header["dtype"]).itemsize
-            want = len(line) + 4 * n + 2 * int(np.prod(shape)) * itemsize
-            if os.fstat(f.fileno()).st_size != want or shape[2] != n:
+            n, shape, dtype, crc = (header.get(k) for k in ("n", "shape", "dtype", "crc32"))
+            if not _count(n) or n < 1:
+                raise ValueError(f"damaged header: n = {n!r}")
+            if dtype not in DTYPES:
+                raise ValueError(f"damaged header: dtype = {dtype!r}")
+            if not (isinstance(shape, list) and len(shape) == 4 and all(_count(x) and x > 0 for x in shape)
+                    and shape[2] == n):
+                raise ValueError(f"damaged header: shape = {shape!r} for n = {n!r}")
+            if not _count(crc) or crc >= 1 << 32:
+                raise ValueError(f"damaged header: crc32 = {crc!r}")
+            want = len(line) + 4 * n + 2 * int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if os.fstat(f.fileno()).st_size != want:
                 raise ValueError("truncated or damaged")
             tokens = np.frombuffer(f.read(4 * n), dtype=np.int32).tolist()
         if path.name != self.key(tokens) + SUFFIX:
@@ -134,18 +156,31 @@ class PromptCache:
         return header, tokens
 
     def restore(self, entry: Entry, cache: KVCache) -> int:
-        """Load an entry into `cache` (replacing what it held); returns the tokens restored."""
-        header, tokens = self._read_header(entry.path)
-        n, shape = header["n"], tuple(header["shape"])
-        if shape != (cache.k.shape[0], cache.k.shape[1], n, cache.k.shape[3]) or n > cache.max_ctx:
-            raise ValueError(f"{entry.path.name}: shape {shape} does not fit this cache")
-        dtype = np.dtype(header["dtype"])
-        count = int(np.prod(shape))
-        with open(entry.path, "rb") as f:
-            f.readline(MAX_HEADER)
-            f.seek(4 * n, os.SEEK_CUR)
-            k = np.fromfile(f, dtype=dtype, count=count).reshape(shape)
-            v = np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+        """Load an entry into `cache` (replacing what it held); returns the tokens restored.
+        ValueError when it does not fit the cache, or fails a check (then the file is removed:
+        its data's CRC-32, finite values, and the header again)."""
+        try:
+            header, tokens = self._read_header(entry.path)
+            n, shape = header["n"], tuple(header["shape"])
+            if shape != (cache.k.shape[0], cache.k.shape[1], n, cache.k.shape[3]) or n > cache.max_ctx:
+                raise _Unfit(f"{entry.path.name}: shape {shape} does not fit this cache")
+            dtype = np.dtype(header["dtype"])
+            with open(entry.path, "rb") as f:
+                f.readline(MAX_HEADER)
+                data = f.read()
+            if zlib.crc32(data) != header["crc32"]:
+                raise ValueError("its data fails its checksum (damaged)")
+            count = int(np.prod(shape))
+            k = np.frombuffer(data, dtype=dtype, count=count, offset=4 * n).reshape(shape)
+            v = np.frombuffer(data, dtype=dtype, count=count, offset=4 * n + k.nbytes).reshape(shape)
+            if not (np.isfinite(k).all() and np.isfinite(v).all()):
+                raise ValueError("it holds values that are not finite (damaged)")
+        except _Unfit:
+            raise
+        except Exception as e:
+            log.warning("prompt cache: removing %s: %s", entry.path.name, e)
+            entry.path.unlink(missing_ok=True)
+            raise ValueError(f"{entry.path.name}: {e}") from e
         cache.truncate(0)
         cache.k[:, :, :n] = k
         cache.v[:, :, :n] = v
@@ -153,3 +188,11 @@ class PromptCache:
         cache.canonical = n - n % PREFILL_CHUNK     # stored from whole aligned prompt chunks
         os.utime(entry.path)                         # recently used
         return n
+
+
+class _Unfit(ValueError):
+    """A sound entry this cache cannot hold (a smaller context): kept for later."""
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

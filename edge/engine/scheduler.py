@@ -5,6 +5,13 @@ A single worker thread runs the engine: it moves waiting jobs into free slots an
 (one model pass per step for all of them) while the rest wait in a bounded FIFO. Each
 submitted `Job` streams its events back through its own queue; cancelling a job (client gone,
 Ctrl-C, time limit) ends its sequence at the next step and frees its slot; the others go on.
+A request that fails on its own (the engine ends it with an "error" event) has the error
+raised to its reader alone; a failed model pass is raised to every running job's reader, and
+the worker goes on with the next requests.
+
+Liveness: `healthy()` is False once work is pending (running or waiting) and neither a step
+nor an admission has happened for `stall_seconds`: a step that never returns, or waiting
+requests that can never get a slot. /health and the systemd watchdog read it.
 """
 from __future__ import annotations
 
@@ -18,7 +25,6 @@ from typing import Callable, Iterator
 from edge.engine.engine import Engine, Event, GenerationParams, Sequence
 
 _END = object()
-DEFAULT_STALL_SECONDS = 60.0     # busy this long without a step: the engine is wedged (watchdog)
 
 
 class QueueFull(RuntimeError):
@@ -85,16 +91,16 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0,
-                 stall_seconds: float = DEFAULT_STALL_SECONDS):
+                 stall_seconds: float | None = None):
         self.engine = engine
-        self.stall_seconds = stall_seconds      # busy this long without a step = wedged
+        self.stall_seconds = stall_seconds      # work pending this long without progress = wedged (None: never)
         self.max_queue = max_queue
         self.time_limit = time_limit
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[Sequence, Job] = {}
         self._held = 0                           # queue places taken (waiting jobs, prompts being tokenized)
         self._cond = threading.Condition()       # reentrant: a ticket is given back under it
-        self.last_progress = time.monotonic()    # for health checks (watchdog)
+        self.last_progress = time.monotonic()    # the last step or admission, or when work arrived
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. metrics
         self._worker = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._worker.start()
@@ -107,6 +113,11 @@ class Scheduler:
     @property
     def busy(self) -> bool:
         return bool(self._running)
+
+    @property
+    def pending(self) -> bool:
+        """Requests running or waiting for a slot."""
+        return bool(self._running) or any(not job.cancelled for job in list(self._waiting))
 
     @property
     def running(self) -> int:
@@ -167,8 +178,11 @@ class Scheduler:
             job.cancel()
 
     def healthy(self) -> bool:
-        """Idle, or busy and still making progress (what the systemd watchdog is fed on)."""
-        return not self.busy or time.monotonic() - self.last_progress < self.stall_seconds
+        """Nothing pending, or progress (a step, an admission) within `stall_seconds`: what
+        /health reports and the systemd watchdog is fed on."""
+        if self.stall_seconds is None or not (self.busy or self.pending):
+            return True
+        return time.monotonic() - self.last_progress < self.stall_seconds
 
     # --- the worker ------------------------------------------------------------------------
     def _end(self, job: Job, last) -> None:
@@ -186,25 +200,30 @@ class Scheduler:
             twin = job.twin_of.sequence if job.twin_of is not None else None
             try:
                 seq = self.engine.start(job.prompt_ids, job.params, job.cancel_event, wait=False, twin=twin)
-            except Exception as e:         # e.g. ContextFull: reported to the job's reader
+            except Exception as e:         # e.g. ContextFull: reported to the job's reader; no slot kept
                 self._end(job, e)
                 continue
+            if seq is None:                # a slot taken outside the queue meanwhile (engine.generate)
+                self._waiting.appendleft(job)
+                break
             job.sequence = seq
             self._running[seq] = job
+            self.last_progress = time.monotonic()
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._running:
-                    self._cond.wait()
-                if not self._running:
-                    self.last_progress = time.monotonic()
+                if not self._waiting and not self._running:
+                    while not self._waiting and not self._running:
+                        self._cond.wait()
+                    self.last_progress = time.monotonic()       # work arrived: the stall clock starts
                 for job in [j for j in self._waiting if j.cancelled]:     # left while waiting
                     self._waiting.remove(job)
                     job.ticket.release()     # its cancel event may have been set by its reader
                     self._end(job, Event(finish_reason="cancelled"))
                 self._admit()
                 if not self._running:          # every slot taken outside the queue (engine.generate)
+                    self.last_progress = max(self.last_progress, self.engine.last_step)    # its steps count
                     self._cond.wait(0.05)
                     continue
             now = time.monotonic()
@@ -229,6 +248,6 @@ class Scheduler:
                 for ev in events:
                     for listener in self.listeners:
                         listener(job, ev)
-                    job._events.put(ev)
+                    job._events.put(ev if ev.error is None else ev.error)
                 if seq.done:
                     job._events.put(_END)

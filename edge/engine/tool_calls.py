@@ -7,9 +7,11 @@ the generated text, `(content, calls)`.
 
 Prompting. A template that knows tools (Llama 3.2's: it tests `tools`) gets them as its `tools`
 variable and renders them its own way. Any other template (SmolLM2's ChatML) gets the fallback:
-the tool list and the call format are appended to the system turn (one is added if there is
-none), earlier assistant calls are written back as the JSON they would have been generated as,
-and tool results become user turns that say which call they answer.
+the tool list and the call format open the system turn, before the client's system text (one
+is added if there is none): what does not change comes first, so a system prompt whose text
+changes (Home Assistant's clock line) still shares the tool block's KV with the last request.
+Earlier assistant calls are written back as the JSON they would have been generated as, and
+tool results become user turns that say which call they answer.
 
 The call format asked for is Llama 3.2's JSON form, one object per call:
 `{"name": "get_weather", "parameters": {"city": "Paris"}}`. The parser also reads the other
@@ -28,12 +30,14 @@ no grammar, no parsing.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import re
 import uuid
 from dataclasses import dataclass
 
-from edge.engine.constraint import ConstraintError, Grammar, closed, compact
+from edge.engine import tool_guard
+from edge.engine.constraint import ConstraintError, Grammar, check_depth, closed, compact
 
 PYTHON_TAG = "<|python_tag|>"
 CHAT_FIELDS = frozenset({"tools", "tool_choice", "parallel_tool_calls", "response_format"})   # a request's own
@@ -99,6 +103,10 @@ def parse_tools(tools) -> tuple[Tool, ...]:
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ToolError(f"{where}.function.parameters must be a JSON schema of type 'object'",
                             f"{where}.function.parameters")
+        try:
+            check_depth(params, f"{where}.function.parameters")
+        except ConstraintError as e:
+            raise ToolError(str(e), f"{where}.function.parameters") from e
         description = fn.get("description") or ""
         if not isinstance(description, str):
             raise ToolError(f"{where}.function.description must be a string", f"{where}.function.description")
@@ -113,6 +121,7 @@ class ToolUse:
     choice: str = "auto"             # "auto" | "none" | "required" (a named function is "required" + forced)
     forced: str | None = None
     parallel: bool = True
+    answered: tuple = ()             # (name, arguments) the grammar leaves out (`tool_guard`)
 
     @classmethod
     def of(cls, tools, tool_choice=None, parallel_tool_calls=None) -> ToolUse | None:
@@ -150,18 +159,28 @@ class ToolUse:
         return tuple(t for t in self.tools if self.forced in (None, t.name))
 
     # --- the grammar ------------------------------------------------------------------
-    def call_schema(self) -> dict:
-        """One call in the JSON form, its arguments held to the tool's schema."""
-        options = [{"type": "object", "properties": {"name": {"const": t.name}, "parameters": closed(t.parameters)},
-                    "required": ["name", "parameters"], "additionalProperties": False} for t in self.offered]
+    def call_schema(self, guard: bool = True) -> dict | None:
+        """One call in the JSON form, its arguments held to the tool's schema and, with
+        `guard`, different from the calls in `answered`. None when no call is left."""
+        options = []
+        for t in self.offered:
+            banned = [args for name, args in self.answered if name == t.name] if guard else []
+            for params in tool_guard.excluding(closed(t.parameters), banned):
+                options.append({"type": "object", "properties": {"name": {"const": t.name}, "parameters": params},
+                                "required": ["name", "parameters"], "additionalProperties": False})
+        if not options:
+            return None
         return options[0] if len(options) == 1 else {"anyOf": options}
 
     def grammar(self) -> Grammar | None:
         if not self.active:
             return None
-        if self.choice == "required":
-            return Grammar.json_schema(self.call_schema(), origin="tools")
-        call = json.dumps(compact(self.call_schema()), ensure_ascii=False)
+        schema = self.call_schema()
+        if self.choice == "required":       # a call there must be: the guard gives way when none is left
+            return Grammar.json_schema(schema or self.call_schema(guard=False), origin="tools")
+        if schema is None:                  # every call was answered already: text only
+            return Grammar.lark('start: TEXT |\nTEXT: /(?s:[^{\\s].*|\\s+[^{\\s].*)/\n', origin="tools")
+        call = json.dumps(compact(schema), ensure_ascii=False)
         more = ' (SEP call)*\nSEP: /[ \\t]*(\\n|; ?)[ \\t]*/' if self.parallel else ""
         # free text that does not open with "{", or calls; the empty reply too
         lark = (f'start: TEXT | calls |\ncalls: call{more}\nTEXT: /(?s:[^{{\\s].*|\\s+[^{{\\s].*)/\n'
@@ -177,7 +196,7 @@ class ToolUse:
             return messages, {"tools": [t.spec for t in self.offered]}
         system = fallback_system_text(self.offered, self.choice == "required", self.parallel)
         if messages and messages[0].get("role") == "system":
-            first = dict(messages[0], content=f"{messages[0].get('content') or ''}\n\n{system}".lstrip())
+            first = dict(messages[0], content=f"{system}\n\n{messages[0].get('content') or ''}".rstrip())
             return [first, *messages[1:]], {}
         return [{"role": "system", "content": system}, *messages], {}
 
@@ -250,15 +269,19 @@ def history(messages: list[dict], template_source: str) -> list[dict]:
                 text = "\n".join(json.dumps({"name": c["function"]["name"], "parameters": c["function"]["arguments"]},
                                             ensure_ascii=False) for c in parsed)
                 out.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + text).lstrip()})
-        elif role == "tool":
+        elif role in ("tool", "ipython"):
             call_id = m.get("tool_call_id")
-            if call_id not in calls:
+            if role == "tool" and call_id not in calls:
                 raise ToolError(f"messages[{i}] is a tool result for {call_id!r}, which no earlier assistant "
                                 "message called", f"messages[{i}].tool_call_id")
             if native:
                 out.append(m)
             else:
-                out.append({"role": "user", "content": f"Result of {calls[call_id]}: {m.get('content') or ''}"})
+                content = m.get("content")
+                text = content if isinstance(content, str) or content is None else json.dumps(content, ensure_ascii=False)
+                out.append({"role": "user", "content": f"Result of {calls.get(call_id, 'a tool')}: {text or ''}"})
+        elif role == "developer":          # what newer OpenAI clients call the system message
+            out.append({**m, "role": "system"})
         else:
             out.append(m)
     return out
@@ -363,29 +386,38 @@ def _pythonic_calls(body: str, names: set, bare: bool = False) -> list[ToolCall]
 
 
 class CallStream:
-    """Streamed text in, content deltas out: text is released until something that may open a
-    call (`{`, `[`, `<|python_tag|>`) appears, and held from there; `finish` parses what was
-    held, so the result is the same as `parse_calls` on the whole text."""
+    """Streamed text in, content deltas out, as llama.cpp's partial tool-call parsing does it:
+    text is released as it comes; from something that may open a call (`{`, `[`,
+    `<|python_tag|>`) it is held only while what follows can still become calls
+    (`may_be_calls`), and released as soon as it cannot (prose with braces, a name that is
+    no tool's). `finish` parses what is still held, so the result is the same as
+    `parse_calls` on the whole text."""
 
     def __init__(self, use: ToolUse):
         self.use = use
+        self._names = {t.name for t in use.tools}
         self._held = ""
-        self._holding = False
 
     def feed(self, text: str) -> str:
         if not self.use.active:
             return text
-        if self._holding:
-            self._held += text
-            return ""
-        buffer = self._held + text
-        found = [j for j in (buffer.find(s) for s in CALL_STARTS) if j >= 0]
-        if found:
-            self._holding, cut = True, min(found)
-        else:       # a tail that may be the start of <|python_tag|> waits for the next piece
-            cut = len(buffer) - _partial_tag(buffer)
-        self._held = buffer[cut:]
-        return buffer[:cut]
+        held, out = self._held + text, []
+        while True:
+            found = [j for j in (held.find(s) for s in CALL_STARTS) if j >= 0]
+            if not found:       # a tail that may be the start of <|python_tag|> waits for the next piece
+                cut = len(held) - _partial_tag(held)
+                out.append(held[:cut])
+                held = held[cut:]
+                break
+            start = min(found)
+            out.append(held[:start])
+            held = held[start:]
+            if may_be_calls(held, self._names):
+                break
+            out.append(held[0])        # not a call from here: on to the next candidate
+            held = held[1:]
+        self._held = held
+        return "".join(out)
 
     def finish(self) -> tuple[str | None, list[ToolCall]]:
         """(the rest of the content or None, the calls)."""
@@ -394,6 +426,69 @@ class CallStream:
             return None, []
         content, calls = self.use.parse(held)
         return content, calls
+
+
+CALL_KEYS = ("name", "parameters", "arguments", "type", "id", "function")
+_INCOMPLETE_LITERAL = re.compile(r"^(t(r(ue?)?)?|f(a(l(se?)?)?)?|n(u(ll?)?)?|-?[0-9.eE+-]*)$")
+
+
+def may_be_calls(text: str, names: set) -> bool:
+    """Whether `text`, which starts with a call opener, can still grow into calls only (what
+    `parse_calls` accepts); False only when no continuation can."""
+    if text.startswith(PYTHON_TAG) or PYTHON_TAG.startswith(text):
+        return True
+    body = text.rstrip()
+    if body.startswith("["):
+        rest = body[1:].lstrip()
+        if not rest or rest.startswith("{"):
+            return _json_prefix_ok(body, names)
+        m = re.match(r"[A-Za-z0-9_.-]*", rest)
+        ident, after = m.group(), rest[m.end():]
+        if not after:
+            return any(n.startswith(ident) for n in names)
+        return after.startswith("(") and ident in names
+    return _json_prefix_ok(body, names)
+
+
+def _json_prefix_ok(body: str, names: set) -> bool:
+    """JSON calls (one or more, separated as `_json_calls` allows) or the beginning of one."""
+    decoder, i = json.JSONDecoder(), 0
+    while i < len(body):
+        try:
+            value, i = decoder.raw_decode(body, i)
+        except ValueError as e:
+            tail = body[getattr(e, "pos", len(body)):]
+            incomplete = (getattr(e, "pos", 0) >= len(body) or str(e).startswith("Unterminated string")
+                          or _INCOMPLETE_LITERAL.match(tail) is not None)
+            return incomplete and _object_start_ok(body[i:], names)
+        items = value if isinstance(value, list) else [value]
+        if not all(_json_call(item, names) is not None for item in items):
+            return False
+        while i < len(body) and body[i] in " \t\r\n;,":
+            i += 1
+    return True
+
+
+def _object_start_ok(text: str, names: set) -> bool:
+    """The start of one JSON call: a known first key, and a name that begins a tool's."""
+    text = text.lstrip("[ \t\r\n")
+    if not text:
+        return True
+    m = re.match(r'\{\s*(?:"([^"\\]*)(")?\s*(?::\s*(?:"([^"\\]*)(")?)?)?)?', text)
+    if not m or not text.startswith("{"):
+        return False
+    key, key_done, value, value_done = m.groups()
+    if key is None:
+        return m.end() == len(text)
+    if key_done is None:
+        return any(k.startswith(key) for k in CALL_KEYS) and m.end() == len(text)
+    if key not in CALL_KEYS:
+        return False
+    if key == "name" and value is not None:
+        return value in names if value_done else any(n.startswith(value) for n in names)
+    if key == "type" and value is not None:
+        return value == "function" if value_done else "function".startswith(value)
+    return True
 
 
 def _partial_tag(buffer: str) -> int:
@@ -421,11 +516,14 @@ class ChatRequest:
 
 
 def prepare_chat(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                 response_format=None) -> ChatRequest:
+                 response_format=None, loop_guard: bool = False) -> ChatRequest:
     """Messages (OpenAI-shaped dicts) and the client's tool / format fields -> prompt ids and
     grammar. Raises ToolError (with `param`) for anything malformed or uncompilable, and the
-    template's own ValueError for a conversation it rejects."""
+    template's own ValueError for a conversation it rejects. `loop_guard`: calls answered in
+    this turn are left out of the grammar (`tool_guard`)."""
     use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
+    if use is not None and loop_guard:
+        use = dataclasses.replace(use, answered=tuple(tool_guard.answered_calls(messages)))
     messages = history(messages, engine.template.source)
     extra = {}
     if use is not None:
@@ -453,7 +551,10 @@ def _check(engine, grammar: Grammar, param: str) -> None:
 
 
 def response_grammar(response_format) -> Grammar | None:
-    """OpenAI's `response_format` -> a Grammar (None for plain text)."""
+    """OpenAI's `response_format` -> a Grammar (None for plain text); a Grammar an interface
+    built from its own field (Ollama's `format`) is taken as it is."""
+    if isinstance(response_format, Grammar):
+        return response_format
     if not response_format:
         return None
     if not isinstance(response_format, dict):
@@ -469,8 +570,9 @@ def response_grammar(response_format) -> Grammar | None:
             if not isinstance(spec, dict) or "schema" not in spec:
                 raise ToolError("response_format.json_schema must be an object with a 'name' and a 'schema'",
                                 "response_format.json_schema")
-            schema = closed(spec["schema"]) if spec.get("strict") else spec["schema"]
-            return Grammar.json_schema(schema, origin="response_format.json_schema.schema")
+            origin = "response_format.json_schema.schema"
+            schema = closed(spec["schema"], origin) if spec.get("strict") else spec["schema"]
+            return Grammar.json_schema(schema, origin=origin)
     except ConstraintError as e:
         raise ToolError(str(e), "response_format.json_schema.schema" if kind == "json_schema"
                         else "response_format") from e

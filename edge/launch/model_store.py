@@ -264,8 +264,10 @@ def prune_caches() -> int:
     return freed
 
 
-def remove(name: str) -> tuple[Path, int]:
-    """`edge-llm rm NAME`: a converted bundle (only inside the cache) and its XNNPACK cache."""
+def remove(name: str) -> tuple[Path, int, Path | None]:
+    """`edge-llm rm NAME`: a converted bundle (only inside the cache) and its XNNPACK cache, unless
+    another bundle has the same graph (a copy of it, say) and so uses the same cache. Returns
+    (the bundle's path, bytes freed, the cache kept for another bundle or None)."""
     path = find_by_name(name, prefix=False)
     if path is None:
         raise FileNotFoundError(f"{name}: no converted model of that name; give the whole name "
@@ -273,10 +275,14 @@ def remove(name: str) -> tuple[Path, int]:
     size = _du(path)
     sha = _graph_sha(path)[:16]
     shutil.rmtree(path)
-    if sha:
-        size += _du(caches_dir() / sha)
-        shutil.rmtree(caches_dir() / sha, ignore_errors=True)
-    return path, size
+    cache = caches_dir() / sha if sha else None
+    if cache is None or not cache.exists():
+        return path, size, None
+    if cache not in orphan_caches():          # another bundle's graph is the same one
+        return path, size, cache
+    size += _du(cache)
+    shutil.rmtree(cache, ignore_errors=True)
+    return path, size, None
 
 
 def open_bundle(model: str | None, quant: str | None = None, log=print, verify: bool | str = True) -> Bundle:

@@ -17,14 +17,22 @@ from edge.engine.sampler import SamplingParams
 # llama.cpp's defaults for a chat: mildly creative, with the usual filters on.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1)
 DEFAULT_MAX_TOKENS = 256        # terminal interfaces; the HTTP APIs default to "the rest of the context"
+DEFAULT_TOOL_LOOP_GUARD = True  # a tool call answered in this turn is not generated again (engine.tool_guard)
+DEFAULT_SPOKEN_TOKENS = 64      # Wyoming: a reply ends at the first sentence end past this many tokens
+DEFAULT_PAGE_MAX_TOKENS = 1024  # the chat page's reply budget when its Max tokens field is empty
 DEFAULT_CTX = 2048              # tokens of KV cache per sequence
 DEFAULT_PROMPT_CACHE_MB = 1024  # serve: KV of long prompts on disk, across restarts
 DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on grounded replies, ~1x on novel text (README)
+# End a reply caught in an exact loop (engine/repetition.py) as "length": on for the terminal
+# interfaces (chat, run, the serial console), where a person waits; off for the HTTP APIs,
+# whose clients get exactly what they asked for (serve --stop-loops on turns it on there).
+TERMINAL_STOP_LOOPS = True
 DEFAULT_THREADS = "auto"        # 1 thread or all cores, whichever runs faster now (edge/model/thread_policy.py, docs/SPEED.md)
 DEFAULT_PARALLEL = 4            # serve's slots: 4 streams decode at ~3x one stream's total (README, Speed)
+WATCHDOG_STALL_SECONDS = 60.0   # serve: work pending this long with no step or admission = wedged (/health 503, no watchdog ping)
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
-REQUEST_FIELDS = SAMPLING_FIELDS | {"max_tokens", "stop", "speculate"}
+REQUEST_FIELDS = SAMPLING_FIELDS | {"max_tokens", "stop", "speculate", "stop_loops"}
 PER_REQUEST_FIELDS = frozenset({"constraint", "logprobs", "special_text"})   # no defaults: one request's own
 
 
@@ -34,12 +42,13 @@ class RequestDefaults:
     stop: tuple[str, ...] = ()
     sampling: SamplingParams = field(default_factory=lambda: DEFAULT_SAMPLING)
     speculate: bool = DEFAULT_SPECULATE
+    stop_loops: bool = False                        # see TERMINAL_STOP_LOOPS
 
     def with_overrides(self, **overrides) -> RequestDefaults:
         """New defaults (e.g. from `serve`'s flags); raises ValueError like `build`."""
         p = self.build(**overrides)
         return RequestDefaults(max_tokens=p.max_tokens, stop=tuple(p.stop), sampling=p.sampling,
-                               speculate=p.speculate)
+                               speculate=p.speculate, stop_loops=p.stop_loops)
 
     def build(self, **overrides) -> GenerationParams:
         """GenerationParams from these defaults and the given fields (None = not given).
@@ -56,7 +65,14 @@ class RequestDefaults:
         if not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
             raise ValueError("stop must be a string or a list of strings")
         speculate = given.get("speculate", self.speculate)
-        if not isinstance(speculate, bool):
-            raise ValueError(f"speculate must be true or false, got {speculate!r}")
+        stop_loops = given.get("stop_loops", self.stop_loops)
+        for name, flag in (("speculate", speculate), ("stop_loops", stop_loops)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         return GenerationParams(max_tokens=given.get("max_tokens", self.max_tokens), stop=list(stop),
-                                sampling=sampling, speculate=speculate, **{k: given[k] for k in PER_REQUEST_FIELDS & given.keys()})
+                                sampling=sampling, speculate=speculate, stop_loops=stop_loops, **{k: given[k] for k in PER_REQUEST_FIELDS & given.keys()})
+
+
+def prompt_messages(prompt: str, system: str | None = None) -> list[dict]:
+    """A prompt and an optional system prompt as chat messages (every interface that takes them)."""
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

@@ -44,10 +44,12 @@ class LiteRTModel(CausalLM):
         cfg = bundle.config
         choices = thread_choices(threads)
         graph = Path(bundle.file("model.tflite"))
+        identity = bundle.manifest["files"]["model.tflite"]["sha256"]
         with _cache_build_progress(graph, weight_cache):   # the first load writes the weight cache,
-            self.graphs = {choices[0]: GraphRunner(graph, threads=choices[0], weight_cache=weight_cache)}
+            self.graphs = {choices[0]: GraphRunner(graph, threads=choices[0], weight_cache=weight_cache,
+                                                    identity=identity)}
         for n in choices[1:]:                              # the others map it
-            self.graphs[n] = GraphRunner(graph, threads=n, weight_cache=weight_cache)
+            self.graphs[n] = GraphRunner(graph, threads=n, weight_cache=weight_cache, identity=identity)
         self.embed = bundle.embedding()                              # rows mmapped (see bundle.py)
         self.attention = Attention(cfg, RopeTables(cfg, max_ctx))
         self.runners = {n: (g.runner("entry"), [g.runner(f"layer_{i}") for i in range(cfg.num_layers)],

@@ -27,11 +27,16 @@ it sets up; those are filtered out of the user's terminal, anything else it prin
 from __future__ import annotations
 
 import atexit
+import json
+import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
+import time
 import warnings
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -43,6 +48,7 @@ from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, Environment
 _HARMLESS = re.compile(r"^(INFO: |WARNING: .*(npu_registry|compiler_plugin|gpu_registry|"
                        r"NPU|OpenVINO|openvino))")
 _env = None
+log = logging.getLogger("edge.litert")
 
 
 class GraphNotDelegated(RuntimeError):
@@ -109,34 +115,82 @@ def weight_cache_file(model_path: Path, cache_dir: Path) -> Path:
     """
     st = model_path.stat()
     path = cache_dir / f"{model_path.stem}-{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}.xnnpack"
-    ours = re.compile(re.escape(model_path.stem) + r"(-[0-9a-f]+){3}\.xnnpack")
+    ours = re.compile(re.escape(model_path.stem) + r"(-[0-9a-f]+){3}\.xnnpack(\.sum)?")
     for old in cache_dir.iterdir():
-        if old != path and ours.fullmatch(old.name):
+        if old not in (path, _sum_file(path)) and ours.fullmatch(old.name):
             old.unlink(missing_ok=True)
     return path
 
 
+# --- the cache's check: the graph it was packed from and a CRC-32 of its content ------------------
+
+def _sum_file(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".sum")
+
+
+def file_crc32(path: Path, block: int = 8 << 20) -> int:
+    """zlib's CRC-32 of a file, read in blocks (the cheapest whole-file check measured: docs)."""
+    crc, buf = 0, bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return crc
+
+
+def _cache_sum(cache: Path, identity: str) -> dict:
+    return {"graph": identity, "size": cache.stat().st_size, "crc32": file_crc32(cache)}
+
+
+def _seal(tmp: Path, final: Path, identity: str) -> None:
+    """A freshly written cache becomes `final`, its check file first (a cache without a
+    matching check file is rebuilt, never used)."""
+    check = _sum_file(final)
+    part = check.with_name(f".{check.name}.tmp-{os.getpid()}")
+    part.write_text(json.dumps(_cache_sum(tmp, identity)))
+    os.replace(part, check)
+    os.replace(tmp, final)
+
+
+def cache_is_sound(cache: Path, identity: str) -> tuple[bool, str]:
+    """(whether `cache` matches its check file, why not)."""
+    try:
+        want = json.loads(_sum_file(cache).read_text())
+    except (OSError, ValueError) as e:
+        return False, f"no readable check file ({e.__class__.__name__})"
+    if not isinstance(want, dict) or want.get("graph") != identity:
+        return False, "packed from another graph"
+    if want.get("size") != cache.stat().st_size:
+        return False, "its size changed"
+    t0 = time.perf_counter()
+    crc = file_crc32(cache)
+    log.debug("weight cache %s checked in %.2f s", cache.name, time.perf_counter() - t0)
+    return (True, "") if want.get("crc32") == crc else (False, "its content fails its checksum (damaged)")
+
+
 CACHE_SPARE_BYTES = 256 << 20     # free space left on the disk after a new weight cache
+_writer_setup = None              # a callable run in the cache writer's process before it starts (tests)
 
 
-def _weight_cache_paths(model: Path, cache_dir) -> tuple[Path | None, Path | None]:
-    """(the cache file, the file XNNPACK is given). A new cache is written under a temporary
-    name and renamed once the graph has loaded, so a load killed mid-way never leaves a
-    truncated cache that later starts would take as stale and never rebuild; leftovers of such
-    loads are removed. With too little free space (XNNPACK aborts the process when a write
-    fails) there is no cache: the weights are packed in memory, with a warning."""
+def _weight_cache_paths(model: Path, cache_dir, identity: str) -> tuple[Path | None, Path | None]:
+    """(the cache file, the file to write when it must be built, or None). An existing cache
+    is used only when it passes its check (`cache_is_sound`); otherwise it is removed, logged,
+    and built again. A new cache is written under a temporary name and renamed once complete,
+    and leftovers of interrupted writes are removed. With too little free space there is no
+    cache: the weights are packed in memory, with a warning."""
     if cache_dir is None:
         return None, None
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = weight_cache_file(model, cache_dir)
     if final.exists():
-        # a cache truncated by an older edge-llm (no rename then) is far smaller than the graph
-        # (measured: int8 SmolLM2 138.5 MB graph, 137.4 MB cache); XNNPACK would only warn
-        if final.stat().st_size >= model.stat().st_size // 2:
-            return final, final
+        sound, why = cache_is_sound(final, identity)
+        if sound:
+            return final, None
+        log.warning("XNNPACK weight cache %s is not used (%s): removed, building it again", final, why)
         final.unlink(missing_ok=True)
-    for old in cache_dir.glob(".*.xnnpack.tmp-*"):
+        _sum_file(final).unlink(missing_ok=True)
+    for old in cache_dir.glob(".*.tmp-*"):
         pid = old.name.rpartition("-")[2]
         if not (pid.isdigit() and _alive(int(pid))):
             old.unlink(missing_ok=True)
@@ -149,6 +203,37 @@ def _weight_cache_paths(model: Path, cache_dir) -> tuple[Path | None, Path | Non
                       RuntimeWarning, stacklevel=3)
         return None, None
     return final, final.with_name(f".{final.name}.tmp-{os.getpid()}")
+
+
+_WRITER = """
+import sys
+from ai_edge_litert.compiled_model import CompiledModel, CpuOptions, Environment, Options
+CompiledModel.from_file(sys.argv[1], environment=Environment.create(), options=Options(
+    cpu_options=CpuOptions(num_threads=int(sys.argv[3]), xnnpack_weight_cache_path=sys.argv[2])))
+"""
+
+
+def _write_cache(model: Path, tmp: Path, threads: int) -> bool:
+    """XNNPACK writes the cache while loading the graph, and aborts its process when a write
+    fails (a disk filling up meanwhile): so a process of its own writes it. False, with a log
+    line saying why, when that process fails; the partial file is removed."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _WRITER, str(model), str(tmp), str(threads)],
+                           capture_output=True, text=True, errors="replace", preexec_fn=_writer_setup)
+        ok = r.returncode == 0 and tmp.exists()
+    except OSError as e:
+        r, ok = None, False
+        detail = str(e)
+    if not ok:
+        if r is not None:
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip() and not _HARMLESS.search(ln)]
+            detail = f"exit status {r.returncode}" + (f": {lines[-1].strip()}" if lines else "")
+        import shutil
+        free = shutil.disk_usage(tmp.parent).free >> 20
+        log.warning("XNNPACK weight cache not written to %s (%s; %d MB free on that disk); packing the weights "
+                    "in memory instead (slower start, more RAM)", tmp.parent, detail, free)
+        tmp.unlink(missing_ok=True)
+    return ok
 
 
 def _alive(pid: int) -> bool:
@@ -165,28 +250,25 @@ class GraphRunner:
     """A loaded graph file: `run(signature, **inputs)` or the faster `runner(signature)`."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None,
-                 weight_cache: str | os.PathLike | None = None, require_delegation: bool = True):
-        """weight_cache: a directory for XNNPACK's packed-weight cache (None: pack in RAM)."""
+                 weight_cache: str | os.PathLike | None = None, require_delegation: bool = True,
+                 identity: str | None = None):
+        """weight_cache: a directory for XNNPACK's packed-weight cache (None: pack in RAM);
+        identity: the graph's content hash (the bundle's), recorded with the cache and checked
+        with its CRC-32 before every use."""
         path = Path(path)
-        final, cache = _weight_cache_paths(path, weight_cache)
-        load = lambda c: CompiledModel.from_file(str(path), environment=_environment(), options=Options(
-            cpu_options=CpuOptions(num_threads=threads or os.cpu_count() or 1,
-                                   xnnpack_weight_cache_path=str(c or ""))))
-        try:
-            with quiet_litert():
-                self._model = load(cache)
-        except BaseException:
-            if cache is not None and cache != final:
-                cache.unlink(missing_ok=True)
-            raise
-        if cache is not None and cache != final:
-            os.replace(cache, final)     # complete now: XNNPACK wrote it while loading
-            # The load that writes the cache keeps anonymous memory as large as the biggest
-            # packed weight (measured on the 1B shape: 257 MB, the lm_head) for the model's
-            # lifetime; a second load from the finished cache does not (0.05 s).
-            del self._model
-            with quiet_litert():
-                self._model = load(final)
+        threads = threads or os.cpu_count() or 1
+        identity = identity or f"{path.name}:{path.stat().st_size}"
+        final, tmp = _weight_cache_paths(path, weight_cache, identity)
+        if tmp is not None:
+            # written by a process of its own, which also spares this one the anonymous memory
+            # the writing load keeps (measured on the 1B shape: 257 MB, the lm_head)
+            if _write_cache(path, tmp, threads):
+                _seal(tmp, final, identity)
+            else:
+                final = None
+        with quiet_litert():
+            self._model = CompiledModel.from_file(str(path), environment=_environment(), options=Options(
+                cpu_options=CpuOptions(num_threads=threads, xnnpack_weight_cache_path=str(final or ""))))
         self.path = path
         if not self.delegated:
             msg = f"{path}: not every op is delegated to XNNPACK; this graph would run slowly"

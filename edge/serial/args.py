@@ -10,7 +10,7 @@ import serial
 from edge.engine.engine import Engine
 from edge.engine.scheduler import Scheduler
 from edge.launch import engine_from_args
-from edge.launch.args import add_model_args, add_sampling_args, request_defaults
+from edge.launch.args import add_model_args, add_sampling_args, number, request_defaults
 from edge.serial.console import MODES, SerialConsole, log_to_stderr
 from edge.serial.port import FLOWS, PortSettings, SerialConsoleError
 
@@ -18,7 +18,7 @@ from edge.serial.port import FLOWS, PortSettings, SerialConsoleError
 def add_port_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     """Line settings and console options; prefix "serial-" gives serve's --serial-baud etc."""
     o = f"--{prefix}"
-    p.add_argument(o + "baud", type=int, default=115200, help="bits per second (default 115200)")
+    p.add_argument(o + "baud", type=number(int, 1), default=115200, help="bits per second (default 115200)")
     p.add_argument(o + "bytesize", type=int, choices=[5, 6, 7, 8], default=8)
     p.add_argument(o + "parity", type=str.upper, choices=list(serial.PARITY_NAMES), default="N")
     p.add_argument(o + "stopbits", type=float, choices=[1, 1.5, 2], default=1)
@@ -28,7 +28,7 @@ def add_port_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
                    help="human: prompt, echo, /commands; jsonl: one JSON request/event per line")
     p.add_argument(o + "echo", action=argparse.BooleanOptionalAction, default=True,
                    help="echo typed characters back (terminals in raw mode do not echo locally)")
-    p.add_argument(o + "line-limit", type=int, default=4096, help="longest input line in bytes")
+    p.add_argument(o + "line-limit", type=number(int, 1), default=4096, help="longest input line in bytes")
     p.add_argument(o + "system", default=None, help="system prompt for the serial chat")
 
 

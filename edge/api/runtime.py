@@ -1,0 +1,330 @@
+"""The HTTP runtime both APIs (OpenAI, Ollama) run on: server state and config, the error
+type, admission, tokenizing, the request builder and a request's jobs and their events.
+
+It talks to the model only through `Engine.encode_chat/encode_text` and the shared
+`Scheduler` (submit a job, read its events, cancel it); it knows nothing of tensors.
+
+- A request takes a queue place before any work (`admit`); a full queue is `QueueFull`,
+  which each adapter's table answers (429 with Retry-After).
+- One prompt is tokenized at a time, and only by requests holding a queue place.
+- One request = one scheduler job per choice (`Jobs`; n > 1 decode together).
+- A client that goes away cancels its jobs at once (`JobStream`, `cancel_on_disconnect`).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, AsyncIterator
+
+import anyio
+from fastapi import Depends, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from edge.api.metrics import Metrics
+from edge.engine import ContextFull, QueueFull
+from edge.engine.engine import GenerationParams
+from edge.engine.scheduler import Job
+from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
+from edge.launch.request import RequestDefaults
+
+MAX_BODY_BYTES = 1 << 20
+CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
+
+
+@dataclass
+class ServerConfig:
+    api_key: str | None = None
+    request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
+    max_body_bytes: int = MAX_BODY_BYTES
+    cors_origins: list[str] = field(default_factory=list)
+    log_prompts: bool = False
+    # Host header names accepted (None = any): a loopback bind allows only loopback names, so
+    # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
+    allowed_hosts: frozenset[str] | None = None
+    # serve's flags over the product defaults; max_tokens None = the rest of the context
+    defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
+
+
+class ServerState:
+    """What the routes need. The model arrives later: it loads in the background."""
+
+    def __init__(self, model_id: str, config: ServerConfig | None = None, metrics: Metrics | None = None):
+        self.model_id = model_id
+        self.config = config or ServerConfig()
+        self.metrics = metrics or Metrics()
+        self.metrics.loaded = lambda: self.ready
+        self.engine = None
+        self.scheduler = None
+        self.error: str | None = None
+        self.draining = False          # shutting down: open requests end with an error
+        self.created = int(time.time())
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._tokenizing: anyio.Semaphore | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.scheduler is not None
+
+    def set_ready(self, engine, scheduler) -> None:
+        scheduler.listeners.append(self.metrics.on_event)
+        self.metrics.queue_depth = lambda: scheduler.queue_depth
+        self.metrics.running = lambda: scheduler.running
+        self.model_id = engine.name
+        self.engine, self.scheduler = engine, scheduler
+
+    def set_failed(self, message: str) -> None:
+        self.error = message
+
+    def drain(self) -> None:
+        """Shutdown begins: every running or waiting job ends now; its client gets a 503 or,
+        mid-stream, an error event."""
+        self.draining = True
+        if self.scheduler is not None:
+            self.scheduler.cancel_all()
+
+    @property
+    def tokenizing(self) -> anyio.Semaphore:
+        if self._tokenizing is None:
+            self._tokenizing = anyio.Semaphore(1)
+        return self._tokenizing
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        """Threads reading job events: one per waiting or running job, plus a few abandoned
+        by clients that left (they end at their job's next event)."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + self.engine.parallel + 8)
+        return self._limiter
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+StateDep = Annotated[ServerState, Depends(server_state)]
+
+
+class ApiError(Exception):
+    """An HTTP error in no API's shape: each adapter renders it (OpenAI's error object,
+    Ollama's {"error": ...})."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+
+# exception -> (status, type, code): an adapter's table of the engine's refusals
+ErrorTable = dict[type, tuple[int, str, str | None]]
+
+
+def api_error(state: ServerState, table: ErrorTable, exc: Exception) -> ApiError:
+    """The engine's refusal `exc` as the adapter's table says; a 429 says when to retry."""
+    status, type_, code = next(v for k, v in table.items() if isinstance(exc, k))
+    message = f"the server is busy: {exc}" if isinstance(exc, QueueFull) else str(exc)
+    headers = {"Retry-After": str(max(1, math.ceil(state.metrics.last_duration)))} if status == 429 else None
+    return ApiError(status, message, type_, code=code, headers=headers)
+
+
+@contextlib.contextmanager
+def refusals(state: ServerState, table: ErrorTable):
+    """Within: the engine's refusals named in `table` become ApiErrors."""
+    try:
+        yield
+    except tuple(table) as e:
+        raise api_error(state, table, e) from e
+
+
+# --- requests -> jobs ------------------------------------------------------------------
+
+def ready_engine(state: ServerState):
+    if state.error:
+        raise ApiError(503, f"the model failed to load: {state.error}", "unavailable_error", code="model_load_failed")
+    if not state.ready:
+        raise ApiError(503, "the model is still loading; retry in a few seconds", "unavailable_error",
+                       code="model_loading", headers={"Retry-After": "5"})
+    return state.engine
+
+
+def admit(state: ServerState, table: ErrorTable):
+    """A place in the queue before any work (tokenizing included); the table's answer to
+    QueueFull when none is left. The ticket goes back if the request fails before its job is
+    queued."""
+    with refusals(state, table):
+        return state.scheduler.admit()
+
+
+def check_bytes(engine, nbytes: int, param: str) -> None:
+    """Refuse a prompt that cannot fit from its size alone, before a queue place or tokenizer."""
+    try:
+        engine.check_fits_bytes(nbytes)
+    except ContextFull as e:
+        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the {param} "
+                       f"({nbytes} bytes) have at least {e.needed} tokens. Shorten the {param}.",
+                       param=param, code="context_length_exceeded") from e
+
+
+def message_bytes(messages: list[dict]) -> int:
+    return sum(len(m["content"].encode()) for m in messages if isinstance(m.get("content"), str))
+
+
+async def tokenize(state: ServerState, encode, value, param: str, nbytes: int) -> list[int]:
+    """One prompt tokenized at a time (1 MB of text took ~600 MB while it was encoded), and
+    only by requests holding a queue place: memory stays bounded whatever arrives."""
+    async with state.tokenizing:
+        try:
+            return await run_in_threadpool(_encode, encode, value, param)
+        finally:
+            if nbytes >= BIG_PROMPT:
+                await run_in_threadpool(_release_free_memory)
+
+
+BIG_PROMPT = 1 << 16        # bytes: after tokenizing this much, give the memory back
+
+
+def _release_free_memory() -> None:
+    """glibc keeps what the tokenizer freed (~600 MB peak for a 1 MB prompt) in its arenas;
+    malloc_trim hands it back to the system, so RSS falls back after a huge prompt."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _encode(encode, value, param: str) -> list[int]:
+    try:
+        ids = encode(value)
+    except ValueError as e:       # includes the chat template's own raise_exception
+        raise ApiError(400, str(e), param=param) from e
+    if not ids:
+        raise ApiError(400, f"{param} is empty: there is nothing to complete", param=param)
+    return ids
+
+
+def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
+                response_format=None) -> ChatRequest:
+    """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field.
+    `response_format` is OpenAI's object or a Grammar an adapter built from its own field."""
+    try:
+        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format)
+    except ToolError as e:
+        raise ApiError(400, str(e), param=e.param) from e
+    except ValueError as e:       # the chat template's own raise_exception
+        raise ApiError(400, str(e), param="messages") from e
+    if not chat.ids:
+        raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
+    return chat
+
+
+def checked_token_ids(ids: list[int], engine) -> list[int]:
+    vocab = engine.config.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})", param="prompt")
+    return ids
+
+
+def note_prompt(request: Request, state: ServerState, prompt) -> None:
+    if state.config.log_prompts:
+        request.state.prompt = prompt
+
+
+def request_params(state: ServerState, ids: list[int], param: str, **overrides) -> GenerationParams:
+    """The server's defaults with a request's fields (`RequestDefaults` names), once the
+    prompt is known to fit; every API's routes build their requests here."""
+    try:
+        state.engine.check_fits(ids)
+    except ContextFull as e:
+        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the prompt has "
+                       f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
+                       param=param, code="context_length_exceeded") from e
+    try:
+        return state.config.defaults.build(**overrides)
+    except ValueError as e:
+        raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
+
+
+class Jobs:
+    """A request's n choices. n > 1 goes to the scheduler as one group: the prompt is read once
+    and the choices decode together (Scheduler.submit_choices); with a seed, choice i uses
+    seed + i. The reply reads them in order."""
+
+    def __init__(self, state: ServerState, ids: list[int], params: GenerationParams, n: int, ticket):
+        self.state, self.ids, self.params, self.n, self.ticket = state, ids, params, n, ticket
+        self.started: list[Job] = []
+        self._next = 0
+
+    def start(self, table: ErrorTable) -> Jobs:
+        sched, limit = self.state.scheduler, self.state.config.request_timeout
+        if self.n == 1:
+            self.started = [sched.submit(self.ids, self.params, time_limit=limit, ticket=self.ticket)]
+            return self
+        self.ticket.release()            # the group takes its n places itself
+        with refusals(self.state, table):
+            self.started = sched.submit_choices(self.ids, [self._seeded(i) for i in range(self.n)], limit)
+        return self
+
+    def _seeded(self, i: int) -> GenerationParams:
+        p = self.params
+        if i == 0 or p.sampling.seed is None:
+            return p
+        return dataclasses.replace(p, sampling=dataclasses.replace(p.sampling, seed=p.sampling.seed + i))
+
+    def next(self) -> Job:
+        job = self.started[self._next]
+        self._next += 1
+        return job
+
+    def cancel(self) -> None:
+        for job in self.started:
+            job.cancel()
+
+
+class JobStream(StreamingResponse):
+    """A stream (SSE, or NDJSON for Ollama) whose job is cancelled however the response ends,
+    even when the client leaves before the body generator has started (then the generator's
+    own cleanup never runs)."""
+
+    def __init__(self, job: Job | Jobs, content, media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type,
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
+    """The job's events without blocking the event loop. If the awaiting task is cancelled
+    (client gone) the reading thread is abandoned; it ends at the job's next event."""
+    events = job.events()
+    while (ev := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True,
+                                                limiter=limiter)) is not None:
+        yield ev
+
+
+@contextlib.asynccontextmanager
+async def cancel_on_disconnect(request: Request, job: Job | Jobs):
+    """Cancel the job as soon as the client disconnects (the request body is already read,
+    so the next ASGI message can only be the disconnect)."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        request.state.client_gone = True
+        job.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()

@@ -1,0 +1,106 @@
+"""One consumer of a request's events, for every interface.
+
+A job (or `Engine.generate`) yields `Event`s: pieces of text, their logprobs when asked for,
+and a last event carrying the finish reason and usage. `stream` turns them into `Piece`s to
+show as they come (with tools, text that may open a call is held back) and ends with a final
+piece: the rest of the content, the tool calls, the finish reason and usage. `collect`
+gathers the whole answer instead. `astream` and `acollect` do the same over async events.
+
+Errors (`ContextFull`, `QueueFull`, an engine failure) pass through unchanged; each
+interface turns them into its own answer with its own table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
+
+from edge.engine.engine import Event, TokenLogprob, Usage
+from edge.engine.tool_calls import ToolCall, ToolUse
+
+
+@dataclass
+class Piece:
+    text: str = ""                                   # to show now
+    logprobs: list[TokenLogprob] | None = None       # the tokens behind this event's text
+    final: Event | None = None                       # the last piece: the job's last event (finish reason, usage)
+    tool_calls: list[ToolCall] = field(default_factory=list)    # the last piece: the calls made
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.final is None:
+            return None
+        return "tool_calls" if self.tool_calls else self.final.finish_reason
+
+
+@dataclass
+class Answer:
+    text: str                                        # everything generated
+    content: str | None                              # the text without its tool calls (None: calls only)
+    tool_calls: list[ToolCall]
+    logprobs: list[TokenLogprob] | None
+    final: Event | None                              # None: the events ended without a last one
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.final is None:
+            return None
+        return "tool_calls" if self.tool_calls else self.final.finish_reason
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.final.usage if self.final is not None else None
+
+
+class Reader:
+    """The state of one job's reading; `stream`/`collect` and their async twins drive it."""
+
+    def __init__(self, tool_use: ToolUse | None = None):
+        self.tool_use = tool_use if tool_use is not None and tool_use.active else None
+        self.calls = self.tool_use.stream() if self.tool_use is not None else None
+        self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] | None = None
+        self.final: Event | None = None
+
+    def feed(self, ev: Event) -> list[Piece]:
+        self.parts.append(ev.text)
+        if ev.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + ev.logprobs
+        text = self.calls.feed(ev.text) if self.calls is not None else ev.text
+        out = [Piece(text, ev.logprobs)] if text or ev.logprobs else []
+        if ev.finish_reason is not None:      # the last event (its usage: None if it never started)
+            self.final = ev
+            content, calls = self.calls.finish() if self.calls is not None else (None, [])
+            out.append(Piece(content or "", None, ev, calls))
+        return out
+
+    def answer(self) -> Answer:
+        text = "".join(self.parts)
+        content, calls = self.tool_use.parse(text) if self.tool_use is not None else (text, [])
+        return Answer(text, content, calls, self.logprobs, self.final)
+
+
+def stream(events: Iterable[Event], tool_use: ToolUse | None = None) -> Iterator[Piece]:
+    reader = Reader(tool_use)
+    for ev in events:
+        yield from reader.feed(ev)
+
+
+def collect(events: Iterable[Event], tool_use: ToolUse | None = None) -> Answer:
+    reader = Reader(tool_use)
+    for ev in events:
+        reader.feed(ev)
+    return reader.answer()
+
+
+async def astream(events: AsyncIterable[Event], tool_use: ToolUse | None = None) -> AsyncIterator[Piece]:
+    reader = Reader(tool_use)
+    async for ev in events:
+        for piece in reader.feed(ev):
+            yield piece
+
+
+async def acollect(events: AsyncIterable[Event], tool_use: ToolUse | None = None) -> Answer:
+    reader = Reader(tool_use)
+    async for ev in events:
+        reader.feed(ev)
+    return reader.answer()

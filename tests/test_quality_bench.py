@@ -1,0 +1,58 @@
+"""bench/quality.py reads llama-perplexity's --kl-divergence report (the lines as its
+perplexity.cpp prints them) and puts ours and llama.cpp's side by side."""
+from pathlib import Path
+
+import pytest
+
+from bench.quality import PEERS, SUITE, parse_kld, table
+
+REPORT = """perplexity: calculating perplexity over 10 chunks, n_ctx=512, batch_size=512, n_seq=1
+...
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  21.345678 ±   0.801234
+Mean PPL(base)                :  20.123456 ±   0.750000
+Cor(ln(PPL(Q)), ln(PPL(base))):  98.12%
+Mean ln(PPL(Q)/PPL(base))     :   0.058965 ±   0.004321
+
+====== KL divergence statistics ======
+Mean    KLD:   0.061234 ±   0.001234
+Maximum KLD:   3.456789
+99.9%   KLD:   2.000000
+99.0%   KLD:   0.654321
+95.0%   KLD:   0.222222
+Median  KLD:   0.030000
+
+====== Token probability statistics ======
+Mean    Δp: -0.321 ± 0.045 %
+RMS Δp    :  4.567 ± 0.123 %
+Same top p: 88.123 ± 0.654 %
+"""
+
+
+def test_parse_kld_reads_every_figure():
+    got = parse_kld(REPORT)
+    assert got == {"ppl": 21.345678, "base_ppl": 20.123456, "kl_mean": 0.061234, "kl_p99": 0.654321,
+                   "kl_max": 3.456789, "top1": pytest.approx(0.88123), "n": 10 * 255}
+
+
+def test_parse_kld_refuses_a_report_without_the_statistics():
+    with pytest.raises(RuntimeError, match="kl_mean"):
+        parse_kld(REPORT.replace("Mean    KLD", "Mean KL"))
+
+
+def test_table_marks_where_ours_is_at_or_below_its_peer():
+    text = Path("legal.txt")
+    results = {("legal", "int8"): {"ppl": 10.1, "base_ppl": 10.0, "kl_mean": 0.002, "kl_p99": 0.02, "top1": 0.97},
+               ("legal", "Q8_0"): {"ppl": 10.2, "base_ppl": 10.0, "kl_mean": 0.001, "kl_p99": 0.01, "top1": 0.98}}
+    rows = table(results, [text], {"int8": 140e6, "Q8_0": 145e6}, {"legal": 6000}).splitlines()
+    assert rows[2] == "| legal (6000 tokens) | int8 | **+1.00 %** | 0.0020 | 0.020 | 97.0 % | 140 |"
+    assert rows[3] == "|  | Q8_0 | +2.00 % | 0.0010 | 0.010 | 98.0 % | 145 |"
+
+
+def test_the_suite_has_the_kinds_the_issue_asks_for():
+    kinds = {p.name.split("-")[0] for p in SUITE}
+    assert {"prose", "legal", "tech", "code", "chat", "de", "fr"} <= kinds
+    assert (SUITE[0].parent / "LICENSES.md").exists()
+    for p in SUITE:
+        assert p.name in (SUITE[0].parent / "LICENSES.md").read_text(), p.name
+    assert set(PEERS) == {"int8", "int4", "int4-b32"}
