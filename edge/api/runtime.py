@@ -190,7 +190,7 @@ def model_error(state: ServerState, name: str, hint: str = "") -> ApiError | Non
         message = (f"model '{name}' is installed but not loaded: this server runs '{state.model_id}' "
                    f"(restart it with --model {name})")
     else:
-        message = (f"model '{name}' not found; this server runs '{state.model_id}' (edge-llm pull installs "
+        message = (f"model '{name}' does not exist here; this server runs '{state.model_id}' (edge-llm pull installs "
                    "a model from the Hugging Face Hub, edge-llm alias gives it another name)")
     return ApiError(404, message + (f"; {hint}" if hint else ""), param="model", code="model_not_found")
 
