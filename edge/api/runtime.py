@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
+from edge.engine.replies import aevents
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
@@ -310,9 +312,8 @@ class JobStream(StreamingResponse):
 async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
     """The job's events without blocking the event loop. If the awaiting task is cancelled
     (client gone) the reading thread is abandoned; it ends at the job's next event."""
-    events = job.events()
-    while (ev := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True,
-                                                limiter=limiter)) is not None:
+    run = functools.partial(anyio.to_thread.run_sync, abandon_on_cancel=True, limiter=limiter)
+    async for ev in aevents(job.events(), run):
         yield ev
 
 
