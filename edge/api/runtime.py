@@ -33,7 +33,7 @@ from edge.engine.replies import aevents
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
-from edge.launch.request import RequestDefaults
+from edge.launch.request import DEFAULT_REQUEST_SECONDS, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -42,7 +42,7 @@ CLIENT_GONE = 499                         # nginx's "client closed request", for
 @dataclass
 class ServerConfig:
     api_key: str | None = None
-    request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
+    request_timeout: float | None = DEFAULT_REQUEST_SECONDS     # queue + generating; None = no limit
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
