@@ -6,14 +6,18 @@ adapter over the HTTP runtime (`runtime`), side by side with the OpenAI one.
 `tools` (tool calls come back with `arguments` as an object, as Ollama sends them; a `tool`
 message answers the earliest open call of its `tool_name`) and `format` ("json" or a JSON
 schema) go through the same chat layer and grammar engine as the OpenAI API's `tools` (with
-tool_choice "auto") and `response_format`. With tools, a streamed reply comes as one line once
-it is complete, so that a call never reaches the client as text.
+tool_choice "auto") and `response_format`. With tools, a streamed reply shows its prose as it
+is generated and holds back only what may become a call (`CallStream`); calls come in a line
+of their own at the end. A call answered earlier in the turn is not generated again (the
+tool-loop guard; `"tool_loop_guard": false` in the request turns it off).
 
 Mapping onto the shared request: `options` (temperature, top_k, top_p, min_p,
 repeat_penalty, presence/frequency_penalty, seed, num_predict, stop) become `RequestDefaults`
-fields; `num_ctx` and `keep_alive` are accepted (the model always stays loaded, its context
-is the server's `--ctx`); options that only tune Ollama's own runtime (threads, GPU, batch,
-mmap ...) are accepted and have no effect here. Replies stream as NDJSON by default
+fields; `num_ctx` bounds the request's context (up to the server's `--ctx`): a conversation
+that does not fit loses its oldest non-system messages, as Ollama drops them, and the log
+says so; `keep_alive` is accepted (the model always stays loaded). Options that only tune
+Ollama's own runtime (threads, GPU, batch, mmap ...) and options we do not know are ignored,
+the unknown ones with a log line, as Ollama ignores them. Replies stream as NDJSON by default
 (`"stream": false` for one object); durations are nanoseconds, as Ollama reports them.
 Errors are `{"error": "..."}`; an error after streaming started is an NDJSON line.
 """
@@ -36,9 +40,10 @@ from edge.api.origins import guard_origins
 from edge.api.text import lone_surrogate, surrogate_message
 from edge.api.runtime import (CLIENT_GONE, ApiError, JobStream, ServerState, StateDep, admit, api_error,
                               cancel_on_disconnect, chat_prompt,
-                              check_bytes, job_events, message_bytes, ready_engine, request_params, tokenize)
-from edge.engine import ContextFull, QueueFull
+                              check_bytes, job_events, loop_guard, message_bytes, model_error, ready_engine, request_params, tokenize)
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.constraint import ConstraintError, Grammar, closed
+from edge.engine.conversation import fit_messages
 from edge.engine.engine import Usage
 from edge.engine.replies import acollect, astream
 from edge.engine.tool_calls import ChatRequest
@@ -57,7 +62,7 @@ OPTION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p
                  "frequency_penalty": "frequency_penalty", "seed": "seed", "num_predict": "max_tokens",
                  "stop": "stop"}
 # Ollama options that tune its own runtime or samplers we do not have: accepted, no effect
-NO_EFFECT_OPTIONS = {"num_ctx", "num_keep", "typical_p", "repeat_last_n", "penalize_newline", "numa", "num_batch",
+NO_EFFECT_OPTIONS = {"num_keep", "typical_p", "repeat_last_n", "penalize_newline", "numa", "num_batch",
                      "num_gpu", "main_gpu", "low_vram", "use_mmap", "use_mlock", "num_thread", "mirostat",
                      "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
 
@@ -109,6 +114,7 @@ class ChatBody(Body):
     tools: list[dict] | None = None
     keep_alive: str | int | float | None = None
     think: bool | str | None = None
+    tool_loop_guard: bool | None = None     # ours: False lets a call answered in this turn be made again
 
 
 class ModelBody(Body):
@@ -123,10 +129,16 @@ class ModelBody(Body):
         return self.model or self.name
 
 
+class PullBody(ModelBody):
+    stream: bool = True
+    insecure: bool = False
+
+
 # --- the app -----------------------------------------------------------------------------
 
 # the engine's refusals in Ollama's terms (its errors are one string; type and code unused)
-ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None)}
+ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None),
+          RequestFailed: (400, "invalid_request_error", None), SequenceFailed: (500, "server_error", None)}
 
 
 def error(status: int, message: str, **_) -> JSONResponse:
@@ -171,6 +183,7 @@ class JsonBodies:
 router = APIRouter()
 
 
+@router.head("/")
 @router.get("/")
 def root():
     return Response("Ollama is running", media_type="text/plain")
@@ -212,17 +225,26 @@ def show(body: ModelBody, state: StateDep):
                        f"{prefix}.attention.head_count": cfg.num_heads,
                        f"{prefix}.attention.head_count_kv": cfg.num_kv_heads,
                        f"{prefix}.vocab_size": cfg.vocab_size},
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],      # tools: the template's own, or our prompt + grammar
         "modified_at": _modified_at(state),
     }
 
 
 @router.post("/api/pull")
+async def pull(body: PullBody, state: StateDep):
+    """An installed model (the loaded one, another, an alias): success at once. A Hugging Face
+    repository (OWNER/NAME[:QUANT], hf.co/...): `edge-llm pull` in a child process (the
+    conversion's memory goes back to the system when it ends), its progress streamed in
+    Ollama's lines: pulling manifest, pulling <digest> with total/completed, verifying sha256
+    digest, success; a failure is an {"error"} line (or a 4xx/5xx without streaming)."""
+    from edge.api import pulling
+    return await pulling.respond(state, body.wanted, body.stream)
+
+
 @router.post("/api/create")
-def pull(body: ModelBody, state: StateDep):
-    """Nothing is downloaded here: success for the installed model, a clear error otherwise."""
-    _engine_for(state, body.wanted, hint="this server runs one installed model and downloads nothing; "
-                                         "convert another with `edge-llm convert` and restart with --model")
+def create(body: ModelBody, state: StateDep):
+    """Nothing is built here: success for the loaded model, a clear error otherwise."""
+    _engine_for(state, body.wanted, hint="this server builds no models; use edge-llm pull or edge-llm convert")
     return {"status": "success"}
 
 
@@ -250,10 +272,12 @@ async def chat(body: ChatBody, request: Request, state: StateDep):
     nbytes = message_bytes(messages)
     check_bytes(engine, nbytes, "messages")
     grammar = format_grammar(body.format)
+    ctx = context_size(engine, body.options)
     with admit(state, ERRORS) as ticket:
-        chat = await tokenize(state, functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar),
-                              messages, "messages", nbytes)
-        return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat)
+        prompt = functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar,
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
+        chat = await tokenize(state, functools.partial(fitted_prompt, prompt, ctx), messages, "messages", nbytes)
+        return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat, ctx=ctx)
 
 
 @router.post("/api/generate")
@@ -313,6 +337,42 @@ def chat_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
+def context_size(engine, options: dict | None) -> int:
+    """The request's context: `num_ctx`, up to the server's `--ctx`."""
+    n = (options or {}).get("num_ctx")
+    if n is None:
+        return engine.max_ctx
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ApiError(400, f"num_ctx must be a positive integer, got {n!r}")
+    return min(n, engine.max_ctx)
+
+
+REPLY_ROOM = 1 / 8       # of the context kept free for the reply when a conversation is cut to fit
+
+
+def fitted_prompt(prompt, ctx: int, messages: list[dict]):
+    """`prompt(messages)` (the chat layer's request); when it does not fit `ctx` with room for a
+    reply, the oldest non-system messages go first (Ollama's rule) and the log says so."""
+    chat = prompt(messages)
+    room = max(1, int(ctx * REPLY_ROOM))
+    if len(chat.ids) + room <= ctx:
+        return chat
+    fitted = {}
+
+    def fits(msgs):
+        try:
+            fitted["chat"] = prompt(msgs)
+        except ApiError:          # e.g. a template that needs a user message first
+            return False
+        return len(fitted["chat"].ids) + room <= ctx
+    kept, dropped = fit_messages(messages, fits)
+    if not dropped or "chat" not in fitted or not fits(kept):
+        return chat               # nothing could go: the context check refuses it by name
+    log.info("Ollama: the conversation (%d prompt tokens) does not fit num_ctx %d; dropped its %d oldest "
+             "messages (%d prompt tokens now)", len(chat.ids), ctx, dropped, len(fitted["chat"].ids))
+    return fitted["chat"]
+
+
 def format_grammar(fmt) -> Grammar | None:
     """Ollama's `format` ("json" or a JSON schema, held to its properties) as a grammar."""
     if fmt in (None, ""):
@@ -340,11 +400,12 @@ def _chat_message(text: str, calls=()) -> dict:
 
 
 def overrides(options: dict | None) -> dict:
-    """Ollama `options` -> RequestDefaults fields; unknown names are refused by name."""
+    """Ollama `options` -> RequestDefaults fields; unknown names are ignored (as Ollama does)
+    with a log line."""
     options = options or {}
-    unknown = sorted(set(options) - OPTION_FIELDS.keys() - NO_EFFECT_OPTIONS)
+    unknown = sorted(set(options) - OPTION_FIELDS.keys() - NO_EFFECT_OPTIONS - {"num_ctx"})
     if unknown:
-        raise ApiError(400, f"unknown option(s): {', '.join(unknown)}")
+        log.info("Ollama: ignoring unknown option(s) %s", ", ".join(unknown))
     out = {OPTION_FIELDS[k]: v for k, v in options.items() if k in OPTION_FIELDS}
     if isinstance(out.get("max_tokens"), int) and out["max_tokens"] in (-1, -2):
         out["max_tokens"] = None          # Ollama: -1 = no limit, -2 = fill the context
@@ -356,22 +417,27 @@ def overrides(options: dict | None) -> dict:
 # --- the job's pieces -> Ollama's replies (NDJSON or one object) ------------------------------
 
 async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape,
-                   chat: ChatRequest | None = None, **extra):
-    """`shape(text, calls)` is the reply's content; with tools, the text is held back until the
-    end (a call must not reach the client as text) and parsed into calls there."""
+                   chat: ChatRequest | None = None, ctx: int | None = None, **extra):
+    """`shape(text, calls)` is the reply's content; with tools, text that may become a call is
+    held back (a call must not reach the client as text) and parsed into calls at the end.
+    `ctx`: the request's own context (`num_ctx`), which bounds the reply too."""
     t0 = time.perf_counter()
     if chat is not None:
         extra.update(chat.overrides())
-    params = request_params(state, ids, param, **overrides(body.options), **extra)
+    fields = overrides(body.options)
+    if ctx is not None and ctx < state.engine.max_ctx:
+        room = max(1, ctx - len(ids))
+        fields["max_tokens"] = min(fields.get("max_tokens") or room, room)
+    params = request_params(state, ids, param, **fields, **extra)
     job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     model = body.model
     tool_use = chat.tool_use if chat is not None and chat.tool_use is not None and chat.tool_use.active else None
-    if body.stream and tool_use is None:
-        return JobStream(job, _ndjson(state, request, job, model, shape, t0), media_type=NDJSON)
+    if body.stream:
+        return JobStream(job, _ndjson(state, request, job, model, shape, t0, tool_use), media_type=NDJSON)
     try:
         async with cancel_on_disconnect(request, job):      # a client that leaves frees the engine at once
             answer = await acollect(job_events(job, state.limiter), tool_use)
-    except ContextFull as e:
+    except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
         job.cancel()          # a no-op for a finished job
@@ -379,9 +445,6 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], p
         return Response(status_code=CLIENT_GONE)          # nobody reads it; the log says who left
     reason = done_reason(state, request, answer.final)
     content = shape(answer.content or "", answer.tool_calls)
-    if body.stream:           # tools: the whole answer as one line, then the final one
-        return Response(_line({"model": model, "created_at": _now(), **content, "done": False})
-                        + _line(_final(model, shape("", ()), answer.final, t0, reason)), media_type=NDJSON)
     return JSONResponse(_final(model, content, answer.final, t0, reason))
 
 
@@ -407,15 +470,19 @@ def done_reason(state: ServerState, request: Request, last) -> str:
                    code="request_timeout")
 
 
-async def _ndjson(state: ServerState, request: Request, job, model: str, shape, t0: float) -> AsyncIterator[str]:
+async def _ndjson(state: ServerState, request: Request, job, model: str, shape, t0: float,
+                  tool_use=None) -> AsyncIterator[str]:
+    """Prose as it is generated; with tools, the calls in a line of their own before the last."""
     try:
-        async for piece in astream(job_events(job, state.limiter)):
-            if piece.final is not None:
-                yield _line(_final(model, shape(""), piece.final, t0, done_reason(state, request, piece.final)))
-            elif piece.text:
+        async for piece in astream(job_events(job, state.limiter), tool_use):
+            if piece.text:
                 yield _line({"model": model, "created_at": _now(), **shape(piece.text), "done": False})
-    except (ApiError, ContextFull) as e:      # the status is sent already: say it in the stream
-        yield _line({"error": named(api_error(state, ERRORS, e) if isinstance(e, ContextFull) else e)})
+            if piece.final is not None:
+                if piece.tool_calls:
+                    yield _line({"model": model, "created_at": _now(), **shape("", piece.tool_calls), "done": False})
+                yield _line(_final(model, shape(""), piece.final, t0, done_reason(state, request, piece.final)))
+    except (ApiError, ContextFull, SequenceFailed) as e:      # the status is sent already: say it in the stream
+        yield _line({"error": named(e if isinstance(e, ApiError) else api_error(state, ERRORS, e))})
     except (asyncio.CancelledError, GeneratorExit):
         request.state.client_gone = True
         raise
@@ -445,18 +512,12 @@ def _loaded(state: ServerState, content: dict) -> JSONResponse:
 
 # --- the one model, by Ollama's names ------------------------------------------------------
 
-def model_names(state: ServerState) -> set[str]:
-    """What a client may call the model: its id, with or without Ollama's ":latest" tag,
-    in any case."""
-    base = state.model_id.lower()
-    return {base, f"{base}:latest"}
-
-
 def _engine_for(state: ServerState, name: str, hint: str = ""):
+    """The engine, when `name` is the loaded model's (runtime.served_names: its name, installed
+    name or an alias, any case, ":latest" or not); else a 404 saying why."""
     engine = ready_engine(state)
-    if (name or "").lower() not in model_names(state):
-        raise ApiError(404, f"model '{name}' not found; this server runs '{_tag(state)}'"
-                            + (f" ({hint})" if hint else ""))
+    if (err := model_error(state, name or "", hint)) is not None:
+        raise err
     return engine
 
 

@@ -75,12 +75,9 @@ class GenerationRequest(BaseModel):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
-    logit_bias: dict | None = None
-
-    @model_validator(mode="after")
-    def _no_logit_bias(self):
-        _refuse(self.logit_bias, "logit_bias is not supported by this server")
-        return self
+    logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
+    # edge-llm's: end a reply caught in an exact loop as "length" (engine/repetition.py); the chat page sends it
+    stop_loops: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -117,7 +114,8 @@ class GenerationRequest(BaseModel):
         means a random seed whatever the server's default)."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-                      presence_penalty=self.presence_penalty, seed=self.seed)
+                      presence_penalty=self.presence_penalty, seed=self.seed, logit_bias=self.logit_bias,
+                      stop_loops=self.stop_loops)
         return fields
 
 
@@ -137,6 +135,7 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    tool_loop_guard: bool | None = None        # ours: False lets a call answered in this turn be made again
 
     @model_validator(mode="after")
     def _supported(self):
