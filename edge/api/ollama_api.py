@@ -23,6 +23,7 @@ Errors are `{"error": "..."}`; an error after streaming started is an NDJSON lin
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -30,15 +31,17 @@ import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.api.middleware import add_error_handlers, add_guard_and_log
-from edge.api.runtime import (ApiError, JobStream, ServerState, StateDep, admit, api_error, chat_prompt,
-                              check_bytes, job_events, loop_guard, message_bytes, ready_engine, request_params,
-                              tokenize)
-from edge.engine import ContextFull, QueueFull
+from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.origins import guard_origins
+from edge.api.text import lone_surrogate, surrogate_message
+from edge.api.runtime import (CLIENT_GONE, ApiError, JobStream, ServerState, StateDep, admit, api_error,
+                              cancel_on_disconnect, chat_prompt,
+                              check_bytes, job_events, loop_guard, message_bytes, model_error, ready_engine, request_params, tokenize)
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.constraint import ConstraintError, Grammar, closed
 from edge.engine.conversation import fit_messages
 from edge.engine.engine import Usage
@@ -47,7 +50,7 @@ from edge.engine.tool_calls import ChatRequest
 from edge.launch.model_store import bundle_id
 from edge.launch.request import prompt_messages
 
-log = logging.getLogger("edge.ollama")
+log = logging.getLogger("edge.http")
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
 DEFAULT_PORT = 11434
@@ -64,6 +67,19 @@ NO_EFFECT_OPTIONS = {"num_keep", "typical_p", "repeat_last_n", "penalize_newline
                      "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
 
 
+class Body(BaseModel):
+    """A request body: any text in it (a message, a prompt, a stop string, a tool's schema)
+    must be valid Unicode, or no tokenizer can read it and no byte count is right."""
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if (where := lone_surrogate(data)) is not None:
+            raise ValueError(surrogate_message(where))
+        return data
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
@@ -73,8 +89,7 @@ class Message(BaseModel):
     tool_name: str | None = None
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class GenerateBody(Body):
     model: str
     prompt: str = ""
     system: str | None = None
@@ -90,8 +105,7 @@ class GenerateBody(BaseModel):
     think: bool | str | None = None
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatBody(Body):
     model: str
     messages: list[Message] = Field(default_factory=list)
     stream: bool = True
@@ -103,7 +117,7 @@ class ChatBody(BaseModel):
     tool_loop_guard: bool | None = None     # ours: False lets a call answered in this turn be made again
 
 
-class ModelBody(BaseModel):
+class ModelBody(Body):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     model: str | None = None
     name: str | None = None          # older clients send "name"
@@ -115,10 +129,16 @@ class ModelBody(BaseModel):
         return self.model or self.name
 
 
+class PullBody(ModelBody):
+    stream: bool = True
+    insecure: bool = False
+
+
 # --- the app -----------------------------------------------------------------------------
 
 # the engine's refusals in Ollama's terms (its errors are one string; type and code unused)
-ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None)}
+ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None),
+          RequestFailed: (400, "invalid_request_error", None), SequenceFailed: (500, "server_error", None)}
 
 
 def error(status: int, message: str, **_) -> JSONResponse:
@@ -140,7 +160,7 @@ def create_ollama_app(state: ServerState) -> FastAPI:
     app.include_router(router)
     add_error_handlers(app, render)
     add_guard_and_log(app, state, error)
-    return JsonBodies(app)
+    return guard_origins(Contained(JsonBodies(app)), state.config, error)
 
 
 class JsonBodies:
@@ -211,11 +231,20 @@ def show(body: ModelBody, state: StateDep):
 
 
 @router.post("/api/pull")
+async def pull(body: PullBody, state: StateDep):
+    """An installed model (the loaded one, another, an alias): success at once. A Hugging Face
+    repository (OWNER/NAME[:QUANT], hf.co/...): `edge-llm pull` in a child process (the
+    conversion's memory goes back to the system when it ends), its progress streamed in
+    Ollama's lines: pulling manifest, pulling <digest> with total/completed, verifying sha256
+    digest, success; a failure is an {"error"} line (or a 4xx/5xx without streaming)."""
+    from edge.api import pulling
+    return await pulling.respond(state, body.wanted, body.stream)
+
+
 @router.post("/api/create")
-def pull(body: ModelBody, state: StateDep):
-    """Nothing is downloaded here: success for the installed model, a clear error otherwise."""
-    _engine_for(state, body.wanted, hint="this server runs one installed model and downloads nothing; "
-                                         "convert another with `edge-llm convert` and restart with --model")
+def create(body: ModelBody, state: StateDep):
+    """Nothing is built here: success for the loaded model, a clear error otherwise."""
+    _engine_for(state, body.wanted, hint="this server builds no models; use edge-llm pull or edge-llm convert")
     return {"status": "success"}
 
 
@@ -233,7 +262,7 @@ def manage():
 
 
 @router.post("/api/chat")
-async def chat(body: ChatBody, state: StateDep):
+async def chat(body: ChatBody, request: Request, state: StateDep):
     engine = _engine_for(state, body.model)
     if any(m.images for m in body.messages):
         raise ApiError(400, "images are not supported: this model reads text only")
@@ -248,11 +277,11 @@ async def chat(body: ChatBody, state: StateDep):
         prompt = functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar,
                                    tool_loop_guard=loop_guard(state, body.tool_loop_guard))
         chat = await tokenize(state, functools.partial(fitted_prompt, prompt, ctx), messages, "messages", nbytes)
-        return await _respond(state, body, chat.ids, "messages", ticket, _chat_message, chat, ctx=ctx)
+        return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat, ctx=ctx)
 
 
 @router.post("/api/generate")
-async def generate(body: GenerateBody, state: StateDep):
+async def generate(body: GenerateBody, request: Request, state: StateDep):
     engine = _engine_for(state, body.model)
     if body.images:
         raise ApiError(400, "images are not supported: this model reads text only")
@@ -274,7 +303,7 @@ async def generate(body: GenerateBody, state: StateDep):
         else:
             ids = await tokenize(state, engine.encode_chat, prompt_messages(body.prompt, body.system), "prompt",
                                  nbytes)
-        return await _respond(state, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
+        return await _respond(state, request, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
                               constraint=grammar)
 
 
@@ -387,7 +416,7 @@ def overrides(options: dict | None) -> dict:
 
 # --- the job's pieces -> Ollama's replies (NDJSON or one object) ------------------------------
 
-async def _respond(state: ServerState, body, ids: list[int], param: str, ticket, shape,
+async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape,
                    chat: ChatRequest | None = None, ctx: int | None = None, **extra):
     """`shape(text, calls)` is the reply's content; with tools, text that may become a call is
     held back (a call must not reach the client as text) and parsed into calls at the end.
@@ -404,18 +433,45 @@ async def _respond(state: ServerState, body, ids: list[int], param: str, ticket,
     model = body.model
     tool_use = chat.tool_use if chat is not None and chat.tool_use is not None and chat.tool_use.active else None
     if body.stream:
-        return JobStream(job, _ndjson(state, job, model, shape, t0, tool_use), media_type=NDJSON)
+        return JobStream(job, _ndjson(state, request, job, model, shape, t0, tool_use), media_type=NDJSON)
     try:
-        answer = await acollect(job_events(job, state.limiter), tool_use)
-    except ContextFull as e:
+        async with cancel_on_disconnect(request, job):      # a client that leaves frees the engine at once
+            answer = await acollect(job_events(job, state.limiter), tool_use)
+    except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
-        job.cancel()          # a client that left stops its generation; a finished job ignores it
+        job.cancel()          # a no-op for a finished job
+    if getattr(request.state, "client_gone", False):
+        return Response(status_code=CLIENT_GONE)          # nobody reads it; the log says who left
+    reason = done_reason(state, request, answer.final)
     content = shape(answer.content or "", answer.tool_calls)
-    return JSONResponse(_final(model, content, answer.final, t0))
+    return JSONResponse(_final(model, content, answer.final, t0, reason))
 
 
-async def _ndjson(state: ServerState, job, model: str, shape, t0: float, tool_use=None) -> AsyncIterator[str]:
+SHUTDOWN = "shutdown"         # done_reason of an answer cut short because the server stops
+
+
+def done_reason(state: ServerState, request: Request, last) -> str:
+    """The final event's reason in Ollama's terms, noted for the request log. A job cancelled
+    by the shutdown that had generated something ends with done_reason "shutdown"; one that
+    had not (it waited) is a 503, and one ended by the time limit a 504 (ApiError)."""
+    request.state.usage, request.state.finish = last.usage, last.finish_reason
+    if last.finish_reason != "cancelled":
+        return last.finish_reason
+    generated = last.usage is not None and last.usage.completion_tokens > 0
+    if state.draining and generated:
+        return SHUTDOWN
+    if state.draining:
+        raise ApiError(503, "the server is shutting down; retry in a moment", "unavailable_error",
+                       code="server_shutdown", headers={"Retry-After": "10"})
+    limit = state.config.request_timeout
+    raise ApiError(504, f"the request took longer than the server's time limit of {limit or 0:g} s (waiting in "
+                        "the queue + generating); ask for fewer tokens or retry later", "timeout_error",
+                   code="request_timeout")
+
+
+async def _ndjson(state: ServerState, request: Request, job, model: str, shape, t0: float,
+                  tool_use=None) -> AsyncIterator[str]:
     """Prose as it is generated; with tools, the calls in a line of their own before the last."""
     try:
         async for piece in astream(job_events(job, state.limiter), tool_use):
@@ -424,16 +480,20 @@ async def _ndjson(state: ServerState, job, model: str, shape, t0: float, tool_us
             if piece.final is not None:
                 if piece.tool_calls:
                     yield _line({"model": model, "created_at": _now(), **shape("", piece.tool_calls), "done": False})
-                yield _line(_final(model, shape(""), piece.final, t0))
-    except ContextFull as e:
-        yield _line({"error": named(api_error(state, ERRORS, e))})
-    except Exception as e:        # mid-stream: the status is sent already, so say it in the stream
-        yield _line({"error": f"generation failed: {e}"})
+                yield _line(_final(model, shape(""), piece.final, t0, done_reason(state, request, piece.final)))
+    except (ApiError, ContextFull, SequenceFailed) as e:      # the status is sent already: say it in the stream
+        yield _line({"error": named(e if isinstance(e, ApiError) else api_error(state, ERRORS, e))})
+    except (asyncio.CancelledError, GeneratorExit):
+        request.state.client_gone = True
+        raise
+    except Exception:
+        log.exception("request %s failed while streaming", getattr(request.state, "request_id", "?"))
+        request.state.failed = True
+        yield _line({"error": "internal server error (see the server log)"})
 
 
-def _final(model: str, content: dict, last, t0: float) -> dict:
+def _final(model: str, content: dict, last, t0: float, reason: str) -> dict:
     usage = last.usage or Usage()          # a job cancelled before it started has none
-    reason = {"stop": "stop", "length": "length", "cancelled": "stop"}.get(last.finish_reason, last.finish_reason)
     ns = lambda s: int(s * 1e9)
     return {"model": model, "created_at": _now(), **content, "done": True, "done_reason": reason,
             "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
@@ -452,18 +512,12 @@ def _loaded(state: ServerState, content: dict) -> JSONResponse:
 
 # --- the one model, by Ollama's names ------------------------------------------------------
 
-def model_names(state: ServerState) -> set[str]:
-    """What a client may call the model: its id, with or without Ollama's ":latest" tag,
-    in any case."""
-    base = state.model_id.lower()
-    return {base, f"{base}:latest"}
-
-
 def _engine_for(state: ServerState, name: str, hint: str = ""):
+    """The engine, when `name` is the loaded model's (runtime.served_names: its name, installed
+    name or an alias, any case, ":latest" or not); else a 404 saying why."""
     engine = ready_engine(state)
-    if (name or "").lower() not in model_names(state):
-        raise ApiError(404, f"model '{name}' not found; this server runs '{_tag(state)}'"
-                            + (f" ({hint})" if hint else ""))
+    if (err := model_error(state, name or "", hint)) is not None:
+        raise err
     return engine
 
 

@@ -15,9 +15,9 @@ from fastapi.responses import JSONResponse
 from edge.api.openai_schema import ERRORS
 from edge.api.responses_shape import ResponseShape, chat_request
 from edge.api.runtime import (ApiError, JobStream, StateDep, admit, api_error, cancel_on_disconnect, chat_prompt,
-                              check_bytes, job_events, loop_guard, message_bytes, ready_engine, request_params,
-                              tokenize)
-from edge.engine import ContextFull
+                              check_bytes, installed, job_events, loop_guard, message_bytes, model_error,
+                              ready_engine, request_params, tokenize)
+from edge.engine import ContextFull, SequenceFailed
 from edge.engine.replies import acollect, astream
 from edge.engine.tool_calls import ToolError
 
@@ -37,6 +37,9 @@ async def responses(request: Request, state: StateDep):
         raise ApiError(400, f"the body is not JSON: {e}") from e
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
+    name = body.get("model")      # another installed model is a 404, as on chat completions
+    if isinstance(name, str) and name and installed(name) and (err := model_error(state, name)) is not None:
+        raise err
     try:
         req = chat_request(body)
     except ToolError as e:
@@ -62,7 +65,7 @@ async def responses(request: Request, state: StateDep):
     try:
         async with cancel_on_disconnect(request, job):
             answer = await acollect(job_events(job, state.limiter), tool_use)
-    except ContextFull as e:
+    except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
         job.cancel()
@@ -104,7 +107,7 @@ async def _events(state, job, shape: ResponseShape, tool_use) -> AsyncIterator[s
                     yield ev
                 status, reason = shape.status(piece.final.finish_reason)
                 yield shape.event(f"response.{status}", response=shape.response(status, output, piece.final.usage, reason))
-    except ContextFull as e:
+    except (ContextFull, SequenceFailed) as e:
         err = api_error(state, ERRORS, e)
         yield shape.event("error", code=err.code, message=err.message, param=err.param)
     except Exception as e:        # mid-stream: the status is sent already, so say it in the stream

@@ -28,8 +28,11 @@ from starlette.concurrency import run_in_threadpool
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
+from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
+from edge.launch import model_store
+from edge.launch.aliases import normalize
 from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
@@ -42,6 +45,8 @@ class ServerConfig:
     request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
+    # web origins allowed beyond edge.api.origins' defaults (the page's own, loopback, local apps)
+    allowed_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     # Host header names accepted (None = any): a loopback bind allows only loopback names, so
     # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
@@ -153,6 +158,43 @@ def ready_engine(state: ServerState):
     return state.engine
 
 
+# --- models by name -------------------------------------------------------------------------
+
+def served_names(state: ServerState) -> set[str]:
+    """What a client may call the loaded model (compared after `aliases.normalize`: any case,
+    ":latest" or not): its name, its installed name (`edge-llm models`) and their aliases."""
+    names = {normalize(state.model_id)}
+    if state.engine is not None:
+        names.add(normalize(state.engine.bundle.path.name))
+    try:
+        table = model_store.alias_table().load()
+    except ValueError:
+        table = {}
+    return names | {alias for alias, target in table.items() if normalize(target) in names}
+
+
+def installed(name: str) -> bool:
+    """An installed model's name or alias (`edge-llm models`, `edge-llm alias`)."""
+    try:
+        return (model_store.alias_table().lookup(name) is not None
+                or model_store.find_by_name(name, prefix=False) is not None)
+    except (ValueError, OSError):
+        return False
+
+
+def model_error(state: ServerState, name: str, hint: str = "") -> ApiError | None:
+    """None when `name` names the loaded model; else the 404 that says what is wrong."""
+    if normalize(name) in served_names(state):
+        return None
+    if installed(name):
+        message = (f"model '{name}' is installed but not loaded: this server runs '{state.model_id}' "
+                   f"(restart it with --model {name})")
+    else:
+        message = (f"model '{name}' not found; this server runs '{state.model_id}' (edge-llm pull installs "
+                   "a model from the Hugging Face Hub, edge-llm alias gives it another name)")
+    return ApiError(404, message + (f"; {hint}" if hint else ""), param="model", code="model_not_found")
+
+
 def admit(state: ServerState, table: ErrorTable):
     """A place in the queue before any work (tokenizing included); the table's answer to
     QueueFull when none is left. The ticket goes back if the request fails before its job is
@@ -253,7 +295,9 @@ def request_params(state: ServerState, ids: list[int], param: str, **overrides) 
                        f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
                        param=param, code="context_length_exceeded") from e
     try:
-        return state.config.defaults.build(**overrides)
+        params = state.config.defaults.build(**overrides)
+        check_vocab(params.sampling, state.engine.config.vocab_size)
+        return params
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 

@@ -15,6 +15,7 @@ import threading
 from typing import Callable, Iterator
 
 from edge.engine.engine import Engine, Event, GenerationParams
+from edge.engine.replies import Reader
 from edge.model.kv_cache import ContextFull
 
 
@@ -74,18 +75,18 @@ class Conversation:
         A reply that ends early (cancelled, or the reader stops reading) is kept, marked."""
         ids = self.engine.encode_chat(self.messages(text))
         self.engine.check_fits(ids)
-        reply, last = [], None
+        reader = Reader()
         try:
             for ev in self.generate(ids, params, cancel):
-                reply.append(ev.text)
+                reader.feed(ev)
                 if ev.usage is not None:
                     self.last_usage = ev.usage
-                last = ev
                 yield ev
         except GeneratorExit:
-            self.record(text, reply, interrupted=True)
+            self.record(text, reader.parts, interrupted=True)
             raise
-        self.record(text, reply, interrupted=last is None or last.finish_reason == "cancelled")
+        last = reader.final
+        self.record(text, reader.parts, interrupted=last is None or last.finish_reason == "cancelled")
 
     def record(self, text: str, reply: list[str], interrupted: bool) -> None:
         """A question and its reply (pieces of text) join the history."""

@@ -76,7 +76,12 @@ def register(sub) -> None:
                    "repeatable). Other names are refused there against DNS rebinding")
     s.add_argument("--max-body", type=number(int, 1), default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
-                   help="allow browser requests from this origin (repeatable; CORS is off by default)")
+                   help="allow browser requests from this origin and let its pages read the answers (repeatable; "
+                        "CORS is off by default)")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGINS",
+                   help="also accept requests from web pages of these origins, on both ports (comma-separated, "
+                        "repeatable; OLLAMA_ORIGINS syntax: https://ha.example:8123, http://192.168.1.*, '*' = any). "
+                        "Default: the page's own origin (the chat page), loopback origins and local apps")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
     s.add_argument("--watchdog-stall", type=number(float, 0.001), default=WATCHDOG_STALL_SECONDS,
                    help="seconds with requests pending but no engine step or admission before /health reports "
@@ -228,7 +233,7 @@ class PortDispatch:
 def server_config(a, key: str | None):
     from edge.api.runtime import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
-                        cors_origins=a.cors_origin, log_prompts=a.log_prompts,
+                        cors_origins=a.cors_origin, allowed_origins=a.allow_origin, log_prompts=a.log_prompts,
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
                         if is_loopback(a.host) else None,
                         defaults=request_defaults(a, RequestDefaults(max_tokens=None)),
