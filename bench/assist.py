@@ -143,7 +143,7 @@ def ollama_turn(client, url: str, model: str, messages: list[dict]) -> dict:
 
 def replay_ollama(url: str, ollama_url: str, model: str, n: int, time_first: bool) -> list[dict]:
     import ollama
-    client = ollama.Client(host=ollama_url, timeout=600)
+    client = ollama.Client(host=ollama_url, timeout=3600)
     clock, rows = datetime(2025, 4, 15, 18, 2, 11), []
     for label in ("new conversation", "second conversation"):
         msgs = conversation(n, clock, time_first, "Turn on the kitchen light.")
