@@ -100,14 +100,17 @@ class Scripted:
     longest allowed token that continues it), else the most likely allowed token."""
 
     def __init__(self, engine, script: str):
-        self.script, self.engine, self.text = script, engine, ""
+        self.script, self.engine, self.text, self.matcher = script, engine, "", None
         self.pieces = [engine.tokenizer.decode([i]) for i in range(engine.config.vocab_size)]
 
-    def __call__(self, params):
+    def __call__(self, params, matcher=None):       # the engine builds a sequence's sampler with its grammar
+        self.matcher = matcher
         return self
 
     def sample(self, logits, history=()) -> int:
         import numpy as np
+        if self.matcher is not None:
+            logits = self.matcher.apply(logits)
         rest = self.script[len(self.text):]
         ok = [i for i in np.flatnonzero(np.isfinite(logits))
               if self.pieces[i] and rest.startswith(self.pieces[i]) and self.text == self.script[:len(self.text)]]
