@@ -100,18 +100,17 @@ class Scripted:
     longest allowed token that continues it), else the most likely allowed token."""
 
     def __init__(self, engine, script: str):
-        self.script, self.engine, self.text = script, engine, ""
+        self.script, self.engine, self.text, self.matcher = script, engine, "", None
         self.pieces = [engine.tokenizer.decode([i]) for i in range(engine.config.vocab_size)]
 
-    def __call__(self, params, matcher=None):
-        from edge.engine.sampler import grammar_mask
-        self.mask = grammar_mask(matcher) if matcher is not None else None    # the chain's first processor
+    def __call__(self, params, matcher=None):       # the engine builds a sequence's sampler with its grammar
+        self.matcher = matcher
         return self
 
     def sample(self, logits, history=()) -> int:
         import numpy as np
-        if self.mask is not None:
-            logits = self.mask(logits, np.asarray(history, dtype=np.int64))
+        if self.matcher is not None:
+            logits = self.matcher.apply(logits)
         rest = self.script[len(self.text):]
         ok = [i for i in np.flatnonzero(np.isfinite(logits))
               if self.pieces[i] and rest.startswith(self.pieces[i]) and self.text == self.script[:len(self.text)]]

@@ -25,27 +25,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from edge.api import chat_page
+from edge.api import responses_api
 from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
 from edge.api.origins import guard_origins
-from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
+from edge.api.openai_schema import (ERRORS, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     chat_logprobs, envelope, error_body, model_card, text_choice, text_logprobs,
                                     usage_dict)
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
                               installed, job_events, loop_guard, message_bytes, model_error, note_prompt, ready_engine,
                               request_params, tokenize)
-from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
+from edge.engine import ContextFull, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, acollect, astream
 from edge.engine.tool_calls import ToolUse
 
 log = logging.getLogger("edge.http")
 
-# the engine's refusals in OpenAI's terms: (status, type, code)
-ERRORS = {ContextFull: (400, "invalid_request_error", "context_length_exceeded"),
-          QueueFull: (429, "rate_limit_error", "queue_full"),
-          RequestFailed: (400, "invalid_request_error", "generation_failed"),     # e.g. its grammar's limits
-          SequenceFailed: (500, "server_error", "generation_failed")}
 
 
 def render(exc: ApiError) -> JSONResponse:
@@ -61,6 +57,7 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edge-llm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.include_router(router)
+    app.include_router(responses_api.router)
     app.include_router(chat_page.router)
     add_error_handlers(app, render)
     add_guard_and_log(app, state, error_response)

@@ -15,6 +15,13 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge.api.text import lone_surrogate, surrogate_message
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
+
+# the engine's refusals in OpenAI's terms: status, error type, code
+ERRORS = {ContextFull: (400, "invalid_request_error", "context_length_exceeded"),
+          QueueFull: (429, "rate_limit_error", "queue_full"),
+          RequestFailed: (400, "invalid_request_error", "generation_failed"),     # e.g. its grammar's limits
+          SequenceFailed: (500, "server_error", "generation_failed")}
 
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 8          # n: choices are generated one after the other
@@ -28,8 +35,8 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]   # developer: newer clients' system
+    content: str | list[TextPart] | dict | None = None        # a dict: a tool result as a JSON object
     tool_calls: list[dict] | None = None       # assistant: the calls it made (checked by the chat layer)
     tool_call_id: str | None = None            # tool: the call this result answers
     name: str | None = None

@@ -264,7 +264,10 @@ class WyomingService:
                 piece, complete = budget.feed(reply.text, reply.tokens)
                 if piece:
                     await self._send(writer, HandledChunk(text=piece).event())
-                if complete:
+                if complete:          # stop generating, and let the job end (its slot free, its KV
+                    job.cancel()      # kept) before `handled`: the follow-up can reuse that slot
+                    while await loop.run_in_executor(self._threads, next, events, None) is not None:
+                        pass
                     break
         except Exception as e:        # ContextFull, or the engine failed this sequence
             log.warning("Wyoming: the answer failed: %s", e)
