@@ -8,7 +8,7 @@ The request shapes follow Home Assistant 2025.4's Ollama integration and `helper
 the system prompt is the date/time line, the default instructions, the Assist API prompt
 (tool usage, "not able to start timers", the YAML overview of exposed entities, ~16 tokens
 each) and the Assist intent tools; `options.num_ctx` 8192 and `keep_alive` -1 as HA sends
-them. HA 2025.x puts the time line first ("time first"); newer releases put it last when no
+them, plus `num_predict` (--num-predict, default 128; HA sends none) to bound a run's length. HA 2025.x puts the time line first ("time first"); newer releases put it last when no
 GetDateTime tool is offered ("time last"); both orders are replayed. For each home size and
 order: a new conversation (a command, the tool call, its result and the spoken answer), a
 follow-up turn a minute later, then a second new conversation of the same home.
@@ -117,11 +117,14 @@ def cached_total(url: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+NUM_PREDICT = 128
+
+
 def ollama_turn(client, url: str, model: str, messages: list[dict]) -> dict:
     """One streamed /api/chat as HA sends it; the reply's message joins `messages`."""
     before, t0, first, content, calls, last = cached_total(url), time.perf_counter(), None, "", [], None
     for part in client.chat(model=model, messages=messages, tools=TOOLS, stream=True, keep_alive=-1,
-                            options={"num_ctx": 8192}):
+                            options={"num_ctx": 8192, "num_predict": NUM_PREDICT}):
         msg = part.message
         if first is None and (msg.content or msg.tool_calls):
             first = time.perf_counter() - t0
@@ -192,8 +195,10 @@ def main(argv=None) -> None:
     p.add_argument("--ollama", default="http://127.0.0.1:11434")
     p.add_argument("--wyoming", default=None, help="HOST:PORT of the Wyoming service (default: skip)")
     p.add_argument("--entities", default="10,50,100")
+    p.add_argument("--num-predict", type=int, default=NUM_PREDICT, help="options.num_predict of each request")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    globals()["NUM_PREDICT"] = a.num_predict
     model = httpx.get(f"{a.ollama}/api/tags", timeout=30).json()["models"][0]["name"]
     rows = []
     for n in [int(x) for x in a.entities.split(",")]:

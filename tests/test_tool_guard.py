@@ -121,7 +121,7 @@ def test_a_model_that_would_repeat_the_answered_call_cannot(smol, monkeypatch, g
     repeat = json.dumps({"name": "HassTurnOn", "parameters": KITCHEN})
     script = Scripted(smol, repeat)
     monkeypatch.setattr(engine_module, "Sampler", script)
-    chat = prepare_chat(smol, looping(rounds=2), tools=[TURN_ON, TIMER], loop_guard=guard)
+    chat = prepare_chat(smol, looping(rounds=2), tools=[TURN_ON, TIMER], tool_loop_guard=guard)
     params = RequestDefaults(max_tokens=60).build(**chat.overrides())
     text = "".join(e.text for e in smol.generate(chat.ids, params))
     content, calls = chat.parse(text)
@@ -130,3 +130,4 @@ def test_a_model_that_would_repeat_the_answered_call_cannot(smol, monkeypatch, g
     else:
         assert text != repeat and ("HassTurnOn", KITCHEN) not in [(c.name, c.arguments) for c in calls]
         assert text.startswith(repeat[:-3])        # it went along the script as far as the grammar let it
+

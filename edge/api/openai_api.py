@@ -25,15 +25,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from edge.api import chat_page
-from edge.api.middleware import add_error_handlers, add_guard_and_log
+from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.origins import guard_origins
 from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     chat_logprobs, envelope, error_body, model_card, text_choice, text_logprobs,
                                     usage_dict)
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
-                              installed, job_events, message_bytes, model_error, note_prompt, ready_engine,
+                              installed, job_events, loop_guard, message_bytes, model_error, note_prompt, ready_engine,
                               request_params, tokenize)
-from edge.engine import ContextFull, QueueFull
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, acollect, astream
 from edge.engine.tool_calls import ToolUse
@@ -42,7 +43,9 @@ log = logging.getLogger("edge.http")
 
 # the engine's refusals in OpenAI's terms: (status, type, code)
 ERRORS = {ContextFull: (400, "invalid_request_error", "context_length_exceeded"),
-          QueueFull: (429, "rate_limit_error", "queue_full")}
+          QueueFull: (429, "rate_limit_error", "queue_full"),
+          RequestFailed: (400, "invalid_request_error", "generation_failed"),     # e.g. its grammar's limits
+          SequenceFailed: (500, "server_error", "generation_failed")}
 
 
 def render(exc: ApiError) -> JSONResponse:
@@ -64,7 +67,7 @@ def create_app(state: ServerState) -> FastAPI:
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    return app
+    return guard_origins(Contained(app), state.config, error_response)
 
 
 router = APIRouter()
@@ -122,7 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     check_bytes(engine, nbytes, "messages")
     with admit(state, ERRORS) as ticket:
         prompt = functools.partial(chat_prompt, engine, tools=body.tools, tool_choice=body.tool_choice,
-                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format)
+                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
         chat = await tokenize(state, prompt, messages, "messages", nbytes)
         note_prompt(request, state, messages)
         return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", ticket,
@@ -282,7 +286,7 @@ class Reply:
             for index in range(jobs.n):
                 try:
                     answer = await acollect(job_events(jobs.next(), limiter), self.shape.tool_use)
-                except ContextFull as e:
+                except (ContextFull, SequenceFailed) as e:
                     raise api_error(self.state, ERRORS, e) from e
                 if getattr(self.request.state, "client_gone", False):
                     return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
@@ -311,8 +315,8 @@ class Reply:
                     usage = self.request.state.usage = _total(usage, piece.final.usage)
             if include_usage:
                 yield self.chunk_dict([], usage=usage_dict(usage))
-        except (ApiError, ContextFull) as e:
-            e = api_error(self.state, ERRORS, e) if isinstance(e, ContextFull) else e
+        except (ApiError, ContextFull, SequenceFailed) as e:
+            e = e if isinstance(e, ApiError) else api_error(self.state, ERRORS, e)
             yield _sse(error_body(e.message, e.type, e.param, e.code))
         except (asyncio.CancelledError, GeneratorExit):
             self.request.state.client_gone = True

@@ -28,11 +28,12 @@ from starlette.concurrency import run_in_threadpool
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
+from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
 from edge.launch import model_store
 from edge.launch.aliases import normalize
-from edge.launch.request import RequestDefaults
+from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -44,12 +45,15 @@ class ServerConfig:
     request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
+    # web origins allowed beyond edge.api.origins' defaults (the page's own, loopback, local apps)
+    allowed_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     # Host header names accepted (None = any): a loopback bind allows only loopback names, so
     # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
     allowed_hosts: frozenset[str] | None = None
     # serve's flags over the product defaults; max_tokens None = the rest of the context
     defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
+    tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD      # a request's own `tool_loop_guard` wins
 
 
 class ServerState:
@@ -248,11 +252,12 @@ def _encode(encode, value, param: str) -> list[int]:
 
 
 def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                response_format=None) -> ChatRequest:
+                response_format=None, tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD) -> ChatRequest:
     """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field.
     `response_format` is OpenAI's object or a Grammar an adapter built from its own field."""
     try:
-        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format)
+        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format,
+                            tool_loop_guard=tool_loop_guard)
     except ToolError as e:
         raise ApiError(400, str(e), param=e.param) from e
     except ValueError as e:       # the chat template's own raise_exception
@@ -260,6 +265,11 @@ def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, para
     if not chat.ids:
         raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
     return chat
+
+
+def loop_guard(state: ServerState, asked: bool | None) -> bool:
+    """The tool-loop guard for a request: its own `tool_loop_guard`, else the server's."""
+    return state.config.tool_loop_guard if asked is None else asked
 
 
 def checked_token_ids(ids: list[int], engine) -> list[int]:
@@ -285,7 +295,9 @@ def request_params(state: ServerState, ids: list[int], param: str, **overrides) 
                        f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
                        param=param, code="context_length_exceeded") from e
     try:
-        return state.config.defaults.build(**overrides)
+        params = state.config.defaults.build(**overrides)
+        check_vocab(params.sampling, state.engine.config.vocab_size)
+        return params
     except ValueError as e:
         raise ApiError(400, str(e), param=str(e).split(" ", 1)[0]) from e
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from convert.convert import CONVERT_THREADS, GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT, ROTATE_ONLY_WITH_GPTQ
 from convert.quantize import BIG_MODEL_PARAMS, BIG_MODEL_QUANT, DEFAULT_QUANT, SCHEMES
+from edge.engine import replies
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_sampling_args, request_defaults
 
@@ -22,13 +23,13 @@ def load_engine(a):
 
 
 def stream(events, out=sys.stdout):
-    """Print events as they come; return the final event."""
+    """Print the reply as it comes; return the final event."""
     last = None
-    for ev in events:
-        if ev.text:
-            out.write(ev.text)
+    for piece in replies.stream(events):
+        if piece.text:
+            out.write(piece.text)
             out.flush()
-        last = ev
+        last = piece.final or last
     return last
 
 

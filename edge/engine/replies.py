@@ -52,11 +52,13 @@ class Answer:
 
 
 class Reader:
-    """The state of one job's reading; `stream`/`collect` and their async twins drive it."""
+    """The state of one job's reading; `stream`/`collect` and their async twins drive it.
+    `hold=False` streams a tools request's raw text (call included) and still gives the calls
+    on the last piece."""
 
-    def __init__(self, tool_use: ToolUse | None = None):
+    def __init__(self, tool_use: ToolUse | None = None, hold: bool = True):
         self.tool_use = tool_use if tool_use is not None and tool_use.active else None
-        self.calls = self.tool_use.stream() if self.tool_use is not None else None
+        self.calls = self.tool_use.stream() if self.tool_use is not None and hold else None
         self.parts: list[str] = []
         self.logprobs: list[TokenLogprob] | None = None
         self.final: Event | None = None
@@ -69,7 +71,10 @@ class Reader:
         out = [Piece(text, ev.logprobs)] if text or ev.logprobs else []
         if ev.finish_reason is not None:      # the last event (its usage: None if it never started)
             self.final = ev
-            content, calls = self.calls.finish() if self.calls is not None else (None, [])
+            if self.calls is not None:
+                content, calls = self.calls.finish()
+            else:
+                content, calls = None, self.answer().tool_calls if self.tool_use is not None else []
             out.append(Piece(content or "", None, ev, calls))
         return out
 
@@ -79,8 +84,8 @@ class Reader:
         return Answer(text, content, calls, self.logprobs, self.final)
 
 
-def stream(events: Iterable[Event], tool_use: ToolUse | None = None) -> Iterator[Piece]:
-    reader = Reader(tool_use)
+def stream(events: Iterable[Event], tool_use: ToolUse | None = None, hold: bool = True) -> Iterator[Piece]:
+    reader = Reader(tool_use, hold)
     for ev in events:
         yield from reader.feed(ev)
 
