@@ -498,11 +498,10 @@ def test_shutdown_ends_open_streams_with_an_error_event_and_done(tiny_bundle):
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown"
 
 
-@pytest.mark.parametrize("extra, word", [({"logit_bias": {"5": 10}}, "logit_bias"),
-                                         ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+@pytest.mark.parametrize("extra, word", [({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
                                          ({"function_call": "auto"}, "function_call")])
 def test_unsupported_fields_are_refused_by_name(tiny_base, extra, word):
-    """issue 12: logit_bias and functions were silently ignored."""
+    """The old function calling is refused by name, never silently ignored."""
     r = httpx.post(f"{tiny_base}/v1/chat/completions", json={"messages": user("w1"), "max_tokens": 2} | extra)
     assert r.status_code == 400 and word in r.json()["error"]["message"], r.text
 

@@ -27,8 +27,8 @@ import sys
 import threading
 from pathlib import Path
 
+from edge.engine import ContextFull, replies
 from edge.engine.conversation import Conversation
-from edge.model.kv_cache import ContextFull
 
 HELP = '''commands:
   /help           this list
@@ -422,10 +422,10 @@ class TerminalChat:
         wrap = WordWrap(self.out, terminal_width(self.out))
         with ctrl_c_cancels(cancel), (typing_held() if self.hold_typing else contextlib.nullcontext()):
             try:
-                for ev in self.conv.ask(text, self.params, cancel):
-                    if ev.text:
-                        wrap.write(ev.text)
-                    last = ev
+                for piece in replies.stream(self.conv.ask(text, self.params, cancel)):
+                    if piece.text:
+                        wrap.write(piece.text)
+                    last = piece.final or last
             except KeyboardInterrupt:
                 pass                      # a second Ctrl-C: ask() recorded the partial reply
         if last is None or last.finish_reason == "cancelled":

@@ -27,7 +27,9 @@ import time
 
 import serial
 
-from edge.engine.engine import Engine, Event
+from edge.engine import replies
+from edge.engine.engine import Engine
+from edge.engine.replies import Piece
 from edge.engine.scheduler import Scheduler
 from edge.launch.request import RequestDefaults
 from edge.serial.human import HumanProtocol
@@ -235,24 +237,24 @@ class SerialConsole:
         with self._lock:
             return self._cancel or threading.Event()
 
-    def stream(self, events, cancel: threading.Event, render) -> tuple[Event | None, bool]:
-        """Feed events to the outbox, rendered; returns (the final event, stalled). On a port
-        that stays full, cancel the job (the events keep coming from the scheduler's queue, so
-        the engine never waits on the port)."""
+    def stream(self, events, cancel: threading.Event, render, tool_use=None) -> tuple[Piece | None, bool]:
+        """Feed the reply's text to the outbox, `render(text)`ed; returns (the last piece:
+        finish, usage, tool calls; stalled). On a port that stays full, cancel the job (the
+        events keep coming from the scheduler's queue, so the engine never waits on the port)."""
         last, stalled = None, False
-        for ev in events:
-            if ev.text and not stalled and not cancel.is_set():
-                if not self.send(render(ev), wait=self.stall_timeout):
+        for piece in replies.stream(events, tool_use, hold=False):
+            if piece.text and not stalled and not cancel.is_set():
+                if not self.send(render(piece.text), wait=self.stall_timeout):
                     stalled = True
                     cancel.set()
                     self.transport.outbox.clear()   # stale by now; leaves room for the notice and prompt
                     self.counters["stalls"] += 1
                     self.log(f"{self.settings.port} took nothing for {self.stall_timeout:g} s "
                              "(flow control or a stopped reader); reply cancelled")
-            if ev.finish_reason is not None:
-                last = ev
-        if last is not None and last.usage is not None:
-            self.last_usage = last.usage
+            if piece.final is not None:
+                last = piece
+        if last is not None and last.final.usage is not None:
+            self.last_usage = last.final.usage
         return last, stalled
 
     # --- session: one line at a time --------------------------------------------------

@@ -4,9 +4,8 @@ reuses the prefix) until /reset or until the context is full."""
 from __future__ import annotations
 
 from edge.engine.conversation import Conversation
+from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import Event
-from edge.engine.scheduler import QueueFull
-from edge.model.kv_cache import ContextFull
 from edge.serial.line_editor import Interrupt, Line
 from edge.serial.protocol import Protocol
 
@@ -81,7 +80,7 @@ class HumanProtocol(Protocol):
         cancel = self.console.current_cancel()
         try:
             last, stalled = self.console.stream(self.conv.ask(text, self.console.params.build(), cancel),
-                                                cancel, lambda ev: terminal_text(ev.text))
+                                                cancel, terminal_text)
         except ContextFull as e:
             if retried or not self.conv.turns:
                 self.say(f"that message does not fit: {e}")
@@ -92,7 +91,7 @@ class HumanProtocol(Protocol):
         except QueueFull as e:
             self.say(f"busy: {e}")
             return
-        self._after_reply(last, stalled)
+        self._after_reply(last.final if last is not None else None, stalled)
 
     def _after_reply(self, last: Event | None, stalled: bool) -> None:
         if last is not None and last.usage is not None:

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import json
 
-from edge.engine.scheduler import QueueFull
+from edge.engine import ContextFull, QueueFull
+from edge.engine.sampler import check_vocab
 from edge.engine.tool_calls import CHAT_FIELDS, prepare_chat
-from edge.launch.request import REQUEST_FIELDS
-from edge.model.kv_cache import ContextFull
+from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, REQUEST_FIELDS, prompt_messages
 from edge.serial.line_editor import Line
 from edge.serial.protocol import Protocol
 
 _REQUEST_FIELDS = {"id", "prompt", "system", "messages"} | REQUEST_FIELDS | CHAT_FIELDS
+ERRORS = {ContextFull: "context_full", QueueFull: "busy"}     # the engine's refusals -> error codes
 
 
 def json_bytes(rid=None, **fields) -> bytes:
@@ -58,27 +59,23 @@ class JsonlProtocol(Protocol):
         rid = req.get("id") if isinstance(req, dict) else None
         try:
             ids, params, chat = self._request(req)
-        except ContextFull as e:
-            return self.error(rid, "context_full", str(e))
+        except tuple(ERRORS) as e:
+            return self.error(rid, _code(e), str(e))
         except (ValueError, TypeError) as e:
             return self.error(rid, "bad_request", str(e))
         cancel = self.console.current_cancel()
-        text = []
-        try:
+        try:        # tools: the deltas are the raw text, the calls come on the last piece
             last, _ = self.console.stream(self.console.scheduler.stream(ids, params, cancel), cancel,
-                                          lambda ev: text.append(ev.text) or json_bytes(rid, delta=ev.text))
-        except ContextFull as e:
-            return self.error(rid, "context_full", str(e))
-        except QueueFull as e:
-            return self.error(rid, "busy", str(e))
+                                          lambda text: json_bytes(rid, delta=text), chat.tool_use)
+        except tuple(ERRORS) as e:
+            return self.error(rid, _code(e), str(e))
         except Exception as e:        # still this request's error: keep its id
             self.console.log(f"error: {type(e).__name__}: {e}")
             return self.error(rid, "internal", f"error: {e}")
         if last is not None:
-            calls = chat.parse("".join(text))[1]     # tools: the deltas are the raw text, the calls come here
-            self.send(rid, wait=self.console.stall_timeout, done=True,
-                      finish_reason="tool_calls" if calls else last.finish_reason, usage=_usage_dict(last.usage),
-                      **({"tool_calls": [c.openai() for c in calls]} if calls else {}))
+            calls = last.tool_calls
+            self.send(rid, wait=self.console.stall_timeout, done=True, finish_reason=last.finish_reason,
+                      usage=_usage_dict(last.final.usage), **({"tool_calls": [c.openai() for c in calls]} if calls else {}))
 
     def _request(self, req):
         if not isinstance(req, dict):
@@ -86,8 +83,10 @@ class JsonlProtocol(Protocol):
         unknown = sorted(set(req) - _REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
-        chat = prepare_chat(self.engine, _messages(req), **{k: req[k] for k in CHAT_FIELDS & req.keys()})
+        chat = prepare_chat(self.engine, _messages(req), **{"tool_loop_guard": DEFAULT_TOOL_LOOP_GUARD,
+                                                            **{k: req[k] for k in CHAT_FIELDS & req.keys()}})
         params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()}, **chat.overrides())
+        check_vocab(params.sampling, self.engine.config.vocab_size)
         self.engine.check_fits(chat.ids)
         return chat.ids, params, chat
 
@@ -98,14 +97,17 @@ def _messages(req: dict) -> list[dict]:
     if "prompt" in req:
         if not isinstance(req["prompt"], str) or not isinstance(req.get("system", ""), str):
             raise ValueError('"prompt" and "system" must be strings')
-        system = [{"role": "system", "content": req["system"]}] if req.get("system") else []
-        return system + [{"role": "user", "content": req["prompt"]}]
+        return prompt_messages(req["prompt"], req.get("system"))
     msgs = req["messages"]
     if not (isinstance(msgs, list) and msgs and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in msgs)):
         raise ValueError('"messages" must be a non-empty list of {"role": str, "content": str}')
     return [{k: m[k] for k in ("role", "content", "tool_calls", "tool_call_id") if k in m} for m in msgs]
+
+
+def _code(exc: Exception) -> str:
+    return next(code for kind, code in ERRORS.items() if isinstance(exc, kind))
 
 
 def _usage_dict(u) -> dict | None:
