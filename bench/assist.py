@@ -8,7 +8,7 @@ The request shapes follow Home Assistant 2025.4's Ollama integration and `helper
 the system prompt is the date/time line, the default instructions, the Assist API prompt
 (tool usage, "not able to start timers", the YAML overview of exposed entities, ~16 tokens
 each) and the Assist intent tools; `options.num_ctx` 8192 and `keep_alive` -1 as HA sends
-them. HA 2025.x puts the time line first ("time first"); newer releases put it last when no
+them, plus `num_predict` (--num-predict, default 128; HA sends none) to bound a run's length. HA 2025.x puts the time line first ("time first"); newer releases put it last when no
 GetDateTime tool is offered ("time last"); both orders are replayed. For each home size and
 order: a new conversation (a command, the tool call, its result and the spoken answer), a
 follow-up turn a minute later, then a second new conversation of the same home.
@@ -117,11 +117,14 @@ def cached_total(url: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+NUM_PREDICT = 128
+
+
 def ollama_turn(client, url: str, model: str, messages: list[dict]) -> dict:
     """One streamed /api/chat as HA sends it; the reply's message joins `messages`."""
     before, t0, first, content, calls, last = cached_total(url), time.perf_counter(), None, "", [], None
     for part in client.chat(model=model, messages=messages, tools=TOOLS, stream=True, keep_alive=-1,
-                            options={"num_ctx": 8192}):
+                            options={"num_ctx": 8192, "num_predict": NUM_PREDICT}):
         msg = part.message
         if first is None and (msg.content or msg.tool_calls):
             first = time.perf_counter() - t0
@@ -140,7 +143,7 @@ def ollama_turn(client, url: str, model: str, messages: list[dict]) -> dict:
 
 def replay_ollama(url: str, ollama_url: str, model: str, n: int, time_first: bool) -> list[dict]:
     import ollama
-    client = ollama.Client(host=ollama_url, timeout=600)
+    client = ollama.Client(host=ollama_url, timeout=3600)
     clock, rows = datetime(2025, 4, 15, 18, 2, 11), []
     for label in ("new conversation", "second conversation"):
         msgs = conversation(n, clock, time_first, "Turn on the kitchen light.")
@@ -192,26 +195,32 @@ def main(argv=None) -> None:
     p.add_argument("--ollama", default="http://127.0.0.1:11434")
     p.add_argument("--wyoming", default=None, help="HOST:PORT of the Wyoming service (default: skip)")
     p.add_argument("--entities", default="10,50,100")
+    p.add_argument("--orders", default="first,last", help="the time line's place in the system prompt")
+    p.add_argument("--num-predict", type=int, default=NUM_PREDICT, help="options.num_predict of each request")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    globals()["NUM_PREDICT"] = a.num_predict
     model = httpx.get(f"{a.ollama}/api/tags", timeout=30).json()["models"][0]["name"]
     rows = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        if not a.json:
+            print(f"| {row['path']} | {row['entities']} | {row['order']} | {row['turn']} | {_fmt(row['prompt'])} | "
+                  f"{_fmt(row['reused'])} | {_fmt(row['first'])} | {_fmt(row['total'])} | "
+                  f"{','.join(row['calls']) or '-'} |", flush=True)
+    if not a.json:
+        print("| path | entities | order | turn | prompt tokens | reused | first chunk s | total s | calls |")
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for n in [int(x) for x in a.entities.split(",")]:
-        for time_first in (True, False):
+        for time_first in [o == "first" for o in a.orders.split(",")]:
             for r in replay_ollama(a.url, a.ollama, model, n, time_first):
-                rows.append({"path": "ollama", "entities": n, "order": "time first" if time_first else "time last", **r})
+                report({"path": "ollama", "entities": n, "order": "time first" if time_first else "time last", **r})
     if a.wyoming:
         for r in replay_wyoming(a.url, a.wyoming, 0):
-            rows.append({"path": "wyoming", "entities": "-", "order": "-", **r})
+            report({"path": "wyoming", "entities": "-", "order": "-", **r})
     if a.json:
         print(json.dumps(rows, indent=1))
-        return
-    print("| path | entities | order | turn | prompt tokens | reused | first chunk s | total s | calls |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['path']} | {r['entities']} | {r['order']} | {r['turn']} | {_fmt(r['prompt'])} | "
-              f"{_fmt(r['reused'])} | {_fmt(r['first'])} | {_fmt(r['total'])} | {','.join(r['calls']) or '-'} |")
-
 
 if __name__ == "__main__":
     main()

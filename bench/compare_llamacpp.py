@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Side-by-side speed of edge-llm and llama.cpp on a Llama-3.2-1B-shaped model.
+"""Side-by-side speed of edge-llm and llama.cpp on a Llama-3.2-1B- or 3B-shaped model.
 
 Steps (each one function below, each cached under --workdir and skipped when its output exists):
 
   1. fetch_tokenizer_json   Meta's Llama 3 tokenizer.model from the pinned llama-models wheel
                             on PyPI, rebuilt as a Hugging Face tokenizer.json.
-  2. write_hf_checkpoint    A Llama-3.2-1B-shaped Hugging Face directory with random weights
+  2. write_hf_checkpoint    A Llama-3.2-1B- or 3B-shaped (--shape) Hugging Face directory with random weights
                             (normal, std 0.02; norms 1), f16 safetensors written one shard per
                             layer so RAM stays modest.
   3. write_f16_gguf         The same tensors as an F16 GGUF with the metadata llama.cpp's
@@ -80,6 +80,13 @@ LLAMA_3_2_1B = {
     "initializer_range": 0.02,
     "torch_dtype": "float16",
 }
+# Llama-3.2-3B's shape (meta-llama/Llama-3.2-3B config.json): the 1B's rope, vocab and tying.
+LLAMA_3_2_3B = {**LLAMA_3_2_1B, "hidden_size": 3072, "num_hidden_layers": 28,
+                "num_attention_heads": 24, "head_dim": 128}
+SHAPES = {   # --shape -> (config, model name in the workdir, GGUF general.name, GGUF size label)
+    "1b": (LLAMA_3_2_1B, "llama-3.2-1b-random", "Llama 3.2 1B (random weights)", "1.2B"),
+    "3b": (LLAMA_3_2_3B, "llama-3.2-3b-random", "Llama 3.2 3B (random weights)", "3.2B"),
+}
 LAYER_TENSORS = {   # HF name -> (GGUF name, shape as (rows, cols) of the HF weight)
     "input_layernorm": ("attn_norm", lambda c: (c["hidden_size"],)),
     "self_attn.q_proj": ("attn_q", lambda c: (c["num_attention_heads"] * c["head_dim"], c["hidden_size"])),
@@ -138,15 +145,17 @@ def _shard_name(i: int, n: int) -> str:
 
 def write_hf_checkpoint(hf_dir: Path, tokenizer_json: str, seed: int = 0, std: float = 0.02,
                         config: dict = LLAMA_3_2_1B) -> Path:
-    """A Llama-3.2-1B-shaped HF directory: random normal(0, std) f16 weights, norms = 1.
+    """A Llama-3.2-shaped HF directory (`config`: the 1B's or the 3B's shape): random
+    normal(0, std) f16 weights, norms = 1.
 
-    Shard 1 holds the embedding and the final norm, shards 2..17 one decoder layer each
+    Shard 1 holds the embedding and the final norm, the other shards one decoder layer each
     (model.safetensors.index.json maps them), so only one layer is in memory at a time."""
     if (hf_dir / "model.safetensors.index.json").exists():
         return hf_dir
     from safetensors.numpy import save_file
     c = config
-    log(f"writing a random Llama-3.2-1B-shaped checkpoint to {hf_dir} ...")
+    log(f"writing a random Llama-3.2-shaped checkpoint ({c['hidden_size']} hidden, "
+        f"{c['num_hidden_layers']} layers) to {hf_dir} ...")
     t0 = time.perf_counter()
     tmp = _atomic_dir(hf_dir)
     rng = np.random.default_rng(seed)
@@ -227,7 +236,8 @@ def _gguf_tensor_plan(c: dict) -> list[tuple[str, str | None, int]]:
     return plan
 
 
-def write_f16_gguf(hf_dir: Path, gguf_path: Path, tokenizer_json: str) -> Path:
+def write_f16_gguf(hf_dir: Path, gguf_path: Path, tokenizer_json: str,
+                   name: str = SHAPES["1b"][2], size_label: str = SHAPES["1b"][3]) -> Path:
     """The HF checkpoint's tensors as an F16 GGUF (1-D tensors F32, as convert_hf_to_gguf.py
     writes them), streamed one tensor at a time."""
     if gguf_path.exists():
@@ -243,8 +253,8 @@ def write_f16_gguf(hf_dir: Path, gguf_path: Path, tokenizer_json: str) -> Path:
     part = gguf_path.with_name(gguf_path.name + ".part")
     w = gguf.GGUFWriter(part, "llama")
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name("Llama 3.2 1B (random weights)")
-    w.add_size_label("1.2B")
+    w.add_name(name)
+    w.add_size_label(size_label)
     w.add_block_count(c["num_hidden_layers"])
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -547,10 +557,13 @@ def markdown(result: dict) -> str:
 def prepare(args) -> dict:
     """Steps 1-6: every file the runs need, built or reused. Returns their paths."""
     wd = args.workdir
+    config, model, gguf_name, size_label = SHAPES[args.shape]
     tok = fetch_tokenizer_json(wd)
-    hf = write_hf_checkpoint(wd / MODEL_NAME, tok, seed=args.seed)
-    f16 = write_f16_gguf(hf, wd / "gguf" / f"{MODEL_NAME}-F16.gguf", tok)
-    bundles = {q: convert_bundle(hf, wd / "bundles" / f"{MODEL_NAME}-{q}", q) for q in args.quants}
+    hf = write_hf_checkpoint(wd / model, tok, seed=args.seed, config=config)
+    f16 = write_f16_gguf(hf, wd / "gguf" / f"{model}-F16.gguf", tok, gguf_name, size_label)
+    if args.only_checkpoint:
+        return {"hf": hf, "f16_gguf": f16, "bundles": {}, "ggufs": {}}
+    bundles = {q: convert_bundle(hf, wd / "bundles" / f"{model}-{q}", q) for q in args.quants}
     ggufs = {}
     if args.skip_build and not all((_llamacpp_dir(wd) / "build" / "bin" / t).exists() for t in LLAMACPP_TARGETS):
         log("--skip-build and no llama.cpp build in the workdir: running edge-llm only")
@@ -597,7 +610,7 @@ def compare(args, files: dict) -> dict:
         pairs.append(pair)
     info_path = _llamacpp_dir(args.workdir) / "build-info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return {"model": MODEL_NAME, "threads": args.threads, "reps": args.reps, "rounds": args.rounds,
+    return {"model": SHAPES[args.shape][1], "shape": args.shape, "threads": args.threads, "reps": args.reps, "rounds": args.rounds,
             "n_prompt": args.n_prompt, "n_gen": args.n_gen, "loadavg_before": before, "loadavg_after": os.getloadavg(),
             "cpu": _cpu_name(), "machine": platform.machine(), "llama_cpp_commit": llamacpp_commit(args.workdir),
             "llama_cpp_build": info, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -645,6 +658,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\nOther scripts")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Everything is cached under --workdir; delete a file or folder there to redo its step.")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="1b",
+                   help="Llama 3.2 shape of the random model: 1b (default) or 3b (hidden 3072, 28 layers, "
+                        "24 heads / 8 KV heads, head_dim 128)")
     p.add_argument("--threads", "-t", type=int, default=2, help="threads for both engines (default 2)")
     p.add_argument("--reps", "-r", type=int, default=3, help="repetitions inside each tool's run (default 3)")
     p.add_argument("--rounds", type=int, default=5,
@@ -662,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs for llama.cpp (default 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--prepare-only", action="store_true", help="make every file, run no benchmark")
+    p.add_argument("--only-checkpoint", action="store_true",
+                   help="make only the random HF checkpoint and its F16 GGUF, then stop")
     p.add_argument("--idle-wait", type=float, default=300,
                    help="before each run wait up to this many seconds for other jobs to leave the CPUs "
                         "(0: don't wait; default 300)")
@@ -677,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"--quants: {bad} not among {list(PAIRS)}")
     files = prepare(args)
-    if args.prepare_only:
+    if args.prepare_only or args.only_checkpoint:
         print(json.dumps({k: str(v) if isinstance(v, Path) else {q: str(p) for q, p in v.items()}
                           for k, v in files.items()}, indent=1))
         return 0

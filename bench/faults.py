@@ -48,7 +48,7 @@ def random_model(workdir: Path) -> tuple[Path, Path]:
             model.lm_head.weight[model.config.eos_token_id] = 0
         model.save_pretrained(src, safe_serialization=True)
     if not (bundle / "manifest.json").exists():
-        convert(src, bundle, quant="int8", quiet=True, overwrite=True)
+        convert(src, bundle, quant="int8", quiet=True, overwrite=True, rotate=False, smooth=False, gptq=False)
     return src, bundle
 
 

@@ -57,15 +57,35 @@ def search_scale(x: np.ndarray, w: np.ndarray, scheme: str,
     y = x @ w.T
     ax = np.maximum(tie(np.abs(x).max(axis=0)), 1e-8)
     aw = np.maximum(tie(np.abs(w).max(axis=0)), 1e-8)
-    best, best_err = np.ones(x.shape[1], np.float32), np.inf
-    candidates = [best] + [np.clip(ax ** a / aw ** (1 - a), *_S_RANGE) for a in ALPHAS]
-    for s in candidates:
+    candidates = [np.ones(x.shape[1], np.float32)] + [np.clip(ax ** a / aw ** (1 - a), *_S_RANGE) for a in ALPHAS]
+
+    def trial(s: np.ndarray) -> tuple[np.ndarray, float]:
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)   # centre the range near 1
         wq = quantize(w * s, scheme, input_importance(x / s)).dequantize()
-        err = float(np.square(fake_quant_rows(x / s) @ wq.T - y).sum())
+        return s, float(np.square(fake_quant_rows(x / s) @ wq.T - y).sum())
+
+    best, best_err = candidates[0], np.inf
+    for s, err in _pool().map(trial, candidates):  # in order: the same choice on any number of workers
         if err < best_err:                        # a NaN error (overflowing candidate) never wins
             best, best_err = s, err
     return best
+
+
+_POOL = None
+
+
+def _pool():
+    """Worker threads for the candidates, one per core. Each candidate is one unit of work
+    whose result does not depend on which worker runs it or when (NumPy's BLAS runs one
+    thread per call while converting: convert.CONVERT_THREADS), so the scales are the same
+    with any number of workers, and a worker descheduled by another process holds up only
+    its own candidate, not every matmul."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        from edge.model.thread_policy import available_cores
+        _POOL = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="smoothing")
+    return _POOL
 
 
 def input_importance(x: np.ndarray) -> np.ndarray:

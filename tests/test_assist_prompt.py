@@ -1,7 +1,8 @@
 """Prefix reuse under Home Assistant's prompt: with our own tool block (a template without
 tool support), the parts that do not change come first, so two Assist requests a minute apart
 share the tool block (time line first, HA 2025.x) or everything up to the time line (time
-last). Measured on SmolLM2's ChatML template and tokenizer with bench.assist's HA shapes."""
+last). Measured on SmolLM2's ChatML template and tokenizer with bench.assist's HA shapes.
+And a conversation that outgrows the context loses its oldest messages, as Ollama drops them."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -11,6 +12,7 @@ import pytest
 from bench.assist import TOOLS, conversation, system_prompt
 from edge.engine.tool_calls import fallback_system_text, parse_tools, prepare_chat, template_knows_tools
 from tests.test_http_api import smol, smol_bundle  # noqa: F401 fixtures
+from tests.test_tool_guard import looping
 
 T0 = datetime(2025, 4, 15, 18, 2, 11)
 
@@ -32,3 +34,14 @@ def test_two_requests_a_minute_apart_share_the_static_parts(smol, time_first):  
     assert common >= before_static_end, (common, len(static))
     assert common < len(ids[0])
     print(f"time {'first' if time_first else 'last'}: {common} of {len(ids[0])} prompt tokens shared")
+
+
+def test_fit_messages_drops_the_oldest_non_system_messages_with_their_tool_results():
+    from edge.engine.conversation import fit_messages
+    msgs = looping(rounds=2) + [{"role": "assistant", "content": "Done."}, {"role": "user", "content": "Thanks"}]
+    kept, dropped = fit_messages(msgs, lambda m: len(m) <= 4)
+    assert kept[0]["role"] == "system" and kept[-1] == msgs[-1] and len(kept) <= 4 and dropped == len(msgs) - len(kept)
+    assert all(m["role"] != "tool" or kept[i - 1].get("tool_calls") for i, m in enumerate(kept))   # no orphan results
+    assert fit_messages(msgs, lambda m: True) == (msgs, 0)
+    kept, dropped = fit_messages(msgs, lambda m: False)          # never the system prompt or the last message
+    assert kept == [msgs[0], msgs[-1]]

@@ -71,3 +71,65 @@ def test_compare_llamacpp_shows_each_repetition_of_edge_bench(tiny_bundle):
                   loadavg_after=(0.0,) * 3, cpu="test", pairs=[{"edge": row}])
     table = markdown(result)
     assert f"(max {max(row['pp_samples']):.1f})" in table and f"(max {max(row['tg_samples']):.1f})" in table, table
+
+
+def test_bench_threads_auto_reports_the_policy(tiny_bundle):
+    """The default thread setting, auto, measured like a count: its row says which count each
+    row bucket chose and what each cost."""
+    done = bench(tiny_bundle, "-p", "16", "-n", "8", "-t", "auto,1", "--json")
+    assert done.returncode == 0, done.stderr
+    auto, one = json.loads(done.stdout)
+    assert auto["threads"] == "auto" and one["threads"] == 1
+    assert "thread_policy" in auto and "thread_policy" not in one
+    decode = auto["thread_policy"]["1"]
+    assert decode["best"] in (1, 2) and all(c > 0 for c in decode["cost"].values())
+    bad = bench(tiny_bundle, "-t", "0")
+    assert bad.returncode == 2 and "positive number or 'auto'" in bad.stderr
+
+
+def test_compare_llamacpp_prints_each_rounds_ratio_with_its_load():
+    from bench.compare_llamacpp import markdown_rounds, round_ratio
+    ours = {"pp_tokens_per_s": 180.0, "tg_tokens_per_s": 45.0, "loadavg_at_start": (1.25, 1.0, 1.0)}
+    theirs = {"pp_tokens_per_s": 120.0, "tg_tokens_per_s": 36.0, "loadavg_at_start": (1.5, 1.0, 1.0)}
+    r = round_ratio(2, "int4", ours, theirs)
+    assert r["pp_ratio"] == pytest.approx(1.5) and r["tg_ratio"] == pytest.approx(1.25)
+    row = cells(markdown_rounds([r]))[-1]
+    assert row == ["2", "int4 / Q4_0", "1.25 / 1.50", "180.0", "120.0", "**1.50**", "45.0", "36.0", "**1.25**"]
+
+
+def test_contention_ratios_are_to_each_engines_own_quiet_figure(monkeypatch, tmp_path):
+    import argparse
+
+    import bench.contention as contention
+    speeds = {0: (100.0, 20.0), 1: (80.0, 10.0)}            # (pp, tg) by busy count
+    busy_now = []
+
+    class FakeBusy:
+        def __init__(self, n):
+            busy_now.append(n)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def edge(bundle, threads, reps, p, n):
+        pp, tg = speeds[busy_now[-1]]
+        return {"pp_tokens_per_s": pp, "tg_tokens_per_s": tg, "raw": {}}
+
+    def llama(gguf, threads, reps, p, n, workdir, binary=None):
+        pp, tg = speeds[busy_now[-1]]
+        return {"pp_tokens_per_s": pp / 2, "tg_tokens_per_s": tg / 4}
+
+    monkeypatch.setattr(contention, "Busy", FakeBusy)
+    monkeypatch.setattr(contention, "run_edge_bench", edge)
+    monkeypatch.setattr(contention, "run_llama_bench", llama)
+    a = argparse.Namespace(busy=[0, 1], ours=["auto"], model=tmp_path / "m", gguf=tmp_path / "g.gguf",
+                           threads=2, reps=1, n_prompt=16, n_gen=8, workdir=tmp_path, llama_bench=tmp_path / "lb")
+    rows = contention.run_all(a)
+    busy1 = {r["engine"]: r for r in rows if r["busy"] == 1}
+    assert busy1["edge-llm"]["pp_ratio"] == pytest.approx(0.8) and busy1["edge-llm"]["tg_ratio"] == pytest.approx(0.5)
+    assert busy1["llama.cpp"]["pp_ratio"] == pytest.approx(0.8) and busy1["llama.cpp"]["tg_ratio"] == pytest.approx(0.5)
+    table = contention.markdown(rows, a)
+    assert "| edge-llm | auto | 1 |" in table and "| 0.80 |" in table

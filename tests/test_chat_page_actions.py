@@ -113,6 +113,7 @@ def test_markdown_renders_lists_tables_links_and_code_and_html_stays_inert(tiny_
         assert driver.find_elements(By.CSS_SELECTOR, ".msg .note") == []
         job = next(j for j, ev in events if ev.usage is not None)
         assert job.params.max_tokens == DEFAULT_PAGE_MAX_TOKENS            # the page's reply budget
+        assert job.params.stop_loops is True                                # and the loop guard
         content = assistant_content(driver)
 
         assert content.find_element(By.TAG_NAME, "h2").text == "Fruit, by colour"
@@ -286,6 +287,7 @@ def test_busy_and_context_full_say_what_to_do(tiny_bundle, driver):
     state.scheduler.max_queue = 0                 # one request at a time, none waiting
     with running(state) as base:
         open_page(driver, base)
+        settings(driver, max_tokens="5")
 
         # context full: a question longer than the whole context
         long = " ".join(f"w{i % 50}" for i in range(CTX * 2))
@@ -318,6 +320,15 @@ def test_busy_and_context_full_say_what_to_do(tiny_bundle, driver):
                           and d.find_element(By.ID, "notice").text)
             assert "The server is busy with other requests. Send again in" in notice
             assert driver.find_element(By.ID, "prompt").get_attribute("value") == "w2 w3"
+
+            # with a place in the queue, the request waits: the reply bubble shows it is waiting
+            state.scheduler.max_queue = 1
+            driver.find_element(By.ID, "prompt").send_keys(Keys.ENTER)
+            dots = wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .waiting"))
+            assert dots[0].is_displayed() and dots[0].get_attribute("aria-label") == "waiting for the reply"
+            assert driver.find_element(By.ID, "notice").is_displayed() is False
         finally:
             done.set()
             t.join(30)
+        wait(driver, lambda d: assistant_content(d).text and not d.find_elements(By.CSS_SELECTOR, ".waiting"))
+        reply_done(driver)

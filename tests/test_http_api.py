@@ -445,6 +445,9 @@ def test_cors_off_by_default_and_opt_in(tiny):
     with running(ready_state(tiny)) as base:
         r = httpx.options(f"{base}/v1/chat/completions", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
+        assert_openai_error(r, 403, "are not allowed")                 # a foreign page: the origin policy
+        r = httpx.options(f"{base}/v1/chat/completions", headers=preflight | {"Origin": "http://localhost:3000"})
+        assert "access-control-allow-origin" not in r.headers
         assert_openai_error(r, 405, "does not accept OPTIONS")
     with running(ready_state(tiny, cors_origins=["http://pi.local:3000"])) as base:
         r = httpx.options(f"{base}/v1/chat/completions", headers=preflight)

@@ -13,8 +13,8 @@ from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
 from edge.engine import constraint
-from edge.engine.constraint import Grammar
-from edge.engine.engine import Engine, GenerationParams, SequenceFailed
+from edge.engine.constraint import Grammar, GrammarFailed
+from edge.engine.engine import Engine, GenerationParams, RequestFailed, SequenceFailed
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
 from edge.model.bundle import Bundle
@@ -140,7 +140,7 @@ class FaultyMatcher:
     def advance(self, token):
         self.seen += 1
         if self.seen == self.fail_at:
-            raise RuntimeError("constrained decoding failed: injected fault")
+            raise GrammarFailed("constrained decoding failed: injected fault")
 
 
 def run_beside(engine: Engine, odd: GenerationParams, odd_prompt=PROMPTS[3]):
@@ -187,6 +187,7 @@ def test_a_failure_in_one_sequences_rows_of_the_pass_ends_it_alone(tiny4):
     assert batch == 4
     assert [g[0] for g in got] == want and all(g[1].finish_reason == "length" for g in got)
     assert isinstance(odd_end, SequenceFailed) and "rows are broken" in str(odd_end) and len(odd_tokens) == 5
+    assert not isinstance(odd_end, RequestFailed)          # not the request's fault: a server error
     assert tiny4.free_slots() == 4
 
 
@@ -232,6 +233,7 @@ def test_an_llguidance_failure_mid_answer_ends_that_request_alone(smol_bundle, m
     assert [read(j)[0] for j in jobs] == want
     _, end = read(odd)
     assert isinstance(end, SequenceFailed) and "max is 5" in str(end) and "<state>" not in str(end)
+    assert isinstance(end, RequestFailed)                  # the request's own grammar: a client error
     assert engine.free_slots() == 4
 
 
@@ -278,3 +280,52 @@ def test_deep_tool_parameters_and_format_are_400_on_both_apis(smol_bundle):
             "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
         assert r.status_code == 400 and "levels deep" in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "tools[0].function.parameters"
+
+
+def test_an_empty_stop_string_on_the_serial_console_is_an_error_and_it_still_answers(tiny_bundle):
+    """One slot, JSON lines: the request that once froze the console for good."""
+    from tests.test_serial_console import Terminal, jsonl, make_console, request
+    engine = endless_engine(tiny_bundle, 256, backend="numpy")
+    term = Terminal()
+    console = make_console(engine, Scheduler(engine), term.path, mode="jsonl").start()
+    try:
+        assert jsonl(term)["ready"]
+        for _ in range(3):
+            (event,) = request(term, {"id": 1, "prompt": "w1 w2", "stop": [""]})
+            assert event["error"]["code"] == "bad_request" and "stop" in event["error"]["message"], event
+        assert request(term, {"prompt": "w1", "max_tokens": 2})[-1]["done"]
+        assert engine.free_slots() == 1
+    finally:
+        console.stop()
+        term.close()
+
+
+def test_a_grammar_failing_mid_answer_is_a_clear_client_error_on_both_apis(smol_bundle, monkeypatch):
+    """Non-streaming: 400 naming the failure (OpenAI and Ollama shapes); streaming: an error
+    event in the stream; a plain request beside it is answered in full."""
+    engine = Engine(Bundle.open(smol_bundle), max_ctx=256, parallel=2)
+    monkeypatch.setattr(constraint, "GRAMMAR_LIMITS", {"max_items_in_row": 5, "verbose_errors": False})
+    schema = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "array", "items": {
+        "type": "array", "items": {"type": "integer"}}}}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": True}}
+    state = ready_state(engine)
+    question = [{"role": "user", "content": "Give me JSON."}]
+    with running(state, make_app=create_ollama_app) as ollama_base, running(state) as openai_base:
+        api = OpenAI(base_url=f"{openai_base}/v1", api_key="x", max_retries=0, timeout=120)
+        with pytest.raises(Exception) as e:
+            api.chat.completions.create(model="m", messages=question, max_tokens=30, response_format=fmt)
+        assert getattr(e.value, "status_code", None) == 400
+        assert "constrained decoding failed" in str(e.value) and "max is 5" in str(e.value)
+        plain = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+                                            temperature=0)
+        assert plain.usage.completion_tokens == 8 or plain.choices[0].finish_reason == "stop"
+        chunks = []
+        with pytest.raises(Exception) as e:               # the client raises on the stream's error event
+            for chunk in api.chat.completions.create(model="m", messages=question, max_tokens=30,
+                                                     response_format=fmt, stream=True):
+                chunks.append(chunk)
+        assert "constrained decoding failed" in str(e.value)
+        with pytest.raises(ollama.ResponseError) as e:
+            ollama.Client(host=ollama_base, timeout=120).chat(model=engine.name, messages=question, format=schema)
+        assert e.value.status_code == 400 and "constrained decoding failed" in e.value.error
+    assert engine.free_slots() == 2

@@ -9,8 +9,7 @@ import pytest
 from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
-from edge.api.openai_api import create_app
-from edge.service.serve import PortDispatch, bind
+from edge.service.serve import bind, http_app
 from tests.http_server import engine_text, ready_state, running
 from tests.test_http_api import slow_engine, smol, smol_bundle, tiny, tiny_src  # noqa: F401 fixtures
 
@@ -76,9 +75,6 @@ def test_errors_are_ollama_shaped(smol_ollama, smol):
     assert e.value.status_code == 501 and "not supported" in e.value.error
     r = httpx.post(f"{base}/api/chat", content=b'{"model": ', headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
-    r = httpx.post(f"{base}/api/chat", json={"model": smol.name, "messages": [{"role": "user", "content": "x"}],
-                                             "options": {"temprature": 0.1}})
-    assert r.status_code == 400 and r.json() == {"error": "unknown option(s): temprature"}
     r = httpx.post(f"{base}/api/generate", json={"model": smol.name, "prompt": "x", "options": {"top_p": 7}})
     assert r.status_code == 400 and "top_p" in r.json()["error"]
     r = httpx.get(f"{base}/api/nothing")
@@ -107,7 +103,7 @@ def test_ollama_and_openai_ports_of_one_server_at_once(tiny):
     state = ready_state(tiny)
     slow_engine(state, 0.01)
     a, b = bind("127.0.0.1", 0), bind("127.0.0.1", 0)
-    app = PortDispatch(create_app(state), {b.getsockname()[1]: create_ollama_app(state)})
+    app = http_app(state, b.getsockname()[1])
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [a, b]}, daemon=True)
     thread.start()
@@ -127,7 +123,11 @@ def test_ollama_and_openai_ports_of_one_server_at_once(tiny):
         t.join(60)
         assert reply.done and reply.eval_count == 5
         assert got["openai"]
-        assert httpx.get(f"http://127.0.0.1:{b.getsockname()[1]}/v1/models").status_code == 404   # ports stay apart
+        assert httpx.get(f"http://127.0.0.1:{a.getsockname()[1]}/api/tags").status_code == 404   # OpenAI's port: no Ollama
+        on_ollama = OpenAI(base_url=f"http://127.0.0.1:{b.getsockname()[1]}/v1", api_key="x")   # Ollama's: /v1 too
+        assert [m.id for m in on_ollama.models.list()] == [state.model_id]
+        assert on_ollama.chat.completions.create(model="t", messages=[{"role": "user", "content": "w3"}],
+                                                 max_tokens=3).usage.completion_tokens == 3
     finally:
         server.should_exit = True
         thread.join(10)
@@ -142,8 +142,8 @@ def test_chat_with_tools_gives_calls_with_object_arguments(smol_ollama, smol, mo
     from edge.api import runtime          # the chat layer both APIs call
     real = runtime.prepare_chat
     monkeypatch.setattr(runtime, "prepare_chat",
-                        lambda engine, messages, tools, choice, parallel, fmt: real(engine, messages, tools, "required",
-                                                                                    parallel, fmt))
+                        lambda engine, messages, tools, choice, parallel, fmt, **kw: real(
+                            engine, messages, tools, "required", parallel, fmt, **kw))
     client, _ = smol_ollama
     params = {"type": "object", "required": ["room", "on"], "properties": {
         "room": {"type": "string", "enum": ["kitchen", "bedroom"]}, "on": {"type": "boolean"}}}
@@ -195,3 +195,75 @@ def test_bodies_are_json_whatever_the_content_type(smol_ollama, smol):
     r = httpx.post(f"{base}/api/generate", content=body,
                    headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200 and r.json()["done"], r.text
+
+
+# --- Home Assistant's traffic --------------------------------------------------------------
+
+def test_unknown_options_are_ignored_with_a_log_line(smol_ollama, smol, caplog):
+    caplog.set_level("INFO", logger="edge.ollama")
+    client, base = smol_ollama
+    got = client.chat(model=smol.name, messages=[{"role": "user", "content": "x"}],
+                      options={"temprature": 0.1, "rope_frequency_base": 500000, "num_gqa": 8, "num_predict": 2})
+    assert got.done and got.eval_count == 2
+    assert "ignoring unknown option(s) num_gqa, rope_frequency_base, temprature" in caplog.text
+
+
+def test_head_root_and_tools_in_the_capabilities(smol_ollama, smol):
+    client, base = smol_ollama
+    assert httpx.head(f"{base}/").status_code == 200          # the ollama CLI's heartbeat
+    assert "tools" in client.show(smol.name).capabilities
+
+
+def test_num_ctx_drops_the_oldest_messages_as_ollama_does(smol_ollama, smol, caplog):
+    caplog.set_level("INFO", logger="edge.ollama")
+    client, _ = smol_ollama
+    turns = []
+    for i in range(12):
+        turns += [{"role": "user", "content": f"Question {i}: tell me about the number {i} in a few words, please."},
+                  {"role": "assistant", "content": f"The number {i} is a fine number with a long story. " * 3}]
+    messages = [{"role": "system", "content": "You are brief."}] + turns + [{"role": "user", "content": "Say hi."}]
+    full = len(smol.encode_chat(messages))
+    assert full > 512
+    got = client.chat(model=smol.name, messages=messages, options={"num_ctx": 512, "num_predict": 8, **GREEDY})
+    assert got.done and got.prompt_eval_count + got.eval_count <= 512 and got.prompt_eval_count < full
+    assert "does not fit num_ctx 512; dropped its" in caplog.text
+    kept = smol.tokenizer.decode(smol.encode_chat(messages[:1] + messages[-3:]))     # newest turns stay
+    assert "You are brief." in kept
+    small = client.chat(model=smol.name, messages=[{"role": "user", "content": "Count to fifty."}],
+                        options={"num_ctx": 40, **GREEDY})
+    assert small.prompt_eval_count + small.eval_count <= 40                 # the reply is held to num_ctx too
+
+
+def test_streaming_with_tools_shows_prose_as_it_comes(smol_ollama, smol):
+    client, _ = smol_ollama
+    tools = [{"type": "function", "function": {"name": "set_light", "description": "Switch a light",
+                                               "parameters": {"type": "object", "properties": {"on": {"type": "boolean"}}}}}]
+    parts = list(client.chat(model=smol.name, messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+                             tools=tools, stream=True, options={"num_predict": 24, **GREEDY}))
+    prose = [p.message.content for p in parts if p.message.content]
+    assert len(prose) > 3 and not any(p.message.tool_calls for p in parts)      # many lines, not one at the end
+    assert parts[-1].done and "".join(prose).strip()
+
+
+def test_the_tool_loop_guard_on_the_ollama_port(smol_ollama, smol, monkeypatch):
+    """Home Assistant's loop: the same call answered, the tools offered again. A scripted model
+    that would call it again cannot (the server's default), unless the request turns it off."""
+    import json
+
+    from edge.engine import engine as engine_module
+    from tests.test_tool_guard import KITCHEN, TURN_ON, Scripted
+    client, base = smol_ollama
+    repeat = json.dumps({"name": "HassTurnOn", "parameters": KITCHEN})
+    monkeypatch.setattr(engine_module, "Sampler", Scripted(smol, repeat))
+    messages = [{"role": "user", "content": "Turn on the kitchen light"},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "HassTurnOn", "arguments": KITCHEN}}]},
+                {"role": "tool", "tool_name": "HassTurnOn", "content": '{"success": true}'}]
+    guarded = client.chat(model=smol.name, messages=messages, tools=[TURN_ON], options={"num_predict": 60})
+    assert [(c.function.name, dict(c.function.arguments)) for c in guarded.message.tool_calls or []] \
+        != [("HassTurnOn", KITCHEN)]
+    monkeypatch.setattr(engine_module, "Sampler", Scripted(smol, repeat))
+    free = httpx.post(f"{base}/api/chat", timeout=120, json={
+        "model": smol.name, "messages": messages, "tools": [TURN_ON], "stream": False, "tool_loop_guard": False,
+        "options": {"num_predict": 60}}).json()
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in free["message"]["tool_calls"]] \
+        == [("HassTurnOn", KITCHEN)]

@@ -9,8 +9,7 @@ import pytest
 from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
-from edge.api.openai_api import create_app
-from edge.api.origins import OriginMiddleware, OriginPolicy, ollama_error, openai_error, parse_origins
+from edge.api.origins import OriginPolicy, parse_origins
 from tests.http_server import endless_engine, ready_state, running
 
 EVIL = "http://evil.example"
@@ -63,11 +62,9 @@ def tiny(tiny_bundle):
 
 @pytest.fixture(scope="module")
 def ports(tiny):
-    """(OpenAI base, Ollama base), both with the default policy plus one allowed origin."""
-    state = ready_state(tiny)
-    policy = OriginPolicy(["https://ha.example:8123"])
-    with running(state, make_app=lambda s: OriginMiddleware(create_app(s), policy, openai_error)) as openai_base, \
-            running(state, make_app=lambda s: OriginMiddleware(create_ollama_app(s), policy, ollama_error)) as ollama_base:
+    """(OpenAI base, Ollama base, state): both apps as serve builds them, one origin allowed."""
+    state = ready_state(tiny, allowed_origins=["https://ha.example:8123"])
+    with running(state) as openai_base, running(state, make_app=create_ollama_app) as ollama_base:
         yield openai_base, ollama_base, state
 
 
@@ -139,3 +136,48 @@ def test_refusals_keep_the_connection_usable(ports):
         assert client.get("/v1/models", headers={"Origin": EVIL}).status_code == 403
         assert client.get("/v1/models").status_code == 200
         assert client.get("/health").status_code == 200
+
+
+# --- edge-llm serve ----------------------------------------------------------------------
+
+def test_serve_applies_the_policy_on_both_ports_and_refuses_a_malformed_allow_origin(tiny_bundle, tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "EDGE_LLM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(repo)}
+    env.pop("EDGE_LLM_API_KEY", None)
+    bad = subprocess.run([sys.executable, "-m", "edge.cli", "serve", "-m", str(tiny_bundle), "--port", "0",
+                          "--ollama-port", "off", "--allow-origin", "ha.example"], env=env, cwd=repo,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "--allow-origin 'ha.example': an origin is SCHEME://HOST[:PORT]" in bad.stderr, \
+        bad.stderr
+    from tests.test_low_limits import free_port
+    oport = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "-m", str(tiny_bundle), "--port", "0",
+                             "--ctx", "64", "--ollama-port", str(oport), "--allow-origin", "http://192.168.1.*"],
+                            env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = None
+        for line in proc.stdout:
+            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
+                base = m.group(1)
+            if "ready:" in line:
+                break
+        assert base, "edge-llm serve did not start"
+        ollama_base = f"http://127.0.0.1:{oport}"
+        model = httpx.get(ollama_base + "/api/tags").json()["models"][0]["model"]
+        body = {"model": model, "prompt": "w1", "stream": False, "options": {"num_predict": 2}}
+        for origin, want in ((EVIL, 403), ("http://192.168.1.9:3000", 200), (None, 200)):
+            headers = {"Content-Type": "text/plain"} | ({"Origin": origin} if origin else {})
+            r = httpx.post(ollama_base + "/api/generate", content=__import__("json").dumps(body), headers=headers)
+            assert r.status_code == want, (origin, r.text)
+            r = httpx.post(base + "/v1/completions", json={"prompt": "w1", "max_tokens": 2},
+                           headers={"Origin": origin} if origin else {})
+            assert r.status_code == want, (origin, r.text)
+        assert httpx.get(base + "/", headers={"Origin": base}).status_code == 200      # the chat page
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -3,6 +3,8 @@ that only resembles itself never does, and it is on for the terminal interfaces 
 the HTTP APIs unless asked for."""
 from __future__ import annotations
 
+import httpx
+import openai
 import pytest
 
 from edge.engine.engine import Engine, GenerationParams
@@ -12,6 +14,7 @@ from edge.launch.args import TERMINAL_DEFAULTS, request_defaults
 from edge.launch.request import RequestDefaults
 from edge.model.bundle import Bundle
 from edge.cli import main as cli
+from tests.http_server import endless_engine, ready_state, running
 
 
 def first_loop(tokens) -> int | None:
@@ -81,3 +84,32 @@ def test_on_for_the_terminal_off_for_the_api():
     assert request_defaults(serve, RequestDefaults(max_tokens=None)).build().stop_loops is True
     with pytest.raises(ValueError, match="stop_loops must be true or false"):
         RequestDefaults().build(stop_loops="yes")
+
+
+def test_run_says_when_the_guard_stopped_the_answer(tiny_bundle):
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "edge.cli", "run", "w1 w2 w3", "-m", str(tiny_bundle), "-n", "300",
+            "--temperature", "0", "--ctx", "512"]
+    guarded = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert guarded.returncode == 0, guarded.stderr
+    words = len(guarded.stdout.split())
+    assert words < 300
+    assert f"the answer was stopped after {words} tokens: it was repeating itself" in guarded.stderr
+    free = subprocess.run(argv + ["--stop-loops", "off"], capture_output=True, text=True, timeout=300)
+    assert free.returncode == 0 and len(free.stdout.split()) == 300 and "repeating" not in free.stderr
+    assert free.stdout.startswith(guarded.stdout.rstrip("\n"))          # the same answer, cut
+
+
+def test_the_api_guards_only_when_asked(tiny_bundle):
+    state = ready_state(endless_engine(tiny_bundle, 512))
+    with running(state) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        ask = dict(model="x", messages=[{"role": "user", "content": "w1 w2 w3"}], max_tokens=300, temperature=0)
+        free = client.chat.completions.create(**ask)
+        assert free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 300
+        guarded = client.chat.completions.create(**ask, extra_body={"stop_loops": True})
+        assert guarded.choices[0].finish_reason == "length" and guarded.usage.completion_tokens < 300
+        assert free.choices[0].message.content.startswith(guarded.choices[0].message.content)
+        bad = httpx.post(f"{base}/v1/chat/completions", json={**ask, "stop_loops": "yes"}, timeout=60)
+        assert bad.status_code == 400 and "stop_loops" in bad.text

@@ -94,3 +94,29 @@ def test_thread_choices_and_parsing():
     for bad in ("0", "-1", "many", 0):
         with pytest.raises(ValueError, match="positive number or 'auto'"):
             parse_threads(bad)
+
+
+def test_auto_model_runs_both_thread_counts_with_the_same_logits(tiny_bundle, tmp_path):
+    """--threads auto loads the graph on 1 and 2 threads over one weight cache; whichever runs a
+    pass, the logits are those of a fixed thread count (XNNPACK's kernels do not depend on it)."""
+    import numpy as np
+
+    from edge.model.bundle import Bundle
+    from edge.model.litert_model import LiteRTModel
+    bundle = Bundle.open(tiny_bundle)
+    auto = LiteRTModel(bundle, 128, threads="auto", weight_cache=tmp_path / "cache")
+    fixed = LiteRTModel(bundle, 128, threads=2, weight_cache=tmp_path / "cache")
+    assert auto.policy is not None and fixed.policy is None
+    assert sorted(auto.graphs) == [1, 2]
+    assert len(list((tmp_path / "cache").glob("*.xnnpack"))) == 1     # one cache for all loads
+    ids = list(range(3, 40))
+    ca, cf = auto.new_cache(), fixed.new_cache()
+    assert np.array_equal(auto.prefill(ids, ca), fixed.prefill(ids, cf))
+    used = set()
+    for t in range(12):
+        key = rows_key(1)
+        used.add(auto.policy.choose(key))     # what the next step will run on
+        assert np.array_equal(auto.forward([t + 3], ca), fixed.forward([t + 3], cf))
+    assert used == {1, 2}                      # the warm-up ran both
+    costs = auto.policy.summary()[rows_key(1)]["cost"]
+    assert costs[1] > 0 and costs[2] > 0

@@ -100,14 +100,17 @@ class Scripted:
     longest allowed token that continues it), else the most likely allowed token."""
 
     def __init__(self, engine, script: str):
-        self.script, self.engine, self.text = script, engine, ""
+        self.script, self.engine, self.text, self.matcher = script, engine, "", None
         self.pieces = [engine.tokenizer.decode([i]) for i in range(engine.config.vocab_size)]
 
-    def __call__(self, params):
+    def __call__(self, params, matcher=None):       # the engine builds a sequence's sampler with its grammar
+        self.matcher = matcher
         return self
 
     def sample(self, logits, history=()) -> int:
         import numpy as np
+        if self.matcher is not None:
+            logits = self.matcher.apply(logits)
         rest = self.script[len(self.text):]
         ok = [i for i in np.flatnonzero(np.isfinite(logits))
               if self.pieces[i] and rest.startswith(self.pieces[i]) and self.text == self.script[:len(self.text)]]
@@ -121,7 +124,7 @@ def test_a_model_that_would_repeat_the_answered_call_cannot(smol, monkeypatch, g
     repeat = json.dumps({"name": "HassTurnOn", "parameters": KITCHEN})
     script = Scripted(smol, repeat)
     monkeypatch.setattr(engine_module, "Sampler", script)
-    chat = prepare_chat(smol, looping(rounds=2), tools=[TURN_ON, TIMER], loop_guard=guard)
+    chat = prepare_chat(smol, looping(rounds=2), tools=[TURN_ON, TIMER], tool_loop_guard=guard)
     params = RequestDefaults(max_tokens=60).build(**chat.overrides())
     text = "".join(e.text for e in smol.generate(chat.ids, params))
     content, calls = chat.parse(text)
@@ -130,3 +133,4 @@ def test_a_model_that_would_repeat_the_answered_call_cannot(smol, monkeypatch, g
     else:
         assert text != repeat and ("HassTurnOn", KITCHEN) not in [(c.name, c.arguments) for c in calls]
         assert text.startswith(repeat[:-3])        # it went along the script as far as the grammar let it
+

@@ -5,6 +5,7 @@ untouched) and the error handlers.
   route runs; a refusal is rendered in the API's own shape by the adapter's `error`.
 - `RequestLog`: the request id, one log line per request (id, tokens, cached tokens, ttft,
   tokens/s, status; prompt text only with `log_prompts`) and the request counter by status.
+- `Contained`: an error answered with a 500 keeps the connection usable.
 - `add_error_handlers`: every error, whoever raises it (validation, routing, the engine, a
   bug), becomes an `ApiError` the adapter renders; pydantic's error list becomes one readable
   message naming the field (`validation_message`).
@@ -18,6 +19,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -220,6 +222,34 @@ class RequestLog:
         if "prompt" in info:
             line += f" prompt_text={info['prompt']!r}"
         log.log(level, line)
+
+
+class Contained:
+    """The outermost wrapper of an app: an exception that escapes after its 500 went out (the
+    error handler has logged it and answered, and Starlette raises it again for the server)
+    stops here, so that uvicorn keeps the keep-alive connection instead of closing it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __getattr__(self, name):          # the wrapped app's attributes (state, routes, ...)
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        answered = False
+
+        async def watched(message):
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+        try:
+            await self.app(scope, receive, watched)
+        except Exception:
+            if not answered:
+                raise
 
 
 def add_guard_and_log(app: FastAPI, state: ServerState, error) -> None:

@@ -6,39 +6,51 @@ adapter over the HTTP runtime (`runtime`), side by side with the OpenAI one.
 `tools` (tool calls come back with `arguments` as an object, as Ollama sends them; a `tool`
 message answers the earliest open call of its `tool_name`) and `format` ("json" or a JSON
 schema) go through the same chat layer and grammar engine as the OpenAI API's `tools` (with
-tool_choice "auto") and `response_format`. With tools, a streamed reply comes as one line once
-it is complete, so that a call never reaches the client as text.
+tool_choice "auto") and `response_format`. With tools, a streamed reply shows its prose as it
+is generated and holds back only what may become a call (`CallStream`); calls come in a line
+of their own at the end. A call answered earlier in the turn is not generated again (the
+tool-loop guard; `"tool_loop_guard": false` in the request turns it off).
 
 Mapping onto the shared request: `options` (temperature, top_k, top_p, min_p,
 repeat_penalty, presence/frequency_penalty, seed, num_predict, stop) become `RequestDefaults`
-fields; `num_ctx` and `keep_alive` are accepted (the model always stays loaded, its context
-is the server's `--ctx`); options that only tune Ollama's own runtime (threads, GPU, batch,
-mmap ...) are accepted and have no effect here. Replies stream as NDJSON by default
+fields; `num_ctx` bounds the request's context (up to the server's `--ctx`): a conversation
+that does not fit loses its oldest non-system messages, as Ollama drops them, and the log
+says so; `keep_alive` is accepted (the model always stays loaded). Options that only tune
+Ollama's own runtime (threads, GPU, batch, mmap ...) and options we do not know are ignored,
+the unknown ones with a log line, as Ollama ignores them. Replies stream as NDJSON by default
 (`"stream": false` for one object); durations are nanoseconds, as Ollama reports them.
 Errors are `{"error": "..."}`; an error after streaming started is an NDJSON line.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+import logging
 import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edge.api.middleware import add_error_handlers, add_guard_and_log
-from edge.api.runtime import (ApiError, JobStream, ServerState, StateDep, admit, api_error, chat_prompt,
-                              check_bytes, job_events, message_bytes, ready_engine, request_params, tokenize)
-from edge.engine import ContextFull, QueueFull
+from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.origins import guard_origins
+from edge.api.text import lone_surrogate, surrogate_message
+from edge.api.runtime import (CLIENT_GONE, ApiError, JobStream, ServerState, StateDep, admit, api_error,
+                              cancel_on_disconnect, chat_prompt,
+                              check_bytes, job_events, loop_guard, message_bytes, model_error, ready_engine, request_params, tokenize)
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.constraint import ConstraintError, Grammar, closed
+from edge.engine.conversation import fit_messages
 from edge.engine.engine import Usage
 from edge.engine.replies import acollect, astream
 from edge.engine.tool_calls import ChatRequest
 from edge.launch.model_store import bundle_id
 from edge.launch.request import prompt_messages
+
+log = logging.getLogger("edge.ollama")
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
 NDJSON = "application/x-ndjson"
@@ -49,9 +61,22 @@ OPTION_FIELDS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p
                  "frequency_penalty": "frequency_penalty", "seed": "seed", "num_predict": "max_tokens",
                  "stop": "stop"}
 # Ollama options that tune its own runtime or samplers we do not have: accepted, no effect
-NO_EFFECT_OPTIONS = {"num_ctx", "num_keep", "typical_p", "repeat_last_n", "penalize_newline", "numa", "num_batch",
+NO_EFFECT_OPTIONS = {"num_keep", "typical_p", "repeat_last_n", "penalize_newline", "numa", "num_batch",
                      "num_gpu", "main_gpu", "low_vram", "use_mmap", "use_mlock", "num_thread", "mirostat",
                      "mirostat_tau", "mirostat_eta", "tfs_z", "vocab_only", "f16_kv", "logits_all"}
+
+
+class Body(BaseModel):
+    """A request body: any text in it (a message, a prompt, a stop string, a tool's schema)
+    must be valid Unicode, or no tokenizer can read it and no byte count is right."""
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        if (where := lone_surrogate(data)) is not None:
+            raise ValueError(surrogate_message(where))
+        return data
 
 
 class Message(BaseModel):
@@ -63,8 +88,7 @@ class Message(BaseModel):
     tool_name: str | None = None
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class GenerateBody(Body):
     model: str
     prompt: str = ""
     system: str | None = None
@@ -80,8 +104,7 @@ class GenerateBody(BaseModel):
     think: bool | str | None = None
 
 
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ChatBody(Body):
     model: str
     messages: list[Message] = Field(default_factory=list)
     stream: bool = True
@@ -90,9 +113,10 @@ class ChatBody(BaseModel):
     tools: list[dict] | None = None
     keep_alive: str | int | float | None = None
     think: bool | str | None = None
+    tool_loop_guard: bool | None = None     # ours: False lets a call answered in this turn be made again
 
 
-class ModelBody(BaseModel):
+class ModelBody(Body):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     model: str | None = None
     name: str | None = None          # older clients send "name"
@@ -104,10 +128,16 @@ class ModelBody(BaseModel):
         return self.model or self.name
 
 
+class PullBody(ModelBody):
+    stream: bool = True
+    insecure: bool = False
+
+
 # --- the app -----------------------------------------------------------------------------
 
 # the engine's refusals in Ollama's terms (its errors are one string; type and code unused)
-ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None)}
+ERRORS = {ContextFull: (400, "invalid_request_error", None), QueueFull: (429, "rate_limit_error", None),
+          RequestFailed: (400, "invalid_request_error", None), SequenceFailed: (500, "server_error", None)}
 
 
 def error(status: int, message: str, **_) -> JSONResponse:
@@ -129,7 +159,7 @@ def create_ollama_app(state: ServerState) -> FastAPI:
     app.include_router(router)
     add_error_handlers(app, render)
     add_guard_and_log(app, state, error)
-    return JsonBodies(app)
+    return guard_origins(Contained(JsonBodies(app)), state.config, error)
 
 
 class JsonBodies:
@@ -152,6 +182,7 @@ class JsonBodies:
 router = APIRouter()
 
 
+@router.head("/")
 @router.get("/")
 def root():
     return Response("Ollama is running", media_type="text/plain")
@@ -193,17 +224,26 @@ def show(body: ModelBody, state: StateDep):
                        f"{prefix}.attention.head_count": cfg.num_heads,
                        f"{prefix}.attention.head_count_kv": cfg.num_kv_heads,
                        f"{prefix}.vocab_size": cfg.vocab_size},
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],      # tools: the template's own, or our prompt + grammar
         "modified_at": _modified_at(state),
     }
 
 
 @router.post("/api/pull")
+async def pull(body: PullBody, state: StateDep):
+    """An installed model (the loaded one, another, an alias): success at once. A Hugging Face
+    repository (OWNER/NAME[:QUANT], hf.co/...): `edge-llm pull` in a child process (the
+    conversion's memory goes back to the system when it ends), its progress streamed in
+    Ollama's lines: pulling manifest, pulling <digest> with total/completed, verifying sha256
+    digest, success; a failure is an {"error"} line (or a 4xx/5xx without streaming)."""
+    from edge.api import pulling
+    return await pulling.respond(state, body.wanted, body.stream)
+
+
 @router.post("/api/create")
-def pull(body: ModelBody, state: StateDep):
-    """Nothing is downloaded here: success for the installed model, a clear error otherwise."""
-    _engine_for(state, body.wanted, hint="this server runs one installed model and downloads nothing; "
-                                         "convert another with `edge-llm convert` and restart with --model")
+def create(body: ModelBody, state: StateDep):
+    """Nothing is built here: success for the loaded model, a clear error otherwise."""
+    _engine_for(state, body.wanted, hint="this server builds no models; use edge-llm pull or edge-llm convert")
     return {"status": "success"}
 
 
@@ -221,7 +261,7 @@ def manage():
 
 
 @router.post("/api/chat")
-async def chat(body: ChatBody, state: StateDep):
+async def chat(body: ChatBody, request: Request, state: StateDep):
     engine = _engine_for(state, body.model)
     if any(m.images for m in body.messages):
         raise ApiError(400, "images are not supported: this model reads text only")
@@ -231,14 +271,16 @@ async def chat(body: ChatBody, state: StateDep):
     nbytes = message_bytes(messages)
     check_bytes(engine, nbytes, "messages")
     grammar = format_grammar(body.format)
+    ctx = context_size(engine, body.options)
     with admit(state, ERRORS) as ticket:
-        chat = await tokenize(state, functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar),
-                              messages, "messages", nbytes)
-        return await _respond(state, body, chat.ids, "messages", ticket, _chat_message, chat)
+        prompt = functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar,
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
+        chat = await tokenize(state, functools.partial(fitted_prompt, prompt, ctx), messages, "messages", nbytes)
+        return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat, ctx=ctx)
 
 
 @router.post("/api/generate")
-async def generate(body: GenerateBody, state: StateDep):
+async def generate(body: GenerateBody, request: Request, state: StateDep):
     engine = _engine_for(state, body.model)
     if body.images:
         raise ApiError(400, "images are not supported: this model reads text only")
@@ -260,7 +302,7 @@ async def generate(body: GenerateBody, state: StateDep):
         else:
             ids = await tokenize(state, engine.encode_chat, prompt_messages(body.prompt, body.system), "prompt",
                                  nbytes)
-        return await _respond(state, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
+        return await _respond(state, request, body, ids, "prompt", ticket, lambda text, calls=(): {"response": text},
                               constraint=grammar)
 
 
@@ -294,6 +336,42 @@ def chat_messages(messages: list[Message]) -> list[dict]:
     return out
 
 
+def context_size(engine, options: dict | None) -> int:
+    """The request's context: `num_ctx`, up to the server's `--ctx`."""
+    n = (options or {}).get("num_ctx")
+    if n is None:
+        return engine.max_ctx
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ApiError(400, f"num_ctx must be a positive integer, got {n!r}")
+    return min(n, engine.max_ctx)
+
+
+REPLY_ROOM = 1 / 8       # of the context kept free for the reply when a conversation is cut to fit
+
+
+def fitted_prompt(prompt, ctx: int, messages: list[dict]):
+    """`prompt(messages)` (the chat layer's request); when it does not fit `ctx` with room for a
+    reply, the oldest non-system messages go first (Ollama's rule) and the log says so."""
+    chat = prompt(messages)
+    room = max(1, int(ctx * REPLY_ROOM))
+    if len(chat.ids) + room <= ctx:
+        return chat
+    fitted = {}
+
+    def fits(msgs):
+        try:
+            fitted["chat"] = prompt(msgs)
+        except ApiError:          # e.g. a template that needs a user message first
+            return False
+        return len(fitted["chat"].ids) + room <= ctx
+    kept, dropped = fit_messages(messages, fits)
+    if not dropped or "chat" not in fitted or not fits(kept):
+        return chat               # nothing could go: the context check refuses it by name
+    log.info("Ollama: the conversation (%d prompt tokens) does not fit num_ctx %d; dropped its %d oldest "
+             "messages (%d prompt tokens now)", len(chat.ids), ctx, dropped, len(fitted["chat"].ids))
+    return fitted["chat"]
+
+
 def format_grammar(fmt) -> Grammar | None:
     """Ollama's `format` ("json" or a JSON schema, held to its properties) as a grammar."""
     if fmt in (None, ""):
@@ -321,11 +399,12 @@ def _chat_message(text: str, calls=()) -> dict:
 
 
 def overrides(options: dict | None) -> dict:
-    """Ollama `options` -> RequestDefaults fields; unknown names are refused by name."""
+    """Ollama `options` -> RequestDefaults fields; unknown names are ignored (as Ollama does)
+    with a log line."""
     options = options or {}
-    unknown = sorted(set(options) - OPTION_FIELDS.keys() - NO_EFFECT_OPTIONS)
+    unknown = sorted(set(options) - OPTION_FIELDS.keys() - NO_EFFECT_OPTIONS - {"num_ctx"})
     if unknown:
-        raise ApiError(400, f"unknown option(s): {', '.join(unknown)}")
+        log.info("Ollama: ignoring unknown option(s) %s", ", ".join(unknown))
     out = {OPTION_FIELDS[k]: v for k, v in options.items() if k in OPTION_FIELDS}
     if isinstance(out.get("max_tokens"), int) and out["max_tokens"] in (-1, -2):
         out["max_tokens"] = None          # Ollama: -1 = no limit, -2 = fill the context
@@ -336,48 +415,84 @@ def overrides(options: dict | None) -> dict:
 
 # --- the job's pieces -> Ollama's replies (NDJSON or one object) ------------------------------
 
-async def _respond(state: ServerState, body, ids: list[int], param: str, ticket, shape,
-                   chat: ChatRequest | None = None, **extra):
-    """`shape(text, calls)` is the reply's content; with tools, the text is held back until the
-    end (a call must not reach the client as text) and parsed into calls there."""
+async def _respond(state: ServerState, request: Request, body, ids: list[int], param: str, ticket, shape,
+                   chat: ChatRequest | None = None, ctx: int | None = None, **extra):
+    """`shape(text, calls)` is the reply's content; with tools, text that may become a call is
+    held back (a call must not reach the client as text) and parsed into calls at the end.
+    `ctx`: the request's own context (`num_ctx`), which bounds the reply too."""
     t0 = time.perf_counter()
     if chat is not None:
         extra.update(chat.overrides())
-    params = request_params(state, ids, param, **overrides(body.options), **extra)
+    fields = overrides(body.options)
+    if ctx is not None and ctx < state.engine.max_ctx:
+        room = max(1, ctx - len(ids))
+        fields["max_tokens"] = min(fields.get("max_tokens") or room, room)
+    params = request_params(state, ids, param, **fields, **extra)
     job = state.scheduler.submit(ids, params, time_limit=state.config.request_timeout, ticket=ticket)
     model = body.model
     tool_use = chat.tool_use if chat is not None and chat.tool_use is not None and chat.tool_use.active else None
-    if body.stream and tool_use is None:
-        return JobStream(job, _ndjson(state, job, model, shape, t0), media_type=NDJSON)
+    if body.stream:
+        return JobStream(job, _ndjson(state, request, job, model, shape, t0, tool_use), media_type=NDJSON)
     try:
-        answer = await acollect(job_events(job, state.limiter), tool_use)
-    except ContextFull as e:
+        async with cancel_on_disconnect(request, job):      # a client that leaves frees the engine at once
+            answer = await acollect(job_events(job, state.limiter), tool_use)
+    except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
-        job.cancel()          # a client that left stops its generation; a finished job ignores it
+        job.cancel()          # a no-op for a finished job
+    if getattr(request.state, "client_gone", False):
+        return Response(status_code=CLIENT_GONE)          # nobody reads it; the log says who left
+    reason = done_reason(state, request, answer.final)
     content = shape(answer.content or "", answer.tool_calls)
-    if body.stream:           # tools: the whole answer as one line, then the final one
-        return Response(_line({"model": model, "created_at": _now(), **content, "done": False})
-                        + _line(_final(model, shape("", ()), answer.final, t0)), media_type=NDJSON)
-    return JSONResponse(_final(model, content, answer.final, t0))
+    return JSONResponse(_final(model, content, answer.final, t0, reason))
 
 
-async def _ndjson(state: ServerState, job, model: str, shape, t0: float) -> AsyncIterator[str]:
+SHUTDOWN = "shutdown"         # done_reason of an answer cut short because the server stops
+
+
+def done_reason(state: ServerState, request: Request, last) -> str:
+    """The final event's reason in Ollama's terms, noted for the request log. A job cancelled
+    by the shutdown that had generated something ends with done_reason "shutdown"; one that
+    had not (it waited) is a 503, and one ended by the time limit a 504 (ApiError)."""
+    request.state.usage, request.state.finish = last.usage, last.finish_reason
+    if last.finish_reason != "cancelled":
+        return last.finish_reason
+    generated = last.usage is not None and last.usage.completion_tokens > 0
+    if state.draining and generated:
+        return SHUTDOWN
+    if state.draining:
+        raise ApiError(503, "the server is shutting down; retry in a moment", "unavailable_error",
+                       code="server_shutdown", headers={"Retry-After": "10"})
+    limit = state.config.request_timeout
+    raise ApiError(504, f"the request took longer than the server's time limit of {limit or 0:g} s (waiting in "
+                        "the queue + generating); ask for fewer tokens or retry later", "timeout_error",
+                   code="request_timeout")
+
+
+async def _ndjson(state: ServerState, request: Request, job, model: str, shape, t0: float,
+                  tool_use=None) -> AsyncIterator[str]:
+    """Prose as it is generated; with tools, the calls in a line of their own before the last."""
     try:
-        async for piece in astream(job_events(job, state.limiter)):
-            if piece.final is not None:
-                yield _line(_final(model, shape(""), piece.final, t0))
-            elif piece.text:
+        async for piece in astream(job_events(job, state.limiter), tool_use):
+            if piece.text:
                 yield _line({"model": model, "created_at": _now(), **shape(piece.text), "done": False})
-    except ContextFull as e:
-        yield _line({"error": named(api_error(state, ERRORS, e))})
-    except Exception as e:        # mid-stream: the status is sent already, so say it in the stream
-        yield _line({"error": f"generation failed: {e}"})
+            if piece.final is not None:
+                if piece.tool_calls:
+                    yield _line({"model": model, "created_at": _now(), **shape("", piece.tool_calls), "done": False})
+                yield _line(_final(model, shape(""), piece.final, t0, done_reason(state, request, piece.final)))
+    except (ApiError, ContextFull, SequenceFailed) as e:      # the status is sent already: say it in the stream
+        yield _line({"error": named(e if isinstance(e, ApiError) else api_error(state, ERRORS, e))})
+    except (asyncio.CancelledError, GeneratorExit):
+        request.state.client_gone = True
+        raise
+    except Exception:
+        log.exception("request %s failed while streaming", getattr(request.state, "request_id", "?"))
+        request.state.failed = True
+        yield _line({"error": "internal server error (see the server log)"})
 
 
-def _final(model: str, content: dict, last, t0: float) -> dict:
+def _final(model: str, content: dict, last, t0: float, reason: str) -> dict:
     usage = last.usage or Usage()          # a job cancelled before it started has none
-    reason = {"stop": "stop", "length": "length", "cancelled": "stop"}.get(last.finish_reason, last.finish_reason)
     ns = lambda s: int(s * 1e9)
     return {"model": model, "created_at": _now(), **content, "done": True, "done_reason": reason,
             "total_duration": ns(time.perf_counter() - t0), "load_duration": 0,
@@ -396,18 +511,12 @@ def _loaded(state: ServerState, content: dict) -> JSONResponse:
 
 # --- the one model, by Ollama's names ------------------------------------------------------
 
-def model_names(state: ServerState) -> set[str]:
-    """What a client may call the model: its id, with or without Ollama's ":latest" tag,
-    in any case."""
-    base = state.model_id.lower()
-    return {base, f"{base}:latest"}
-
-
 def _engine_for(state: ServerState, name: str, hint: str = ""):
+    """The engine, when `name` is the loaded model's (runtime.served_names: its name, installed
+    name or an alias, any case, ":latest" or not); else a 404 saying why."""
     engine = ready_engine(state)
-    if (name or "").lower() not in model_names(state):
-        raise ApiError(404, f"model '{name}' not found; this server runs '{_tag(state)}'"
-                            + (f" ({hint})" if hint else ""))
+    if (err := model_error(state, name or "", hint)) is not None:
+        raise err
     return engine
 
 

@@ -25,23 +25,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from edge.api import chat_page
-from edge.api.middleware import add_error_handlers, add_guard_and_log
-from edge.api.openai_schema import (ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
+from edge.api import responses_api
+from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.origins import guard_origins
+from edge.api.openai_schema import (ERRORS, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     chat_logprobs, envelope, error_body, model_card, text_choice, text_logprobs,
                                     usage_dict)
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
-                              job_events, message_bytes, note_prompt, ready_engine, request_params, tokenize)
-from edge.engine import ContextFull, QueueFull
+                              installed, job_events, loop_guard, message_bytes, model_error, note_prompt, ready_engine,
+                              request_params, tokenize)
+from edge.engine import ContextFull, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, acollect, astream
 from edge.engine.tool_calls import ToolUse
 
 log = logging.getLogger("edge.http")
 
-# the engine's refusals in OpenAI's terms: (status, type, code)
-ERRORS = {ContextFull: (400, "invalid_request_error", "context_length_exceeded"),
-          QueueFull: (429, "rate_limit_error", "queue_full")}
 
 
 def render(exc: ApiError) -> JSONResponse:
@@ -57,13 +57,14 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="edge-llm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
     app.include_router(router)
+    app.include_router(responses_api.router)
     app.include_router(chat_page.router)
     add_error_handlers(app, render)
     add_guard_and_log(app, state, error_response)
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    return app
+    return guard_origins(Contained(app), state.config, error_response)
 
 
 router = APIRouter()
@@ -99,21 +100,30 @@ def list_models(state: StateDep):
 
 @router.get("/v1/models/{model_id:path}")
 def get_model(model_id: str, state: StateDep):
-    if model_id != state.model_id:
-        raise ApiError(404, f"the model {model_id!r} does not exist; this server runs {state.model_id!r}",
-                       param="model", code="model_not_found")
+    if (err := model_error(state, model_id)) is not None:
+        raise err
     return model_card(state.model_id, state.created)
+
+
+def check_model(state: ServerState, name: str | None) -> None:
+    """A request naming another installed model (or an alias of one) is a 404: this server
+    would answer it with a different model. Other names are answered by the loaded model
+    (OpenAI clients often send a fixed name of their own)."""
+    if name and installed(name) and (err := model_error(state, name)) is not None:
+        raise err
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
     engine = ready_engine(state)
+    check_model(state, body.model)
     messages = [m.as_dict() for m in body.messages]
     nbytes = message_bytes(messages)
     check_bytes(engine, nbytes, "messages")
     with admit(state, ERRORS) as ticket:
         prompt = functools.partial(chat_prompt, engine, tools=body.tools, tool_choice=body.tool_choice,
-                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format)
+                                   parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
         chat = await tokenize(state, prompt, messages, "messages", nbytes)
         note_prompt(request, state, messages)
         return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", ticket,
@@ -123,6 +133,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: StateDep):
     engine = ready_engine(state)
+    check_model(state, body.model)
     with admit(state, ERRORS) as ticket:
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
             ids = checked_token_ids(body.prompt, engine)
@@ -272,7 +283,7 @@ class Reply:
             for index in range(jobs.n):
                 try:
                     answer = await acollect(job_events(jobs.next(), limiter), self.shape.tool_use)
-                except ContextFull as e:
+                except (ContextFull, SequenceFailed) as e:
                     raise api_error(self.state, ERRORS, e) from e
                 if getattr(self.request.state, "client_gone", False):
                     return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
@@ -301,8 +312,8 @@ class Reply:
                     usage = self.request.state.usage = _total(usage, piece.final.usage)
             if include_usage:
                 yield self.chunk_dict([], usage=usage_dict(usage))
-        except (ApiError, ContextFull) as e:
-            e = api_error(self.state, ERRORS, e) if isinstance(e, ContextFull) else e
+        except (ApiError, ContextFull, SequenceFailed) as e:
+            e = e if isinstance(e, ApiError) else api_error(self.state, ERRORS, e)
             yield _sse(error_body(e.message, e.type, e.param, e.code))
         except (asyncio.CancelledError, GeneratorExit):
             self.request.state.client_gone = True

@@ -14,6 +14,15 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from edge.api.text import lone_surrogate, surrogate_message
+from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
+
+# the engine's refusals in OpenAI's terms: status, error type, code
+ERRORS = {ContextFull: (400, "invalid_request_error", "context_length_exceeded"),
+          QueueFull: (429, "rate_limit_error", "queue_full"),
+          RequestFailed: (400, "invalid_request_error", "generation_failed"),     # e.g. its grammar's limits
+          SequenceFailed: (500, "server_error", "generation_failed")}
+
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 8          # n: choices are generated one after the other
 
@@ -26,8 +35,8 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool", "ipython"]   # developer: newer clients' system
+    content: str | list[TextPart] | dict | None = None        # a dict: a tool result as a JSON object
     tool_calls: list[dict] | None = None       # assistant: the calls it made (checked by the chat layer)
     tool_call_id: str | None = None            # tool: the call this result answers
     name: str | None = None
@@ -74,14 +83,15 @@ class GenerationRequest(BaseModel):
     repeat_penalty: float | None = Field(None, gt=0, validation_alias=AliasChoices(
         "repeat_penalty", "repetition_penalty"))
     logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
+    # edge-llm's: end a reply caught in an exact loop as "length" (engine/repetition.py); the chat page sends it
+    stop_loops: bool | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data):
         """JSON may spell a lone surrogate ("\\ud800"); no tokenizer can encode it."""
-        if (where := _lone_surrogate(data)) is not None:
-            raise ValueError(f"{where or 'the body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
-                             "escape), which is not valid Unicode text")
+        if (where := lone_surrogate(data)) is not None:
+            raise ValueError(surrogate_message(where))
         return data
 
     @field_validator("n")
@@ -111,28 +121,9 @@ class GenerationRequest(BaseModel):
         means a random seed whatever the server's default)."""
         fields = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
                       repetition_penalty=self.repeat_penalty, frequency_penalty=self.frequency_penalty,
-                      presence_penalty=self.presence_penalty, seed=self.seed, logit_bias=self.logit_bias)
+                      presence_penalty=self.presence_penalty, seed=self.seed, logit_bias=self.logit_bias,
+                      stop_loops=self.stop_loops)
         return fields
-
-
-def _lone_surrogate(value, path: str = "") -> str | None:
-    """The path of the first string holding a lone surrogate, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if (where := _lone_surrogate(k, path) if isinstance(k, str) else None) is not None:
-                return where
-            if (where := _lone_surrogate(v, f"{path}.{k}" if path else str(k))) is not None:
-                return where
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            if (where := _lone_surrogate(v, f"{path}.{i}" if path else str(i))) is not None:
-                return where
-    return None
 
 
 def _refuse(flag, message: str) -> None:
@@ -151,6 +142,7 @@ class ChatCompletionRequest(GenerationRequest):
     response_format: dict | None = None
     functions: list | None = None
     function_call: str | dict | None = None
+    tool_loop_guard: bool | None = None        # ours: False lets a call answered in this turn be made again
 
     @model_validator(mode="after")
     def _supported(self):

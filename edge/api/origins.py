@@ -24,7 +24,6 @@ from a page that the check above could not place.
 """
 from __future__ import annotations
 
-import json
 import logging
 from typing import Callable, Iterable
 
@@ -82,22 +81,22 @@ class OriginPolicy:
                    for a, b in self.wild)
 
 
-def openai_error(status: int, message: str, code: str) -> dict:
-    from edge.api.openai_schema import error_body
-    type_ = "permission_error" if status == 403 else "invalid_request_error"
-    return error_body(message, type_, None, code)
-
-
-def ollama_error(status: int, message: str, code: str) -> dict:
-    return {"error": message}
+def guard_origins(app, config, error) -> "OriginMiddleware":
+    """`app` behind the policy of a `runtime.ServerConfig`: the defaults, its `allowed_origins`
+    and its `cors_origins` (a page allowed to read answers may also send requests)."""
+    return OriginMiddleware(app, OriginPolicy([*config.allowed_origins, *config.cors_origins]), error)
 
 
 class OriginMiddleware:
-    """ASGI middleware applying `policy` to every HTTP request; `error(status, message, code)`
-    builds the API's own error body."""
+    """ASGI middleware applying `policy` to every HTTP request, outermost (it must see the
+    Content-Type the client sent). `error(status, message, type_=, code=)` renders a refusal
+    in the API's own shape, as for `middleware.Guard`."""
 
-    def __init__(self, app, policy: OriginPolicy, error: Callable[[int, str, str], dict] = openai_error):
+    def __init__(self, app, policy: OriginPolicy, error: Callable):
         self.app, self.policy, self.error = app, policy, error
+
+    def __getattr__(self, name):          # the wrapped app's attributes (state, routes, ...)
+        return getattr(self.app, name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -107,11 +106,8 @@ class OriginMiddleware:
             return await self.app(scope, receive, send)
         status, message, code = refusal
         log.warning("%s %s refused (%d): %s", scope.get("method"), scope.get("path"), status, message)
-        body = json.dumps(self.error(status, message, code)).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"vary", b"Origin")]})
-        await send({"type": "http.response.body", "body": body})
+        type_ = "permission_error" if status == 403 else "invalid_request_error"
+        await self.error(status, message, type_=type_, code=code)(scope, receive, send)
 
     def refusal(self, scope) -> tuple[int, str, str] | None:
         headers = {}

@@ -33,7 +33,9 @@ from edge.engine.replies import aevents
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
-from edge.launch.request import DEFAULT_REQUEST_SECONDS, RequestDefaults
+from edge.launch import model_store
+from edge.launch.aliases import normalize
+from edge.launch.request import DEFAULT_REQUEST_SECONDS, DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -45,12 +47,15 @@ class ServerConfig:
     request_timeout: float | None = DEFAULT_REQUEST_SECONDS     # queue + generating; None = no limit
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
+    # web origins allowed beyond edge.api.origins' defaults (the page's own, loopback, local apps)
+    allowed_origins: list[str] = field(default_factory=list)
     log_prompts: bool = False
     # Host header names accepted (None = any): a loopback bind allows only loopback names, so
     # that a web page cannot reach the API through DNS rebinding (its Host is its own name)
     allowed_hosts: frozenset[str] | None = None
     # serve's flags over the product defaults; max_tokens None = the rest of the context
     defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
+    tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD      # a request's own `tool_loop_guard` wins
 
 
 class ServerState:
@@ -155,6 +160,43 @@ def ready_engine(state: ServerState):
     return state.engine
 
 
+# --- models by name -------------------------------------------------------------------------
+
+def served_names(state: ServerState) -> set[str]:
+    """What a client may call the loaded model (compared after `aliases.normalize`: any case,
+    ":latest" or not): its name, its installed name (`edge-llm models`) and their aliases."""
+    names = {normalize(state.model_id)}
+    if state.engine is not None:
+        names.add(normalize(state.engine.bundle.path.name))
+    try:
+        table = model_store.alias_table().load()
+    except ValueError:
+        table = {}
+    return names | {alias for alias, target in table.items() if normalize(target) in names}
+
+
+def installed(name: str) -> bool:
+    """An installed model's name or alias (`edge-llm models`, `edge-llm alias`)."""
+    try:
+        return (model_store.alias_table().lookup(name) is not None
+                or model_store.find_by_name(name, prefix=False) is not None)
+    except (ValueError, OSError):
+        return False
+
+
+def model_error(state: ServerState, name: str, hint: str = "") -> ApiError | None:
+    """None when `name` names the loaded model; else the 404 that says what is wrong."""
+    if normalize(name) in served_names(state):
+        return None
+    if installed(name):
+        message = (f"model '{name}' is installed but not loaded: this server runs '{state.model_id}' "
+                   f"(restart it with --model {name})")
+    else:
+        message = (f"model '{name}' does not exist here; this server runs '{state.model_id}' (edge-llm pull installs "
+                   "a model from the Hugging Face Hub, edge-llm alias gives it another name)")
+    return ApiError(404, message + (f"; {hint}" if hint else ""), param="model", code="model_not_found")
+
+
 def admit(state: ServerState, table: ErrorTable):
     """A place in the queue before any work (tokenizing included); the table's answer to
     QueueFull when none is left. The ticket goes back if the request fails before its job is
@@ -212,11 +254,12 @@ def _encode(encode, value, param: str) -> list[int]:
 
 
 def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                response_format=None) -> ChatRequest:
+                response_format=None, tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD) -> ChatRequest:
     """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field.
     `response_format` is OpenAI's object or a Grammar an adapter built from its own field."""
     try:
-        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format)
+        chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format,
+                            tool_loop_guard=tool_loop_guard)
     except ToolError as e:
         raise ApiError(400, str(e), param=e.param) from e
     except ValueError as e:       # the chat template's own raise_exception
@@ -224,6 +267,11 @@ def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, para
     if not chat.ids:
         raise ApiError(400, "messages is empty: there is nothing to complete", param="messages")
     return chat
+
+
+def loop_guard(state: ServerState, asked: bool | None) -> bool:
+    """The tool-loop guard for a request: its own `tool_loop_guard`, else the server's."""
+    return state.config.tool_loop_guard if asked is None else asked
 
 
 def checked_token_ids(ids: list[int], engine) -> list[int]:

@@ -254,18 +254,20 @@ class WyomingService:
 
     async def _stream(self, job, conv: Conversation, question: str, writer, context: dict) -> bool:
         read = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
-        budget, last = spoken.SentenceBudget(self.reply_tokens), None
+        budget, last, complete = spoken.SentenceBudget(self.reply_tokens), None, False
         await self._send(writer, HandledStart(context=context).event())
         try:
             async for reply in replies.astream(replies.aevents(job.events(), read)):
                 if reply.final is not None:
                     last = reply.final
                     continue
+                if complete:          # the rest of a cancelled job: read to its end, say nothing
+                    continue
                 piece, complete = budget.feed(reply.text, reply.tokens)
                 if piece:
                     await self._send(writer, HandledChunk(text=piece).event())
-                if complete:
-                    break
+                if complete:          # stop generating, and let the job end (its slot free, its KV
+                    job.cancel()      # kept) before `handled`: the follow-up can reuse that slot
         except Exception as e:        # ContextFull, or the engine failed this sequence
             log.warning("Wyoming: the answer failed: %s", e)
             await self._refuse(writer, Refusal(spoken.FAILED, str(e)), context)

@@ -48,6 +48,7 @@ def cmd_rm(a) -> int:
         raise ValueError("name a model to remove (edge-llm models lists them), or pass --orphans")
     for name in a.names:
         path, size, shared = model_store.remove(name)
+        model_store.alias_table().drop_target(path.name)
         print(f"removed {path.name} ({_mb(size)})")
         if shared is not None:
             print(f"kept its XNNPACK cache {shared.name}: another bundle has the same graph", file=sys.stderr)

@@ -5,10 +5,12 @@ request queue (`scheduler`), the one consumer of a request's events (`replies`),
 UTF-8-safe detokenizing, stop strings, chat templates, tool calls and multi-turn
 conversations. May import edge.model; never an interface or edge.launch.
 
-The two refusals every interface answers in its own shape are re-exported here:
-`ContextFull` (a prompt or reply does not fit the context) and `QueueFull` (no place left).
+The refusals and failures every interface answers in its own shape are re-exported here:
+`ContextFull` (a prompt or reply does not fit the context), `QueueFull` (no place left), and
+`SequenceFailed` (one request failed while generating; `RequestFailed`: by its own input).
 """
+from edge.engine.events import RequestFailed, SequenceFailed
 from edge.engine.scheduler import QueueFull
 from edge.model.kv_cache import ContextFull
 
-__all__ = ["ContextFull", "QueueFull"]
+__all__ = ["ContextFull", "QueueFull", "RequestFailed", "SequenceFailed"]

@@ -33,6 +33,10 @@ class ConstraintError(ValueError):
     """A grammar or schema the engine cannot compile; the message names the problem."""
 
 
+class GrammarFailed(ConstraintError):
+    """A grammar that failed while generating (e.g. a step exceeding its limits)."""
+
+
 def check_depth(value, origin: str) -> None:
     """ConstraintError when `value` (a schema, JSON-shaped) nests objects and arrays more than
     MAX_SCHEMA_DEPTH deep; checked without recursion, so any depth is answered."""
@@ -165,9 +169,10 @@ class Grammars:
         message = ll.LLMatcher.validate_grammar(grammar.source, self.tokenizer, limits=_limits())
         if message:
             raise ConstraintError(f"{grammar.origin}: the schema cannot be compiled: {message}")
+        matcher = self.matcher(grammar)
         try:
-            self.matcher(grammar).allowed()
-        except RuntimeError as e:
+            matcher.allowed()
+        except GrammarFailed as e:
             raise ConstraintError(f"{grammar.origin}: {e}") from e
 
     def matcher(self, grammar: Grammar) -> Matcher:
@@ -191,10 +196,10 @@ class Matcher:
 
     def allowed(self) -> np.ndarray:
         """Bool mask [vocab_size] of the tokens that keep the output inside the grammar.
-        RuntimeError when the grammar has failed (e.g. a limit of its work exceeded)."""
+        GrammarFailed when the grammar has failed (e.g. a limit of its work exceeded)."""
         self._m.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         if self._m.is_error():
-            raise RuntimeError(f"constrained decoding failed: {self._m.get_error()}")
+            raise GrammarFailed(f"constrained decoding failed: {self._m.get_error()}")
         return np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab_size].view(bool)
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
@@ -203,7 +208,7 @@ class Matcher:
 
     def advance(self, token: int) -> None:
         if not self._m.consume_token(int(token)):
-            raise RuntimeError(f"constrained decoding failed: {self._m.get_error()}")
+            raise GrammarFailed(f"constrained decoding failed: {self._m.get_error()}")
 
     @property
     def accepting(self) -> bool:

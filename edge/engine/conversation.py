@@ -94,3 +94,25 @@ class Conversation:
         if interrupted:
             answer["interrupted"] = True
         self.turns += [{"role": "user", "content": text}, answer]
+
+
+def fit_messages(messages: list[dict], fits: Callable[[list[dict]], bool]) -> tuple[list[dict], int]:
+    """Ollama's rule for a conversation longer than the context: drop the oldest messages that
+    are not system messages until `fits(messages)`, never the last one; an assistant message
+    with tool calls goes together with the tool results that follow it. Returns the messages
+    kept and how many were dropped (the same list, 0, when it fits or nothing can go)."""
+    kept = list(messages)
+    dropped = 0
+    while not fits(kept):
+        i = next((j for j, m in enumerate(kept[:-1]) if m.get("role") not in ("system", "developer")), None)
+        if i is None:
+            break
+        n = 1
+        if kept[i].get("role") == "assistant" and kept[i].get("tool_calls"):
+            while i + n < len(kept) - 1 and kept[i + n].get("role") in ("tool", "ipython"):
+                n += 1
+        while i + n < len(kept) - 1 and kept[i + n].get("role") in ("tool", "ipython"):
+            n += 1           # results whose call went already
+        del kept[i:i + n]
+        dropped += n
+    return kept, dropped

@@ -4,14 +4,17 @@ interface uses.
 Interfaces hand it token ids (or chat messages) and sampling settings and read back a stream
 of `Event`s; they never see tensors. Each request runs in a **slot** (a KV cache of its
 own); a slot keeps its tokens after the request, so a later request sharing their prefix
-(same system prompt, next chat turn) only prefills the rest. A new request takes the idle
-slot with the longest common prefix, then the least recently used.
+(same system prompt, next chat turn) only prefills the rest (slots.py: which slot, and the
+prompt cache on disk behind them). Starting a request is all or nothing: everything that can
+fail for it alone is built before it claims a slot, and a failure after gives the slot back.
 
 `step(sequences)` advances every running sequence in one model pass: each decoding sequence
 contributes one row, and prompts still being read contribute a chunk (at most PREFILL_CHUNK
 rows a step, shared), so running streams keep producing tokens while a long prompt loads.
-The weights are read once per step for all rows. `generate()` is the one-request form
-(terminal, tests); the scheduler drives `start` and `step` for many at once.
+The weights are read once per step for all rows. A failure that belongs to one sequence
+(its grammar, sampler, restored prefix) ends that one alone with an "error" event; the
+others go on unchanged. `generate()` is the one-request form (terminal, tests); the
+scheduler drives `start` and `step` for many at once.
 """
 from __future__ import annotations
 
@@ -20,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,11 +30,13 @@ import numpy as np
 
 from edge.engine.chat_encoding import ChatEncoder
 from edge.engine.chat_template import DEFAULT_CHATML, ChatTemplate
-from edge.engine.constraint import Grammar, Grammars
-from edge.engine.detokenizer import StreamDecoder, TokenBytes
+from edge.engine.constraint import ConstraintError, Grammars
+from edge.engine.detokenizer import StreamDecoder, TokenBytes, longest_token_bytes
+from edge.engine.events import (MAX_TOP_LOGPROBS, Event, GenerationParams, RequestFailed,  # noqa: F401
+                                 SequenceFailed, TokenLogprob, Usage)
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.repetition import LoopGuard
-from edge.engine.sampler import Sampler, SamplingParams
+from edge.engine.sampler import Sampler
 from edge.engine.slots import PERSIST_MIN_TOKENS, Slot, Slots
 from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.engine.stop_strings import StopMatcher
@@ -44,73 +48,6 @@ from edge.model.kv_cache import ContextFull
 KV_TYPES = {"f32": np.float32, "f16": np.float16}
 SPEC_MAX_BATCH = 1          # draft only while at most this many sequences decode together (measured, README)
 log = logging.getLogger("edge.engine")
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    cached_tokens: int = 0          # prompt tokens whose K/V were reused from the last request
-    completion_tokens: int = 0
-    time_to_first_token: float = 0.0
-    decode_seconds: float = 0.0
-
-    @property
-    def decode_tokens_per_second(self) -> float:
-        n = self.completion_tokens - 1   # the first token comes out of prefill
-        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
-
-
-@dataclass
-class Event:
-    text: str = ""                  # new text, never a partial UTF-8 character
-    token_id: int | None = None
-    finish_reason: str | None = None   # "stop" | "length" | "cancelled" | "error", on the last event only
-    usage: Usage | None = None         # on the last event only
-    logprobs: list[TokenLogprob] | None = None   # when asked for: the tokens behind this event's text
-    error: SequenceFailed | None = None          # with finish_reason "error": what ended this request
-
-
-class SequenceFailed(RuntimeError):
-    """One request's generation failed on its own (its grammar, its restored prefix, its
-    sampler) and was ended; the other sequences went on. Readers of its events get it raised."""
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token's log-probability under the model (log-softmax of its raw logits,
-    before penalties, temperature or a grammar's mask), and the `top` most likely alternatives."""
-    token_id: int
-    token: str
-    logprob: float
-    bytes: bytes = b""                 # exact, even for part of a UTF-8 character (`token` then has U+FFFD)
-    top: list[TokenLogprob] = field(default_factory=list)
-
-
-@dataclass
-class GenerationParams:
-    """One request's settings. Interfaces build it with `edge.launch.request`, which holds the
-    defaults; the field defaults here only mean "off" (no stop strings, neutral sampling)."""
-    max_tokens: int | None = None      # None: until the context is full
-    stop: list[str] = field(default_factory=list)
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    constraint: Grammar | None = None  # the output must match this grammar (a per-token logits mask)
-    logprobs: int | None = None        # None: off; k >= 0: each token's logprob and its k top alternatives
-    special_text: bool = False         # special tokens (other than eos) appear in the text, e.g. <|python_tag|>
-    speculate: bool = False            # draft tokens by prompt lookup and verify them in one pass (speculation.py)
-    stop_loops: bool = False           # end a reply stuck in an exact loop, as "length" (repetition.py)
-
-    def __post_init__(self):
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
-                                            or self.max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
-                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
-            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs!r}")
-        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
-
-
-MAX_TOP_LOGPROBS = 20      # OpenAI's limit
 
 
 class Sequence:
@@ -221,8 +158,9 @@ class Sequence:
         self.done, self.pending = True, []
         if self.slot is not None:
             self.engine.slot_pool.release(self.slot, self, self.drafted_end, forget=True)
-        failure = error if isinstance(error, SequenceFailed) else \
-            SequenceFailed(f"generation failed: {error or type(error).__name__}")
+        kind = RequestFailed if isinstance(error, ConstraintError) else SequenceFailed
+        failure = error if isinstance(error, SequenceFailed) else kind(
+            f"generation failed: {error or type(error).__name__}")
         failure.__cause__ = failure.__cause__ if failure is error else error
         return [Event(finish_reason="error", usage=self.usage, error=failure)]
 
@@ -350,7 +288,7 @@ class Engine:
         if nbytes < self.max_ctx:
             return                   # fewer bytes than the context: cannot be too long by size
         if self._longest is None:
-            self._longest = _longest_token_bytes(self.tokenizer)
+            self._longest = longest_token_bytes(self.tokenizer)
         if self._longest:
             at_least = -(-nbytes // self._longest)
             if at_least >= self.max_ctx:
@@ -551,20 +489,3 @@ class Engine:
                         yield ev
         finally:
             self.release(seq)      # a reader that stopped early frees the slot
-
-
-_PROBE = "a  b\t\n\n c  \u00e9 e\u0301 \u1100\u1161 ~"
-
-
-def _longest_token_bytes(tokenizer) -> int:
-    """The most UTF-8 bytes one token stands for: every id decoded alone (a byte-level piece of
-    a character decodes to U+FFFD, 3 bytes: still an upper bound), added tokens included; ~0.2 s
-    for 49k ids, computed once, on the first prompt at least max_ctx bytes long. 0 when the
-    tokenizer does not keep every byte (a normalizer, or whitespace dropped: the probe does not
-    survive a round trip), so a text's size says nothing about its token count."""
-    if tokenizer.normalizer is not None or \
-            tokenizer.decode(tokenizer.encode(_PROBE, add_special_tokens=False).ids) != _PROBE:
-        return 0
-    n = tokenizer.get_vocab_size(with_added_tokens=True)
-    pieces = tokenizer.decode_batch([[i] for i in range(n)], skip_special_tokens=False)
-    return max(len(p.encode()) for p in pieces)

@@ -18,7 +18,6 @@ that exclusion is dropped: the guard never forbids a call other than the answere
 from __future__ import annotations
 
 import json
-import re
 
 MAX_BRANCHES = 64          # a tool's schema grows by about one branch per key per excluded call
 MAX_STRING = 256           # a longer excluded string is not written into a pattern

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from convert.quantize import DEFAULT_QUANT, default_quant
 from edge.launch import wheel_fetch
+from edge.launch.aliases import AliasTable, normalize as normalize_name
 from edge.model.bundle import MANIFEST, Bundle, is_bundle, is_current, read_json, sha256_of
 
 SOURCE_STAMP = ".source.json"
@@ -192,12 +193,37 @@ def resolve(model: str | None, quant: str | None = None, log=print) -> Path:
         return p
     if p.exists():
         return _convert_once(p, quant, p.stem if p.is_file() else p.name, log)
+    if (target := alias_table().lookup(model)) is not None:
+        if (found := find_by_name(target, prefix=False)) is None:
+            raise FileNotFoundError(f"{model}: an alias of {target}, which is not installed any more "
+                                    f"(edge-llm alias --rm {model})")
+        return _refresh(found, log)
     if os.sep not in model and (found := find_by_name(model, quant)) is not None:
         return _refresh(found, log)
     if model.lower() in DEFAULT_ALIASES:
         return default_model_path(quant or DEFAULT_QUANT, log)
     raise FileNotFoundError(f"{model}: no such bundle, checkpoint directory, GGUF file or converted model "
                             "(edge-llm models lists the converted ones)")
+
+
+def alias_table() -> AliasTable:
+    return AliasTable(home() / "aliases.json")
+
+
+def set_alias(alias: str, target: str, replace: bool = False) -> str:
+    """`edge-llm alias ALIAS TARGET`: TARGET an installed model's name (or an alias of one).
+    Returns the model id the alias points to."""
+    table = alias_table()
+    target_id = table.lookup(target)
+    if target_id is None:
+        found = find_by_name(target, prefix=False)
+        if found is None:
+            raise FileNotFoundError(f"{target}: no installed model of that name (edge-llm models lists them)")
+        target_id = found.name
+    if normalize_name(alias) == normalize_name(target_id) or find_by_name(alias, prefix=False) is not None:
+        raise ValueError(f"{alias!r} is already an installed model's name")
+    table.set(alias, target_id, replace)
+    return target_id
 
 
 def state_dir() -> Path:

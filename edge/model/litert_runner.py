@@ -150,10 +150,30 @@ def _seal(tmp: Path, final: Path, identity: str) -> None:
     part.write_text(json.dumps(_cache_sum(tmp, identity)))
     os.replace(part, check)
     os.replace(tmp, final)
+    _checked[final] = _stamp(final, identity)
+
+
+_checked: dict[Path, tuple] = {}     # caches this process wrote or checked, and their `_stamp`
+
+
+def _stamp(cache: Path, identity: str) -> tuple:
+    """What must not have changed since a check: the cache's and its check file's size,
+    modification time and inode."""
+    stamp = [identity]
+    for f in (cache, _sum_file(cache)):
+        try:
+            st = f.stat()
+            stamp += [st.st_size, st.st_mtime_ns, st.st_ino]
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
 
 
 def cache_is_sound(cache: Path, identity: str) -> tuple[bool, str]:
-    """(whether `cache` matches its check file, why not)."""
+    """(whether `cache` matches its check file, why not). Read once per process: a graph
+    loaded again (another thread count) maps the file this process has already checked."""
+    if _checked.get(cache) == _stamp(cache, identity):
+        return True, ""
     try:
         want = json.loads(_sum_file(cache).read_text())
     except (OSError, ValueError) as e:
@@ -165,7 +185,10 @@ def cache_is_sound(cache: Path, identity: str) -> tuple[bool, str]:
     t0 = time.perf_counter()
     crc = file_crc32(cache)
     log.debug("weight cache %s checked in %.2f s", cache.name, time.perf_counter() - t0)
-    return (True, "") if want.get("crc32") == crc else (False, "its content fails its checksum (damaged)")
+    if want.get("crc32") != crc:
+        return False, "its content fails its checksum (damaged)"
+    _checked[cache] = _stamp(cache, identity)
+    return True, ""
 
 
 CACHE_SPARE_BYTES = 256 << 20     # free space left on the disk after a new weight cache

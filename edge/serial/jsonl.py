@@ -15,7 +15,7 @@ import json
 from edge.engine import ContextFull, QueueFull
 from edge.engine.sampler import check_vocab
 from edge.engine.tool_calls import CHAT_FIELDS, prepare_chat
-from edge.launch.request import REQUEST_FIELDS, prompt_messages
+from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, REQUEST_FIELDS, prompt_messages
 from edge.serial.line_editor import Line
 from edge.serial.protocol import Protocol
 
@@ -83,7 +83,8 @@ class JsonlProtocol(Protocol):
         unknown = sorted(set(req) - _REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
-        chat = prepare_chat(self.engine, _messages(req), **{k: req[k] for k in CHAT_FIELDS & req.keys()})
+        chat = prepare_chat(self.engine, _messages(req), **{"tool_loop_guard": DEFAULT_TOOL_LOOP_GUARD,
+                                                            **{k: req[k] for k in CHAT_FIELDS & req.keys()}})
         params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()}, **chat.overrides())
         check_vocab(params.sampling, self.engine.config.vocab_size)
         self.engine.check_fits(chat.ids)

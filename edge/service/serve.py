@@ -22,8 +22,8 @@ from pathlib import Path
 
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
-from edge.launch.request import (DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS, OLLAMA_PORT,
-                                 WATCHDOG_STALL_SECONDS, RequestDefaults)
+from edge.launch.request import (DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD,
+                                 OLLAMA_PORT, WATCHDOG_STALL_SECONDS, RequestDefaults)
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
@@ -48,7 +48,7 @@ def _at_least(low, kind):
 
 
 def register(sub) -> None:
-    from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_SECONDS
+    from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_SECONDS
     from edge.api.runtime import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
@@ -69,21 +69,30 @@ def register(sub) -> None:
     s.add_argument("--max-connections", type=_at_least(1, int), default=DEFAULT_MAX_CONNECTIONS,
                    help="open HTTP connections at most; beyond it the oldest one still waiting for its "
                    f"request is closed (default {DEFAULT_MAX_CONNECTIONS}; must fit the file-descriptor limit)")
-    s.add_argument("--read-timeout", type=_at_least(0.001, float), default=DEFAULT_REQUEST_SECONDS,
+    s.add_argument("--read-timeout", type=_at_least(0.001, float), default=DEFAULT_READ_SECONDS,
                    help="seconds a client may take to send a whole request, headers and body (408 after; "
-                   f"default {DEFAULT_REQUEST_SECONDS:g})")
+                   f"default {DEFAULT_READ_SECONDS:g})")
     s.add_argument("--allow-host", action="append", default=[],
                    help="also accept this Host header name on a loopback bind (e.g. a reverse proxy's name; "
                    "repeatable). Other names are refused there against DNS rebinding")
     s.add_argument("--max-body", type=number(int, 1), default=MAX_BODY_BYTES, help="request body limit in bytes (413 above)")
     s.add_argument("--cors-origin", action="append", default=[],
-                   help="allow browser requests from this origin (repeatable; CORS is off by default)")
+                   help="allow browser requests from this origin and let its pages read the answers (repeatable; "
+                        "CORS is off by default)")
+    s.add_argument("--allow-origin", action="append", default=[], metavar="ORIGINS",
+                   help="also accept requests from web pages of these origins, on both ports (comma-separated, "
+                        "repeatable; OLLAMA_ORIGINS syntax: https://ha.example:8123, http://192.168.1.*, '*' = any). "
+                        "Default: the page's own origin (the chat page), loopback origins and local apps")
     s.add_argument("--log-prompts", action="store_true", help="write prompt text into the request log")
     s.add_argument("--watchdog-stall", type=number(float, 0.001), default=WATCHDOG_STALL_SECONDS,
                    help="seconds with requests pending but no engine step or admission before /health reports "
                    f"'stalled' and the systemd watchdog is no longer fed (default {WATCHDOG_STALL_SECONDS:g})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity")
+    s.add_argument("--tool-loop-guard", choices=("on", "off"), default="on" if DEFAULT_TOOL_LOOP_GUARD else "off",
+                   help="leave a tool call already answered in this turn out of the grammar, so a model cannot "
+                        "repeat it (a request's own tool_loop_guard wins; default "
+                        f"{'on' if DEFAULT_TOOL_LOOP_GUARD else 'off'})")
     g = s.add_argument_group("default sampling (a request's own fields win)")
     add_sampling_args(g, max_tokens_help="the rest of the context; the serial console: 256")
     h = s.add_argument_group("Home Assistant")
@@ -137,8 +146,6 @@ def api_key(a) -> str | None:
 
 def cmd_serve(a) -> int:
     import uvicorn
-    from edge.api.ollama_api import create_ollama_app
-    from edge.api.openai_api import create_app
     from edge.api.runtime import ServerState
     _setup_logging(a.log_level)
     key = check_exposure(a.host, api_key(a), a.no_auth)
@@ -146,11 +153,11 @@ def cmd_serve(a) -> int:
     max_connections, backlog = fit_fd_limit(a.max_connections)
     sock = bind(a.host, a.port, backlog)
     state = ServerState(_model_id(model_spec(a)), server_config(a, key))
-    sockets, app = [sock], create_app(state)
+    sockets = [sock]
     ollama = bind_ollama(a.host, a.ollama_port, backlog)
     if ollama is not None:
         sockets.append(ollama)
-        app = PortDispatch(app, {ollama.getsockname()[1]: create_ollama_app(state)})
+    app = http_app(state, ollama.getsockname()[1] if ollama is not None else None)
     # h11 with the connection bound and request deadline of edge.api.connections; asyncio pinned
     # (not uvloop, if installed: untested here) with a small backlog that bounds its accept bursts
     server = DrainingServer(uvicorn.Config(app, log_config=None, access_log=False,
@@ -190,6 +197,29 @@ def bind_ollama(host: str, port: int | str | None, backlog: int | None = None) -
         return None
 
 
+def http_app(state, ollama_port: int | None):
+    """The OpenAI app, and on the Ollama port the Ollama app, which also serves OpenAI's /v1/*
+    there (as Ollama does) through the same OpenAI app."""
+    from edge.api.ollama_api import create_ollama_app
+    from edge.api.openai_api import create_app
+    app = create_app(state)
+    if ollama_port is None:
+        return app
+    return PortDispatch(app, {ollama_port: PathDispatch(create_ollama_app(state), {"/v1/": app})})
+
+
+class PathDispatch:
+    """Paths under a prefix go to another ASGI app."""
+
+    def __init__(self, default, by_prefix: dict[str, object]):
+        self.default, self.by_prefix = default, by_prefix
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        app = next((a for p, a in self.by_prefix.items() if path.startswith(p)), self.default)
+        await app(scope, receive, send)
+
+
 class PortDispatch:
     """One uvicorn server, several APIs: each listening port gets its own ASGI app."""
 
@@ -204,10 +234,11 @@ class PortDispatch:
 def server_config(a, key: str | None):
     from edge.api.runtime import ServerConfig
     return ServerConfig(api_key=key, request_timeout=a.request_timeout or None, max_body_bytes=a.max_body,
-                        cors_origins=a.cors_origin, log_prompts=a.log_prompts,
+                        cors_origins=a.cors_origin, allowed_origins=a.allow_origin, log_prompts=a.log_prompts,
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
                         if is_loopback(a.host) else None,
-                        defaults=request_defaults(a, RequestDefaults(max_tokens=None)))
+                        defaults=request_defaults(a, RequestDefaults(max_tokens=None)),
+                        tool_loop_guard=a.tool_loop_guard == "on")
 
 
 def fit_fd_limit(max_connections: int) -> tuple[int, int]:

@@ -172,7 +172,7 @@ function headers() {
 }
 
 function samplingFields() {
-  const body = {};
+  const body = { stop_loops: true };     // a reply stuck in a loop ends (the server's loop guard)
   const t = parseFloat($("temperature").value);
   if (!Number.isNaN(t)) body.temperature = t;
   const n = parseInt($("max-tokens").value, 10);
@@ -322,6 +322,7 @@ async function ask(conv, { onNothing }) {
   conv.messages.push(reply);
   conv.updated = Date.now();
   state.streaming = reply;
+  state.confirmDelete = null;
   renderAll();
   const view = $("messages").lastElementChild;
   const content = view.querySelector(".content");
