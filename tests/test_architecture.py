@@ -47,27 +47,30 @@ def layer(module: str) -> str:
     return next(p for p in sorted(RANK, key=len, reverse=True) if module == p or module.startswith(p + "."))
 
 
-def test_no_import_cycles():
-    g = graph()
+def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of `g` (module -> modules it imports) as a path, or None."""
     state: dict[str, int] = {}
 
     def visit(m, stack):
         state[m] = 1
-        for dep in g[m]:
+        for dep in sorted(g.get(m, ())):
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(dep):] + [dep]))
-            if dep not in state:
-                visit(dep, stack + [dep])
+                return stack[stack.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep, stack + [dep])):
+                return found
         state[m] = 2
+        return None
 
     for m in sorted(g):
-        if m not in state:
-            visit(m, [m])
+        if m not in state and (found := visit(m, [m])):
+            return found
+    return None
 
 
-def test_imports_point_down_the_layers():
+def upward_imports(g: dict[str, set[str]]) -> list[str]:
+    """Imports that point up the layers or sideways between two layers of one rank."""
     bad = []
-    for m, deps in graph().items():
+    for m, deps in g.items():
         if m in ("edge", "convert"):
             continue
         for dep in deps:
@@ -76,9 +79,29 @@ def test_imports_point_down_the_layers():
             a, b = layer(m), layer(dep)
             if a != b and RANK[b] >= RANK[a]:
                 bad.append(f"{m} ({a}) imports {dep} ({b})")
-    assert not bad, "\n".join(sorted(bad))
+    return sorted(bad)
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_imports_point_down_the_layers():
+    bad = upward_imports(graph())
+    assert not bad, "\n".join(bad)
 
 
 def test_the_checker_sees_a_cycle_and_an_upward_import():
-    assert "edge.engine.engine" in graph()["edge.engine.scheduler"]      # the walker resolves imports
-    assert layer("edge.api.openai_api") == "edge.api" and RANK["edge.api"] > RANK["edge.engine"]
+    g = graph()
+    assert "edge.engine.engine" in g["edge.engine.scheduler"]      # the walker resolves imports
+    assert find_cycle(g) is None and upward_imports(g) == []
+    planted = {m: set(deps) for m, deps in g.items()}
+    planted["edge.engine.engine"].add("edge.engine.scheduler")      # the scheduler imports the engine
+    cycle = find_cycle(planted)
+    assert cycle is not None and {"edge.engine.engine", "edge.engine.scheduler"} <= set(cycle), cycle
+    upward = {m: set(deps) for m, deps in g.items()}
+    upward["edge.model.kv_cache"].add("edge.api.runtime")           # the model layer reaching an interface
+    upward["edge.api.runtime"].add("edge.serial.jsonl")             # one interface importing another
+    assert upward_imports(upward) == ["edge.api.runtime (edge.api) imports edge.serial.jsonl (edge.serial)",
+                                      "edge.model.kv_cache (edge.model) imports edge.api.runtime (edge.api)"]

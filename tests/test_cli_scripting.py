@@ -7,6 +7,7 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import pytest
 
 from edge.cli import main as cli
 from edge.engine.engine import Engine
@@ -27,6 +28,7 @@ def expected_answer(bundle, prompt: str, max_tokens: int = 6) -> str:
     return "".join(ev.text for ev in engine.generate(ids, params))
 
 
+@pytest.mark.slow
 def test_run_reads_the_prompt_from_stdin_and_prints_only_the_answer(tiny_bundle):
     answer = expected_answer(tiny_bundle, "w1 w2 w3")
     assert answer.strip()

@@ -89,6 +89,7 @@ def partial(port: int, i: int) -> socket.socket:
     return s
 
 
+@pytest.mark.slow
 def test_many_partial_connections_cannot_take_the_service_down(tiny_bundle, tmp_path):
     """issue 12: under LimitNOFILE=1024, 1,100 connections sending half a request made /health
     and every call time out, and asyncio logged accept() failures thousands of times a second.

@@ -53,11 +53,6 @@ def tiny_src(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tiny_src, tmp_path_factory) -> Path:
-    return convert(tiny_src, tmp_path_factory.mktemp("tiny") / "tiny", quant="f32", quiet=True)
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_bundle) -> Engine:
     return endless_engine(tiny_bundle, TINY_CTX)
 
@@ -151,6 +146,7 @@ def test_openai_client_on_default_model_matches_engine(smol, smol_base):
     assert "".join(c.choices[0].text for c in streamed) == want
 
 
+@pytest.mark.slow
 def test_second_chat_turn_reuses_prefix_and_matches_uncached(smol, smol_base):
     api = client(smol_base)
     system = ("You are the help desk of a small library in a mountain village. Answer briefly, politely "
@@ -328,7 +324,7 @@ BAD_REQUESTS = [
     ("negative max_tokens", "/v1/chat/completions", {"messages": user("w1"), "max_tokens": -5}, 400,
      "greater than or equal to 1", "max_tokens"),
     ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w1"}]}, 400,
-     "'system', 'user', 'assistant' or 'tool'", "messages.0.role"),
+     "'system', 'developer', 'user', 'assistant', 'tool' or 'ipython'", "messages.0.role"),
     ("n=9", "/v1/chat/completions", {"messages": user("w1"), "n": 9}, 400, "n must be between 1 and 8", "n"),
     ("top_p out of range", "/v1/chat/completions", {"messages": user("w1"), "top_p": 0}, 400, "greater than 0",
      "top_p"),

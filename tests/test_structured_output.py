@@ -129,6 +129,7 @@ PROMPTS = ["Is it raining in Oslo?", "Set a timer for the pasta, 9 minutes.", "T
            "Lights on in the kitchen please."]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("choice", ["required", "named"])
 def test_forced_tool_calls_validate_against_their_schema(smol_base, choice):
     api = client(smol_base)
@@ -145,6 +146,7 @@ def test_forced_tool_calls_validate_against_their_schema(smol_base, choice):
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
+@pytest.mark.slow
 def test_home_assistant_probe_tools_with_three_tokens(smol_base):
     """Home Assistant's llama_cpp integration checks a server this way and gives up on any error."""
     api = client(smol_base)
@@ -301,6 +303,7 @@ def test_n_choices_are_generated_one_after_the_other(tiny, tiny_base):
     assert [got[i] for i in range(3)] == want
 
 
+@pytest.mark.slow
 def test_bench_reports_the_mask_cost_against_the_decode_step(smol, tmp_path):
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
@@ -331,6 +334,7 @@ def test_logprob_bytes_are_exact_even_inside_a_character(smol):
     assert entry.logprob == pytest.approx(-np.log(smol.config.vocab_size))
 
 
+@pytest.mark.slow
 def test_speculative_drafts_under_a_grammar_give_the_same_tokens(smol):
     """Drafts are checked token by token through the grammar's mask (the matcher advances only
     on taken tokens): with speculation the constrained reply is the plain one, greedy or seeded."""
