@@ -49,7 +49,7 @@ def test_ollama_names(servers, tiny):
         assert reply.done, name
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="mistral", messages=HI)
-    assert e.value.status_code == 404 and "model 'mistral' not found" in e.value.error
+    assert e.value.status_code == 404 and "model 'mistral' does not exist here" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="helper:1b", prompt="w1")
     assert e.value.status_code == 404 and "installed but not loaded" in e.value.error
@@ -119,4 +119,4 @@ def test_cli_ps_and_stop(servers, tiny):
     r = cli("stop", "llama3.2")
     assert r.returncode == 1 and "stays loaded" in r.stderr
     r = cli("stop", "mistral")
-    assert r.returncode == 1 and "not found" in r.stderr
+    assert r.returncode == 1 and "does not exist here" in r.stderr
