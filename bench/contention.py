@@ -59,6 +59,10 @@ class Busy:
                 p.kill()
 
 
+def _say(row: dict) -> None:
+    print(f"[contention]   pp {row['pp']:.1f} t/s, tg {row['tg']:.1f} t/s", file=sys.stderr, flush=True)
+
+
 def run_all(a) -> list[dict]:
     rows = []
     for busy in a.busy:
@@ -70,6 +74,7 @@ def run_all(a) -> list[dict]:
                 rows.append({"busy": busy, "engine": "edge-llm", "threads": t, "load": load,
                              "pp": r["pp_tokens_per_s"], "tg": r["tg_tokens_per_s"],
                              "policy": r["raw"].get("thread_policy")})
+                _say(rows[-1])
             if a.llama_bench:
                 load = os.getloadavg()[0]
                 print(f"[contention] busy {busy}: llama.cpp -t {a.threads} (load {load:.2f}) ...",
@@ -78,6 +83,7 @@ def run_all(a) -> list[dict]:
                                     binary=a.llama_bench)
                 rows.append({"busy": busy, "engine": "llama.cpp", "threads": a.threads, "load": load,
                              "pp": r["pp_tokens_per_s"], "tg": r["tg_tokens_per_s"]})
+                _say(rows[-1])
     quiet = {(r["engine"], r["threads"]): r for r in rows if r["busy"] == 0}
     for r in rows:
         q = quiet.get((r["engine"], r["threads"]))

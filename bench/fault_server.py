@@ -179,9 +179,10 @@ def wyoming_event(kind: str, data: dict | None = None, raw_data: bytes | None = 
     return json.dumps(header).encode() + b"\n" + blob
 
 
-def wyoming_read(sock: socket.socket, deadline: float) -> list[dict]:
-    """Events until the socket closes or `deadline` (monotonic) passes."""
-    f, events = sock.makefile("rb"), []
+def wyoming_read(sock: socket.socket, deadline: float, f=None) -> list[dict]:
+    """Events until the socket closes, an answer ends, or `deadline` (monotonic) passes. Pass
+    the same reader `f` (sock.makefile("rb")) for every read on one connection: it buffers."""
+    f, events = f or sock.makefile("rb"), []
     while time.monotonic() < deadline:
         sock.settimeout(max(0.05, deadline - time.monotonic()))
         try:
@@ -201,6 +202,8 @@ def wyoming_read(sock: socket.socket, deadline: float) -> list[dict]:
         if header.get("payload_length"):
             f.read(header["payload_length"])
         events.append({"type": header.get("type"), "data": data})
-        if header.get("type") in ("handled", "not-handled", "error", "info"):
+        if header.get("type") in ("handled", "error", "info"):
             break
+        if header.get("type") == "not-handled":          # an "error" may follow it: wait briefly
+            deadline = min(deadline, time.monotonic() + 1.0)
     return events

@@ -202,7 +202,8 @@ def _dequantize(path: Path, t) -> np.ndarray:
     out = np.empty((stored[0], int(np.prod(shape[1:], dtype=np.int64))), np.float32)
     step = max(1, READ_CHUNK // max(row_bytes, 1))
     try:
-        with open(path, "rb") as f:
+        # damaged scales make NaN/inf here: Checkpoint.tensor refuses them by name, without numpy's warnings first
+        with open(path, "rb") as f, np.errstate(invalid="ignore", over="ignore"):
             f.seek(t.data_offset)
             for lo in range(0, stored[0], step):
                 n = min(step, stored[0] - lo)

@@ -52,6 +52,7 @@ def edge(*args, home: Path | None = None, **kw):
     (["chat", "--ctx", "2k"], "argument --ctx: not an integer: '2k'"),
     (["perplexity", "f.txt", "--stride", "0"], "argument --stride: must be at least 1, got 0"),
     (["bench", "--reps", "0"], "argument -r/--reps: must be at least 1, got 0"),
+    (["convert", "src", "-o", "out", "--threads", "0"], "argument --threads: must be at least 1, got 0"),
     (["serial", "--port", "/dev/null", "--baud", "0"], "argument --baud: must be at least 1, got 0"),
     (["serial", "--port", "/dev/null", "--line-limit", "0"], "argument --line-limit: must be at least 1, got 0"),
 ])

@@ -9,7 +9,6 @@ import pytest
 from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
-from edge.api.openai_api import create_app
 from edge.api.origins import OriginPolicy, parse_origins
 from tests.http_server import endless_engine, ready_state, running
 

@@ -127,14 +127,14 @@ def test_choose_gguf_unknown_and_split_tags():
 def test_pull_gguf_by_quant_tag(home, hub, tiny_gguf):
     hub.repos["someone/Tiny-GGUF"] = gguf_repo(tiny_gguf)
     got, emit = events()
-    dest = pull.pull("hf.co/someone/Tiny-GGUF:Q8_0", quant="int8", emit=emit, log=lambda m: None)
-    assert dest.name == "tiny-q8_0-int8" and model_store.is_current(dest)
+    dest = pull.pull("hf.co/someone/Tiny-GGUF:Q8_0", quant="f16", emit=emit, log=lambda m: None)
+    assert dest.name == "tiny-q8_0-f16" and model_store.is_current(dest)
     # only the chosen file (and the licence) crossed the wire
     assert set(hub.served) == {"tiny-Q8_0.gguf", "LICENSE.txt"}
     # Ollama's status sequence, with byte counts that end at the total
     statuses = [e.status for e in got]
     assert statuses[0] == "pulling manifest" and statuses[-1] == "success"
-    assert "verifying sha256 digest" in statuses and "converting to int8" in statuses
+    assert "verifying sha256 digest" in statuses and "converting to f16" in statuses
     last = [e for e in got if e.total][-1]
     assert last.completed == last.total == tiny_gguf.stat().st_size + len(b"the licence\n")
     assert any(e.digest == f"sha256:{hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()}" for e in got)

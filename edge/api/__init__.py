@@ -7,5 +7,6 @@ page at / (`chat_page`, its files in static/).
 
 Translates the wire format into engine requests through edge.launch and the scheduler, and
 the job's pieces (edge.engine.replies) back; never touches tensors. May import edge.launch,
-edge.engine (and edge.model's errors). The adapters do not import each other.
+edge.engine (its refusals `ContextFull`/`QueueFull` from edge.engine itself). The adapters do
+not import each other.
 """

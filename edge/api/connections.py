@@ -85,11 +85,11 @@ class DrainingServer(uvicorn.Server):
 
 _PHRASES = {400: "Bad Request", 408: "Request Timeout", 503: "Service Unavailable"}
 DEFAULT_MAX_CONNECTIONS = 256
-DEFAULT_REQUEST_SECONDS = 20.0
+DEFAULT_READ_SECONDS = 20.0
 
 
 def guarded_protocol(max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                     request_seconds: float = DEFAULT_REQUEST_SECONDS) -> type[H11Protocol]:
+                     request_seconds: float = DEFAULT_READ_SECONDS) -> type[H11Protocol]:
     """A protocol class for `uvicorn.Config(http=...)` with these bounds."""
     if max_connections < 1:
         raise ValueError(f"max_connections must be >= 1, got {max_connections}")
@@ -101,7 +101,7 @@ def guarded_protocol(max_connections: int = DEFAULT_MAX_CONNECTIONS,
 
 class GuardedH11Protocol(H11Protocol):
     max_connections = DEFAULT_MAX_CONNECTIONS
-    request_seconds = DEFAULT_REQUEST_SECONDS
+    request_seconds = DEFAULT_READ_SECONDS
 
     def connection_made(self, transport) -> None:
         if self.loop.get_exception_handler() is None:

@@ -50,10 +50,9 @@ from edge.engine.tool_calls import ChatRequest
 from edge.launch.model_store import bundle_id
 from edge.launch.request import prompt_messages
 
-log = logging.getLogger("edge.http")
+log = logging.getLogger("edge.ollama")
 
 OLLAMA_VERSION = "0.6.2"        # the Ollama API version this mirrors (clients check it)
-DEFAULT_PORT = 11434
 NDJSON = "application/x-ndjson"
 
 # Ollama option -> RequestDefaults field

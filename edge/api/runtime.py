@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,12 +29,13 @@ from starlette.concurrency import run_in_threadpool
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
+from edge.engine.replies import aevents
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
 from edge.launch import model_store
 from edge.launch.aliases import normalize
-from edge.launch.request import DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
+from edge.launch.request import DEFAULT_REQUEST_SECONDS, DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -42,7 +44,7 @@ CLIENT_GONE = 499                         # nginx's "client closed request", for
 @dataclass
 class ServerConfig:
     api_key: str | None = None
-    request_timeout: float | None = 300.0     # seconds in queue + generating; None = no limit
+    request_timeout: float | None = DEFAULT_REQUEST_SECONDS     # queue + generating; None = no limit
     max_body_bytes: int = MAX_BODY_BYTES
     cors_origins: list[str] = field(default_factory=list)
     # web origins allowed beyond edge.api.origins' defaults (the page's own, loopback, local apps)
@@ -190,7 +192,7 @@ def model_error(state: ServerState, name: str, hint: str = "") -> ApiError | Non
         message = (f"model '{name}' is installed but not loaded: this server runs '{state.model_id}' "
                    f"(restart it with --model {name})")
     else:
-        message = (f"model '{name}' not found; this server runs '{state.model_id}' (edge-llm pull installs "
+        message = (f"model '{name}' does not exist here; this server runs '{state.model_id}' (edge-llm pull installs "
                    "a model from the Hugging Face Hub, edge-llm alias gives it another name)")
     return ApiError(404, message + (f"; {hint}" if hint else ""), param="model", code="model_not_found")
 
@@ -358,9 +360,8 @@ class JobStream(StreamingResponse):
 async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
     """The job's events without blocking the event loop. If the awaiting task is cancelled
     (client gone) the reading thread is abandoned; it ends at the job's next event."""
-    events = job.events()
-    while (ev := await anyio.to_thread.run_sync(next, events, None, abandon_on_cancel=True,
-                                                limiter=limiter)) is not None:
+    run = functools.partial(anyio.to_thread.run_sync, abandon_on_cancel=True, limiter=limiter)
+    async for ev in aevents(job.events(), run):
         yield ev
 
 

@@ -21,6 +21,7 @@ loopback unless given a LAN address, and the log says so.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -35,11 +36,11 @@ from wyoming.info import Attribution, Describe, HandleModel, HandleProgram, Info
 
 from edge.assist import spoken, wyoming_io
 from edge.assist.wyoming_io import ConnectionTable, Idle, ProtocolError, read_event
+from edge.engine import ContextFull, QueueFull, replies
 from edge.engine.conversation import Conversation
 from edge.engine.engine import Engine
-from edge.engine.scheduler import QueueFull, Scheduler
+from edge.engine.scheduler import Scheduler
 from edge.launch.request import DEFAULT_SPOKEN_TOKENS, RequestDefaults
-from edge.model.kv_cache import ContextFull
 
 log = logging.getLogger("edge.wyoming")
 
@@ -252,20 +253,21 @@ class WyomingService:
         return conv, text, job
 
     async def _stream(self, job, conv: Conversation, question: str, writer, context: dict) -> bool:
-        loop, events = asyncio.get_running_loop(), job.events()
-        budget, last = spoken.SentenceBudget(self.reply_tokens), None
+        read = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
+        budget, last, complete = spoken.SentenceBudget(self.reply_tokens), None, False
         await self._send(writer, HandledStart(context=context).event())
         try:
-            while (ev := await loop.run_in_executor(self._threads, next, events, None)) is not None:
-                last = ev
-                piece, complete = budget.feed(ev.text, 1 if ev.token_id is not None else 0)
+            async for reply in replies.astream(replies.aevents(job.events(), read)):
+                if reply.final is not None:
+                    last = reply.final
+                    continue
+                if complete:          # the rest of a cancelled job: read to its end, say nothing
+                    continue
+                piece, complete = budget.feed(reply.text, reply.tokens)
                 if piece:
                     await self._send(writer, HandledChunk(text=piece).event())
                 if complete:          # stop generating, and let the job end (its slot free, its KV
                     job.cancel()      # kept) before `handled`: the follow-up can reuse that slot
-                    while await loop.run_in_executor(self._threads, next, events, None) is not None:
-                        pass
-                    break
         except Exception as e:        # ContextFull, or the engine failed this sequence
             log.warning("Wyoming: the answer failed: %s", e)
             await self._refuse(writer, Refusal(spoken.FAILED, str(e)), context)

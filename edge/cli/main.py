@@ -11,7 +11,7 @@ from convert.convert import CONVERT_THREADS, GPTQ_BY_DEFAULT, ROTATE_BY_DEFAULT,
 from convert.quantize import BIG_MODEL_PARAMS, BIG_MODEL_QUANT, DEFAULT_QUANT, SCHEMES
 from edge.engine import replies
 from edge.launch import engine_from_args
-from edge.launch.args import add_model_args, add_sampling_args, request_defaults
+from edge.launch.args import add_model_args, add_sampling_args, positive, request_defaults
 
 
 def _log(msg: str) -> None:
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive chat in the terminal (/help inside)",
                        description='Chat in the terminal: line editing and history, """ for several lines, '
-                       "/help, /context, /stats; Ctrl-C stops a reply, Ctrl-D exits.")
+                       "/help, /context, /stats, /set, /save FILE, /load FILE; replies wrap to the terminal's "
+                       "width; Ctrl-C stops a reply, Ctrl-D exits.")
     c.add_argument("--system", "-p", help="system prompt (default: none)")
     c.add_argument("--file", "-f", help="put this text file's contents before the first question (default: none)")
     add_model_args(c)
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--head", default=None, metavar="SCHEME",
                    help="integer quants: the lm_head's format (and so a tied embedding's), e.g. int8, int4, "
                         "int4-b32; default: the one chosen for --quant")
-    v.add_argument("--threads", type=int, default=None,
+    v.add_argument("--threads", type=positive, default=None,
                    help=f"NumPy threads while converting (default {CONVERT_THREADS}: steady beside other work, "
                         "and the same bundle whatever the load; bundles made with different counts differ in "
                         "rounding)")

@@ -4,7 +4,8 @@ A job (or `Engine.generate`) yields `Event`s: pieces of text, their logprobs whe
 and a last event carrying the finish reason and usage. `stream` turns them into `Piece`s to
 show as they come (with tools, text that may open a call is held back) and ends with a final
 piece: the rest of the content, the tool calls, the finish reason and usage. `collect`
-gathers the whole answer instead. `astream` and `acollect` do the same over async events.
+gathers the whole answer instead. `astream` and `acollect` do the same over async events
+(`aevents` reads a job's events on the interface's own threads).
 
 Errors (`ContextFull`, `QueueFull`, an engine failure) pass through unchanged; each
 interface turns them into its own answer with its own table.
@@ -12,7 +13,7 @@ interface turns them into its own answer with its own table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterable, AsyncIterator, Iterable, Iterator
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 from edge.engine.engine import Event, TokenLogprob, Usage
 from edge.engine.tool_calls import ToolCall, ToolUse
@@ -22,6 +23,7 @@ from edge.engine.tool_calls import ToolCall, ToolUse
 class Piece:
     text: str = ""                                   # to show now
     logprobs: list[TokenLogprob] | None = None       # the tokens behind this event's text
+    tokens: int = 0                                  # generated tokens behind it (0 on the last piece)
     final: Event | None = None                       # the last piece: the job's last event (finish reason, usage)
     tool_calls: list[ToolCall] = field(default_factory=list)    # the last piece: the calls made
 
@@ -68,14 +70,14 @@ class Reader:
         if ev.logprobs is not None:
             self.logprobs = (self.logprobs or []) + ev.logprobs
         text = self.calls.feed(ev.text) if self.calls is not None else ev.text
-        out = [Piece(text, ev.logprobs)] if text or ev.logprobs else []
+        out = [Piece(text, ev.logprobs, tokens=int(ev.token_id is not None))] if text or ev.logprobs else []
         if ev.finish_reason is not None:      # the last event (its usage: None if it never started)
             self.final = ev
             if self.calls is not None:
                 content, calls = self.calls.finish()
             else:
                 content, calls = None, self.answer().tool_calls if self.tool_use is not None else []
-            out.append(Piece(content or "", None, ev, calls))
+            out.append(Piece(content or "", None, final=ev, tool_calls=calls))
         return out
 
     def answer(self) -> Answer:
@@ -109,3 +111,10 @@ async def acollect(events: AsyncIterable[Event], tool_use: ToolUse | None = None
     async for ev in events:
         reader.feed(ev)
     return reader.answer()
+
+
+async def aevents(events: Iterator[Event], run: Callable[..., Awaitable]) -> AsyncIterator[Event]:
+    """A job's blocking events as async ones: `run(next, events, None)` reads the next one off
+    the event loop (the interface's bounded thread pool)."""
+    while (ev := await run(next, events, None)) is not None:
+        yield ev

@@ -24,7 +24,9 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.7         # 0 means greedy
+    """One sequence's sampling. The field defaults mean "off" (plain sampling from the model's
+    distribution); the product's defaults live in edge.launch.request."""
+    temperature: float = 1.0         # 0 means greedy, 1 leaves the logits as they are
     top_k: int = 0                   # 0 means off
     top_p: float = 1.0               # 1 means off
     min_p: float = 0.0               # 0 means off

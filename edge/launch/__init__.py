@@ -2,10 +2,13 @@
 
 Resolve a `--model` into a bundle (converting a checkpoint once, fetching the embedded
 default model on first use: `model_store`), open it, build the engine (`load_engine`), and
-turn interface options into a request (`request.RequestDefaults`, `args`).
+turn interface options into a request (`request.RequestDefaults`, `args`). `request` is the
+one home of the product's defaults and limits (sampling, max_tokens, context, queue, request
+time limit, ports); interfaces show and validate them there, never restate them.
 
 May import: edge.engine, edge.model, and convert/ (only to build a bundle on first use).
-Imported by: edge.cli, edge.service, edge.api, edge.serial. The engine never imports it.
+Imported by: edge.cli, edge.service, edge.api, edge.serial, edge.assist. The engine never
+imports it.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The serial console (GPIO UART or USB gadget). May import edge.launch and edge.engine;
-never touches tensors.
+"""The serial console (GPIO UART or USB gadget). May import edge.launch and edge.engine
+(the reply through `edge.engine.replies`, the refusals from edge.engine); never touches tensors.
 
 - port: line settings, opening the port, the transport (reads, the writer thread, the outbox)
 - line_editor: raw terminal bytes -> edited lines

@@ -22,13 +22,13 @@ from pathlib import Path
 
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
-from edge.launch.request import DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD, WATCHDOG_STALL_SECONDS, RequestDefaults
+from edge.launch.request import (DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD,
+                                 OLLAMA_PORT, WATCHDOG_STALL_SECONDS, RequestDefaults)
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-OLLAMA_PORT = 11434             # Ollama's own port, where its clients look first
 WARM_UP_PROMPT = "Hello"
 
 
@@ -48,7 +48,7 @@ def _at_least(low, kind):
 
 
 def register(sub) -> None:
-    from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_SECONDS
+    from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_SECONDS
     from edge.api.runtime import MAX_BODY_BYTES
     s = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
                        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
@@ -61,16 +61,17 @@ def register(sub) -> None:
     s.add_argument("--port", type=port, default=8080, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
-    s.add_argument("--max-queue", type=_at_least(1, int), default=8,
-                   help="requests waiting beyond this get HTTP 429 (at least 1)")
-    s.add_argument("--request-timeout", type=_at_least(0, float), default=300.0,
-                   help="seconds a request may take, queue wait included (0 = no limit)")
+    s.add_argument("--max-queue", type=_at_least(1, int), default=DEFAULT_MAX_QUEUE,
+                   help=f"requests waiting beyond this get HTTP 429 (at least 1; default {DEFAULT_MAX_QUEUE})")
+    s.add_argument("--request-timeout", type=_at_least(0, float), default=DEFAULT_REQUEST_SECONDS,
+                   help=f"seconds a request may take, queue wait included (0 = no limit; default "
+                        f"{DEFAULT_REQUEST_SECONDS:g})")
     s.add_argument("--max-connections", type=_at_least(1, int), default=DEFAULT_MAX_CONNECTIONS,
                    help="open HTTP connections at most; beyond it the oldest one still waiting for its "
                    f"request is closed (default {DEFAULT_MAX_CONNECTIONS}; must fit the file-descriptor limit)")
-    s.add_argument("--read-timeout", type=_at_least(0.001, float), default=DEFAULT_REQUEST_SECONDS,
+    s.add_argument("--read-timeout", type=_at_least(0.001, float), default=DEFAULT_READ_SECONDS,
                    help="seconds a client may take to send a whole request, headers and body (408 after; "
-                   f"default {DEFAULT_REQUEST_SECONDS:g})")
+                   f"default {DEFAULT_READ_SECONDS:g})")
     s.add_argument("--allow-host", action="append", default=[],
                    help="also accept this Host header name on a loopback bind (e.g. a reverse proxy's name; "
                    "repeatable). Other names are refused there against DNS rebinding")
