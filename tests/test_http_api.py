@@ -328,7 +328,7 @@ BAD_REQUESTS = [
     ("negative max_tokens", "/v1/chat/completions", {"messages": user("w1"), "max_tokens": -5}, 400,
      "greater than or equal to 1", "max_tokens"),
     ("unknown role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "w1"}]}, 400,
-     "'system', 'user', 'assistant' or 'tool'", "messages.0.role"),
+     "'system', 'developer', 'user', 'assistant', 'tool' or 'ipython'", "messages.0.role"),
     ("n=9", "/v1/chat/completions", {"messages": user("w1"), "n": 9}, 400, "n must be between 1 and 8", "n"),
     ("top_p out of range", "/v1/chat/completions", {"messages": user("w1"), "top_p": 0}, 400, "greater than 0",
      "top_p"),
