@@ -199,8 +199,19 @@ def test_bodies_are_json_whatever_the_content_type(smol_ollama, smol):
 
 # --- Home Assistant's traffic --------------------------------------------------------------
 
-def test_unknown_options_are_ignored_with_a_log_line(smol_ollama, smol, caplog):
-    caplog.set_level("INFO", logger="edge.ollama")
+@pytest.fixture
+def ollama_log(caplog):
+    """The Ollama adapter's log lines, caught on its own logger."""
+    from edge.api import ollama_api
+    logger = ollama_api.log
+    caplog.set_level("INFO", logger=logger.name)
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_unknown_options_are_ignored_with_a_log_line(smol_ollama, smol, ollama_log):
+    caplog = ollama_log
     client, base = smol_ollama
     got = client.chat(model=smol.name, messages=[{"role": "user", "content": "x"}],
                       options={"temprature": 0.1, "rope_frequency_base": 500000, "num_gqa": 8, "num_predict": 2})
@@ -214,8 +225,8 @@ def test_head_root_and_tools_in_the_capabilities(smol_ollama, smol):
     assert "tools" in client.show(smol.name).capabilities
 
 
-def test_num_ctx_drops_the_oldest_messages_as_ollama_does(smol_ollama, smol, caplog):
-    caplog.set_level("INFO", logger="edge.ollama")
+def test_num_ctx_drops_the_oldest_messages_as_ollama_does(smol_ollama, smol, ollama_log):
+    caplog = ollama_log
     client, _ = smol_ollama
     turns = []
     for i in range(12):

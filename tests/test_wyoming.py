@@ -226,14 +226,17 @@ def _spoken_refusal(events: list, text: str) -> None:
 
 
 def test_a_megabyte_transcript_is_refused_before_tokenizing(service, smol, monkeypatch):
-    encoded = []
+    from edge.assist import wyoming_service
+    encoded, released = [], []
     real = smol.encode_chat
     monkeypatch.setattr(smol, "encode_chat", lambda *a, **k: encoded.append(1) or real(*a, **k))
+    monkeypatch.setattr(wyoming_service, "release_free_memory", lambda: released.append(1))
     held = len(service.submitted)
     events = exchange(service, Transcript(text="lights on " * 100_000).event(), until_closed=True)
     _spoken_refusal(events, spoken.TOO_LONG)
     assert [e.type for e in events] == ["not-handled"]         # and the connection closed
     assert encoded == [] and len(service.submitted) == held
+    _await(lambda: released == [1])             # the big event's memory is handed back (malloc_trim)
 
 
 @pytest.mark.parametrize("data, why", [

@@ -35,6 +35,7 @@ from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
 from edge.launch import model_store
 from edge.launch.aliases import normalize
+from edge.launch.memory import BIG_REQUEST as BIG_PROMPT, release_free_memory
 from edge.launch.request import DEFAULT_REQUEST_SECONDS, DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
 
 MAX_BODY_BYTES = 1 << 20
@@ -227,20 +228,7 @@ async def tokenize(state: ServerState, encode, value, param: str, nbytes: int) -
             return await run_in_threadpool(_encode, encode, value, param)
         finally:
             if nbytes >= BIG_PROMPT:
-                await run_in_threadpool(_release_free_memory)
-
-
-BIG_PROMPT = 1 << 16        # bytes: after tokenizing this much, give the memory back
-
-
-def _release_free_memory() -> None:
-    """glibc keeps what the tokenizer freed (~600 MB peak for a 1 MB prompt) in its arenas;
-    malloc_trim hands it back to the system, so RSS falls back after a huge prompt."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+                await run_in_threadpool(release_free_memory)
 
 
 def _encode(encode, value, param: str) -> list[int]:

@@ -19,6 +19,8 @@ import time
 
 from wyoming.event import Event
 
+from edge.launch.memory import BIG_REQUEST
+
 MAX_HEADER = 64 << 10          # bytes in one JSON header line
 MAX_BLOCK = 1 << 20            # bytes of data or payload after a header
 IDLE_TIMEOUT = 60.0            # seconds a connection may wait between events
@@ -42,6 +44,7 @@ class Connection:
         self.writer = writer
         self.idle_since: float | None = time.monotonic()
         self.evicted = False
+        self.read_big = False          # a block of BIG_REQUEST bytes or more was read
 
     def working(self) -> None:
         self.idle_since = None
@@ -115,6 +118,8 @@ async def read_event(reader: asyncio.StreamReader, conn: Connection | None = Non
         n = header.get(key) or 0
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_BLOCK:
             raise ProtocolError(f"{key} must be an integer from 0 to {MAX_BLOCK}, got {n!r}")
+        if conn is not None and n + len(line) >= BIG_REQUEST:
+            conn.read_big = True
         try:
             blocks[key] = await asyncio.wait_for(reader.readexactly(n), BLOCK_TIMEOUT) if n else b""
         except (asyncio.IncompleteReadError, asyncio.TimeoutError) as e:

@@ -40,6 +40,7 @@ from edge.engine import ContextFull, QueueFull, replies
 from edge.engine.conversation import Conversation
 from edge.engine.engine import Engine
 from edge.engine.scheduler import Scheduler
+from edge.launch.memory import release_free_memory
 from edge.launch.request import DEFAULT_SPOKEN_TOKENS, RequestDefaults
 
 log = logging.getLogger("edge.wyoming")
@@ -167,6 +168,8 @@ class WyomingService:
         finally:
             self.table.close(conn)
             writer.close()
+            if conn.read_big:         # a big event's buffers and parsed text: hand the memory back
+                await asyncio.get_running_loop().run_in_executor(self._threads, release_free_memory)
 
     async def _send(self, writer: asyncio.StreamWriter, event: Event) -> None:
         try:
