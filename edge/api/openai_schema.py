@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.api.text import lone_surrogate, surrogate_message
+from edge.api.text import valid_unicode
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 
 # the engine's refusals in OpenAI's terms: status, error type, code
@@ -89,10 +89,7 @@ class GenerationRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data):
-        """JSON may spell a lone surrogate ("\\ud800"); no tokenizer can encode it."""
-        if (where := lone_surrogate(data)) is not None:
-            raise ValueError(surrogate_message(where))
-        return data
+        return valid_unicode(data)
 
     @field_validator("n")
     @classmethod

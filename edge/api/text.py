@@ -25,3 +25,11 @@ def lone_surrogate(value, path: str = "") -> str | None:
 def surrogate_message(where: str) -> str:
     return (f"{where or 'the body'}: contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
             "which is not valid Unicode text")
+
+
+def valid_unicode(data):
+    """A request body's pydantic "before" check: JSON may spell a lone surrogate ("\\ud800"),
+    which no tokenizer can encode and no byte count gets right."""
+    if (where := lone_surrogate(data)) is not None:
+        raise ValueError(surrogate_message(where))
+    return data
