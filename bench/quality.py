@@ -67,6 +67,7 @@ def quantize(tool: Path, src: Path, out: Path, qtype: str) -> Path:
     if out.exists():
         return out
     log(f"llama-quantize {src.name} -> {out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(out.name + ".part")
     r = subprocess.run([str(tool), "--allow-requantize", str(src), str(part), qtype, str(THREADS)],
                        capture_output=True, text=True)
