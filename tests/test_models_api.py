@@ -83,6 +83,7 @@ def test_pull_over_the_ollama_api(servers, tmp_path, monkeypatch):
         monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
         monkeypatch.delenv("HF_TOKEN", raising=False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)   # other test modules set it for transformers
         parts = list(client.pull("hf.co/someone/Tiny", stream=True))
         statuses = [p.status for p in parts]
         assert statuses[0] == "pulling manifest" and statuses[-1] == "success", statuses

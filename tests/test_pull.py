@@ -25,8 +25,10 @@ def home(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGE_LLM_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))      # no login cache of the machine's
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)   # other test modules set it for transformers
     from huggingface_hub import constants     # read at import: point the login cache here too
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     return tmp_path / "home"
 
 

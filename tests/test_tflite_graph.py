@@ -277,14 +277,17 @@ def test_weight_cache_reused_and_never_stale(tmp_path, rng):
     want = GraphRunner(path, threads=2).run("fc", x=x)["y"]
     for _ in range(2):                                      # write the cache, then read it
         np.testing.assert_array_equal(GraphRunner(path, 2, cache).run("fc", x=x)["y"], want)
-    first = sorted(cache.iterdir())
+    def caches():                                           # each cache file has its check file (.sum) beside it
+        return sorted(p for p in cache.iterdir() if p.suffix != ".sum")
+    first = caches()
     assert len(first) == 1 and first[0].stat().st_size > 0
+    assert first[0].with_name(first[0].name + ".sum").exists()
     other = quantize(rng.standard_normal((64, 64)).astype(np.float32), "int4")
     path.write_bytes(_fc_graph(other))                      # same shapes, new weights
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     got = GraphRunner(path, 2, cache).run("fc", x=x)["y"]
     np.testing.assert_allclose(got, _fc_ref(x, other), rtol=0, atol=1e-5 * np.abs(got).max())
-    assert len(list(cache.iterdir())) == 1 and sorted(cache.iterdir()) != first
+    assert len(caches()) == 1 and caches() != first
 
 
 def test_litert_setup_noise_is_filtered(tmp_path, rng, capfd):
