@@ -76,6 +76,8 @@ def test_conversion_peak_rss_is_bounded_by_the_largest_tensor(mid_checkpoint, tm
     extra = peak - base
     print(f"{quant}: peak {peak / 2**20:.0f} MiB, {extra / 2**20:.0f} MiB above the libraries, "
           f"largest tensor {largest / 2**20:.0f} MiB")
-    # one float32 copy of the largest tensor, its quantized form, chunk temporaries, and the
-    # second tokenizer calibration parses (measured 1.2-1.3x; before this bound: 5x)
-    assert extra <= 1.6 * largest
+    # one float32 copy of the largest tensor, its quantized form, chunk temporaries, the
+    # tokenizer's calibration parse, and one smoothing candidate's temporaries per core
+    # (measured 1.54x with the candidates tried one at a time, 1.61x with one per core on 2
+    # cores; a second copy of the largest tensor would be 2x and more)
+    assert extra <= 1.7 * largest
