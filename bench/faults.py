@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import fault_probes as probes
+from bench import fault_limits as limits, fault_probes as probes
 from bench.fault_server import REPO, Server, Table
 
 
@@ -96,15 +96,15 @@ def main(argv=None) -> int:
         if server.managed:
             run(probes.long_prompt, server, ref)
             run(probes.ollama_shutdown, server, table, a.parallel)
-            run(probes.xnnpack_damage, server, table, ref)
-            run(probes.prompt_cache_damage, server, table, ref)
-            run(probes.low_fd_limit, a.workdir, model, table)
+            run(limits.xnnpack_damage, server, table, ref)
+            run(limits.prompt_cache_damage, server, table, ref)
+            run(limits.low_fd_limit, a.workdir, model, table)
         else:
             table.add("restarts (caches, SIGTERM, ulimit)", "-", "not run against --target", None)
-        run(probes.full_disk_convert, a.workdir, src, table)
-        run(probes.killed_convert, a.workdir, src, table)
+        run(limits.full_disk_convert, a.workdir, src, table)
+        run(limits.killed_convert, a.workdir, src, table)
         if server.managed:
-            run(probes.full_disk_xnnpack, a.workdir, model, table)
+            run(limits.full_disk_xnnpack, a.workdir, model, table)
     finally:
         server.stop()
     print(table.markdown())

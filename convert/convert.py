@@ -127,7 +127,7 @@ def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rot
     embedding = {"scheme": "float"}
     with atomic_bundle(dest, overwrite, log=note) as w, g.hessians or contextlib.nullcontext():
         layout = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
-                                   g.down_rotation, g.hessians, head)
+                                   g.down_rotation, g.hessians, head=head)
         with w.tensor_file("weights.bin") as tf:
             if floats:
                 for n in names:

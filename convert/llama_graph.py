@@ -41,8 +41,10 @@ Importance = Mapping[str, np.ndarray]
 def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
                       importance: Importance = {}, down_rotation: np.ndarray | None = None,
                       hessians=None, head: str | None = None) -> bytes:
-    """The whole graph file as bytes (small models, tests); see `write_llama_graph`."""
-    return _build(weights_by_name, config, quant, importance, down_rotation, [], hessians, head).finish()
+    """The whole graph file as bytes (small models, tests); see `write_llama_graph`. head None:
+    `head_scheme(quant)`."""
+    return _build(weights_by_name, config, quant, importance, down_rotation, [], hessians,
+                  head_scheme(quant, head)).finish()
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ class HeadLayout:
 
 def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config: ModelConfig,
                       quant: str, importance: Importance = {},
-                      down_rotation: np.ndarray | None = None, hessians=None,
-                      head: str | None = None) -> HeadLayout:
+                      down_rotation: np.ndarray | None = None, hessians=None, *,
+                      head: str) -> HeadLayout:
     """Write the graph file to `path` (streams weights; use for real models). Returns where
     its lm_head weight landed.
 
@@ -69,7 +71,7 @@ def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config:
     down_rotation [B, B]: multiply each B-channel block of w_down's input by it in the graph
     (convert/rotation.py; the weights must have been rotated to match).
     hessians (convert/gptq.Hessians): the groups it holds are rounded with GPTQ, the rest
-    to nearest. head: the lm_head's scheme when not `head_scheme(quant)`."""
+    to nearest. head: the lm_head's scheme, as `head_scheme` resolved it."""
     layout: list = []
     mb = _build(weights_by_name, config, quant, importance, down_rotation, layout, hessians, head)
     mb.write(path)
@@ -79,12 +81,9 @@ def write_llama_graph(path: str | os.PathLike, weights_by_name: Weights, config:
 
 
 def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: Importance,
-           down_rotation: np.ndarray | None, head_out: list, hessians=None,
-           head: str | None = None) -> ModelBuilder:
+           down_rotation: np.ndarray | None, head_out: list, hessians, head: str) -> ModelBuilder:
     """Quantize tensor by tensor into a spilling builder: float weights never pile up.
     The lm_head's `HeadLayout` (buffer indices, not yet file offsets) is appended to head_out."""
-    if quant not in SCHEMES:
-        raise ValueError(f"unknown quantization {quant!r}; choose from {SCHEMES}")
     get = weights_by_name if callable(weights_by_name) else weights_by_name.__getitem__
 
     def quant_for(w: np.ndarray, group: str, scheme: str = quant):
@@ -109,7 +108,7 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
 
     g = mb.subgraph("lm_head")
     head_w = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    head_q = quant_for(head_w, "head", head_scheme(quant, head))
+    head_q = quant_for(head_w, "head", head)
     del head_w                                    # [V, D] float32: 1 GB on the 1B shape
     g.output("logits", g.fully_connected(g.input("h", D), head_q, "logits"))
     head_out.append(HeadLayout(head_q.scheme, head_q.shape, mb.weight_buffers(head_q), None,

@@ -11,11 +11,11 @@ import uvicorn
 from edge.engine.engine import Engine, GenerationParams
 from edge.model.bundle import Bundle
 from edge.engine.sampler import SamplingParams
-from edge.launch.request import RequestDefaults
+from edge.launch.request import DEFAULT_MAX_QUEUE, RequestDefaults
 from edge.api.connections import ACCEPT_BACKLOG, DrainingServer, guarded_protocol
 from edge.api.openai_api import create_app
 from edge.api.runtime import ServerConfig, ServerState
-from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.service.serve import bind
 
 
@@ -53,12 +53,12 @@ def endless_engine(bundle_path, max_ctx: int, **kw) -> Engine:
     return engine
 
 
-def ready_state(engine, max_queue: int = 8, **config) -> ServerState:
+def ready_state(engine, max_queue: int = DEFAULT_MAX_QUEUE, **config) -> ServerState:
     """A loaded server state over `engine`, with its own scheduler. Its default sampling is
     neutral (no top-k/p, min-p or penalty), so replies can be compared with `engine_text`."""
     config.setdefault("defaults", RequestDefaults(max_tokens=None, sampling=SamplingParams()))
     state = ServerState(engine.name, ServerConfig(**config))
-    state.set_ready(engine, Scheduler(engine, max_queue=max_queue, time_limit=config.get("request_timeout")))
+    state.set_ready(engine, start_scheduler(engine, max_queue=max_queue, time_limit=config.get("request_timeout")))
     return state
 
 

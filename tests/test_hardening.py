@@ -263,7 +263,7 @@ def test_a_long_prefill_is_progress_not_a_stall(tiny_bundle):
     """issue 12: progress was marked per token only, so a prefill longer than the watchdog's
     stall time made /health say "stalled" and the service got killed."""
     from edge.engine.engine import GenerationParams
-    from edge.engine.scheduler import Scheduler
+    from edge.launch.scheduling import start_scheduler
     engine = fresh_tiny(tiny_bundle, ctx=512)
     forward = engine.model.forward_batch
 
@@ -271,7 +271,7 @@ def test_a_long_prefill_is_progress_not_a_stall(tiny_bundle):
         time.sleep(0.4 if sum(len(t) for t, _ in items) > 1 else 0)      # a Pi-sized prefill chunk
         return forward(items, all_logits)
     engine.model.forward_batch = slow_chunk
-    scheduler = Scheduler(engine, stall_seconds=1.2)
+    scheduler = start_scheduler(engine, stall_seconds=1.2)
     job = scheduler.submit([5] * 300, GenerationParams(max_tokens=1))   # 5 chunks: 2 s
     health = []
     while not job._events.qsize() or scheduler.busy:

@@ -28,6 +28,7 @@ from edge.model.bundle import Bundle
 from edge.engine.engine import Engine
 from edge.api.runtime import ServerState
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from tests.http_server import engine_text, endless_engine, ready_state, running
 from tests.tiny_llama import write_tiny_llama
 
@@ -378,7 +379,7 @@ def test_loading_then_ok(tiny):
         r = httpx.post(f"{base}/v1/chat/completions", json=dict(messages=user("w1")))
         assert_openai_error(r, 503, "still loading")
         assert r.headers["retry-after"]
-        state.set_ready(tiny, Scheduler(tiny))
+        state.set_ready(tiny, start_scheduler(tiny))
         r = httpx.get(f"{base}/health")
         assert r.status_code == 200 and r.json() == {"status": "ok", "model": tiny.name, "queue_depth": 0,
                                                      "busy": False, "max_context": TINY_CTX}
@@ -386,7 +387,7 @@ def test_loading_then_ok(tiny):
 
 def test_health_names_the_stall_time(tiny, monkeypatch):
     """A busy engine without a token for `stall_seconds` is reported with that time."""
-    scheduler = Scheduler(tiny, stall_seconds=0.25)
+    scheduler = start_scheduler(tiny, stall_seconds=0.25)
     state = ServerState("tiny-model")
     state.set_ready(tiny, scheduler)
     with running(state) as base:

@@ -17,6 +17,7 @@ from edge.engine.constraint import Grammar, GrammarFailed
 from edge.engine.engine import Engine, GenerationParams, RequestFailed, SequenceFailed
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
 from tests.http_server import endless_engine, ready_state, running
 from tests.test_http_api import smol_bundle  # noqa: F401 (fixture)
@@ -56,7 +57,7 @@ def test_requests_that_cannot_start_never_keep_a_slot(tiny4):
     """An empty stop string (StopMatcher refuses it), slipped past request validation, four
     times on four slots: each request gets its error, every slot is free, and the next
     request runs."""
-    scheduler = Scheduler(tiny4, stall_seconds=30)
+    scheduler = start_scheduler(tiny4, stall_seconds=30)
     bad = []
     for _ in range(4):
         p = GenerationParams(max_tokens=3)
@@ -148,7 +149,7 @@ def run_beside(engine: Engine, odd: GenerationParams, odd_prompt=PROMPTS[3]):
     scheduler; returns (alone, beside, odd's result, the largest batch a step ran)."""
     want = [alone(engine, p, q) for p, q in zip(PROMPTS, SEEDED)]
     engine.reset()
-    scheduler = Scheduler(engine)
+    scheduler = start_scheduler(engine)
     sizes = []
     real = engine.step
     engine.step = lambda seqs: sizes.append(len(seqs)) or real(seqs)
@@ -203,7 +204,7 @@ def test_a_broken_shared_pass_fails_the_batch_and_the_engine_recovers(tiny4):
             raise MemoryError("injected: the pass itself fails")
         return real(items, **kw)
     tiny4.model.forward_batch = forward_batch
-    scheduler = Scheduler(tiny4)
+    scheduler = start_scheduler(tiny4)
     jobs = [scheduler.submit(p, q) for p, q in zip(PROMPTS, SEEDED)]
     ends = [read(j)[1] for j in jobs]
     assert all(isinstance(e, MemoryError) for e in ends)
@@ -227,7 +228,7 @@ def test_an_llguidance_failure_mid_answer_ends_that_request_alone(smol_bundle, m
                for q in ("Name a colour.", "Count to five.", "Say hello.", "Give me JSON.")]
     want = [alone(engine, p, q) for p, q in zip(prompts, SEEDED)]
     engine.reset()
-    scheduler = Scheduler(engine)
+    scheduler = start_scheduler(engine)
     jobs = [scheduler.submit(p, q) for p, q in zip(prompts, SEEDED)]
     odd = scheduler.submit(prompts[3], GenerationParams(max_tokens=40, constraint=grammar))
     assert [read(j)[0] for j in jobs] == want
@@ -287,7 +288,7 @@ def test_an_empty_stop_string_on_the_serial_console_is_an_error_and_it_still_ans
     from tests.test_serial_console import Terminal, jsonl, make_console, request
     engine = endless_engine(tiny_bundle, 256, backend="numpy")
     term = Terminal()
-    console = make_console(engine, Scheduler(engine), term.path, mode="jsonl").start()
+    console = make_console(engine, start_scheduler(engine), term.path, mode="jsonl").start()
     try:
         assert jsonl(term)["ready"]
         for _ in range(3):

@@ -11,6 +11,7 @@ import httpx
 
 from edge.engine.engine import GenerationParams
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.service import sd_notify
 from tests.http_server import endless_engine, ready_state, running
 
@@ -107,7 +108,7 @@ def test_a_long_queue_behind_busy_slots_is_progress_not_a_stall(tiny_bundle):
     engine = endless_engine(tiny_bundle, 128, backend="numpy", parallel=1)
     real = engine.step
     engine.step = lambda seqs: time.sleep(0.05) or real(seqs)      # 50 ms a step: well inside the stall time
-    scheduler = Scheduler(engine, stall_seconds=STALL)
+    scheduler = start_scheduler(engine, stall_seconds=STALL)
     jobs = [scheduler.submit([5, 6, 7], GenerationParams(max_tokens=8)) for _ in range(4)]
     health = []
     while not all(j._events.qsize() and j.sequence is not None and j.sequence.done for j in jobs):

@@ -31,6 +31,7 @@ from edge.engine.engine import Engine, GenerationParams
 from edge.serial.line_editor import Discarded, Interrupt, Line, LineEditor, TooLong
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.launch.request import RequestDefaults
 from edge.serial.args import add_serial_args, start_from_args
 from edge.serial.console import SerialConsole
@@ -117,7 +118,7 @@ def engine(bundle_dir):
 
 @pytest.fixture
 def scheduler(engine):
-    return Scheduler(engine)
+    return start_scheduler(engine)
 
 
 def slow_down(engine, seconds_per_token):

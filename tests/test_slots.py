@@ -12,6 +12,7 @@ from edge.engine.engine import Engine, GenerationParams
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
 from tests.test_http_api import smol_bundle  # noqa: F401 (fixture)
 
@@ -36,7 +37,7 @@ def test_concurrent_requests_equal_the_same_requests_one_at_a_time(tiny_bundle, 
               [(12, GREEDY), (20, GREEDY), (9, GREEDY), (15, SamplingParams(temperature=1.0, seed=4))]]
     want = [alone(engine, p, q) for p, q in zip(PROMPTS, params)]
     engine.reset()
-    scheduler = Scheduler(engine, max_queue=0)
+    scheduler = start_scheduler(engine, max_queue=0)
     steps = []
     real_step = engine.step
     engine.step = lambda seqs: steps.append(len(seqs)) or real_step(seqs)
@@ -55,7 +56,7 @@ def test_cancelling_one_of_four_streams_leaves_the_others_unchanged(tiny_bundle)
     engine.reset()
     real_step = engine.step
     engine.step = lambda seqs: time.sleep(0.03) or real_step(seqs)     # slow enough to interrupt
-    scheduler = Scheduler(engine)
+    scheduler = start_scheduler(engine)
     jobs = [scheduler.submit(prompt, p) for prompt in PROMPTS]
     out = {}
 
@@ -171,7 +172,7 @@ def test_n_choices_read_the_prompt_once_and_decode_together(tiny_bundle):
     rows = []
     real = engine.model.forward_batch
     engine.model.forward_batch = lambda items, **kw: rows.append(sum(len(t) for t, _ in items)) or real(items, **kw)
-    scheduler = Scheduler(engine)
+    scheduler = start_scheduler(engine)
     jobs = scheduler.submit_choices(prompt, params)
     got = [tokens(list(j.events())) for j in jobs]
     assert [g[0] for g in got] == want
@@ -187,7 +188,7 @@ def test_a_job_whose_reader_cancels_it_while_waiting_gives_its_queue_place_back(
     engine.eos_ids = frozenset()
     real_step = engine.step
     engine.step = lambda seqs: time.sleep(0.02) or real_step(seqs)     # the one slot stays busy
-    scheduler = Scheduler(engine, max_queue=2)
+    scheduler = start_scheduler(engine, max_queue=2)
     running = scheduler.submit(PROMPTS[0], GenerationParams(max_tokens=100, sampling=GREEDY))
     p = GenerationParams(max_tokens=3, sampling=GREEDY)
     for _ in range(4):                          # more rounds than the queue has places

@@ -14,6 +14,7 @@ import pytest
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.launch.request import RequestDefaults
 from edge.model.bundle import Bundle
@@ -294,7 +295,7 @@ def test_concurrent_speculating_sequences_equal_one_at_a_time(tiny_bundle, tiny_
     want = [run(engine, p, True, max_tokens=q.max_tokens)[0] for p, q in zip(prompts, params)]
     assert want == [run(engine, p, False, max_tokens=q.max_tokens)[0] for p, q in zip(prompts, params)]
     engine.reset()
-    scheduler = Scheduler(engine, max_queue=0)
+    scheduler = start_scheduler(engine, max_queue=0)
     widths = []
     real_step = engine.step
     engine.step = lambda seqs: widths.append(len(seqs)) or real_step(seqs)
@@ -312,7 +313,7 @@ def test_n_choices_with_speculation_fork_and_decode_together(tiny_int8):
     engine.spec_max_batch = 2
     want = run(engine, PROMPT, False, max_tokens=15)[0]
     engine.reset()
-    scheduler = Scheduler(engine, max_queue=0)
+    scheduler = start_scheduler(engine, max_queue=0)
     jobs = scheduler.submit_choices(PROMPT, [GenerationParams(max_tokens=15, sampling=GREEDY, speculate=True)] * 2)
     assert [[e.token_id for e in j.events() if e.token_id is not None] for j in jobs] == [want, want]
 

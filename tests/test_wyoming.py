@@ -17,6 +17,7 @@ from edge.assist.spoken import SentenceBudget
 from edge.assist.wyoming_io import ConnectionTable
 from edge.assist.wyoming_service import WyomingService, parse_address
 from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.launch.request import RequestDefaults
 from tests.test_http_api import smol, smol_bundle  # noqa: F401 fixtures
 
@@ -25,7 +26,7 @@ GREEDY = RequestDefaults(max_tokens=24).with_overrides(temperature=0)
 
 @pytest.fixture(scope="module")
 def service(smol):
-    scheduler = Scheduler(smol)
+    scheduler = start_scheduler(smol)
     svc = WyomingService(smol, scheduler, "127.0.0.1", 0, defaults=GREEDY, reply_tokens=None).start()
     svc.submitted, svc.finished = [], []
     scheduler.listeners.append(lambda job, ev: svc.submitted.append(job.prompt_ids) if ev.usage else None)

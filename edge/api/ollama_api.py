@@ -324,7 +324,7 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], p
         return JobStream(job, _ndjson(state, request, job, model, shape, t0, tool_use), media_type=NDJSON)
     try:
         async with cancel_on_disconnect(request, job):      # a client that leaves frees the engine at once
-            answer = await acollect(job_events(job, state.limiter), tool_use)
+            answer = await acollect(job_events(job, state.scheduler), tool_use)
     except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
@@ -362,7 +362,7 @@ async def _ndjson(state: ServerState, request: Request, job, model: str, shape, 
                   tool_use=None) -> AsyncIterator[str]:
     """Prose as it is generated; with tools, the calls in a line of their own before the last."""
     try:
-        async for piece in astream(job_events(job, state.limiter), tool_use):
+        async for piece in astream(job_events(job, state.scheduler), tool_use):
             if piece.text:
                 yield _line({"model": model, "created_at": _now(), **shape(piece.text), "done": False})
             if piece.final is not None:

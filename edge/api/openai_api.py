@@ -152,8 +152,8 @@ async def _respond(state, request, body, ids, shape, param, ticket, **extra):
     jobs = Jobs(state, ids, params, body.n, ticket).start(ERRORS)     # a full queue is a 429 here
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:
-        return JobStream(jobs, reply.stream(jobs, state.limiter, body.include_usage))
-    return await reply.whole(jobs, state.limiter)
+        return JobStream(jobs, reply.stream(jobs, state.scheduler, body.include_usage))
+    return await reply.whole(jobs, state.scheduler)
 
 
 # --- pieces -> OpenAI's choices ------------------------------------------------------------
@@ -277,12 +277,12 @@ class Reply:
                            "timeout_error", code="request_timeout")
         return last.finish_reason
 
-    async def whole(self, jobs: Jobs, limiter) -> Response:
+    async def whole(self, jobs: Jobs, scheduler) -> Response:
         choices, usage = [], None
         async with cancel_on_disconnect(self.request, jobs):
             for index in range(jobs.n):
                 try:
-                    answer = await acollect(job_events(jobs.next(), limiter), self.shape.tool_use)
+                    answer = await acollect(job_events(jobs.next(), scheduler), self.shape.tool_use)
                 except (ContextFull, SequenceFailed) as e:
                     raise api_error(self.state, ERRORS, e) from e
                 if getattr(self.request.state, "client_gone", False):
@@ -293,7 +293,7 @@ class Reply:
         return JSONResponse(envelope(self.id, self.shape.object, self.model, choices, self.created,
                                      usage=usage_dict(usage)))
 
-    async def stream(self, jobs: Jobs, limiter, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, jobs: Jobs, scheduler, include_usage: bool) -> AsyncIterator[str]:
         extra = {"usage": None} if include_usage else {}
         usage = None
         try:
@@ -302,7 +302,7 @@ class Reply:
                 job = jobs.next()
                 for c in choice.opening():
                     yield self.chunk(c, **extra)
-                async for piece in astream(job_events(job, limiter), self.shape.tool_use):
+                async for piece in astream(job_events(job, scheduler), self.shape.tool_use):
                     if piece.final is None:
                         for c in choice.piece(piece):
                             yield self.chunk(c, **extra)

@@ -64,7 +64,7 @@ async def responses(request: Request, state: StateDep):
         return JobStream(job, _events(state, job, shape, tool_use))
     try:
         async with cancel_on_disconnect(request, job):
-            answer = await acollect(job_events(job, state.limiter), tool_use)
+            answer = await acollect(job_events(job, state.scheduler), tool_use)
     except (ContextFull, SequenceFailed) as e:
         raise api_error(state, ERRORS, e) from e
     finally:
@@ -90,7 +90,7 @@ async def _events(state, job, shape: ResponseShape, tool_use) -> AsyncIterator[s
     yield shape.event("response.in_progress", response=shape.response("in_progress", []))
     text, opened = "", False
     try:
-        async for piece in astream(job_events(job, state.limiter), tool_use):
+        async for piece in astream(job_events(job, state.scheduler), tool_use):
             if piece.text:
                 if not opened:
                     opened = True

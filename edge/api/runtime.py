@@ -6,7 +6,8 @@ It talks to the model only through `Engine.encode_chat/encode_text` and the shar
 
 - A request takes a queue place before any work (`admit`); a full queue is `QueueFull`,
   which each adapter's table answers (429 with Retry-After).
-- One prompt is tokenized at a time, and only by requests holding a queue place.
+- One prompt is tokenized at a time, and only by requests holding a queue place; job events
+  are read on a bounded pool of threads: the scheduler's, shared with Wyoming and serial.
 - One request = one scheduler job per choice (`Jobs`; n > 1 decode together).
 - A client that goes away cancels its jobs at once (`JobStream`, `cancel_on_disconnect`).
 """
@@ -15,21 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, AsyncIterator
 
-import anyio
 from fastapi import Depends, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
-from edge.engine.replies import aevents
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
@@ -72,8 +69,6 @@ class ServerState:
         self.error: str | None = None
         self.draining = False          # shutting down: open requests end with an error
         self.created = int(time.time())
-        self._limiter: anyio.CapacityLimiter | None = None
-        self._tokenizing: anyio.Semaphore | None = None
 
     @property
     def ready(self) -> bool:
@@ -95,20 +90,6 @@ class ServerState:
         self.draining = True
         if self.scheduler is not None:
             self.scheduler.cancel_all()
-
-    @property
-    def tokenizing(self) -> anyio.Semaphore:
-        if self._tokenizing is None:
-            self._tokenizing = anyio.Semaphore(1)
-        return self._tokenizing
-
-    @property
-    def limiter(self) -> anyio.CapacityLimiter:
-        """Threads reading job events: one per waiting or running job, plus a few abandoned
-        by clients that left (they end at their job's next event)."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.scheduler.max_queue + self.engine.parallel + 8)
-        return self._limiter
 
 
 def server_state(request: Request) -> ServerState:
@@ -221,21 +202,19 @@ def message_bytes(messages: list[dict]) -> int:
 
 
 async def tokenize(state: ServerState, encode, value, param: str, nbytes: int) -> list[int]:
-    """One prompt tokenized at a time (1 MB of text took ~600 MB while it was encoded), and
-    only by requests holding a queue place: memory stays bounded whatever arrives."""
-    async with state.tokenizing:
-        try:
-            return await run_in_threadpool(_encode, encode, value, param)
-        finally:
-            if nbytes >= BIG_PROMPT:
-                await run_in_threadpool(release_free_memory)
+    """On the scheduler's one tokenizer thread, shared with every interface (one prompt at a
+    time), and only by requests holding a queue place: memory stays bounded whatever arrives."""
+    return await state.scheduler.atokenize(_encode, encode, value, param, nbytes >= BIG_PROMPT)
 
 
-def _encode(encode, value, param: str) -> list[int]:
+def _encode(encode, value, param: str, big: bool) -> list[int]:
     try:
         ids = encode(value)
     except ValueError as e:       # includes the chat template's own raise_exception
         raise ApiError(400, str(e), param=param) from e
+    finally:
+        if big:
+            release_free_memory()
     if not ids:
         raise ApiError(400, f"{param} is empty: there is nothing to complete", param=param)
     return ids
@@ -345,12 +324,11 @@ class JobStream(StreamingResponse):
             self.job.cancel()
 
 
-async def job_events(job: Job, limiter: anyio.CapacityLimiter) -> AsyncIterator:
-    """The job's events without blocking the event loop. If the awaiting task is cancelled
-    (client gone) the reading thread is abandoned; it ends at the job's next event."""
-    run = functools.partial(anyio.to_thread.run_sync, abandon_on_cancel=True, limiter=limiter)
-    async for ev in aevents(job.events(), run):
-        yield ev
+def job_events(job: Job, scheduler) -> AsyncIterator:
+    """The job's events without blocking the event loop, read on the scheduler's reader
+    threads (shared with every interface). If the awaiting task is cancelled (client gone)
+    the reading thread ends by itself at the job's next event."""
+    return scheduler.aevents(job)
 
 
 @contextlib.asynccontextmanager

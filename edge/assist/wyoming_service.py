@@ -4,8 +4,9 @@
 
 Framing, timeouts and the connection limit are `wyoming_io`'s. A transcript goes the HTTP
 path's way: its size is checked before anything else, it takes a place in the scheduler's
-queue (`Scheduler.admit`) before it is tokenized, prompts are tokenized one at a time, and
-the job's events are read on this service's own bounded thread pool. Anything that keeps a
+queue (`Scheduler.admit`) before it is tokenized, and it is tokenized and its job's events
+read on the scheduler's threads, shared with the HTTP APIs and the serial console (one
+prompt tokenized at a time, a bounded pool of readers). Anything that keeps a
 turn from being answered -- a full queue, an empty or too long transcript, a malformed
 event, a failure while answering -- gets `not-handled` with a short sentence Assist can speak,
 and the connection is closed (Home Assistant 2025.4 waits forever after an `error` event; a
@@ -21,12 +22,10 @@ loopback unless given a LAN address, and the log says so.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 
 from wyoming.error import Error
@@ -97,8 +96,6 @@ class WyomingService:
         self.ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._threads = ThreadPoolExecutor(self.table.limit + 1, thread_name_prefix="edge-llm-wyoming")
-        self._tokenizing: asyncio.Lock | None = None
         self.error: BaseException | None = None
 
     @property
@@ -119,7 +116,6 @@ class WyomingService:
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._tokenizing = asyncio.Lock()
         try:
             self._server = self._loop.run_until_complete(
                 asyncio.start_server(self._connection, self.host, self.port, limit=wyoming_io.MAX_HEADER))
@@ -169,7 +165,7 @@ class WyomingService:
             self.table.close(conn)
             writer.close()
             if conn.read_big:         # a big event's buffers and parsed text: hand the memory back
-                await asyncio.get_running_loop().run_in_executor(self._threads, release_free_memory)
+                await self.scheduler.aread(release_free_memory)
 
     async def _send(self, writer: asyncio.StreamWriter, event: Event) -> None:
         try:
@@ -246,8 +242,7 @@ class WyomingService:
             raise Refusal(spoken.BUSY, f"the queue is full: {e}") from None
         with ticket:
             try:
-                async with self._tokenizing:          # one prompt tokenized at a time
-                    ids = await asyncio.get_running_loop().run_in_executor(self._threads, self._prompt, conv, text)
+                ids = await self.scheduler.atokenize(self._prompt, conv, text)    # one prompt at a time
             except ContextFull as e:
                 raise Refusal(spoken.TOO_LONG, str(e)) from None
             except ValueError as e:                   # a template's own error, bad text
@@ -256,11 +251,10 @@ class WyomingService:
         return conv, text, job
 
     async def _stream(self, job, conv: Conversation, question: str, writer, context: dict) -> bool:
-        read = functools.partial(asyncio.get_running_loop().run_in_executor, self._threads)
         budget, last, complete = spoken.SentenceBudget(self.reply_tokens), None, False
         await self._send(writer, HandledStart(context=context).event())
         try:
-            async for reply in replies.astream(replies.aevents(job.events(), read)):
+            async for reply in replies.astream(self.scheduler.aevents(job)):
                 if reply.final is not None:
                     last = reply.final
                     continue

@@ -11,6 +11,7 @@ import urllib.request
 
 from convert.quantize import SCHEMES
 from edge.launch import model_store
+from edge.launch.request import OLLAMA_PORT
 
 
 def _mb(n: float) -> str:
@@ -150,7 +151,7 @@ def cmd_show(a) -> int:
 
 
 def server_url(host: str | None) -> str:
-    h = host or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    h = host or os.environ.get("OLLAMA_HOST") or f"127.0.0.1:{OLLAMA_PORT}"
     return (h if "://" in h else f"http://{h}").rstrip("/")
 
 
@@ -239,5 +240,5 @@ def register(sub) -> None:
         if name == "stop":
             c.add_argument("name", help="the loaded model's name")
         c.add_argument("--host", default=None,
-                       help="the server's Ollama API, HOST:PORT or URL (default: $OLLAMA_HOST or 127.0.0.1:11434)")
+                       help=f"the server's Ollama API, HOST:PORT or URL (default: $OLLAMA_HOST or 127.0.0.1:{OLLAMA_PORT})")
         c.set_defaults(func=func)

@@ -9,22 +9,34 @@ A request that fails on its own (the engine ends it with an "error" event) has t
 raised to its reader alone; a failed model pass is raised to every running job's reader, and
 the worker goes on with the next requests.
 
+Admission, shared by every interface: a request takes a queue place (`admit`) before any
+work; prompts are tokenized one at a time, by one thread (`tokenize`: 1 MB of text took
+~600 MB while it was encoded, so memory stays bounded whatever arrives on HTTP, Wyoming and
+the serial console together); job events are read on one bounded pool of threads
+(`readers`: one per waiting or running job, plus a few left by clients that went away,
+which end at their job's next event). The caller gives the queue bound and the time limit
+(the product's defaults are edge.launch.request's).
+
 Liveness: `healthy()` is False once work is pending (running or waiting) and neither a step
 nor an admission has happened for `stall_seconds`: a step that never returns, or waiting
 requests that can never get a slot. /health and the systemd watchdog read it.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from edge.engine.engine import Engine, Event, GenerationParams, Sequence
+from edge.engine.replies import aevents
 
 _END = object()
+SPARE_READERS = 8          # reader threads beyond one per queue place and slot: left by clients gone
 
 
 class QueueFull(RuntimeError):
@@ -90,12 +102,17 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_queue: int = 8, time_limit: float | None = 300.0,
+    def __init__(self, engine: Engine, *, max_queue: int, time_limit: float | None,
                  stall_seconds: float | None = None):
+        """`max_queue`: requests waiting beyond the running ones; `time_limit`: a request's
+        seconds in the queue + generating (None: no limit)."""
         self.engine = engine
         self.stall_seconds = stall_seconds      # work pending this long without progress = wedged (None: never)
         self.max_queue = max_queue
         self.time_limit = time_limit
+        self.readers = ThreadPoolExecutor(max_queue + engine.parallel + SPARE_READERS,
+                                          thread_name_prefix="edge-llm-reader")
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="edge-llm-tokenizer")
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: dict[Sequence, Job] = {}
         self._held = 0                           # queue places taken (waiting jobs, prompts being tokenized)
@@ -132,6 +149,23 @@ class Scheduler:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting; try again shortly")
             self._held += 1
         return Ticket(self)
+
+    def tokenize(self, encode: Callable, *args) -> Future:
+        """`encode(*args)` on the one tokenizer thread, after the prompts before it."""
+        return self._tokenizer.submit(encode, *args)
+
+    async def atokenize(self, encode: Callable, *args):
+        """`tokenize` for an event loop: waits without blocking it."""
+        return await asyncio.wrap_future(self.tokenize(encode, *args))
+
+    async def aread(self, fn: Callable, *args):
+        """`fn(*args)` on a reader thread. If the awaiting task is cancelled (client gone)
+        the thread is left to end by itself (at the job's next event)."""
+        return await asyncio.get_running_loop().run_in_executor(self.readers, fn, *args)
+
+    def aevents(self, job: Job) -> AsyncIterator[Event]:
+        """The job's events for an event loop, read on the reader threads."""
+        return aevents(job.events(), self.aread)
 
     def submit(self, prompt_ids: list[int], params: GenerationParams, time_limit: float | None = None,
                cancel: threading.Event | None = None, ticket: Ticket | None = None) -> Job:

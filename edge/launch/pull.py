@@ -377,12 +377,12 @@ def pull(text: str, quant: str | None = None, emit: Callable[[Event], None] = la
     """Download (or resume) and convert; returns the installed bundle. The pull's names
     (REPO, REPO:QUANT, hf.co/...) become aliases of it."""
     from convert.convert import convert, read_checkpoint
-    from convert.quantize import default_quant
+    from convert.quantize import DEFAULT_QUANT, default_quant
     spec = parse_spec(text)
     emit(Event("pulling manifest"))
     p = plan(spec)
     src_dir = download_dir(p)
-    est_quant = quant or "int8"
+    est_quant = quant or DEFAULT_QUANT          # the larger default: a conservative space check
     check_space(p, est_quant, model_store.home())
     meter = _Meter(sum(f.size or 0 for f in p.files), emit)
     for f in p.files:

@@ -19,6 +19,7 @@ DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0
 DEFAULT_MAX_TOKENS = 256        # terminal interfaces; the HTTP APIs default to "the rest of the context"
 DEFAULT_MAX_QUEUE = 8           # requests waiting for a slot beyond the running ones; more get "busy" (HTTP 429)
 DEFAULT_REQUEST_SECONDS = 300.0 # a request's time in the queue + generating (serve --request-timeout; 0 = no limit)
+DEFAULT_PORT = 8080             # serve's HTTP port (OpenAI API, chat page)
 OLLAMA_PORT = 11434             # Ollama's own port, where its clients look first
 DEFAULT_TOOL_LOOP_GUARD = True  # a tool call answered in this turn is not generated again (engine.tool_guard)
 DEFAULT_SPOKEN_TOKENS = 64      # Wyoming: a reply ends at the first sentence end past this many tokens

@@ -11,7 +11,7 @@ from edge.engine.engine import Engine
 from edge.engine.scheduler import Scheduler
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_sampling_args, number, request_defaults
-from edge.launch.request import DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_SECONDS
+from edge.launch.scheduling import start_scheduler
 from edge.serial.console import MODES, SerialConsole, log_to_stderr
 from edge.serial.port import FLOWS, PortSettings, SerialConsoleError
 
@@ -66,7 +66,7 @@ def start_from_args(a, engine: Engine, scheduler: Scheduler, log=None) -> Serial
 
 def cmd_serial(a) -> int:
     engine = engine_from_args(a, log=log_to_stderr)
-    scheduler = Scheduler(engine, max_queue=DEFAULT_MAX_QUEUE, time_limit=DEFAULT_REQUEST_SECONDS)
+    scheduler = start_scheduler(engine)
     console = console_from_args(a, engine, scheduler, a.port)
     try:
         console.start().wait()

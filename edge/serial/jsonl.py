@@ -10,6 +10,7 @@ Out: {"ready": true, "model", "max_ctx"} on connect; {"id", "delta"} per piece o
 """
 from __future__ import annotations
 
+import functools
 import json
 
 from edge.engine import ContextFull, QueueFull
@@ -83,8 +84,9 @@ class JsonlProtocol(Protocol):
         unknown = sorted(set(req) - _REQUEST_FIELDS)
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(_REQUEST_FIELDS))}")
-        chat = prepare_chat(self.engine, _messages(req), **{"tool_loop_guard": DEFAULT_TOOL_LOOP_GUARD,
-                                                            **{k: req[k] for k in CHAT_FIELDS & req.keys()}})
+        chat_fields = {"tool_loop_guard": DEFAULT_TOOL_LOOP_GUARD, **{k: req[k] for k in CHAT_FIELDS & req.keys()}}
+        tokenize = functools.partial(prepare_chat, self.engine, _messages(req), **chat_fields)
+        chat = self.console.scheduler.tokenize(tokenize).result()     # one prompt at a time, every interface
         params = self.console.params.build(**{k: req[k] for k in REQUEST_FIELDS & req.keys()}, **chat.overrides())
         check_vocab(params.sampling, self.engine.config.vocab_size)
         self.engine.check_fits(chat.ids)

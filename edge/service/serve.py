@@ -22,8 +22,10 @@ from pathlib import Path
 
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
-from edge.launch.request import (DEFAULT_MAX_QUEUE, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD,
-                                 OLLAMA_PORT, WATCHDOG_STALL_SECONDS, RequestDefaults)
+from edge.launch.request import (DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_REQUEST_SECONDS,
+                                 DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD, OLLAMA_PORT, WATCHDOG_STALL_SECONDS,
+                                 RequestDefaults)
+from edge.launch.scheduling import start_scheduler
 from edge.service import sd_notify
 
 log = logging.getLogger("edge.serve")
@@ -58,7 +60,7 @@ def register(sub) -> None:
     add_parallel_args(s)
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; any other address needs an API key or --no-auth)")
-    s.add_argument("--port", type=port, default=8080, help="TCP port (0 = any free port)")
+    s.add_argument("--port", type=port, default=DEFAULT_PORT, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
     s.add_argument("--max-queue", type=_at_least(1, int), default=DEFAULT_MAX_QUEUE,
@@ -94,7 +96,7 @@ def register(sub) -> None:
                         "repeat it (a request's own tool_loop_guard wins; default "
                         f"{'on' if DEFAULT_TOOL_LOOP_GUARD else 'off'})")
     g = s.add_argument_group("default sampling (a request's own fields win)")
-    add_sampling_args(g, max_tokens_help="the rest of the context; the serial console: 256")
+    add_sampling_args(g, max_tokens_help=f"the rest of the context; the serial console: {DEFAULT_MAX_TOKENS}")
     h = s.add_argument_group("Home Assistant")
     h.add_argument("--ollama-port", type=_port_or_off, default=None, metavar="PORT|off",
                    help=f"serve the Ollama-compatible API on this port of --host (default {OLLAMA_PORT} if it is "
@@ -184,7 +186,7 @@ def cmd_serve(a) -> int:
 
 
 def bind_ollama(host: str, port: int | str | None, backlog: int | None = None) -> socket.socket | None:
-    """The Ollama API's socket: an explicit port must bind; the default (11434) is skipped
+    """The Ollama API's socket: an explicit port must bind; the default (OLLAMA_PORT) is skipped
     with a warning when something else (a real Ollama) holds it."""
     if port == "off":
         return None
@@ -333,13 +335,11 @@ def load_and_start(a, state, server) -> None:
 
 
 def start_engine(a):
-    from edge.engine.scheduler import Scheduler
     a.model = model_spec(a)
     sd_notify.status(f"loading {a.model or DEFAULT_MODEL_ID}")
     sd_notify.extend_timeout(600)       # a first use may fetch and convert the model
     engine = engine_from_args(a, log=log.info, verify="full")   # bit rot keeps size and mtime
-    scheduler = Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
-                          stall_seconds=a.watchdog_stall)
+    scheduler = start_scheduler(engine, a.max_queue, a.request_timeout, a.watchdog_stall)
     sd_notify.status(f"warming up {engine.name}")
     seconds = warm_up(engine, scheduler.stream)
     log.info("warm-up token in %.0f ms", seconds * 1000)
