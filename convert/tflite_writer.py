@@ -151,16 +151,20 @@ class ModelBuilder:
         return bytes(b.Output())
 
 
+def _fb(cls, **fields):
+    """A flatbuffer object (one of the schema's *T classes) with these fields set."""
+    obj = cls()
+    for name, value in fields.items():
+        setattr(obj, name, value)
+    return obj
+
+
 def _opcode(op: int, version: int) -> fb.OperatorCodeT:
-    c = fb.OperatorCodeT()
-    c.builtinCode, c.deprecatedBuiltinCode, c.version = op, min(op, 127), version
-    return c
+    return _fb(fb.OperatorCodeT, builtinCode=op, deprecatedBuiltinCode=min(op, 127), version=version)
 
 
 def _external(offset: int, size: int) -> fb.BufferT:
-    b = fb.BufferT()
-    b.offset, b.size = offset, size
-    return b
+    return _fb(fb.BufferT, offset=offset, size=size)
 
 
 class GraphBuilder:
@@ -224,19 +228,20 @@ class GraphBuilder:
         """Elementwise a * b; `b` may be a constant tensor index (broadcast over T)."""
         return self._binary(_OP.MUL, fb.BuiltinOptions.MulOptions, fb.MulOptionsT(), a, b)
 
-    def logistic(self, x: Act) -> Act:
+    def _unary(self, op: int, x: Act) -> Act:
         out = self._act(x.width)
-        self._op(_OP.LOGISTIC, [x.index], [out.index])
+        self._op(op, [x.index], [out.index])
         return out
+
+    def logistic(self, x: Act) -> Act:
+        return self._unary(_OP.LOGISTIC, x)
 
     def silu(self, x: Act) -> Act:
         """x * sigmoid(x): XNNPACK fuses nothing here, but both ops stay in its node."""
         return self.mul(x, self.logistic(x))
 
     def rsqrt(self, x: Act) -> Act:
-        out = self._act(x.width)
-        self._op(_OP.RSQRT, [x.index], [out.index])
-        return out
+        return self._unary(_OP.RSQRT, x)
 
     def mean_last(self, x: Act) -> Act:
         """Mean over the last axis, keeping it: [T, W] -> [T, 1]."""
@@ -338,14 +343,10 @@ class GraphBuilder:
         return sg
 
     def signature_t(self, subgraph_index: int) -> fb.SignatureDefT:
-        s = fb.SignatureDefT()
-        s.signatureKey, s.subgraphIndex = self.signature, subgraph_index
-        s.inputs = [_tensor_map(n, i) for n, i in self._inputs]
-        s.outputs = [_tensor_map(n, i) for n, i in self._outputs]
-        return s
+        return _fb(fb.SignatureDefT, signatureKey=self.signature, subgraphIndex=subgraph_index,
+                   inputs=[_tensor_map(n, i) for n, i in self._inputs],
+                   outputs=[_tensor_map(n, i) for n, i in self._outputs])
 
 
 def _tensor_map(name: str, index: int) -> fb.TensorMapT:
-    m = fb.TensorMapT()
-    m.name, m.tensorIndex = name, index
-    return m
+    return _fb(fb.TensorMapT, name=name, tensorIndex=index)

@@ -46,14 +46,27 @@ def llama3_reference_tokenizer(llama3_tiktoken_model: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """An f32 bundle of the small random Llama 3.2-style model (tests/tiny_llama.py): fast
-    enough for every engine and interface test, and it runs on both backends."""
-    from convert.convert import convert
+def tiny_src(tmp_path_factory) -> Path:
+    """The small random Llama 3.2-style model (tests/tiny_llama.py) as a Hugging Face checkpoint."""
     from tests.tiny_llama import write_tiny_llama
     src = tmp_path_factory.mktemp("tiny-src")
     write_tiny_llama(src)
-    return convert(src, tmp_path_factory.mktemp("tiny-bundle") / "tiny", quant="f32", quiet=True)
+    return src
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_src, tmp_path_factory) -> Path:
+    """An f32 bundle of `tiny_src`: fast enough for every engine and interface test, and it
+    runs on both backends."""
+    from convert.convert import convert
+    return convert(tiny_src, tmp_path_factory.mktemp("tiny-bundle") / "tiny", quant="f32", quiet=True)
+
+
+@pytest.fixture(scope="session")
+def smol_bundle(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as an f16 bundle: real text, and it runs on both backends."""
+    from convert.convert import convert
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16", quant="f16", quiet=True)
 
 
 @pytest.fixture(scope="session")
@@ -78,3 +91,12 @@ def chromium_paths() -> tuple[str, str]:
     (tests/system_tools.py)."""
     from tests.browser import ensure_chromium
     return ensure_chromium()
+
+
+@pytest.fixture(scope="module")
+def driver(chromium_paths):
+    """A headless Chromium for a module's page tests (tests/browser.py)."""
+    from tests import browser
+    d = browser.start(chromium_paths)
+    yield d
+    d.quit()

@@ -1,11 +1,16 @@
 """Run the HTTP API on a real uvicorn server on a free loopback port, in a thread."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
+import httpx
 import uvicorn
 
 from edge.engine.engine import Engine, GenerationParams
@@ -17,6 +22,40 @@ from edge.api.openai_api import create_app
 from edge.api.runtime import ServerConfig, ServerState
 from edge.launch.scheduling import start_scheduler
 from edge.service.serve import bind
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+    """Until the server at `url` says it is ready on /health; fails with the end of its log if
+    it exits or does not get there within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).json()["status"] == "ok":
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+@contextmanager
+def serve_process(args: list[str], env: dict, cwd=None) -> Iterator[str]:
+    """`edge-llm serve --port 0 ARGS` as its own process: yields its base URL once it says it
+    is ready, and stops it."""
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", "0", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        base = None
+        for line in proc.stdout:
+            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
+                base = m.group(1)
+            if "ready:" in line:
+                break
+        assert base, "edge-llm serve did not start"
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @contextmanager

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 
 from edge.engine.engine import Engine
 from tests import browser
-from tests.http_server import endless_engine, ready_state, running
+from tests.http_server import endless_engine, ready_state, running, serve_process
 
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -45,13 +43,6 @@ class HtmlTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         n = len(HTML_PIECES)
         return "".join(HTML_PIECES[(i + k) % n] for i in ids for k in range(n))
-
-
-@pytest.fixture(scope="module")
-def driver(chromium_paths):
-    d = browser.start(chromium_paths)
-    yield d
-    d.quit()
 
 
 def new_engine(tiny_bundle, seconds_per_token: float = 0.0) -> Engine:
@@ -184,21 +175,9 @@ def test_html_in_a_reply_shows_as_text_and_stats_follow(tiny_bundle, driver):
 def edge_llm_serve(tiny_bundle, tmp_path):
     """`edge-llm serve` itself, on a free loopback port, with an API key."""
     env = {**os.environ, "EDGE_LLM_HOME": str(tmp_path / "home"), "EDGE_LLM_API_KEY": "sekrit"}
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "-m", str(tiny_bundle), "--port", "0",
-                             "--ctx", str(CTX), "--max-tokens", "24", "--temperature", "0"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = None
-    try:
-        for line in proc.stdout:
-            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
-                base = m.group(1)
-            if "ready:" in line:
-                break
-        assert base, "edge-llm serve did not start"
+    with serve_process(["-m", str(tiny_bundle), "--ctx", str(CTX), "--max-tokens", "24", "--temperature", "0"],
+                       env) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def test_edge_llm_serve_page_loads_offline_and_asks_for_the_key(edge_llm_serve, chromium_paths, tmp_path):

@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 
 import httpx
-import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -66,13 +65,6 @@ class ScriptTokenizer:
         return (self.text + END) * len(ids)
 
 
-@pytest.fixture(scope="module")
-def driver(chromium_paths):
-    d = browser.start(chromium_paths)
-    yield d
-    d.quit()
-
-
 def scripted(tiny_bundle, text: str):
     engine = new_engine(tiny_bundle)
     engine.tokenizer = ScriptTokenizer(engine.tokenizer, text)
@@ -96,6 +88,17 @@ def settings(driver, max_tokens: str | None = None, temperature: str | None = No
 def reply_done(driver):
     return wait(driver, lambda d: d.find_element(By.ID, "send").is_displayed()
                 and re.search(r"\d+ tokens", d.find_element(By.ID, "stats").text))
+
+
+def finished(events) -> list:
+    """The jobs that have ended (their last event carries the usage), in order."""
+    return [job for job, ev in events if ev.usage is not None]
+
+
+def replies_done(driver, events, n: int) -> None:
+    """Until the server has ended `n` replies and the page shows the last one done."""
+    wait(driver, lambda d: len(finished(events)) == n)
+    reply_done(driver)
 
 
 def conversation_titles(driver) -> list[str]:
@@ -177,13 +180,12 @@ def test_regenerate_replaces_the_last_reply(tiny_bundle, driver):
         send(driver, "w1 w2 w3")
         reply_done(driver)
         first = assistant_content(driver).text
-        jobs = [job for job, ev in events if ev.usage is not None]
+        jobs = finished(events)
         assert len(jobs) == 1
         assert "Regenerate" in driver.find_element(By.CSS_SELECTOR, ".msg.assistant .regenerate").text
         driver.find_element(By.CSS_SELECTOR, ".msg.assistant .regenerate").click()
-        wait(driver, lambda d: len([j for j, ev in events if ev.usage is not None]) == 2)
-        reply_done(driver)
-        jobs = [job for job, ev in events if ev.usage is not None]
+        replies_done(driver, events, 2)
+        jobs = finished(events)
         assert jobs[1].prompt_ids == jobs[0].prompt_ids              # the same question again
         second = "".join(ev.text for job, ev in events if job is jobs[1])
         assert assistant_content(driver).text == second.strip()
@@ -203,8 +205,7 @@ def test_edit_forks_the_conversation(tiny_bundle, driver):
         send(driver, "w1 w2")
         reply_done(driver)
         send(driver, "w3 w4")
-        wait(driver, lambda d: len([j for j, ev in events if ev.usage is not None]) == 2)
-        reply_done(driver)
+        replies_done(driver, events, 2)
         assert conversation_titles(driver) == ["w1 w2"]
 
         # edit the second question: the conversation forks there
@@ -214,15 +215,14 @@ def test_edit_forks_the_conversation(tiny_bundle, driver):
         box.clear()
         box.send_keys("w5 w6")
         driver.find_element(By.CSS_SELECTOR, ".edit-send").click()
-        wait(driver, lambda d: len([j for j, ev in events if ev.usage is not None]) == 3)
-        reply_done(driver)
+        replies_done(driver, events, 3)
         assert conversation_titles(driver) == ["⑂ w1 w2", "w1 w2"]
         users = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".msg.user .content")]
         assert users == ["w1 w2", "w5 w6"]
         assert len(driver.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 2
 
         # the server was asked with the first exchange and the edited question
-        first, second, third = [j for j, ev in events if ev.usage is not None]
+        first, second, third = finished(events)
         asked = state.engine.tokenizer.decode(third.prompt_ids)
         assert "w1 w2" in asked and "w5 w6" in asked and "w3 w4" not in asked
         assert third.prompt_ids[:len(first.prompt_ids) - 1] == first.prompt_ids[:-1]
@@ -247,8 +247,7 @@ def test_delete_asks_first(tiny_bundle, driver):
         reply_done(driver)
         driver.find_element(By.ID, "new-chat").click()
         send(driver, "w7 w8")
-        wait(driver, lambda d: len([j for j, ev in events if ev.usage is not None]) == 2)
-        reply_done(driver)
+        replies_done(driver, events, 2)
         assert conversation_titles(driver) == ["w7 w8", "w1 w2"]
 
         driver.find_elements(By.CSS_SELECTOR, "#conversations li button.delete")[1].click()

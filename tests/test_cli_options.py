@@ -14,7 +14,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from convert.convert import convert
 from edge.cli import main as cli
 from edge.launch import model_store
 from edge.model.bundle import Bundle
@@ -116,11 +115,6 @@ def test_rm_of_a_copied_bundle_keeps_the_cache_the_original_still_uses(tiny_bund
     done = edge("rm", "tiny-original", home=home)                         # the last one: its cache goes
     assert done.returncode == 0 and "kept" not in done.stderr
     assert not original.exists() and not cache.exists()
-
-
-@pytest.fixture(scope="module")
-def smol_bundle(smollm2_gguf, tmp_path_factory) -> Path:
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16", quant="f16", quiet=True)
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},

@@ -21,7 +21,6 @@ import httpx
 import openai
 import pytest
 
-from convert.convert import convert
 from edge.cli import main as cli
 from edge.service import serve
 from edge.model.bundle import Bundle
@@ -30,7 +29,6 @@ from edge.api.runtime import ServerState
 from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from tests.http_server import engine_text, endless_engine, ready_state, running
-from tests.tiny_llama import write_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CTX = 128
@@ -47,13 +45,6 @@ def user(text: str) -> list[dict]:
 # --- fixtures ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory) -> Path:
-    src = tmp_path_factory.mktemp("tiny-src")
-    write_tiny_llama(src)
-    return src
-
-
-@pytest.fixture(scope="module")
 def tiny(tiny_bundle) -> Engine:
     return endless_engine(tiny_bundle, TINY_CTX)
 
@@ -62,11 +53,6 @@ def tiny(tiny_bundle) -> Engine:
 def tiny_base(tiny):
     with running(ready_state(tiny)) as base:
         yield base
-
-
-@pytest.fixture(scope="session")
-def smol_bundle(smollm2_gguf, tmp_path_factory) -> Path:
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16", quant="f16", quiet=True)
 
 
 @pytest.fixture(scope="module")

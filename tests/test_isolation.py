@@ -16,11 +16,9 @@ from edge.engine import constraint
 from edge.engine.constraint import Grammar, GrammarFailed
 from edge.engine.engine import Engine, GenerationParams, RequestFailed, SequenceFailed
 from edge.engine.sampler import SamplingParams
-from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
 from tests.http_server import endless_engine, ready_state, running
-from tests.test_http_api import smol_bundle  # noqa: F401 (fixture)
 
 PROMPTS = [[5, 17, 33, 2, 9, 40, 41], [7, 7, 100], list(range(1, 80)), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
 SEEDED = [GenerationParams(max_tokens=20, sampling=SamplingParams(temperature=1.0, seed=s)) for s in (1, 2, 3)]

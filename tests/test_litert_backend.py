@@ -7,14 +7,6 @@ import pytest
 from convert.convert import convert
 from edge.model.bundle import Bundle, BundleError
 from edge.engine.engine import load_backend
-from tests.tiny_llama import write_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    write_tiny_llama(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from edge.api.connections import MIN_CONNECTIONS, fit_connections
+from tests.http_server import wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,22 +53,11 @@ def test_a_low_descriptor_limit_shrinks_the_accept_bursts_before_the_connection_
         fit_connections(256, 120, 20)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json()["status"] == "ok":
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.2)
-
-
 def test_serve_under_ulimit_256_answers_health_beside_a_running_stream(tiny_bundle, tmp_path):
-    """Under `ulimit -n 256` the bound came out as 1 connection, so one stream made /health
-    and every other request 503. The stream here is held open by a client that reads nothing
-    (4,000 tokens of logprobs, megabytes, cannot all be buffered)."""
+    """Under `ulimit -n 256` the connection bound leaves room for more than one connection:
+    one stream does not make /health and every other request 503. The stream here is held
+    open by a client that reads nothing (4,000 tokens of logprobs, megabytes, cannot all be
+    buffered)."""
     port, log = free_port(), tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", str(port), "--ctx", "4096",
                              "--ollama-port", "off"], cwd=REPO, env=serve_env(tiny_bundle, tmp_path),
@@ -109,14 +99,6 @@ def test_serve_under_a_limit_too_low_to_work_refuses_to_start_saying_so(tiny_bun
 
 
 # --- disk ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_src(tmp_path_factory) -> Path:
-    from tests.tiny_llama import write_tiny_llama
-    src = tmp_path_factory.mktemp("tiny-src")
-    write_tiny_llama(src)
-    return src
-
 
 def test_a_full_disk_during_convert_names_the_bundle_and_leaves_nothing(tiny_src, tmp_path, monkeypatch):
     from convert import bundle_writer

@@ -18,7 +18,7 @@ from edge.api.openai_api import create_app
 from edge.launch import model_store
 from tests.fake_hub import FakeHub, Repo, serving
 from tests.http_server import ready_state, running
-from tests.test_http_api import tiny, tiny_src  # noqa: F401 fixtures
+from tests.test_http_api import tiny  # noqa: F401 fixture
 from tests.tiny_llama import write_tiny_llama
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

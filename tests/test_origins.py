@@ -10,7 +10,7 @@ from openai import OpenAI
 
 from edge.api.ollama_api import create_ollama_app
 from edge.api.origins import OriginPolicy, parse_origins
-from tests.http_server import endless_engine, ready_state, running
+from tests.http_server import endless_engine, ready_state, running, serve_process
 
 EVIL = "http://evil.example"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 2}
@@ -142,7 +142,6 @@ def test_refusals_keep_the_connection_usable(ports):
 
 def test_serve_applies_the_policy_on_both_ports_and_refuses_a_malformed_allow_origin(tiny_bundle, tmp_path):
     import os
-    import re
     import subprocess
     import sys
     from pathlib import Path
@@ -156,17 +155,8 @@ def test_serve_applies_the_policy_on_both_ports_and_refuses_a_malformed_allow_or
         bad.stderr
     from tests.test_low_limits import free_port
     oport = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "-m", str(tiny_bundle), "--port", "0",
-                             "--ctx", "64", "--ollama-port", str(oport), "--allow-origin", "http://192.168.1.*"],
-                            env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        base = None
-        for line in proc.stdout:
-            if m := re.search(r"listening on (http://127\.0\.0\.1:\d+)", line):
-                base = m.group(1)
-            if "ready:" in line:
-                break
-        assert base, "edge-llm serve did not start"
+    with serve_process(["-m", str(tiny_bundle), "--ctx", "64", "--ollama-port", str(oport),
+                        "--allow-origin", "http://192.168.1.*"], env, cwd=repo) as base:
         ollama_base = f"http://127.0.0.1:{oport}"
         model = httpx.get(ollama_base + "/api/tags").json()["models"][0]["model"]
         body = {"model": model, "prompt": "w1", "stream": False, "options": {"num_predict": 2}}
@@ -178,6 +168,3 @@ def test_serve_applies_the_policy_on_both_ports_and_refuses_a_malformed_allow_or
                            headers={"Origin": origin} if origin else {})
             assert r.status_code == want, (origin, r.text)
         assert httpx.get(base + "/", headers={"Origin": base}).status_code == 200      # the chat page
-    finally:
-        proc.terminate()
-        proc.wait(30)

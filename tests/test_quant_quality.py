@@ -2,7 +2,7 @@
 1024 tokens, ctx 256), converted as users get them: rotation + smoothing + GPTQ, and for
 int4 an int4 lm_head.
 
-Targets (the issue's, met on the whole text: docs/QUANTIZATION.md): perplexity within +1 % of
+Targets (met on the whole text: docs/QUANTIZATION.md): perplexity within +1 % of
 f32 for int8, and no worse than llama.cpp Q4_0's increase over F16 on the same text (+21.2 %,
 measured with llama-perplexity) for both 4-bit schemes. The top-1 bounds are the figures
 measured here less a margin, so a regression fails: llama.cpp's own top-1 (Q8_0 95.9 %, Q4_0
@@ -36,8 +36,7 @@ def reference(smollm2_gguf):
 
 # measured (1023 positions): int8 0.962 / -0.3 %, int4 0.685 / +15.2 %, int4-b32 0.784 / +10.8 %
 # (int4-b32 round-to-nearest: 0.759 / +8.4 % here, worse on the whole text: docs/QUANTIZATION.md)
-# (the previous release: int8 0.950 / +0.08 %, int4 0.626 / +31.5 % with round-to-nearest and an
-# int8 head; plain round-to-nearest: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
+# (round-to-nearest with an int8 head: int8 0.950 / +0.08 %, int4 0.626 / +31.5 %; plain round-to-nearest: int8 0.879 / +2.5 %, int4 0.389 / +173 %, int4-b32 0.654 / +25 %)
 @pytest.mark.parametrize("quant,min_agree,max_ppl_increase", [
     ("int8", 0.94, 0.01), ("int4", 0.66, 0.212), ("int4-b32", 0.72, 0.212)])
 def test_top1_agreement(smollm2_gguf, reference, tmp_path, quant, min_agree, max_ppl_increase):

@@ -147,8 +147,8 @@ def test_invalid_params_raise_naming_the_field(field, value):
     dict(temperature=2.0, repetition_penalty=1e300, top_k=40, top_p=0.5, min_p=1.0),
 ])
 def test_extreme_values_the_schema_admits_never_give_nan_or_index_errors(extreme, big_logits):
-    """issue 12: temperature 1e-50 became 0 in float32 (NaN logits, IndexError); a tiny
-    repeat_penalty turned a logit into inf (NaN after the shift, then always the last id)."""
+    """temperature 1e-50 (0 in float32: NaN logits, an IndexError) and a tiny repeat_penalty
+    (a logit of inf: NaN after the shift, then always the last id) still draw valid ids."""
     history = np.argsort(big_logits)[-3:]          # the 3 most likely ids were "seen"
     picks = draws(SamplingParams(seed=0, **extreme), big_logits, 20, history)
     assert ((picks >= 0) & (picks < V)).all()

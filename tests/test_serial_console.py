@@ -481,8 +481,8 @@ def test_machine_mode_queues_a_burst_and_ctrl_c_cancels(engine, machine, term):
 
 
 def test_machine_mode_type_ahead_overflow_drops_whole_lines(engine, scheduler, term, consoles):
-    """issue 12: an overflow cut a line in two; its head joined the next request, which was
-    then refused as bad JSON with its id lost."""
+    """An overflow drops whole lines: none is cut in two (its head would join the next
+    request, refused as bad JSON with its id lost)."""
     slow_down(engine, 0.03)
     consoles.append(make_console(engine, scheduler, term.path, mode="jsonl", typeahead_limit=120).start())
     assert jsonl(term)["ready"]

@@ -16,7 +16,6 @@ import numpy as np
 import openai
 import pytest
 
-from convert.convert import convert
 from edge.engine.constraint import Grammar
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
@@ -57,9 +56,8 @@ def user(text: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def smol(smollm2_gguf, tmp_path_factory) -> Engine:
-    bundle = convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16", quant="f16", quiet=True)
-    return Engine(Bundle.open(bundle), max_ctx=1024)
+def smol(smol_bundle) -> Engine:
+    return Engine(Bundle.open(smol_bundle), max_ctx=1024)
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,7 @@ def test_ctrl_c_keeps_the_partial_reply_and_stats_stay_current(tiny_bundle, tmp_
     stats = chat.say("/stats")
     prompt, cached = map(int, re.search(r"prompt (\d+) tok \((\d+) cached\)", stats).groups())
     assert prompt > generated + 6                            # the partial reply's tokens were in the prompt
-    assert cached % 64 == 0 and cached < prompt              # reuse is by whole 64-token chunks (issue 12)
+    assert cached % 64 == 0 and cached < prompt              # reuse is by whole 64-token chunks
     assert user_lines(chat.context()) == ["w1 w2 w3", "w4 w5"]
     chat.close()
 

@@ -45,7 +45,7 @@ def _fc_ref(x: np.ndarray, qw) -> np.ndarray:
 
 # XNNPACK's x86 kernels reproduce `fake_quant_rows` exactly. Its arm64 kernels (seen under
 # the emulated Bookworm, LiteRT 2.3.0) round some rows' zero point differently: one row of
-# five came out 0.0035 off, inside the derived bound. So the exact check is x86's only.
+# five comes out 0.0035 off, inside the derived bound. So the exact check is x86's only.
 EXACT_QD8 = platform.machine() in ("x86_64", "AMD64")
 
 

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge.api import chat_page
+from edge.api.origins import HttpWrapper
 from edge.api.runtime import CLIENT_GONE, ApiError, ServerState
 
 log = logging.getLogger("edge.http")
@@ -224,20 +225,12 @@ class RequestLog:
         log.log(level, line)
 
 
-class Contained:
+class Contained(HttpWrapper):
     """The outermost wrapper of an app: an exception that escapes after its 500 went out (the
     error handler has logged it and answered, and Starlette raises it again for the server)
     stops here, so that uvicorn keeps the keep-alive connection instead of closing it."""
 
-    def __init__(self, app):
-        self.app = app
-
-    def __getattr__(self, name):          # the wrapped app's attributes (state, routes, ...)
-        return getattr(self.app, name)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    async def http(self, scope, receive, send):
         answered = False
 
         async def watched(message):
@@ -256,3 +249,15 @@ def add_guard_and_log(app: FastAPI, state: ServerState, error) -> None:
     """Guard inside RequestLog, so that the log and the counter see every refusal too."""
     app.add_middleware(Guard, state=state, error=error)
     app.add_middleware(RequestLog, state=state)
+
+
+def new_app(state: ServerState, title: str, routers: list, render, error) -> FastAPI:
+    """An API's app over `state`: its routers, its error handlers (`render`) and the guard and
+    request log (`error` renders their refusals); no generated docs."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    for router in routers:
+        app.include_router(router)
+    add_error_handlers(app, render)
+    add_guard_and_log(app, state, error)
+    return app

@@ -33,18 +33,18 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.middleware import Contained, new_app
 from edge.api.ollama_request import chat_messages, check_format, context_size, fitted_prompt, format_grammar, overrides
-from edge.api.origins import guard_origins
-from edge.api.text import valid_unicode
+from edge.api.origins import HttpWrapper, guard_origins
+from edge.api.text import UnicodeBody
 from edge.api.runtime import (CLIENT_GONE, ApiError, JobStream, ServerState, StateDep, admit, api_error,
-                              cancel_on_disconnect, chat_prompt, check_bytes, job_events, loop_guard, message_bytes,
-                              model_error, ready_engine, request_params, tokenize)
+                              chat_prompt, check_bytes, job_events, loop_guard, message_bytes, model_error,
+                              ready_engine, request_params, tokenize, whole_answer)
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.engine import Usage
-from edge.engine.replies import acollect, astream
+from edge.engine.replies import astream
 from edge.engine.tool_calls import ChatRequest
 from edge.launch.model_store import bundle_id
 from edge.launch.request import prompt_messages
@@ -56,15 +56,8 @@ NDJSON = "application/x-ndjson"
 
 
 
-class Body(BaseModel):
-    """A request body: any text in it (a message, a prompt, a stop string, a tool's schema)
-    must be valid Unicode, or no tokenizer can read it and no byte count is right."""
+class Body(UnicodeBody):
     model_config = ConfigDict(extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data):
-        return valid_unicode(data)
 
 
 class Message(BaseModel):
@@ -142,26 +135,16 @@ def render(exc: ApiError) -> JSONResponse:
 
 
 def create_ollama_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="edge-llm (Ollama API)", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = state
-    app.include_router(router)
-    add_error_handlers(app, render)
-    add_guard_and_log(app, state, error)
+    app = new_app(state, "edge-llm (Ollama API)", [router], render, error)
     return guard_origins(Contained(JsonBodies(app)), state.config, error)
 
 
-class JsonBodies:
+class JsonBodies(HttpWrapper):
     """Ollama reads every POST body as JSON whatever its Content-Type, and its own examples
     (`curl ... -d '{...}'`) send form-encoded headers: say JSON where the client did not."""
 
-    def __init__(self, app):
-        self.app = app
-
-    def __getattr__(self, name):          # the FastAPI app's attributes (state, routes, ...)
-        return getattr(self.app, name)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST":
+    async def http(self, scope, receive, send):
+        if scope["method"] == "POST":
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = {**scope, "headers": headers + [(b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
@@ -322,13 +305,7 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], p
     tool_use = chat.tool_use if chat is not None and chat.tool_use is not None and chat.tool_use.active else None
     if body.stream:
         return JobStream(job, _ndjson(state, request, job, model, shape, t0, tool_use), media_type=NDJSON)
-    try:
-        async with cancel_on_disconnect(request, job):      # a client that leaves frees the engine at once
-            answer = await acollect(job_events(job, state.scheduler), tool_use)
-    except (ContextFull, SequenceFailed) as e:
-        raise api_error(state, ERRORS, e) from e
-    finally:
-        job.cancel()          # a no-op for a finished job
+    answer = await whole_answer(request, state, ERRORS, job, tool_use)
     if getattr(request.state, "client_gone", False):
         return Response(status_code=CLIENT_GONE)          # nobody reads it; the log says who left
     reason = done_reason(state, request, answer.final)

@@ -26,18 +26,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from edge.api import chat_page
 from edge.api import responses_api
-from edge.api.middleware import Contained, add_error_handlers, add_guard_and_log
+from edge.api.middleware import Contained, new_app
 from edge.api.origins import guard_origins
 from edge.api.openai_schema import (ERRORS, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     chat_logprobs, envelope, error_body, model_card, text_choice, text_logprobs,
                                     usage_dict)
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
-                              api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids,
+                              api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids, collect,
                               installed, job_events, loop_guard, message_bytes, model_error, note_prompt, ready_engine,
                               request_params, tokenize)
 from edge.engine import ContextFull, SequenceFailed
 from edge.engine.engine import Usage
-from edge.engine.replies import Piece, acollect, astream
+from edge.engine.replies import Piece, astream
 from edge.engine.tool_calls import ToolUse
 
 log = logging.getLogger("edge.http")
@@ -54,13 +54,7 @@ def error_response(status: int, message: str, **kw) -> JSONResponse:
 
 
 def create_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="edge-llm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = state
-    app.include_router(router)
-    app.include_router(responses_api.router)
-    app.include_router(chat_page.router)
-    add_error_handlers(app, render)
-    add_guard_and_log(app, state, error_response)
+    app = new_app(state, "edge-llm", [router, responses_api.router, chat_page.router], render, error_response)
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
@@ -153,7 +147,7 @@ async def _respond(state, request, body, ids, shape, param, ticket, **extra):
     reply = Reply(shape, f"{shape.id_prefix}-{request.state.request_id}", state.model_id, request)
     if body.stream:
         return JobStream(jobs, reply.stream(jobs, state.scheduler, body.include_usage))
-    return await reply.whole(jobs, state.scheduler)
+    return await reply.whole(jobs)
 
 
 # --- pieces -> OpenAI's choices ------------------------------------------------------------
@@ -277,14 +271,11 @@ class Reply:
                            "timeout_error", code="request_timeout")
         return last.finish_reason
 
-    async def whole(self, jobs: Jobs, scheduler) -> Response:
+    async def whole(self, jobs: Jobs) -> Response:
         choices, usage = [], None
         async with cancel_on_disconnect(self.request, jobs):
             for index in range(jobs.n):
-                try:
-                    answer = await acollect(job_events(jobs.next(), scheduler), self.shape.tool_use)
-                except (ContextFull, SequenceFailed) as e:
-                    raise api_error(self.state, ERRORS, e) from e
+                answer = await collect(self.state, ERRORS, jobs.next(), self.shape.tool_use)
                 if getattr(self.request.state, "client_gone", False):
                     return Response(status_code=CLIENT_GONE)    # nobody reads it; the log says who left
                 finish = self.finish_reason(answer.final)

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from edge.api.text import valid_unicode
+from edge.api.text import UnicodeBody
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 
 # the engine's refusals in OpenAI's terms: status, error type, code
@@ -62,7 +62,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(UnicodeBody):
     """What /v1/chat/completions and /v1/completions share: sampling and streaming."""
     model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
 
@@ -85,11 +85,6 @@ class GenerationRequest(BaseModel):
     logit_bias: dict[str, float] | None = None      # token id (as a string) -> bias in [-100, 100]
     # edge-llm's: end a reply caught in an exact loop as "length" (engine/repetition.py); the chat page sends it
     stop_loops: bool | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data):
-        return valid_unicode(data)
 
     @field_validator("n")
     @classmethod

@@ -87,20 +87,36 @@ def guard_origins(app, config, error) -> "OriginMiddleware":
     return OriginMiddleware(app, OriginPolicy([*config.allowed_origins, *config.cors_origins]), error)
 
 
-class OriginMiddleware:
-    """ASGI middleware applying `policy` to every HTTP request, outermost (it must see the
-    Content-Type the client sent). `error(status, message, type_=, code=)` renders a refusal
-    in the API's own shape, as for `middleware.Guard`."""
+class HttpWrapper:
+    """An ASGI app wrapped around another: HTTP requests go through `http`, anything else
+    (lifespan, websockets) straight to the wrapped app, whose attributes (state, routes, ...)
+    it shows as its own."""
 
-    def __init__(self, app, policy: OriginPolicy, error: Callable):
-        self.app, self.policy, self.error = app, policy, error
+    def __init__(self, app):
+        self.app = app
 
-    def __getattr__(self, name):          # the wrapped app's attributes (state, routes, ...)
+    def __getattr__(self, name):
         return getattr(self.app, name)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        return await self.http(scope, receive, send)
+
+    async def http(self, scope, receive, send) -> None:
+        raise NotImplementedError
+
+
+class OriginMiddleware(HttpWrapper):
+    """ASGI middleware applying `policy` to every HTTP request, outermost (it must see the
+    Content-Type the client sent). `error(status, message, type_=, code=)` renders a refusal
+    in the API's own shape, as for `middleware.Guard`."""
+
+    def __init__(self, app, policy: OriginPolicy, error: Callable):
+        super().__init__(app)
+        self.policy, self.error = policy, error
+
+    async def http(self, scope, receive, send):
         refusal = self.refusal(scope)
         if refusal is None:
             return await self.app(scope, receive, send)

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse
 
 from edge.api.openai_schema import ERRORS
 from edge.api.responses_shape import ResponseShape, chat_request
-from edge.api.runtime import (ApiError, JobStream, StateDep, admit, api_error, cancel_on_disconnect, chat_prompt,
-                              check_bytes, installed, job_events, loop_guard, message_bytes, model_error,
-                              ready_engine, request_params, tokenize)
+from edge.api.runtime import (ApiError, JobStream, StateDep, admit, api_error, chat_prompt, check_bytes, installed,
+                              job_events, loop_guard, message_bytes, model_error, ready_engine, request_params, tokenize,
+                              whole_answer)
 from edge.engine import ContextFull, SequenceFailed
-from edge.engine.replies import acollect, astream
+from edge.engine.replies import astream
 from edge.engine.tool_calls import ToolError
 
 router = APIRouter()
@@ -62,13 +62,7 @@ async def responses(request: Request, state: StateDep):
     tool_use = chat.tool_use if chat.tool_use is not None and chat.tool_use.active else None
     if stream:
         return JobStream(job, _events(state, job, shape, tool_use))
-    try:
-        async with cancel_on_disconnect(request, job):
-            answer = await acollect(job_events(job, state.scheduler), tool_use)
-    except (ContextFull, SequenceFailed) as e:
-        raise api_error(state, ERRORS, e) from e
-    finally:
-        job.cancel()
+    answer = await whole_answer(request, state, ERRORS, job, tool_use)
     status, reason = shape.status(answer.final.finish_reason if answer.final else "cancelled")
     return JSONResponse(shape.response(status, shape.output(answer.content, answer.tool_calls), answer.usage, reason))
 

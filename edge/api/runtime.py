@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from edge.api.metrics import Metrics
 from edge.engine import ContextFull, QueueFull
 from edge.engine.engine import GenerationParams
+from edge.engine.replies import Answer, acollect
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
@@ -192,9 +193,13 @@ def check_bytes(engine, nbytes: int, param: str) -> None:
     try:
         engine.check_fits_bytes(nbytes)
     except ContextFull as e:
-        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the {param} "
-                       f"({nbytes} bytes) have at least {e.needed} tokens. Shorten the {param}.",
-                       param=param, code="context_length_exceeded") from e
+        raise too_long(e, f"the {param} ({nbytes} bytes) have at least {e.needed} tokens", param) from e
+
+
+def too_long(e: ContextFull, what: str, param: str) -> ApiError:
+    """The 400 for a prompt that does not fit: `what` says how long it is."""
+    return ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but {what}. Shorten the "
+                    f"{param}.", param=param, code="context_length_exceeded")
 
 
 def message_bytes(messages: list[dict]) -> int:
@@ -260,9 +265,7 @@ def request_params(state: ServerState, ids: list[int], param: str, **overrides) 
     try:
         state.engine.check_fits(ids)
     except ContextFull as e:
-        raise ApiError(400, f"This model's maximum context length is {e.max_ctx} tokens, but the prompt has "
-                       f"{e.needed} tokens (at least one more is needed to answer). Shorten the {param}.",
-                       param=param, code="context_length_exceeded") from e
+        raise too_long(e, f"the prompt has {e.needed} tokens (at least one more is needed to answer)", param) from e
     try:
         params = state.config.defaults.build(**overrides)
         check_vocab(params.sampling, state.engine.config.vocab_size)
@@ -329,6 +332,21 @@ def job_events(job: Job, scheduler) -> AsyncIterator:
     threads (shared with every interface). If the awaiting task is cancelled (client gone)
     the reading thread ends by itself at the job's next event."""
     return scheduler.aevents(job)
+
+
+async def collect(state: ServerState, table: ErrorTable, job: Job, tool_use) -> Answer:
+    """A job's whole answer; the engine's refusals become the table's ApiErrors."""
+    with refusals(state, table):
+        return await acollect(job_events(job, state.scheduler), tool_use)
+
+
+async def whole_answer(request: Request, state: ServerState, table: ErrorTable, job: Job, tool_use) -> Answer:
+    """`collect` for a request of one job, which the client leaving cancels at once."""
+    try:
+        async with cancel_on_disconnect(request, job):
+            return await collect(state, table, job, tool_use)
+    finally:
+        job.cancel()          # a no-op for a finished job
 
 
 @contextlib.asynccontextmanager

@@ -1,6 +1,8 @@
 """Text checks both HTTP APIs make on a request body before anything reads it."""
 from __future__ import annotations
 
+from pydantic import BaseModel, model_validator
+
 
 def lone_surrogate(value, path: str = "") -> str | None:
     """The path of the first string holding a lone surrogate, or None."""
@@ -33,3 +35,13 @@ def valid_unicode(data):
     if (where := lone_surrogate(data)) is not None:
         raise ValueError(surrogate_message(where))
     return data
+
+
+class UnicodeBody(BaseModel):
+    """A request body: any text in it (a message, a prompt, a stop string, a tool's schema)
+    must be valid Unicode, or no tokenizer can read it and no byte count is right."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        return valid_unicode(data)

@@ -353,18 +353,17 @@ def run(args) -> int:
     rows = []
     if args.speculate or args.verify_curve is not None:
         for threads in args.threads or [DEFAULT_THREADS]:
+            runs = []          # (rows, their table)
             if args.verify_curve is not None:
-                curve = bench_verify_curve(bundle, args.backend, threads, args.n_prompt[0], args.verify_curve,
-                                           args.reps, progress)
-                rows += curve
-                if not args.json:
-                    print(markdown_verify_curve(curve))
+                runs.append((bench_verify_curve(bundle, args.backend, threads, args.n_prompt[0], args.verify_curve,
+                                                args.reps, progress), markdown_verify_curve))
             if args.speculate:
-                spec = bench_speculation(bundle, args.backend, threads, args.n_gen[0] or 128, args.reps, progress,
-                                         args.prompts or GROUNDED)
-                rows += spec
+                runs.append((bench_speculation(bundle, args.backend, threads, args.n_gen[0] or 128, args.reps,
+                                               progress, args.prompts or GROUNDED), markdown_speculation))
+            for part, table in runs:
+                rows += part
                 if not args.json:
-                    print(markdown_speculation(spec))
+                    print(table(part))
         if args.json:
             print(json.dumps(rows, indent=1))
         return 0

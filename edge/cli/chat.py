@@ -19,7 +19,6 @@ installs on the Pi's aarch64 as anywhere. When stdin is not a terminal, lines ar
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 import signal
@@ -29,6 +28,8 @@ from pathlib import Path
 
 from edge.engine import ContextFull, replies
 from edge.engine.conversation import Conversation
+from edge.engine.engine import GenerationParams
+from edge.launch.request import RequestDefaults
 
 HELP = '''commands:
   /help           this list
@@ -51,6 +52,7 @@ input:
 
 QUOTES = '"""'
 PREVIEW = 60
+SETTABLE = {"temperature": float, "max_tokens": int}      # /set NAME VALUE: request fields and their types
 
 
 def _block_aware(history_class):
@@ -254,14 +256,19 @@ def ctrl_c_cancels(cancel: threading.Event):
 
 
 class TerminalChat:
-    def __init__(self, engine, params, system: str | None = None, preamble: str | None = None,
+    def __init__(self, engine, defaults: RequestDefaults, system: str | None = None, preamble: str | None = None,
                  out=None, err=None, format_stats=None):
-        self.engine, self.params = engine, params
+        self.engine, self.defaults = engine, defaults
         self.conv = Conversation(engine, system)
         self.preamble = preamble          # -f FILE: put before the first question
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self.format_stats = format_stats
         self.hold_typing = False          # a terminal: keys typed during a reply wait (typing_held)
+
+    @property
+    def params(self) -> GenerationParams:
+        """The next reply's request: the command line's options and what /set changed."""
+        return self.defaults.build()
 
     @property
     def reserve(self) -> int:
@@ -326,30 +333,27 @@ class TerminalChat:
         return True
 
     def set(self, arg: str) -> None:
+        """/set NAME VALUE: a request field for the next replies (the request builder says what
+        is valid), or the system prompt."""
         name, _, value = arg.partition(" ")
-        name, value = name.lower(), value.strip()
-        p = self.params
+        name, value = name.lower().replace("-", "_"), value.strip()
         if not name:
+            p = self.params
             print(f"temperature {p.sampling.temperature}, max_tokens {p.max_tokens or 'until the context is full'}, "
                   f"system {preview(self.conv.system) if self.conv.system else '(none)'}", file=self.out)
-            return
-        try:
-            if name == "temperature":
-                self.params = dataclasses.replace(p, sampling=dataclasses.replace(p.sampling, temperature=float(value)))
-            elif name in ("max_tokens", "max-tokens"):
-                self.params = dataclasses.replace(p, max_tokens=int(value))
-            elif name == "system":
-                self.conv.reset(value or None)
-                print("(system prompt set; conversation cleared)" if value else
-                      "(no system prompt; conversation cleared)", file=self.out)
+        elif name == "system":
+            self.conv.reset(value or None)
+            print("(system prompt set; conversation cleared)" if value else
+                  "(no system prompt; conversation cleared)", file=self.out)
+        elif name not in SETTABLE:
+            print(f"/set knows {', '.join(SETTABLE)} and system, not {name}", file=self.out)
+        else:
+            try:
+                self.defaults = self.defaults.with_overrides(**{name: SETTABLE[name](value)})
+            except ValueError as e:
+                print(f"(not changed: {e})", file=self.out)
                 return
-            else:
-                print(f"/set knows temperature, max_tokens and system, not {name}", file=self.out)
-                return
-        except ValueError as e:
-            print(f"(not changed: {e})", file=self.out)
-            return
-        print(f"({name} = {value})", file=self.out)
+            print(f"({name} = {value})", file=self.out)
 
     def save(self, arg: str) -> None:
         if not arg:
@@ -447,11 +451,11 @@ class TerminalChat:
         return f"[stopped after {n} tokens: the reply was repeating itself]"
 
 
-def run(a, engine, params, format_stats) -> int:
+def run(a, engine, defaults: RequestDefaults, format_stats) -> int:
     preamble = None
     if a.file:
         preamble = Path(a.file).read_text(encoding="utf-8", errors="replace").strip()
-    chat = TerminalChat(engine, params, a.system, preamble, format_stats=format_stats)
+    chat = TerminalChat(engine, defaults, a.system, preamble, format_stats=format_stats)
     from edge.launch.model_store import home
     reader = LineReader(home() / "chat-history")
     chat.hold_typing = reader.interactive

@@ -95,7 +95,7 @@ def cmd_run(a) -> int:
 def cmd_chat(a) -> int:
     from edge.cli import chat
     engine = load_engine(a)
-    return chat.run(a, engine, request_defaults(a).build(), format_stats)
+    return chat.run(a, engine, request_defaults(a), format_stats)
 
 
 def cmd_convert(a) -> int:
@@ -143,6 +143,14 @@ class EdgeParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def _generating(p: argparse.ArgumentParser, func) -> None:
+    """A command that generates: the system prompt, the model and sampling options."""
+    p.add_argument("--system", "-p", help="system prompt (default: none)")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = EdgeParser(prog="edge-llm", description="Llama-family LLMs on a Raspberry Pi 5")
     p.add_argument("--version", action="version", version=f"edge-llm {version()}")
@@ -153,7 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "statistics go to stderr), so it can be piped: echo 'question' | edge-llm run - | head")
     r.add_argument("prompt", nargs="?", default=None,
                    help="the prompt; '-' or omitted with a pipe on stdin: read it from stdin")
-    r.add_argument("--system", "-p", help="system prompt (default: none)")
     r.add_argument("--raw", action="store_true", help="complete the text as is, without the chat template")
     r.add_argument("--verbose", "-v", action="store_true", help="print speed statistics to stderr")
     shape = r.add_mutually_exclusive_group()
@@ -161,19 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="json: the answer is one JSON object (default: free text)")
     shape.add_argument("--json-schema", metavar="FILE", default=None,
                        help="the answer is JSON valid against the JSON schema in FILE (default: none)")
-    add_model_args(r)
-    add_sampling_args(r)
-    r.set_defaults(func=cmd_run)
+    _generating(r, cmd_run)
 
     c = sub.add_parser("chat", help="interactive chat in the terminal (/help inside)",
                        description='Chat in the terminal: line editing and history, """ for several lines, '
                        "/help, /context, /stats, /set, /save FILE, /load FILE; replies wrap to the terminal's "
                        "width; Ctrl-C stops a reply, Ctrl-D exits.")
-    c.add_argument("--system", "-p", help="system prompt (default: none)")
     c.add_argument("--file", "-f", help="put this text file's contents before the first question (default: none)")
-    add_model_args(c)
-    add_sampling_args(c)
-    c.set_defaults(func=cmd_chat)
+    _generating(c, cmd_chat)
 
     v = sub.add_parser("convert", help="convert a checkpoint (HF directory or GGUF) into a bundle",
                        description="Convert a Hugging Face checkpoint directory or a GGUF file into a bundle: "

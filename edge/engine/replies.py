@@ -19,34 +19,34 @@ from edge.engine.engine import Event, TokenLogprob, Usage
 from edge.engine.tool_calls import ToolCall, ToolUse
 
 
+class _Finished:
+    """The finish reason of a reply that has a last event (`final`) and the tool calls made."""
+    final: Event | None
+    tool_calls: list[ToolCall]
+
+    @property
+    def finish_reason(self) -> str | None:
+        if self.final is None:
+            return None
+        return "tool_calls" if self.tool_calls else self.final.finish_reason
+
+
 @dataclass
-class Piece:
+class Piece(_Finished):
     text: str = ""                                   # to show now
     logprobs: list[TokenLogprob] | None = None       # the tokens behind this event's text
     tokens: int = 0                                  # generated tokens behind it (0 on the last piece)
     final: Event | None = None                       # the last piece: the job's last event (finish reason, usage)
     tool_calls: list[ToolCall] = field(default_factory=list)    # the last piece: the calls made
 
-    @property
-    def finish_reason(self) -> str | None:
-        if self.final is None:
-            return None
-        return "tool_calls" if self.tool_calls else self.final.finish_reason
-
 
 @dataclass
-class Answer:
+class Answer(_Finished):
     text: str                                        # everything generated
     content: str | None                              # the text without its tool calls (None: calls only)
     tool_calls: list[ToolCall]
     logprobs: list[TokenLogprob] | None
     final: Event | None                              # None: the events ended without a last one
-
-    @property
-    def finish_reason(self) -> str | None:
-        if self.final is None:
-            return None
-        return "tool_calls" if self.tool_calls else self.final.finish_reason
 
     @property
     def usage(self) -> Usage | None:

@@ -229,12 +229,7 @@ def history(messages: list[dict], template_source: str) -> list[dict]:
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise ToolError(f"messages[{i}].tool_calls[{j}].function.name is required",
                                     f"messages[{i}].tool_calls")
-                args = fn.get("arguments", {})
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args) if args.strip() else {}
-                    except ValueError:
-                        pass           # written back as given
+                args = tool_guard.parsed_arguments(fn.get("arguments", {}))      # not JSON: written back as given
                 if call.get("id"):
                     calls[call["id"]] = fn["name"]
                 parsed.append({"id": call.get("id"), "type": "function",

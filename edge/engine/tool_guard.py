@@ -45,12 +45,18 @@ def answered_calls(messages: list[dict]) -> list[tuple[str, dict]]:
     return answered[::-1]
 
 
-def _arguments(args) -> dict | None:
+def parsed_arguments(args):
+    """A call's arguments as sent: a JSON string parsed ("" is {}), text that is not JSON as is."""
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
+            return json.loads(args) if args.strip() else {}
         except ValueError:
-            return None
+            return args
+    return args
+
+
+def _arguments(args) -> dict | None:
+    args = parsed_arguments(args)
     return args if isinstance(args, dict) else None
 
 

@@ -19,7 +19,7 @@ def limit_thread_pools(threads: int) -> dict[str, int]:
     BLAS (OpenBLAS in the wheels; attention and the numpy backend) through threadpoolctl, which
     resizes it at run time whatever was imported first, and the tokenizers' Rayon pool (created
     on first use, so the variable still counts). Without this OpenBLAS starts one thread per
-    core; next to busy processes its spinning threads collapsed prefill (issue 12).
+    core, and next to busy processes its spinning threads collapse prefill.
     Returns {pool: threads} as now set."""
     import threadpoolctl
     threadpoolctl.threadpool_limits(limits=threads)

@@ -37,18 +37,6 @@ WARM_UP_PROMPT = "Hello"
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 
 
-def _at_least(low, kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
-        if not value >= low:        # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
-        return value
-    return parse
-
-
 def register(sub) -> None:
     from edge.api.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_SECONDS
     from edge.api.runtime import MAX_BODY_BYTES
@@ -63,15 +51,15 @@ def register(sub) -> None:
     s.add_argument("--port", type=port, default=DEFAULT_PORT, help="TCP port (0 = any free port)")
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $EDGE_LLM_API_KEY)")
     s.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without an API key")
-    s.add_argument("--max-queue", type=_at_least(1, int), default=DEFAULT_MAX_QUEUE,
+    s.add_argument("--max-queue", type=number(int, 1), default=DEFAULT_MAX_QUEUE,
                    help=f"requests waiting beyond this get HTTP 429 (at least 1; default {DEFAULT_MAX_QUEUE})")
-    s.add_argument("--request-timeout", type=_at_least(0, float), default=DEFAULT_REQUEST_SECONDS,
+    s.add_argument("--request-timeout", type=number(float, 0), default=DEFAULT_REQUEST_SECONDS,
                    help=f"seconds a request may take, queue wait included (0 = no limit; default "
                         f"{DEFAULT_REQUEST_SECONDS:g})")
-    s.add_argument("--max-connections", type=_at_least(1, int), default=DEFAULT_MAX_CONNECTIONS,
+    s.add_argument("--max-connections", type=number(int, 1), default=DEFAULT_MAX_CONNECTIONS,
                    help="open HTTP connections at most; beyond it the oldest one still waiting for its "
                    f"request is closed (default {DEFAULT_MAX_CONNECTIONS}; must fit the file-descriptor limit)")
-    s.add_argument("--read-timeout", type=_at_least(0.001, float), default=DEFAULT_READ_SECONDS,
+    s.add_argument("--read-timeout", type=number(float, 0.001), default=DEFAULT_READ_SECONDS,
                    help="seconds a client may take to send a whole request, headers and body (408 after; "
                    f"default {DEFAULT_READ_SECONDS:g})")
     s.add_argument("--allow-host", action="append", default=[],
