@@ -63,6 +63,14 @@ def tiny_bundle(tiny_src, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_int8(tiny_src, tmp_path_factory) -> Path:
+    """`tiny_src` as an int8 bundle: its rows are batch-invariant bit for bit on LiteRT
+    (test_batched_forward)."""
+    from convert.convert import convert
+    return convert(tiny_src, tmp_path_factory.mktemp("tiny-int8") / "tiny-int8", quant="int8", quiet=True)
+
+
+@pytest.fixture(scope="session")
 def smol_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an f16 bundle: real text, and it runs on both backends."""
     from convert.convert import convert

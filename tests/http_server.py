@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,13 @@ from edge.api.openai_api import create_app
 from edge.api.runtime import ServerConfig, ServerState
 from edge.launch.scheduling import start_scheduler
 from edge.service.serve import bind
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server that must be told its port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:

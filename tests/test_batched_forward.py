@@ -65,15 +65,6 @@ def test_forward_batch_refuses_a_shared_cache_or_an_overflow(tiny_bundle):
     assert c.length == 0 and d.length == 0          # nothing ran, nothing recorded
 
 
-@pytest.fixture(scope="module")
-def tiny_int8(tmp_path_factory):
-    from convert.convert import convert
-    from tests.tiny_llama import write_tiny_llama
-    src = tmp_path_factory.mktemp("tiny-src")
-    write_tiny_llama(src)
-    return convert(src, tmp_path_factory.mktemp("tiny-int8") / "b", quant="int8", quiet=True)
-
-
 def test_int8_rows_are_batch_invariant_bit_for_bit(tiny_int8):
     """XNNPACK quantizes each activation row on its own and accumulates in integers, so a
     row's logits do not depend on the rows beside it (measured also on SmolLM2 int8: 0.0)."""

@@ -22,7 +22,7 @@ import pytest
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.model.bundle import Bundle
-from tests.http_server import endless_engine, ready_state, running, wait_ready
+from tests.http_server import endless_engine, free_port, ready_state, running, wait_ready
 
 CTX = 128
 REPO = Path(__file__).resolve().parents[1]
@@ -74,12 +74,6 @@ def test_lone_surrogate_is_a_400_naming_the_field(tiny_base, path, body, where):
 
 
 # --- held-open connections ----------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def partial(port: int, i: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=5)
@@ -272,15 +266,6 @@ def test_a_long_prefill_is_progress_not_a_stall(tiny_bundle):
 
 
 # --- the same request gets the same answer whatever the cache holds -------------------
-
-@pytest.fixture(scope="module")
-def tiny_int8(tmp_path_factory) -> Path:
-    from convert.convert import convert
-    from tests.tiny_llama import write_tiny_llama
-    src = tmp_path_factory.mktemp("tiny-src")
-    write_tiny_llama(src)
-    return convert(src, tmp_path_factory.mktemp("tiny-int8") / "tiny-int8", quant="int8", quiet=True)
-
 
 @pytest.mark.parametrize("which", ["tiny-f32", "tiny-int8"])
 def test_same_request_same_answer_cold_warm_and_after_another(which, tiny_bundle, request):

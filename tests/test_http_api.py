@@ -28,7 +28,7 @@ from edge.engine.engine import Engine
 from edge.api.runtime import ServerState
 from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
-from tests.http_server import engine_text, endless_engine, ready_state, running
+from tests.http_server import endless_engine, engine_text, free_port, ready_state, running
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CTX = 128
@@ -442,12 +442,6 @@ def test_cors_off_by_default_and_opt_in(tiny):
 
 
 # --- the real `serve` and `prepare` commands, as systemd runs them -----------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_serve_command_loads_in_background_and_notifies_systemd(tiny_bundle, tmp_path):
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

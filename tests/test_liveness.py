@@ -10,7 +10,6 @@ import time
 import httpx
 
 from edge.engine.engine import GenerationParams
-from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.service import sd_notify
 from tests.http_server import endless_engine, ready_state, running
@@ -41,11 +40,16 @@ class Pings:
             assert self.lock.wait_for(lambda: self.count > than, timeout), "no ping"
 
 
-def test_an_engine_whose_step_blocks_is_reported_and_not_fed_to_the_watchdog(tiny_bundle):
+def watched(tiny_bundle):
+    """(engine, state, scheduler): two slots, the scheduler's stall time STALL."""
     engine = endless_engine(tiny_bundle, 128, backend="numpy", parallel=2)
     state = ready_state(engine)
-    scheduler = state.scheduler
-    scheduler.stall_seconds = STALL
+    state.scheduler.stall_seconds = STALL
+    return engine, state, state.scheduler
+
+
+def test_an_engine_whose_step_blocks_is_reported_and_not_fed_to_the_watchdog(tiny_bundle):
+    engine, state, scheduler = watched(tiny_bundle)
     gate, entered = threading.Event(), threading.Event()
     real = engine.step
 
@@ -87,10 +91,7 @@ def test_an_engine_whose_step_blocks_is_reported_and_not_fed_to_the_watchdog(tin
 def test_waiting_requests_that_can_never_get_a_slot_are_a_stall(tiny_bundle):
     """Every slot held and never given back (as a failed start once left it): the waiting
     request makes no progress, so /health reports it, although nothing is running."""
-    engine = endless_engine(tiny_bundle, 128, backend="numpy", parallel=2)
-    state = ready_state(engine)
-    scheduler = state.scheduler
-    scheduler.stall_seconds = STALL
+    engine, state, scheduler = watched(tiny_bundle)
     leaked = [engine.slot_pool.claim([1], owner=object(), wait=False) for _ in range(2)]
     assert engine.free_slots() == 0
     with running(state) as base:

@@ -19,15 +19,9 @@ import httpx
 import pytest
 
 from edge.api.connections import MIN_CONNECTIONS, fit_connections
-from tests.http_server import wait_ready
+from tests.http_server import free_port, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_env(tiny_bundle, tmp_path) -> dict:

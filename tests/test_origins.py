@@ -153,7 +153,7 @@ def test_serve_applies_the_policy_on_both_ports_and_refuses_a_malformed_allow_or
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "--allow-origin 'ha.example': an origin is SCHEME://HOST[:PORT]" in bad.stderr, \
         bad.stderr
-    from tests.test_low_limits import free_port
+    from tests.http_server import free_port
     oport = free_port()
     with serve_process(["-m", str(tiny_bundle), "--ctx", "64", "--ollama-port", str(oport),
                         "--allow-origin", "http://192.168.1.*"], env, cwd=repo) as base:

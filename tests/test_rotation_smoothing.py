@@ -34,18 +34,22 @@ def _outlier_tokens(ckpt, n=48):
     return np.random.default_rng(3).integers(0, ckpt.config.vocab_size, n)
 
 
+def assert_same_logits(cfg, get, ckpt) -> None:
+    """The float model on weights `get` gives the checkpoint's own logits (to rounding)."""
+    model, ref = NumpyModel(cfg, get, 64), NumpyModel(ckpt.config, ckpt.tensor, 64)
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40)
+    a = ref.forward(ids, ref.new_cache(), all_logits=True)
+    b = model.forward(ids, model.new_cache(), all_logits=True)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_smoothed_weights_are_an_exact_rewrite_in_float(tiny, scheme):
     _, ckpt = tiny
     get, cfg = untie(ckpt.tensor, ckpt.config)
     sm = Smoothing.fit(get, cfg, _outlier_tokens(ckpt), scheme, "int8")
     assert any(np.ptp(s) > 0.1 for s in sm.scales.values())     # not the identity
-    model = NumpyModel(cfg, sm.weights(get), 64)
-    ref = NumpyModel(ckpt.config, ckpt.tensor, 64)
-    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40)
-    a = ref.forward(ids, ref.new_cache(), all_logits=True)
-    b = model.forward(ids, model.new_cache(), all_logits=True)
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+    assert_same_logits(cfg, sm.weights(get), ckpt)
 
 
 def test_gqa_heads_sharing_a_kv_head_share_scales(tiny):
@@ -148,11 +152,7 @@ def test_rotated_weights_are_an_exact_rewrite_in_float(tiny, smooth):
     if smooth:
         get = Smoothing.fit(get, cfg, _outlier_tokens(ckpt), "int8", "int8").weights(get)
     assert np.abs(get("embed") - ckpt.tensor("embed")).max() > 0.01     # really rotated
-    model, ref = NumpyModel(cfg, get, 64), NumpyModel(ckpt.config, ckpt.tensor, 64)
-    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, 40)
-    a = ref.forward(ids, ref.new_cache(), all_logits=True)
-    b = model.forward(ids, model.new_cache(), all_logits=True)
-    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max())
+    assert_same_logits(cfg, get, ckpt)
 
 
 def test_rotation_defaults_follow_the_measured_table_and_are_recorded(tiny, tmp_path):

@@ -14,7 +14,6 @@ from edge.engine.sampler import SamplingParams
 from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
-from tests.test_http_api import smol_bundle  # noqa: F401 (fixture)
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = [[5, 17, 33, 2, 9, 40, 41], [7, 7, 100], list(range(1, 80)), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]

@@ -13,7 +13,6 @@ import pytest
 
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
-from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.engine.speculation import PromptLookup, Speculator, VerifyCost
 from edge.launch.request import RequestDefaults
@@ -22,16 +21,6 @@ from edge.model.bundle import Bundle
 GREEDY = SamplingParams(temperature=0.0)
 # repeats, so the real drafter finds n-grams in the prompt
 PROMPT = [5, 17, 33, 2 + 7, 9, 40, 41, 5, 17, 33, 9, 9, 40, 41, 5, 17, 60, 61, 62, 5, 17]
-
-
-@pytest.fixture(scope="module")
-def tiny_int8(tmp_path_factory):
-    """int8 rows are batch-invariant bit for bit on LiteRT (test_batched_forward)."""
-    from convert.convert import convert
-    from tests.tiny_llama import write_tiny_llama
-    src = tmp_path_factory.mktemp("tiny-src")
-    write_tiny_llama(src)
-    return convert(src, tmp_path_factory.mktemp("tiny-int8") / "b", quant="int8", quiet=True)
 
 
 def engine_for(bundle, backend, eos=(), **kw):

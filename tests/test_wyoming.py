@@ -19,7 +19,7 @@ from edge.assist.wyoming_service import WyomingService, parse_address
 from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.launch.request import RequestDefaults
-from tests.test_http_api import smol, smol_bundle  # noqa: F401 fixtures
+from tests.test_http_api import smol  # noqa: F401 fixture
 
 GREEDY = RequestDefaults(max_tokens=24).with_overrides(temperature=0)
 
