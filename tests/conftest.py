@@ -77,6 +77,22 @@ def smol_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16", quant="f16", quiet=True)
 
 
+@pytest.fixture(scope="module")
+def smol(smol_bundle):
+    """An engine over `smol_bundle` (1024 tokens of context), one per test module."""
+    from edge.engine.engine import Engine
+    from edge.model.bundle import Bundle
+    return Engine(Bundle.open(smol_bundle), max_ctx=1024)
+
+
+@pytest.fixture(scope="module")
+def smol_base(smol):
+    """`smol` served by the HTTP API on a free loopback port (tests/http_server.py)."""
+    from tests.http_server import ready_state, running
+    with running(ready_state(smol)) as base:
+        yield base
+
+
 @pytest.fixture(scope="session")
 def llama3_tokenizer_json(llama3_tiktoken_model: Path) -> str:
     """Llama 3's tokenizer.json, rebuilt from Meta's tokenizer.model."""

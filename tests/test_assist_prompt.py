@@ -11,7 +11,6 @@ import pytest
 
 from bench.assist import TOOLS, conversation, system_prompt
 from edge.engine.tool_calls import fallback_system_text, parse_tools, prepare_chat, template_knows_tools
-from tests.test_http_api import smol  # noqa: F401 fixture
 from tests.test_tool_guard import looping
 
 T0 = datetime(2025, 4, 15, 18, 2, 11)

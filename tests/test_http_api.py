@@ -55,17 +55,6 @@ def tiny_base(tiny):
         yield base
 
 
-@pytest.fixture(scope="module")
-def smol(smol_bundle) -> Engine:
-    return Engine(Bundle.open(smol_bundle), max_ctx=1024)
-
-
-@pytest.fixture(scope="module")
-def smol_base(smol):
-    with running(ready_state(smol)) as base:
-        yield base
-
-
 def slow_engine(state: ServerState, seconds_per_event: float = 0.0, gate: threading.Event | None = None):
     """Make each generated event take longer (a scheduler listener runs in the engine's thread)."""
     def hold(job, event):

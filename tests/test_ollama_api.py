@@ -11,7 +11,7 @@ from openai import OpenAI
 from edge.api.ollama_api import create_ollama_app
 from edge.service.serve import bind, http_app
 from tests.http_server import engine_text, ready_state, running
-from tests.test_http_api import slow_engine, smol, tiny  # noqa: F401 fixtures
+from tests.test_http_api import slow_engine, tiny  # noqa: F401 fixtures
 
 GREEDY = {"temperature": 0}
 

@@ -11,7 +11,6 @@ import pytest
 from openai import OpenAI
 
 from tests.http_server import engine_text, ready_state, running
-from tests.test_http_api import smol  # noqa: F401 fixture
 
 LIGHT = {"type": "function", "name": "set_light", "description": "Switch a light",
          "parameters": {"type": "object", "required": ["room", "on"], "properties": {

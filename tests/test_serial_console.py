@@ -30,7 +30,6 @@ from edge.model.bundle import Bundle
 from edge.engine.engine import Engine, GenerationParams
 from edge.serial.line_editor import Discarded, Interrupt, Line, LineEditor, TooLong
 from edge.engine.sampler import SamplingParams
-from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.launch.request import RequestDefaults
 from edge.serial.args import add_serial_args, start_from_args

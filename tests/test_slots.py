@@ -11,7 +11,6 @@ import pytest
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.sampler import SamplingParams
-from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
 

@@ -55,17 +55,6 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
-@pytest.fixture(scope="module")
-def smol(smol_bundle) -> Engine:
-    return Engine(Bundle.open(smol_bundle), max_ctx=1024)
-
-
-@pytest.fixture(scope="module")
-def smol_base(smol):
-    with running(ready_state(smol)) as base:
-        yield base
-
-
 def reassemble(chunks) -> tuple[str, list[dict], list[str]]:
     """Content, tool calls (merged by index, as OpenAI's own SDK helpers do) and finish reasons."""
     content, calls, finishes = "", {}, []

@@ -15,7 +15,6 @@ from edge.engine.constraint import Grammar, closed
 from edge.engine.tool_calls import ToolUse, prepare_chat
 from edge.engine.tool_guard import answered_calls, excluding, not_string
 from edge.launch.request import RequestDefaults
-from tests.test_http_api import smol  # noqa: F401 fixture
 
 TURN_ON = {"type": "function", "function": {
     "name": "HassTurnOn", "description": "Turns on a device or entity",

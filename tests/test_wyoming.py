@@ -16,10 +16,8 @@ from edge.assist import spoken, wyoming_io
 from edge.assist.spoken import SentenceBudget
 from edge.assist.wyoming_io import ConnectionTable
 from edge.assist.wyoming_service import WyomingService, parse_address
-from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
 from edge.launch.request import RequestDefaults
-from tests.test_http_api import smol  # noqa: F401 fixture
 
 GREEDY = RequestDefaults(max_tokens=24).with_overrides(temperature=0)
 

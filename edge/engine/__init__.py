@@ -1,7 +1,8 @@
 """The engine layer: requests in, streamed text out.
 
 Owns: the generation loop with prefix reuse and the one context rule (`engine`), the shared
-request queue (`scheduler`), the one consumer of a request's events (`replies`), sampling,
+request queue and admission (`scheduler`: queue places, one prompt tokenized at a time, the
+threads that read jobs' events; its bound and time limit given by the caller), the one consumer of a request's events (`replies`), sampling,
 UTF-8-safe detokenizing, stop strings, chat templates, tool calls and multi-turn
 conversations. May import edge.model; never an interface or edge.launch.
 

@@ -1,8 +1,9 @@
 """The launch layer: what every interface does to start, written once.
 
 Resolve a `--model` into a bundle (converting a checkpoint once, fetching the embedded
-default model on first use: `model_store`), open it, build the engine (`load_engine`), and
-turn interface options into a request (`request.RequestDefaults`, `args`). `request` is the
+default model on first use: `model_store`), open it, build the engine (`load_engine`) and the shared scheduler
+(`scheduling.start_scheduler`), and turn interface options into a request
+(`request.RequestDefaults`, `args`). `request` is the
 one home of the product's defaults and limits (sampling, max_tokens, context, queue, request
 time limit, ports); interfaces show and validate them there, never restate them.
 
