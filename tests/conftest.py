@@ -93,6 +93,14 @@ def smol_base(smol):
         yield base
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tiny):
+    """The module's own `tiny` engine served by the HTTP API on a free loopback port."""
+    from tests.http_server import ready_state, running
+    with running(ready_state(tiny)) as base:
+        yield base
+
+
 @pytest.fixture(scope="session")
 def llama3_tokenizer_json(llama3_tiktoken_model: Path) -> str:
     """Llama 3's tokenizer.json, rebuilt from Meta's tokenizer.model."""

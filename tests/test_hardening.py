@@ -33,12 +33,6 @@ def tiny(tiny_bundle) -> Engine:
     return endless_engine(tiny_bundle, CTX)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tiny):
-    with running(ready_state(tiny)) as base:
-        yield base
-
-
 def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 

@@ -49,12 +49,6 @@ def tiny(tiny_bundle) -> Engine:
     return endless_engine(tiny_bundle, TINY_CTX)
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tiny):
-    with running(ready_state(tiny)) as base:
-        yield base
-
-
 def slow_engine(state: ServerState, seconds_per_event: float = 0.0, gate: threading.Event | None = None):
     """Make each generated event take longer (a scheduler listener runs in the engine's thread)."""
     def hold(job, event):

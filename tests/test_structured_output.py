@@ -21,7 +21,7 @@ from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
-from tests.http_server import engine_text, endless_engine, ready_state, running
+from tests.http_server import engine_text, endless_engine
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -215,12 +215,6 @@ def test_bad_tools_and_formats_get_400_naming_the_field(smol_base, extra, param)
 @pytest.fixture(scope="module")
 def tiny(tiny_bundle) -> Engine:
     return endless_engine(tiny_bundle, 512)     # room for the tool prompt
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tiny):
-    with running(ready_state(tiny)) as base:
-        yield base
 
 
 def test_auto_tools_on_a_model_that_writes_no_call_answer_as_text(tiny, tiny_base):
