@@ -353,17 +353,17 @@ def run(args) -> int:
     rows = []
     if args.speculate or args.verify_curve is not None:
         for threads in args.threads or [DEFAULT_THREADS]:
-            runs = []          # (rows, their table)
+            runs = []          # (rows, their markdown)
             if args.verify_curve is not None:
                 runs.append((bench_verify_curve(bundle, args.backend, threads, args.n_prompt[0], args.verify_curve,
                                                 args.reps, progress), markdown_verify_curve))
             if args.speculate:
                 runs.append((bench_speculation(bundle, args.backend, threads, args.n_gen[0] or 128, args.reps,
                                                progress, args.prompts or GROUNDED), markdown_speculation))
-            for part, table in runs:
+            for part, markdown_of in runs:
                 rows += part
                 if not args.json:
-                    print(table(part))
+                    print(markdown_of(part))
         if args.json:
             print(json.dumps(rows, indent=1))
         return 0
