@@ -14,6 +14,7 @@ the same; readers must not write into them (none does).
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import numpy as np
@@ -31,11 +32,16 @@ class Reuse:
         self._get, self._reads, self._window = get, reads, window
         self._kept: dict[str, tuple[np.ndarray, int]] = {}
         self.made = 0                     # tensors made (for tests)
+        self._lock = threading.Lock()     # GPTQ's pass reads on a thread of its own (convert/prefetch.py)
 
     def __call__(self, name: str) -> np.ndarray:
         i = _layer(name)
         if i is None:
             return self._get(name)
+        with self._lock:
+            return self._shared(name, i)
+
+    def _shared(self, name: str, i: int) -> np.ndarray:
         for other in [n for n in self._kept if abs(_layer(n) - i) > self._window]:
             del self._kept[other]         # a layer left behind: its readers are done with it
         kept = self._kept.pop(name, None)

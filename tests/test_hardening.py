@@ -308,15 +308,17 @@ def test_same_request_same_answer_cold_warm_and_after_another(which, tiny_bundle
         assert run(follow) == warm_turn, "next chat turn, prefix cached vs cold"
 
 
-# --- every thread pool bounded by --threads --------------------------------------------
+# --- every thread pool beside the graph on one thread --------------------------------------------
 
-def test_threads_bound_every_pool_blas_included(tiny_bundle):
-    """NumPy's BLAS pool is bounded by --threads too (one thread per core unbounded: next to
-    two busy processes, prefill falls from ~540 to 32 tokens/s)."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_bound_every_pool_blas_included(tiny_bundle, threads):
+    """Beside the graph NumPy's BLAS pool and the tokenizers' pool run on one thread whatever
+    --threads says: unbounded (one thread per core) their spinning threads took XNNPACK's cores,
+    and next to two busy processes prefill fell from ~540 to 32 tokens/s."""
     script = ("import json, threadpoolctl\n"
               "from edge.model.bundle import Bundle\n"
               "from edge.engine.engine import Engine\n"
-              f"e = Engine(Bundle.open({str(tiny_bundle)!r}), max_ctx=64, threads=1)\n"
+              f"e = Engine(Bundle.open({str(tiny_bundle)!r}), max_ctx=64, threads={threads})\n"
               "import os, numpy as np\n"
               "a = np.ones((256, 256), np.float32); a @ a\n"
               "print(json.dumps([threadpoolctl.threadpool_info(), os.environ.get('RAYON_NUM_THREADS')]))\n")

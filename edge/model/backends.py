@@ -33,13 +33,15 @@ def load_backend(bundle: Bundle, backend: str, max_ctx: int, threads: int | str 
                  weight_cache: Path | None = None):
     """litert runs the bundle's graph (XNNPACK's packed weights cached in `weight_cache`, a
     directory of its own per graph, when given); numpy is the float reference (f32/f16 only).
-    threads: a count for every thread pool, or "auto"/None: the graph on 1 thread or all
-    cores, whichever `ThreadPolicy` times faster, and NumPy's pool (attention) on one thread,
-    where no barrier waits for a descheduled thread; the numpy backend gets all cores."""
+    threads: the graph's thread count, or "auto"/None: the graph on 1 thread or all cores,
+    whichever `ThreadPolicy` times faster. Beside the graph NumPy's pool (attention) runs on one
+    thread whatever the count: OpenBLAS's threads spin between calls, and on as many cores as
+    XNNPACK's they take its cores (1B int4 pp128 on 2 cores: 61 t/s with both pools at 2, 81
+    with NumPy's at 1, docs/SPEED.md). The numpy backend gets the count, or all cores."""
     threads = parse_threads(threads) or AUTO
     if backend == "auto":
         backend = "litert" if bundle.has_graph else "numpy"
-    limit_thread_pools(threads if isinstance(threads, int) else 1 if backend == "litert" else default_threads())
+    limit_thread_pools(1 if backend == "litert" else threads if isinstance(threads, int) else default_threads())
     if backend == "litert":
         from edge.model.litert_model import LiteRTModel
         return LiteRTModel(bundle, max_ctx, threads, weight_cache=weight_cache)
