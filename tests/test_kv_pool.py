@@ -253,10 +253,14 @@ def test_a_home_assistant_prompt_over_2048_tokens_with_the_default_serve_setting
     assert engine.kv_cache_bytes <= DEFAULT_KV_POOL_MB << 20
     messages = conversation(50, __import__("datetime").datetime(2025, 4, 15, 18, 2, 11), True,
                             "Turn on the kitchen light.")
-    with running(ready_state(engine), make_app=create_ollama_app) as base:
+    state = ready_state(engine)
+    with running(state, make_app=create_ollama_app) as base:
         got = ollama.Client(host=base, timeout=900).chat(
             model=engine.name, messages=messages, tools=TOOLS, keep_alive=-1,
             options={"num_ctx": 8192, "num_predict": 6, "temperature": 0})
     assert got.done and got.prompt_eval_count > 2048
     assert engine.kv_pool.used < 2 * got.prompt_eval_count            # what it needs, not parallel x ctx
+    metrics = state.metrics.render()
+    assert f"edge_llm_kv_pool_used_bytes {engine.kv_pool.used_bytes}\n" in metrics
+    assert f"edge_llm_kv_pool_bytes {engine.kv_cache_bytes}\n" in metrics
     assert got.eval_count >= 1 and (got.message.content or got.message.tool_calls)

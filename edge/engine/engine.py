@@ -188,7 +188,7 @@ class Engine:
         per_token = KVCache.bytes_per_token(cfg, KV_TYPES[kv_type])
         pool_tokens = parallel * max_ctx if kv_pool_bytes is None else kv_pool_bytes // per_token
         block = block_tokens(cfg, KV_TYPES[kv_type])
-        self.kv_pool = KVPool(max(pool_tokens, block), block)
+        self.kv_pool = KVPool(max(pool_tokens, block), block, per_token)
         self.max_ctx = min(max_ctx, cfg.max_position_embeddings, self.kv_pool.budget)
         self.tokenizer = bundle.tokenizer()
         m = bundle.manifest
@@ -251,7 +251,7 @@ class Engine:
     @property
     def kv_cache_bytes(self) -> int:
         """The KV pool's budget in bytes (the most the slots' caches take together)."""
-        return self.kv_pool.budget * self.slots[0].cache.token_bytes
+        return self.kv_pool.budget_bytes
 
     # --- prompts -> ids ---------------------------------------------------------------
     def encode_chat(self, messages: list[dict], *, continue_final_message: bool | None = None,

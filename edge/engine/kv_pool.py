@@ -23,10 +23,10 @@ log = logging.getLogger("edge.engine")
 
 
 class KVPool:
-    def __init__(self, budget_tokens: int, block: int):
+    def __init__(self, budget_tokens: int, block: int, token_bytes: int = 0):
         if budget_tokens < block:
             raise ValueError(f"the KV pool must hold at least one block of {block} tokens, got {budget_tokens}")
-        self.block = block
+        self.block, self.token_bytes = block, token_bytes
         self.budget = budget_tokens // block * block      # tokens, whole blocks
         self.used = 0                                      # tokens granted to caches
         self.evictions = 0                                 # idle prefixes evicted to make room
@@ -41,6 +41,14 @@ class KVPool:
             raise ValueError(f"a cache of {cache.block}-token blocks in a pool of {self.block}")
         cache.release_from(0)
         return cache
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.budget * self.token_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.used * self.token_bytes
 
     @property
     def free(self) -> int:
