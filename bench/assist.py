@@ -147,6 +147,14 @@ def ollama_turn(client, url: str, model: str, messages: list[dict]) -> dict:
 
 
 START = datetime(2025, 4, 15, 18, 2, 11)
+HOMES = [(10, True), (10, False), (50, True), (50, False), (100, True), (100, False)]
+
+
+def home_number(n: int, time_first: bool) -> int:
+    """Which home a size and order stand for, the same in every run (so a replay after a
+    restart meets the homes the prompt cache stored): the standard six differ in the first
+    device listed and in the time of day."""
+    return HOMES.index((n, time_first)) if (n, time_first) in HOMES else n % len(KINDS)
 
 
 def replay_ollama(url: str, ollama_url: str, model: str, n: int, time_first: bool, home: int = 0,
@@ -226,10 +234,10 @@ def main(argv=None) -> None:
     if not a.json:
         print("| path | entities | order | turn | prompt tokens | reused | first chunk s | total s | calls |")
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
-    homes = [(n, order) for n in [int(x) for x in a.entities.split(",")] for order in a.orders.split(",")]
-    for home, (n, order) in enumerate(homes):      # each its own home: no prefix shared between them
-        time_first = order == "first"
-        for r in replay_ollama(a.url, a.ollama, model, n, time_first, home, a.later + 7 * home):
+    for n in [int(x) for x in a.entities.split(",")]:
+        for time_first in [o == "first" for o in a.orders.split(",")]:
+            home = home_number(n, time_first)       # each its own home: no prefix shared between them
+            for r in replay_ollama(a.url, a.ollama, model, n, time_first, home, a.later + 7 * home):
                 report({"path": "ollama", "entities": n, "order": "time first" if time_first else "time last", **r})
     if a.wyoming:
         for r in replay_wyoming(a.url, a.wyoming, 0):
