@@ -2,7 +2,7 @@
 API (what HA's Ollama integration sends) and over Wyoming (HA's Wyoming conversation agent).
 
     python -m bench.assist --url http://127.0.0.1:8080 --ollama http://127.0.0.1:11434 \
-        [--wyoming 127.0.0.1:10400] [--entities 10,50,100] [--json]
+        [--wyoming 127.0.0.1:10400] [--entities 10,50,100] [--later MINUTES] [--json]
 
 The request shapes follow Home Assistant 2025.4's Ollama integration and `helpers/llm.py`:
 the system prompt is the date/time line, the default instructions, the Assist API prompt
