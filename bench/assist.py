@@ -2,7 +2,7 @@
 API (what HA's Ollama integration sends) and over Wyoming (HA's Wyoming conversation agent).
 
     python -m bench.assist --url http://127.0.0.1:8080 --ollama http://127.0.0.1:11434 \
-        [--wyoming 127.0.0.1:10400] [--entities 10,50,100] [--json]
+        [--wyoming 127.0.0.1:10400] [--entities 10,50,100] [--later MINUTES] [--json]
 
 The request shapes follow Home Assistant 2025.4's Ollama integration and `helpers/llm.py`:
 the system prompt is the date/time line, the default instructions, the Assist API prompt
@@ -11,7 +11,9 @@ each) and the Assist intent tools; `options.num_ctx` 8192 and `keep_alive` -1 as
 them, plus `num_predict` (--num-predict, default 128; HA sends none) to bound a run's length. HA 2025.x puts the time line first ("time first"); newer releases put it last when no
 GetDateTime tool is offered ("time last"); both orders are replayed. For each home size and
 order: a new conversation (a command, the tool call, its result and the spoken answer), a
-follow-up turn a minute later, then a second new conversation of the same home.
+follow-up turn a minute later, then a second new conversation of the same home. Each home
+size and order is replayed as a home of its own (other devices first, another time of day),
+so one home's rows reuse nothing of another's.
 
 Reported per request: prompt tokens (context used), tokens reused (the server's
 `edge_llm_cached_prompt_tokens_total` before and after, so run it alone against the
@@ -79,10 +81,12 @@ TOOLS = [
 ]
 
 
-def entities(n: int) -> list[dict]:
+def entities(n: int, home: int = 0) -> list[dict]:
+    """n exposed entities; homes with another `home` number list other devices first, so two
+    homes replayed against one server share no prefix of their entity lists."""
     out = []
     for i in range(n):
-        domain, label, state = KINDS[i % len(KINDS)]
+        domain, label, state = KINDS[(i + home) % len(KINDS)]
         area = AREAS[(i // len(KINDS)) % len(AREAS)]
         out.append({"names": f"{area} {label}" + (f" {i // 64 + 1}" if i >= 64 else ""), "domain": domain,
                     "state": state, "areas": area})
@@ -99,14 +103,15 @@ def _yaml(items: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def system_prompt(n: int, clock: datetime, time_first: bool) -> str:
+def system_prompt(n: int, clock: datetime, time_first: bool, home: int = 0) -> str:
     when = f"Current time is {clock:%H:%M:%S}. Today's date is {clock:%Y-%m-%d}.\n"
-    api = "\n".join([TOOL_USAGE, ALL_OF_TYPE, NO_TIMERS, OVERVIEW, _yaml(entities(n))])
+    api = "\n".join([TOOL_USAGE, ALL_OF_TYPE, NO_TIMERS, OVERVIEW, _yaml(entities(n, home))])
     return (when + INSTRUCTIONS + api) if time_first else (INSTRUCTIONS + api + "\n" + when)
 
 
-def conversation(n: int, clock: datetime, time_first: bool, question: str) -> list[dict]:
-    return [{"role": "system", "content": system_prompt(n, clock, time_first)}, {"role": "user", "content": question}]
+def conversation(n: int, clock: datetime, time_first: bool, question: str, home: int = 0) -> list[dict]:
+    return [{"role": "system", "content": system_prompt(n, clock, time_first, home)},
+            {"role": "user", "content": question}]
 
 
 # --- the replay ------------------------------------------------------------------------
@@ -141,12 +146,26 @@ def ollama_turn(client, url: str, model: str, messages: list[dict]) -> dict:
             "calls": [c.function.name for c in calls]}
 
 
-def replay_ollama(url: str, ollama_url: str, model: str, n: int, time_first: bool) -> list[dict]:
+START = datetime(2025, 4, 15, 18, 2, 11)
+HOMES = [(10, True), (10, False), (50, True), (50, False), (100, True), (100, False)]
+
+
+def home_number(n: int, time_first: bool) -> int:
+    """Which home a size and order stand for, the same in every run (so a replay after a
+    restart meets the homes the prompt cache stored): the standard six differ in the first
+    device listed and in the time of day."""
+    return HOMES.index((n, time_first)) if (n, time_first) in HOMES else n % len(KINDS)
+
+
+def replay_ollama(url: str, ollama_url: str, model: str, n: int, time_first: bool, home: int = 0,
+                  later: float = 0.0) -> list[dict]:
+    """One home's conversations; `later` minutes shift every clock (a replay after a restart
+    is a later time of the day, as it would be in a real home)."""
     import ollama
     client = ollama.Client(host=ollama_url, timeout=3600)
-    clock, rows = datetime(2025, 4, 15, 18, 2, 11), []
+    clock, rows = START + timedelta(minutes=later), []
     for label in ("new conversation", "second conversation"):
-        msgs = conversation(n, clock, time_first, "Turn on the kitchen light.")
+        msgs = conversation(n, clock, time_first, "Turn on the kitchen light.", home)
         r = ollama_turn(client, url, model, msgs)
         rows.append({"turn": f"{label}: command", **r})
         if msgs[-1].get("tool_calls"):
@@ -155,7 +174,7 @@ def replay_ollama(url: str, ollama_url: str, model: str, n: int, time_first: boo
             rows.append({"turn": f"{label}: tool result", **ollama_turn(client, url, model, msgs)})
         if label == "new conversation":
             clock += timedelta(seconds=61)
-            msgs[0] = {"role": "system", "content": system_prompt(n, clock, time_first)}
+            msgs[0] = {"role": "system", "content": system_prompt(n, clock, time_first, home)}
             msgs.append({"role": "user", "content": "Is the garage door locked?"})
             rows.append({"turn": "follow-up", **ollama_turn(client, url, model, msgs)})
         clock += timedelta(minutes=5)
@@ -197,6 +216,9 @@ def main(argv=None) -> None:
     p.add_argument("--entities", default="10,50,100")
     p.add_argument("--orders", default="first,last", help="the time line's place in the system prompt")
     p.add_argument("--num-predict", type=int, default=NUM_PREDICT, help="options.num_predict of each request")
+    p.add_argument("--later", type=float, default=0.0,
+                   help="minutes to shift every clock by: replaying after a server restart with --later 60 makes the "
+                        "first row the first conversation after the restart (the prompt cache's case)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
     globals()["NUM_PREDICT"] = a.num_predict
@@ -214,7 +236,8 @@ def main(argv=None) -> None:
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for n in [int(x) for x in a.entities.split(",")]:
         for time_first in [o == "first" for o in a.orders.split(",")]:
-            for r in replay_ollama(a.url, a.ollama, model, n, time_first):
+            home = home_number(n, time_first)       # each its own home: no prefix shared between them
+            for r in replay_ollama(a.url, a.ollama, model, n, time_first, home, a.later + 7 * home):
                 report({"path": "ollama", "entities": n, "order": "time first" if time_first else "time last", **r})
     if a.wyoming:
         for r in replay_wyoming(a.url, a.wyoming, 0):

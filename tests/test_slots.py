@@ -127,7 +127,9 @@ def test_f16_kv_cache_stays_close_to_f32(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
     a = Engine(bundle, max_ctx=128, backend="numpy")
     b = Engine(bundle, max_ctx=128, backend="numpy", kv_type="f16")
-    assert b.kv_cache_bytes * 2 == a.kv_cache_bytes
+    assert b.slots[0].cache.token_bytes * 2 == a.slots[0].cache.token_bytes
+    same = Engine(bundle, max_ctx=128, backend="numpy", kv_type="f16", kv_pool_bytes=a.kv_cache_bytes)
+    assert same.kv_pool.budget == 2 * a.kv_pool.budget          # the same memory holds twice the tokens
     ca, cb = a.model.new_cache(), b.model.new_cache(np.float16)
     la, lb = a.model.prefill(PROMPTS[2], ca, all_logits=True), b.model.prefill(PROMPTS[2], cb, all_logits=True)
     assert np.abs(la - lb).max() < 1e-2 * np.abs(la).max()

@@ -50,6 +50,7 @@ class Metrics:
         self.queue_depth = lambda: 0
         self.running = lambda: 0
         self.loaded = lambda: False
+        self.kv_pool = lambda: (0, 0)       # KV pool bytes (granted to slots, budget)
 
     def count_request(self, status: int) -> None:
         with self._lock:
@@ -98,6 +99,9 @@ class Metrics:
                         "Decode speed of the last request, tokens per second.", self.last_tokens_per_second),
                 _simple("edge_llm_queue_depth", "gauge", "Requests waiting for a slot.", self.queue_depth()),
                 _simple("edge_llm_running", "gauge", "Requests generating now (busy slots).", self.running()),
+                _simple("edge_llm_kv_pool_used_bytes", "gauge",
+                        "KV cache memory granted to slots (running and idle) out of the pool.", self.kv_pool()[0]),
+                _simple("edge_llm_kv_pool_bytes", "gauge", "The KV pool's budget (--kv-pool-mb).", self.kv_pool()[1]),
                 _simple("edge_llm_model_loaded", "gauge", "1 once the model is loaded and warm.",
                         int(bool(self.loaded()))),
                 _family("edge_llm_time_to_first_token_seconds", "histogram",

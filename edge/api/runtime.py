@@ -79,6 +79,7 @@ class ServerState:
         scheduler.listeners.append(self.metrics.on_event)
         self.metrics.queue_depth = lambda: scheduler.queue_depth
         self.metrics.running = lambda: scheduler.running
+        self.metrics.kv_pool = lambda: (engine.kv_pool.used_bytes, engine.kv_pool.budget_bytes)
         self.model_id = engine.name
         self.engine, self.scheduler = engine, scheduler
 

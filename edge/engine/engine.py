@@ -34,6 +34,7 @@ from edge.engine.constraint import ConstraintError, Grammars
 from edge.engine.detokenizer import StreamDecoder, TokenBytes, longest_token_bytes
 from edge.engine.events import (MAX_TOP_LOGPROBS, Event, GenerationParams, RequestFailed,  # noqa: F401
                                  SequenceFailed, TokenLogprob, Usage)
+from edge.engine.kv_pool import KVPool
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.repetition import LoopGuard
 from edge.engine.sampler import Sampler
@@ -43,7 +44,7 @@ from edge.engine.stop_strings import StopMatcher
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
 from edge.model.forward import PREFILL_CHUNK, chunk_rows, whole_chunk
-from edge.model.kv_cache import ContextFull
+from edge.model.kv_cache import ContextFull, KVCache, block_tokens
 
 KV_TYPES = {"f32": np.float32, "f16": np.float16}
 SPEC_MAX_BATCH = 1          # draft only while at most this many sequences decode together (measured, README)
@@ -175,10 +176,20 @@ class Sequence:
 class Engine:
     def __init__(self, bundle: Bundle, *, max_ctx: int, backend: str = "auto", threads: int | None = None,
                  weight_cache: Path | None = None, parallel: int = 1, kv_type: str = "f32",
-                 prompt_cache: PromptCache | None = None):
+                 prompt_cache: PromptCache | None = None, kv_pool_bytes: int | None = None):
+        """`max_ctx`: tokens per sequence; `kv_pool_bytes`: the KV memory all slots share
+        (None: room for every slot at `max_ctx` at once). A sequence never exceeds the pool."""
         self.bundle = bundle
         self.config = cfg = bundle.config
-        self.max_ctx = min(max_ctx, cfg.max_position_embeddings)
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, got {parallel}")
+        per_token = KVCache.bytes_per_token(cfg, KV_TYPES[kv_type])
+        pool_tokens = parallel * max_ctx if kv_pool_bytes is None else kv_pool_bytes // per_token
+        block = block_tokens(cfg, KV_TYPES[kv_type])
+        self.kv_pool = KVPool(max(pool_tokens, block), block, per_token)
+        self.max_ctx = min(max_ctx, cfg.max_position_embeddings, self.kv_pool.budget)
         self.tokenizer = bundle.tokenizer()
         m = bundle.manifest
         sp = m.get("special_tokens", {})
@@ -187,11 +198,8 @@ class Engine:
         self.chat = ChatEncoder(self.tokenizer, self.template)
         self.eos_ids = frozenset(cfg.eos_token_ids)
         self.model = load_backend(bundle, backend, self.max_ctx, threads, weight_cache)
-        if parallel < 1:
-            raise ValueError(f"parallel must be at least 1, got {parallel}")
-        if kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
-        self.slot_pool = Slots([self.model.new_cache(KV_TYPES[kv_type]) for _ in range(parallel)], prompt_cache)
+        self.slot_pool = Slots([self.model.new_cache(KV_TYPES[kv_type]) for _ in range(parallel)],
+                               self.kv_pool, prompt_cache)
         self.slots = self.slot_pool.all
         self._step_lock = threading.Lock()
         self.last_step = time.monotonic()        # when a step last finished (liveness)
@@ -242,7 +250,8 @@ class Engine:
 
     @property
     def kv_cache_bytes(self) -> int:
-        return sum(s.cache.nbytes for s in self.slots)
+        """The KV pool's budget in bytes (the most the slots' caches take together)."""
+        return self.kv_pool.budget_bytes
 
     # --- prompts -> ids ---------------------------------------------------------------
     def encode_chat(self, messages: list[dict], *, continue_final_message: bool | None = None,
@@ -363,10 +372,13 @@ class Engine:
                     budget -= PREFILL_CHUNK
             except Exception as e:
                 out.append((seq, seq.fail(e)))
+        batch, drafts, stalled = self.slot_pool.fit_step(batch, self._drafts(batch))
+        if stalled and not batch and not out:       # each waits for memory another holds: one ends
+            log.warning("KV pool full: a reply ends at %d tokens so the others can go on", stalled[-1].slot.cache.length)
+            out.append((stalled[-1], stalled[-1].finish("length")))
         if not batch:
             self.last_step = time.monotonic()
             return out
-        drafts = self._drafts(batch)
         verifying = any(drafts)
         if verifying:
             batch = [(seq, n + len(d)) for (seq, n), d in zip(batch, drafts)]

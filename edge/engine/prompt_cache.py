@@ -155,14 +155,17 @@ class PromptCache:
             raise ValueError("its name does not match its tokens")
         return header, tokens
 
-    def restore(self, entry: Entry, cache: KVCache) -> int:
-        """Load an entry into `cache` (replacing what it held); returns the tokens restored.
-        ValueError when it does not fit the cache, or fails a check (then the file is removed:
-        its data's CRC-32, finite values, and the header again)."""
+    def restore(self, entry: Entry, cache: KVCache, limit: int | None = None) -> int:
+        """Load an entry's first `limit` (default: all) tokens into `cache` (replacing what it
+        held); returns the tokens restored. ValueError when they do not fit the rows the cache
+        holds, or the entry fails a check (then the file is removed: its data's CRC-32, finite
+        values, and the header again)."""
         try:
             header, tokens = self._read_header(entry.path)
             n, shape = header["n"], tuple(header["shape"])
-            if shape != (cache.k.shape[0], cache.k.shape[1], n, cache.k.shape[3]) or n > cache.max_ctx:
+            m = n if limit is None else min(n, limit)
+            if shape[:2] + shape[3:] != (cache.k.shape[0], cache.k.shape[1], cache.k.shape[3]) or m > min(
+                    cache.max_ctx, cache.committed):
                 raise _Unfit(f"{entry.path.name}: shape {shape} does not fit this cache")
             dtype = np.dtype(header["dtype"])
             with open(entry.path, "rb") as f:
@@ -182,12 +185,12 @@ class PromptCache:
             entry.path.unlink(missing_ok=True)
             raise ValueError(f"{entry.path.name}: {e}") from e
         cache.truncate(0)
-        cache.k[:, :, :n] = k
-        cache.v[:, :, :n] = v
-        cache.append(tokens)
-        cache.canonical = n - n % PREFILL_CHUNK     # stored from whole aligned prompt chunks
+        cache.k[:, :, :m] = k[:, :, :m]
+        cache.v[:, :, :m] = v[:, :, :m]
+        cache.append(tokens[:m])
+        cache.canonical = m - m % PREFILL_CHUNK     # stored from whole aligned prompt chunks
         os.utime(entry.path)                         # recently used
-        return n
+        return m
 
 
 class _Unfit(ValueError):

@@ -7,6 +7,10 @@ common prefix, then the least recently used. Before it runs, the stored prefix (
 sharing most with its prompt is loaded when that beats what the slot holds; a long prompt read
 fresh is stored once its request has decoded, by a writer thread of its own, so running
 streams never wait on the disk.
+
+The slots' KV memory comes from one pool (kv_pool.py): a request takes a slot only when the
+pool can grant its prompt, evicting idle slots' prefixes if it must; otherwise it waits as
+when every slot is busy.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from edge.engine.kv_pool import KVPool
 from edge.engine.prompt_cache import PromptCache, snapshot
 from edge.model.forward import PREFILL_CHUNK
 from edge.model.kv_cache import KVCache, common_prefix
@@ -35,8 +40,9 @@ class Slot:
 class Slots:
     """The slots of one engine (`all`, a list) and the prompt cache they share."""
 
-    def __init__(self, caches: list[KVCache], prompt_cache: PromptCache | None = None):
-        self.all = [Slot(c) for c in caches]
+    def __init__(self, caches: list[KVCache], pool: KVPool, prompt_cache: PromptCache | None = None):
+        self.pool = pool
+        self.all = [Slot(pool.adopt(c)) for c in caches]
         self._free = threading.Condition()
         self.prompt_cache = prompt_cache
         self._stored = prompt_cache.entries() if prompt_cache else []    # what is on disk, newest first
@@ -45,21 +51,58 @@ class Slots:
 
     # --- taking and giving back ---------------------------------------------------------
     def claim(self, ids: list[int], owner: object, wait: bool = True) -> Slot | None:
-        """The best free slot for a prompt, now `owner`'s; without `wait`, None when every
-        slot is busy."""
+        """The best free slot for a prompt, now `owner`'s, with KV memory granted for the
+        prompt and one more token; without `wait`, None when every slot is busy or running
+        sequences hold the memory it needs."""
         with self._free:
-            while (slot := self._pick(ids)) is None:
+            while (slot := self._pick(ids)) is None or not self._grant(slot, ids):
                 if not wait:
                     return None
                 self._free.wait()
             slot.busy, slot.owner = True, owner
         return slot
 
+    def _grant(self, slot: Slot, ids: list[int]) -> bool:
+        """Memory for a prompt and one more token in a free slot, evicting idle slots when
+        short. A slot holding more than that keeps only what the prompt can reuse."""
+        cache, tokens = slot.cache, len(ids) + 1
+        if cache.committed > self.pool.rows(tokens):
+            cache.truncate(cache.common_prefix(ids))
+            self.pool.shrink(cache, tokens)
+            return True
+        return self.pool.reserve(cache, tokens, self._idle(slot))
+
+    def _idle(self, but: Slot) -> list[KVCache]:
+        """Idle slots' caches, least recently used first (what may be evicted)."""
+        return [s.cache for s in sorted(self.all, key=lambda s: s.last_used) if not s.busy and s is not but]
+
+    def grow(self, slot: Slot, tokens: int) -> bool:
+        """Memory for `tokens` in a running slot, evicting idle slots when short; False when
+        running sequences hold what it needs."""
+        with self._free:
+            return self.pool.reserve(slot.cache, tokens, self._idle(slot))
+
     def _pick(self, ids: list[int]) -> Slot | None:
         free = [s for s in self.all if not s.busy]
         if not free:
             return None
         return max(free, key=lambda s: (s.cache.common_prefix(ids), -s.last_used))
+
+    def fit_step(self, batch: list, drafts: list[list[int]]) -> tuple[list, list[list[int]], list]:
+        """Memory for one engine step: `batch` is (sequence, rows) pairs, `drafts` each one's
+        draft (or [] for no drafting). A draft that does not fit is dropped; a sequence whose
+        rows do not fit sits the step out (returned as stalled) until another gives room."""
+        kept, kept_drafts, stalled = [], [], []
+        for (seq, n), d in zip(batch, drafts or [[]] * len(batch)):
+            length = seq.slot.cache.length
+            if d and not self.grow(seq.slot, length + n + len(d)):
+                d = []
+            if d or self.grow(seq.slot, length + n):
+                kept.append((seq, n))
+                kept_drafts.append(d)
+            else:
+                stalled.append(seq)
+        return kept, (kept_drafts if drafts else []), stalled
 
     def release(self, slot: Slot, owner: object, erase_to: int = 0, persist: bool = False,
                 forget: bool = False) -> None:
@@ -77,19 +120,22 @@ class Slots:
                 cache.erase(cache.length, erase_to)
             if persist and not forget:
                 self._persist(slot)
+            self.pool.shrink(cache, cache.length)          # keep its tokens, give back the rest
             slot.busy, slot.owner, slot.last_used = False, None, time.monotonic()
-            self._free.notify()
+            self._free.notify_all()         # a waiter may need this slot, or only the memory
 
     def free(self) -> int:
         with self._free:
             return sum(not s.busy for s in self.all)
 
     def reset(self) -> None:
-        """Forget every idle slot's cached tokens."""
+        """Forget every idle slot's cached tokens and give their memory back."""
         with self._free:
             for slot in self.all:
                 if not slot.busy:
                     slot.cache.truncate(0)
+                    self.pool.shrink(slot.cache, 0)
+            self._free.notify_all()
 
     # --- the prompt cache on disk ---------------------------------------------------------
     def restore_prefix(self, slot: Slot, ids: list[int]) -> None:
@@ -102,7 +148,7 @@ class Slots:
         if common_prefix(best.tokens, ids) < have + PREFILL_CHUNK:
             return
         try:
-            self.prompt_cache.restore(best, slot.cache)
+            self.prompt_cache.restore(best, slot.cache, limit=len(ids))
         except (OSError, ValueError) as e:
             log.warning("prompt cache: not restored (%s); the prompt is read instead", e)
             if best in self._stored:

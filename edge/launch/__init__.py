@@ -16,11 +16,11 @@ from __future__ import annotations
 from edge.engine.engine import KV_TYPES, Engine
 from edge.engine.prompt_cache import PromptCache
 from edge.launch.model_store import bundle_id, open_bundle, prompt_cache_dir, weight_cache_dir
-from edge.launch.request import DEFAULT_CTX
+from edge.launch.request import DEFAULT_CTX, DEFAULT_KV_POOL_MB
 from edge.model.config import ModelConfig
 from edge.model.kv_cache import KVCache
 
-KV_MEMORY_SHARE = 0.5        # --ctx 0: the KV cache may take this share of the available memory
+KV_MEMORY_SHARE = 0.5        # --ctx 0, --kv-pool-mb 0: the KV cache may take this share of the available memory
 
 
 def available_memory() -> int | None:
@@ -40,7 +40,7 @@ def kv_bytes_per_token(cfg: ModelConfig, kv_type: str = "f32") -> int:
 
 
 def max_context(cfg: ModelConfig, available: int | None, kv_type: str = "f32", parallel: int = 1) -> int:
-    """`--ctx 0`: the model's maximum, bounded so the KV caches of all slots take at most half
+    """`--ctx 0`: the model's maximum, bounded so `parallel` full sequences take at most half
     the memory."""
     ctx = cfg.max_position_embeddings
     if available:
@@ -50,25 +50,27 @@ def max_context(cfg: ModelConfig, available: int | None, kv_type: str = "f32", p
 
 def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFAULT_CTX,
                 threads: int | None = None, parallel: int = 1, kv_type: str = "f32", prompt_cache_mb: int = 0,
-                log=print, verify: bool | str = True) -> Engine:
+                log=print, verify: bool | str = True, kv_pool_mb: int = DEFAULT_KV_POOL_MB) -> Engine:
     """verify="full" hashes every bundle file before anything reads it (serve, prepare)."""
     bundle = open_bundle(model, log=log, verify=verify)
-    if ctx == 0:
-        avail = available_memory()
-        ctx = max_context(bundle.config, avail, kv_type, parallel)
-        mib = parallel * kv_bytes_per_token(bundle.config, kv_type) * ctx / 2**20
+    if kv_pool_mb < 0 or ctx < 0:
+        raise ValueError(f"--ctx and --kv-pool-mb must be 0 (automatic) or positive, got {ctx} and {kv_pool_mb}")
+    avail = available_memory() if 0 in (ctx, kv_pool_mb) else None
+    pool = kv_pool_mb << 20 if kv_pool_mb else int((avail or 4 << 30) * KV_MEMORY_SHARE)
+    if ctx == 0:          # one sequence may take the whole pool
+        ctx = min(max_context(bundle.config, avail, kv_type), pool // kv_bytes_per_token(bundle.config, kv_type))
+        mib = kv_bytes_per_token(bundle.config, kv_type) * ctx / 2**20
         log(f"context: {ctx} tokens (model maximum {bundle.config.max_position_embeddings}; KV cache "
             f"{mib:.0f} MiB" + (f" of {avail / 2**20:.0f} MiB available)" if avail else ")"))
-    elif ctx < 0:
-        raise ValueError(f"--ctx must be 0 (the model's maximum) or a positive number of tokens, got {ctx}")
     cache = None
     if prompt_cache_mb > 0:
         cache = PromptCache(prompt_cache_dir(bundle), bundle_id(bundle), prompt_cache_mb << 20)
     return Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle),
-                  parallel=parallel, kv_type=kv_type, prompt_cache=cache)
+                  parallel=parallel, kv_type=kv_type, prompt_cache=cache, kv_pool_bytes=pool)
 
 
 def engine_from_args(a, log=print, verify: bool | str = True) -> Engine:
     """For commands built with `args.add_model_args` (and `add_parallel_args`)."""
     return load_engine(a.model, a.backend, a.ctx, a.threads, getattr(a, "parallel", 1), a.kv_type,
-                       getattr(a, "prompt_cache_mb", 0), log=log, verify=verify)
+                       getattr(a, "prompt_cache_mb", 0), log=log, verify=verify,
+                       kv_pool_mb=getattr(a, "kv_pool_mb", DEFAULT_KV_POOL_MB))

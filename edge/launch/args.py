@@ -6,7 +6,7 @@ import argparse
 
 from edge.engine.engine import KV_TYPES
 from edge.engine.repetition import MIN_REPEATS, MIN_SPAN
-from edge.launch.request import (DEFAULT_CTX, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING,
+from edge.launch.request import (DEFAULT_CTX, DEFAULT_KV_POOL_MB, DEFAULT_MAX_TOKENS, DEFAULT_PARALLEL, DEFAULT_PROMPT_CACHE_MB, DEFAULT_SAMPLING,
                                  DEFAULT_SPECULATE, DEFAULT_THREADS, TERMINAL_STOP_LOOPS, RequestDefaults)
 from edge.model.backends import BACKENDS
 from edge.model.thread_policy import parse_threads
@@ -55,14 +55,20 @@ def add_model_args(p: argparse.ArgumentParser, ctx: int = DEFAULT_CTX) -> None:
     p.add_argument("--threads", type=threads_arg, default=DEFAULT_THREADS,
                    help="worker threads: a number, or auto = one thread or all cores, whichever runs faster "
                         f"beside the machine's other work, timed as it runs (default {DEFAULT_THREADS})")
-    p.add_argument("--ctx", type=non_negative, default=ctx, help=f"context length in tokens, per slot; 0 = the model's maximum, bounded by memory (default {ctx})")
+    p.add_argument("--ctx", type=non_negative, default=ctx,
+                   help="most tokens one sequence may hold (prompt and reply); 0 = the model's maximum, bounded by "
+                        f"memory; never more than --kv-pool-mb holds (default {ctx})")
+    p.add_argument("--kv-pool-mb", type=non_negative, default=DEFAULT_KV_POOL_MB,
+                   help="KV cache memory shared by all sequences: each takes what its tokens need, idle cached prompts "
+                        "are evicted when it runs short, and a request waits while running ones hold it; "
+                        f"0 = half the memory available at start (default {DEFAULT_KV_POOL_MB})")
     p.add_argument("--kv-type", default="f32", choices=sorted(KV_TYPES),
                    help="KV cache storage: f16 halves its memory (default f32)")
 
 
 def add_parallel_args(p: argparse.ArgumentParser, default: int = DEFAULT_PARALLEL) -> None:
     p.add_argument("--parallel", "-np", type=positive, default=default,
-                   help=f"sequences generated at once, each in a slot with its own --ctx of KV cache "
+                   help=f"sequences generated at once, each up to --ctx tokens, sharing --kv-pool-mb of KV cache "
                         f"(default {default})")
     p.add_argument("--prompt-cache-mb", type=non_negative, default=DEFAULT_PROMPT_CACHE_MB,
                    help="disk for the KV of long prompts, kept across restarts in the state directory "

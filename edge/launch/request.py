@@ -24,7 +24,14 @@ OLLAMA_PORT = 11434             # Ollama's own port, where its clients look firs
 DEFAULT_TOOL_LOOP_GUARD = True  # a tool call answered in this turn is not generated again (engine.tool_guard)
 DEFAULT_SPOKEN_TOKENS = 64      # Wyoming: a reply ends at the first sentence end past this many tokens
 DEFAULT_PAGE_MAX_TOKENS = 1024  # the chat page's reply budget when its Max tokens field is empty
-DEFAULT_CTX = 2048              # tokens of KV cache per sequence
+DEFAULT_CTX = 8192              # tokens one sequence may reach (Home Assistant's num_ctx; its prompt for a 100-entity home is ~4,700)
+# KV memory all sequences share (engine/kv_pool.py): one may grow to DEFAULT_CTX while the
+# others stay short. Sized for a 4 GB Pi with the 1B int4 model under the unit's MemoryHigh=2G:
+# 0.6 GiB of packed weights + 0.46 GiB of runtime (measured) + 768 MiB of KV = 1.8 GiB. It holds
+# 12,288 tokens of the 1B model (64 KiB/token at f32): one full 8k context and 4k beside it, or
+# a 100-entity Home Assistant prompt (4,641) and 7.6k more. 0 = KV_MEMORY_SHARE of the memory
+# available at start.
+DEFAULT_KV_POOL_MB = 768
 DEFAULT_PROMPT_CACHE_MB = 1024  # serve: KV of long prompts on disk, across restarts
 DEFAULT_SPECULATE = True        # prompt-lookup drafts: same output; 1.1-1.7x on grounded replies, ~1x on novel text (README)
 # End a reply caught in an exact loop (engine/repetition.py) as "length": on for the terminal

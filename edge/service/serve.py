@@ -313,8 +313,8 @@ def load_and_start(a, state, server) -> None:
         start_extra_interfaces(a, engine, scheduler)
         sd_notify.Watchdog(scheduler.healthy).start()
         sd_notify.ready(f"serving {engine.name}")
-        log.info("ready: %s (%d slots of %d tokens, KV cache %.0f MB; queue %d)", engine.name, engine.parallel,
-             engine.max_ctx, engine.kv_cache_bytes / 2**20, scheduler.max_queue)
+        log.info("ready: %s (%d slots of up to %d tokens sharing a KV pool of %.0f MB; queue %d)", engine.name,
+                 engine.parallel, engine.max_ctx, engine.kv_cache_bytes / 2**20, scheduler.max_queue)
     except Exception as e:
         log.error("could not load the model: %s", e, exc_info=log.isEnabledFor(logging.DEBUG))
         state.set_failed(str(e))
