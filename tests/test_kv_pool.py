@@ -11,10 +11,9 @@ import pytest
 from edge.engine.engine import Engine, GenerationParams
 from edge.engine.prompt_cache import PromptCache
 from edge.engine.sampler import SamplingParams
-from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
 from edge.model.kv_cache import ContextFull
-from tests.test_http_api import smol_bundle  # noqa: F401 (fixture)
 
 GREEDY = SamplingParams(temperature=0.0)
 SEEDED = SamplingParams(temperature=1.0, seed=11)
@@ -153,7 +152,7 @@ def test_a_request_waits_for_room_held_by_a_running_one(tiny_bundle, reference):
 def test_the_scheduler_admits_a_waiting_request_when_another_finishes(tiny_bundle, reference):
     e = engine_with(tiny_bundle, 384, parallel=2)
     order = []
-    scheduler = Scheduler(e, max_queue=4)
+    scheduler = start_scheduler(e, max_queue=4)
     scheduler.listeners.append(lambda job, ev: order.append((job, ev.finish_reason)))
     pa = GenerationParams(max_tokens=30, sampling=GREEDY)
     pb = GenerationParams(max_tokens=10, sampling=SEEDED)
