@@ -44,7 +44,7 @@ from edge.engine.stop_strings import StopMatcher
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
 from edge.model.forward import PREFILL_CHUNK, chunk_rows, whole_chunk
-from edge.model.kv_cache import ContextFull, KVCache, block_tokens
+from edge.model.kv_cache import ContextFull
 
 KV_TYPES = {"f32": np.float32, "f16": np.float16}
 SPEC_MAX_BATCH = 1          # draft only while at most this many sequences decode together (measured, README)
@@ -185,10 +185,7 @@ class Engine:
             raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
         if parallel < 1:
             raise ValueError(f"parallel must be at least 1, got {parallel}")
-        per_token = KVCache.bytes_per_token(cfg, KV_TYPES[kv_type])
-        pool_tokens = parallel * max_ctx if kv_pool_bytes is None else kv_pool_bytes // per_token
-        block = block_tokens(cfg, KV_TYPES[kv_type])
-        self.kv_pool = KVPool(max(pool_tokens, block), block, per_token)
+        self.kv_pool = KVPool.sized(cfg, KV_TYPES[kv_type], parallel, max_ctx, kv_pool_bytes)
         self.max_ctx = min(max_ctx, cfg.max_position_embeddings, self.kv_pool.budget)
         self.tokenizer = bundle.tokenizer()
         m = bundle.manifest

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 
-from edge.model.kv_cache import KVCache
+from edge.model.config import ModelConfig
+from edge.model.kv_cache import KVCache, block_tokens
 
 log = logging.getLogger("edge.engine")
 
@@ -30,6 +31,15 @@ class KVPool:
         self.budget = budget_tokens // block * block      # tokens, whole blocks
         self.used = 0                                      # tokens granted to caches
         self.evictions = 0                                 # idle prefixes evicted to make room
+
+    @classmethod
+    def sized(cls, cfg: ModelConfig, dtype, slots: int, max_ctx: int, budget_bytes: int | None) -> "KVPool":
+        """A pool for `slots` caches of `cfg` in `dtype`: `budget_bytes` of KV (None: room for
+        every slot at `max_ctx` at once), at least one block."""
+        per_token = KVCache.bytes_per_token(cfg, dtype)
+        tokens = slots * max_ctx if budget_bytes is None else budget_bytes // per_token
+        block = block_tokens(cfg, dtype)
+        return cls(max(tokens, block), block, per_token)
 
     def rows(self, tokens: int) -> int:
         """`tokens` rounded up to whole blocks."""
