@@ -190,7 +190,7 @@ def _until(expires_at: str | None) -> str:
         return "Stopping..."
     for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
         if left >= size:
-            n = int(left // size)
+            n = round(left / size)
             return f"{n} {unit}{'s' if n != 1 else ''} from now"
     return "Less than a second from now"
 
