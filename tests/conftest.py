@@ -74,7 +74,8 @@ def tiny_int8(tiny_src, tmp_path_factory) -> Path:
 def smol_bundle(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an f16 bundle: real text, and it runs on both backends."""
     from convert.convert import convert
-    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / "smollm2-f16", quant="f16", quiet=True)
+    from tests.http_server import SMOL_NAME
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smol") / SMOL_NAME, quant="f16", quiet=True)
 
 
 @pytest.fixture(scope="module")

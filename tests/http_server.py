@@ -24,6 +24,8 @@ from edge.api.runtime import ServerConfig, ServerState
 from edge.launch.scheduling import start_scheduler
 from edge.service.serve import bind
 
+SMOL_NAME = "smollm2-f16"     # conftest's smol bundle's installed name: what the APIs answer to
+
 
 def free_port() -> int:
     """A TCP port free on loopback now (for a server that must be told its port)."""

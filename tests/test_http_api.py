@@ -28,7 +28,7 @@ from edge.engine.engine import Engine
 from edge.api.runtime import ServerState
 from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
-from tests.http_server import endless_engine, engine_text, free_port, ready_state, running
+from tests.http_server import SMOL_NAME, endless_engine, engine_text, free_port, ready_state, running
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CTX = 128
@@ -123,10 +123,10 @@ def test_second_chat_turn_reuses_prefix_and_matches_uncached(smol, smol_base):
               "and only about the library: opening hours are 9 to 17 on weekdays, loans last three weeks, "
               "children's books are on the ground floor.")
     turns = [{"role": "system", "content": system}, {"role": "user", "content": "When are you open?"}]
-    first = api.chat.completions.create(model="x", messages=turns, max_tokens=20, temperature=0)
+    first = api.chat.completions.create(model=smol.name, messages=turns, max_tokens=20, temperature=0)
     turns += [{"role": "assistant", "content": first.choices[0].message.content},
               {"role": "user", "content": "How long can I keep a book?"}]
-    second = api.chat.completions.create(model="x", messages=turns, max_tokens=20, temperature=0)
+    second = api.chat.completions.create(model=smol.name, messages=turns, max_tokens=20, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 0 < cached < second.usage.prompt_tokens
     assert cached == len(smol.encode_chat(turns[:2])) // 64 * 64     # whole prefill chunks are reused
@@ -236,7 +236,7 @@ def test_request_time_limit(tiny):
         r = httpx.post(f"{base}/v1/chat/completions", json=dict(messages=user("w4"), max_tokens=100))
         assert_openai_error(r, 504, "time limit of 0.3 s")
         with pytest.raises(openai.APIError, match="time limit"):
-            list(client(base).chat.completions.create(model="t", messages=user("w4"), max_tokens=100, stream=True))
+            list(client(base).chat.completions.create(model=tiny.name, messages=user("w4"), max_tokens=100, stream=True))
 
 
 # --- auth ---------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_api_key_required_when_configured(tiny):
         assert httpx.get(f"{base}/health").status_code == 200
         with pytest.raises(openai.AuthenticationError):
             client(base, "wrong").models.list()
-        reply = client(base, "s3cret-key").chat.completions.create(model="t", messages=user("w5"), max_tokens=2)
+        reply = client(base, "s3cret-key").chat.completions.create(model=tiny.name, messages=user("w5"), max_tokens=2)
         assert reply.usage.completion_tokens == 2
 
 
@@ -351,7 +351,7 @@ def test_loading_then_ok(tiny):
         state.set_ready(tiny, start_scheduler(tiny))
         r = httpx.get(f"{base}/health")
         assert r.status_code == 200 and r.json() == {"status": "ok", "model": tiny.name, "queue_depth": 0,
-                                                     "busy": False, "max_context": TINY_CTX}
+                                                     "busy": False, "max_context": TINY_CTX, "loaded": [tiny.name]}
 
 
 def test_health_names_the_stall_time(tiny, monkeypatch):
@@ -372,7 +372,7 @@ def test_metrics_in_prometheus_text_format(tiny):
     state = ready_state(tiny)
     with running(state) as base:
         prompt = " ".join(f"w{i}" for i in range(3, 73))          # 64 of its tokens are reused
-        replies = [client(base).completions.create(model="t", prompt=prompt, max_tokens=n) for n in (3, 5)]
+        replies = [client(base).completions.create(model=tiny.name, prompt=prompt, max_tokens=n) for n in (3, 5)]
         httpx.post(f"{base}/v1/completions", json={"prompt": 5})
         text = httpx.get(f"{base}/metrics").text
     samples = {}

@@ -156,7 +156,7 @@ def test_an_internal_error_is_a_500_in_the_apis_shape_and_the_connection_stays_u
 
     def broken(*_a, **_k):
         raise RuntimeError("a bug")
-    monkeypatch.setattr(ollama_api, "_model_entry", broken)
+    monkeypatch.setattr(ollama_api, "model_entry", broken)
     monkeypatch.setattr(openai_api, "model_card", broken)
     for base, bad, good, shape in ((ollama_base, "/api/tags", "/api/version", lambda b: set(b) == {"error"}),
                                    (openai_base, "/v1/models", "/health",

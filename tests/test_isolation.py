@@ -108,10 +108,10 @@ def test_an_empty_stop_string_is_a_400_and_four_of_them_freeze_nothing(tiny_bund
         reply = client.generate(model=engine.name, prompt="w1 w2 w3", raw=True, options={"num_predict": 4})
         assert reply.done and reply.eval_count == 4
         api = OpenAI(base_url=f"{openai_base}/v1", api_key="x", max_retries=0, timeout=60)
-        done = api.completions.create(model="m", prompt="w1 w2", max_tokens=4)
+        done = api.completions.create(model=engine.name, prompt="w1 w2", max_tokens=4)
         assert done.usage.completion_tokens == 4
         with pytest.raises(Exception) as e:            # the OpenAI path refuses it too
-            api.completions.create(model="m", prompt="w1 w2", max_tokens=4, stop=[""])
+            api.completions.create(model=engine.name, prompt="w1 w2", max_tokens=4, stop=[""])
         assert getattr(e.value, "status_code", None) == 400
 
 
@@ -275,7 +275,7 @@ def test_deep_tool_parameters_and_format_are_400_on_both_apis(smol_bundle):
             "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
         assert r.status_code == 400 and "levels deep" in r.json()["error"], r.text
         r = httpx.post(f"{openai_base}/v1/chat/completions", timeout=60, json={
-            "model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "model": engine.name, "messages": [{"role": "user", "content": "hi"}],
             "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
         assert r.status_code == 400 and "levels deep" in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "tools[0].function.parameters"
@@ -312,15 +312,15 @@ def test_a_grammar_failing_mid_answer_is_a_clear_client_error_on_both_apis(smol_
     with running(state, make_app=create_ollama_app) as ollama_base, running(state) as openai_base:
         api = OpenAI(base_url=f"{openai_base}/v1", api_key="x", max_retries=0, timeout=120)
         with pytest.raises(Exception) as e:
-            api.chat.completions.create(model="m", messages=question, max_tokens=30, response_format=fmt)
+            api.chat.completions.create(model=engine.name, messages=question, max_tokens=30, response_format=fmt)
         assert getattr(e.value, "status_code", None) == 400
         assert "constrained decoding failed" in str(e.value) and "max is 5" in str(e.value)
-        plain = api.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
+        plain = api.chat.completions.create(model=engine.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=8,
                                             temperature=0)
         assert plain.usage.completion_tokens == 8 or plain.choices[0].finish_reason == "stop"
         chunks = []
         with pytest.raises(Exception) as e:               # the client raises on the stream's error event
-            for chunk in api.chat.completions.create(model="m", messages=question, max_tokens=30,
+            for chunk in api.chat.completions.create(model=engine.name, messages=question, max_tokens=30,
                                                      response_format=fmt, stream=True):
                 chunks.append(chunk)
         assert "constrained decoding failed" in str(e.value)

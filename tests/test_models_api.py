@@ -1,7 +1,7 @@
 """Models by name in the HTTP APIs, through the official clients: aliases of the loaded model,
-an unknown name and another installed model are 404s in each API's shape, Ollama's
-/api/pull streams a pull from a local server in the Hub's layout, /api/ps and `edge-llm ps`
-show what is loaded."""
+an unknown name is a 404 in each API's shape, another installed model is loaded by its name
+or alias, Ollama's /api/pull streams a pull from a local server in the Hub's layout, /api/ps
+and `edge-llm ps` show what is loaded, `edge-llm stop` unloads."""
 from __future__ import annotations
 
 import shutil
@@ -50,26 +50,34 @@ def test_ollama_names(servers, tiny):
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="mistral", messages=HI)
     assert e.value.status_code == 404 and "model 'mistral' does not exist here" in e.value.error
-    with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model="helper:1b", prompt="w1")
-    assert e.value.status_code == 404 and "installed but not loaded" in e.value.error
-    assert "--model helper:1b" in e.value.error
     assert client.show("llama3.2").details.quantization_level == tiny.bundle.quant
+    assert client.show("helper:1b").details.quantization_level == "f32"      # shown without loading it
     assert [m.model for m in client.ps().models] == [f"{tiny.name}:latest"]
+    reply = client.generate(model="helper:1b", prompt="w1", options={"num_predict": 2})     # installed: loaded
+    assert reply.done and reply.eval_count <= 2
+    assert [m.model for m in client.ps().models] == ["other-f32:latest", f"{tiny.name}:latest"]   # by its installed name
+    tags = [m.model for m in client.list().models]
+    assert tags[0] == f"{tiny.name}:latest" and "other-f32:latest" in tags
 
 
 def test_openai_names(servers, tiny):
     _, api, _ = servers
     assert api.chat.completions.create(model="llama3.2:latest", messages=HI, max_tokens=2).choices
     assert api.models.retrieve("llama3.2").id == tiny.name
-    with pytest.raises(openai.NotFoundError) as e:
-        api.chat.completions.create(model="other-f32", messages=HI, max_tokens=2)
-    err = e.value.body
-    assert err["code"] == "model_not_found" and err["param"] == "model" and "installed but not loaded" in err["message"]
+    for name in ("mistral", "gpt-4o", "x"):            # a name it does not run: OpenAI's 404, not the loaded model
+        with pytest.raises(openai.NotFoundError) as e:
+            api.chat.completions.create(model=name, messages=HI, max_tokens=2)
+        err = e.value.body
+        assert err["code"] == "model_not_found" and err["param"] == "model" and f"model '{name}' does not exist" \
+            in err["message"] and err["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
-        api.completions.create(model="helper:1b", prompt="w1", max_tokens=2)
+        api.completions.create(model="mistral", prompt="w1", max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        api.responses.create(model="mistral", input="w1")
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("mistral")
+    assert api.completions.create(model="helper:1b", prompt="w1", max_tokens=2).usage.completion_tokens <= 2
+    assert api.chat.completions.create(model="other-f32", messages=HI, max_tokens=2).choices
 
 
 def test_pull_over_the_ollama_api(servers, tmp_path, monkeypatch):
@@ -92,11 +100,9 @@ def test_pull_over_the_ollama_api(servers, tmp_path, monkeypatch):
         assert sized and sized[-1].completed == sized[-1].total == sum(len(d) for n, d in hub.repos["someone/Tiny"].files.items()
                                                                        if n in hub.served)
         assert any(p.digest and p.digest.startswith("sha256:") for p in parts)
-        # installed now, under the name it was pulled by; not loaded, so a chat with it is a 404 that says so
+        # installed now, under the name it was pulled by, and loaded by that name
         assert model_store.alias_table().lookup("hf.co/someone/Tiny") == "tiny-int8"
-        with pytest.raises(ollama.ResponseError) as e:
-            client.chat(model="hf.co/someone/Tiny", messages=HI)
-        assert "installed but not loaded" in e.value.error
+        assert client.chat(model="hf.co/someone/Tiny", messages=HI, options={"num_predict": 2}).done
         # an installed name: success at once; not a repository: 404; a gated one: the error line
         assert client.pull("llama3.2", stream=False).status == "success"
         with pytest.raises(ollama.ResponseError) as e:
@@ -117,7 +123,14 @@ def test_cli_ps_and_stop(servers, tiny):
                                                                           "PATH": "/usr/bin:/bin"})
     r = cli("ps")
     assert r.returncode == 0 and f"{tiny.name}:latest" in r.stdout and tiny.bundle.quant in r.stdout
-    r = cli("stop", "llama3.2")
-    assert r.returncode == 1 and "stays loaded" in r.stderr
+    r = cli("stop", "helper:1b")
+    assert r.returncode == 0 and "helper:1b is not loaded" in r.stdout
+    r = cli("stop", "llama3.2")                    # the served model, asked by an alias: unloaded
+    assert r.returncode == 0 and "stopped llama3.2" in r.stdout, r.stderr
+    assert cli("ps").stdout.splitlines() == ["NAME  SIZE  QUANT  UNTIL"]
     r = cli("stop", "mistral")
     assert r.returncode == 1 and "does not exist here" in r.stderr
+    client = ollama.Client(host=base)             # a request loads it again
+    assert client.chat(model="llama3.2", messages=HI, options={"num_predict": 2}).done
+    r = cli("ps")
+    assert f"{tiny.name}:latest" in r.stdout and "Forever" in r.stdout

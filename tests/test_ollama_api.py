@@ -25,7 +25,7 @@ def smol_ollama(smol):
 def test_list_show_ps_version(smol_ollama, smol):
     client, base = smol_ollama
     models = client.list().models
-    assert [m.model for m in models] == [f"{smol.name}:latest"]
+    assert models[0].model == f"{smol.name}:latest"           # the served model first, then any other installed
     assert models[0].size > 0 and models[0].digest and models[0].details.family == "llama"
     shown = client.show(smol.name)
     assert shown.modelinfo["llama.context_length"] == smol.max_ctx
@@ -115,7 +115,7 @@ def test_ollama_and_openai_ports_of_one_server_at_once(tiny):
 
         def openai_stream():
             got["openai"] = "".join(c.choices[0].delta.content or "" for c in oa.chat.completions.create(
-                model="t", messages=[{"role": "user", "content": "w1"}], max_tokens=20, stream=True))
+                model=tiny.name, messages=[{"role": "user", "content": "w1"}], max_tokens=20, stream=True))
         t = threading.Thread(target=openai_stream)
         t.start()
         reply = ollama.Client(host=f"http://127.0.0.1:{b.getsockname()[1]}", timeout=60).chat(
@@ -126,7 +126,7 @@ def test_ollama_and_openai_ports_of_one_server_at_once(tiny):
         assert httpx.get(f"http://127.0.0.1:{a.getsockname()[1]}/api/tags").status_code == 404   # OpenAI's port: no Ollama
         on_ollama = OpenAI(base_url=f"http://127.0.0.1:{b.getsockname()[1]}/v1", api_key="x")   # Ollama's: /v1 too
         assert [m.id for m in on_ollama.models.list()] == [state.model_id]
-        assert on_ollama.chat.completions.create(model="t", messages=[{"role": "user", "content": "w3"}],
+        assert on_ollama.chat.completions.create(model=tiny.name, messages=[{"role": "user", "content": "w3"}],
                                                  max_tokens=3).usage.completion_tokens == 3
     finally:
         server.should_exit = True

@@ -13,8 +13,8 @@ from edge.api.origins import OriginPolicy, parse_origins
 from tests.http_server import endless_engine, ready_state, running, serve_process
 
 EVIL = "http://evil.example"
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 2}
-OLLAMA_CHAT = {"model": "m", "messages": [{"role": "user", "content": "w1 w2"}], "stream": False,
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 2}
+OLLAMA_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "w1 w2"}], "stream": False,
                "options": {"num_predict": 2}}
 
 
@@ -69,7 +69,7 @@ def ports(tiny):
 
 
 @pytest.mark.parametrize("port, path, body", [(0, "/v1/chat/completions", CHAT), (1, "/api/chat", OLLAMA_CHAT),
-                                             (1, "/api/generate", {"model": "m", "prompt": "w1", "stream": False})])
+                                             (1, "/api/generate", {"model": "tiny", "prompt": "w1", "stream": False})])
 def test_a_cross_site_text_plain_post_is_refused_before_it_runs(ports, port, path, body, monkeypatch):
     """What `fetch(url, {mode: "no-cors", method: "POST", body})` on any web site sends."""
     import json
@@ -109,7 +109,7 @@ def test_clients_without_a_browser_and_allowed_pages_still_work(ports, tiny):
     openai_base, ollama_base, _ = ports
     # the official clients (no Origin)
     out = OpenAI(base_url=openai_base + "/v1", api_key="x").chat.completions.create(
-        model="m", messages=CHAT["messages"], max_tokens=2)
+        model="tiny", messages=CHAT["messages"], max_tokens=2)
     assert out.usage.completion_tokens == 2
     assert ollama.Client(host=ollama_base).chat(model=tiny.name, messages=CHAT["messages"],
                                                 options={"num_predict": 2}).eval_count == 2

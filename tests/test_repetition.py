@@ -105,7 +105,7 @@ def test_the_api_guards_only_when_asked(tiny_bundle):
     state = ready_state(endless_engine(tiny_bundle, 512))
     with running(state) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        ask = dict(model="x", messages=[{"role": "user", "content": "w1 w2 w3"}], max_tokens=300, temperature=0)
+        ask = dict(model="tiny", messages=[{"role": "user", "content": "w1 w2 w3"}], max_tokens=300, temperature=0)
         free = client.chat.completions.create(**ask)
         assert free.choices[0].finish_reason == "length" and free.usage.completion_tokens == 300
         guarded = client.chat.completions.create(**ask, extra_body={"stop_loops": True})

@@ -155,7 +155,7 @@ def test_eight_http_clients_streaming_at_once_get_their_own_answers(smol_bundle)
 
         def ask(q):
             return "".join(c.choices[0].delta.content or "" for c in api.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0, stream=True))
+                model=engine.name, messages=[{"role": "user", "content": q}], max_tokens=12, temperature=0, stream=True))
         with ThreadPoolExecutor(8) as pool:
             got = list(pool.map(ask, questions))
     assert got == want

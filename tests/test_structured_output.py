@@ -21,7 +21,8 @@ from edge.engine.engine import Engine, GenerationParams
 from edge.engine.sampler import SamplingParams
 from edge.model.backends import load_backend
 from edge.model.bundle import Bundle
-from tests.http_server import engine_text, endless_engine
+from tests.http_server import SMOL_NAME, engine_text, endless_engine
+
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather in a city",
@@ -83,7 +84,7 @@ def test_tool_call_streamed_and_not_then_the_result_and_a_final_answer(smol_base
     api = client(smol_base)
     messages = [{"role": "system", "content": "You are a home assistant."},
                 {"role": "user", "content": "What is the weather like in Paris?"}]
-    ask = dict(model="smol", messages=messages, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80)
+    ask = dict(model=SMOL_NAME, messages=messages, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=80)
     reply = api.chat.completions.create(**ask)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -101,12 +102,12 @@ def test_tool_call_streamed_and_not_then_the_result_and_a_final_answer(smol_base
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 21, "sky": "sunny"})}]
     # "none": a 135M model under "auto" tends to repeat the call it sees in the history
-    final = api.chat.completions.create(model="smol", messages=followup, tools=TOOLS, tool_choice="none",
+    final = api.chat.completions.create(model=SMOL_NAME, messages=followup, tools=TOOLS, tool_choice="none",
                                         temperature=0, max_tokens=40)
     assert final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.tool_calls is None and final.choices[0].message.content.strip()
     # the follow-up's prompt carries the call and its result
-    before = api.chat.completions.create(model="smol", messages=messages, tools=TOOLS, tool_choice="none",
+    before = api.chat.completions.create(model=SMOL_NAME, messages=messages, tools=TOOLS, tool_choice="none",
                                          max_tokens=1)
     assert final.usage.prompt_tokens > before.usage.prompt_tokens + 20
 
@@ -123,7 +124,7 @@ def test_forced_tool_calls_validate_against_their_schema(smol_base, choice):
     for i, prompt in enumerate(PROMPTS):
         name = TOOLS[i % 3]["function"]["name"]
         tool_choice = "required" if choice == "required" else {"type": "function", "function": {"name": name}}
-        reply = api.chat.completions.create(model="smol", messages=user(prompt), tools=TOOLS, tool_choice=tool_choice,
+        reply = api.chat.completions.create(model=SMOL_NAME, messages=user(prompt), tools=TOOLS, tool_choice=tool_choice,
                                             temperature=0.8, seed=i, max_tokens=120)
         message = reply.choices[0].message
         assert reply.choices[0].finish_reason == "tool_calls", message
@@ -137,10 +138,10 @@ def test_forced_tool_calls_validate_against_their_schema(smol_base, choice):
 def test_home_assistant_probe_tools_with_three_tokens(smol_base):
     """Home Assistant's llama_cpp integration checks a server this way and gives up on any error."""
     api = client(smol_base)
-    reply = api.chat.completions.create(model="smol", messages=user("Hello"), tools=TOOLS, max_tokens=3)
+    reply = api.chat.completions.create(model=SMOL_NAME, messages=user("Hello"), tools=TOOLS, max_tokens=3)
     assert reply.choices[0].finish_reason in ("length", "stop", "tool_calls")
     assert reply.usage.completion_tokens <= 3
-    chunks = list(api.chat.completions.create(model="smol", messages=user("Hello"), tools=TOOLS, max_tokens=3,
+    chunks = list(api.chat.completions.create(model=SMOL_NAME, messages=user("Hello"), tools=TOOLS, max_tokens=3,
                                               stream=True))
     assert chunks[-1].choices[0].finish_reason in ("length", "stop", "tool_calls")
 
@@ -152,18 +153,18 @@ def test_response_format_json_schema_output_validates(smol_base):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     messages = user("Invent a person who speaks some languages. Answer in JSON.")
     for seed in range(3):
-        reply = api.chat.completions.create(model="smol", messages=messages, response_format=fmt,
+        reply = api.chat.completions.create(model=SMOL_NAME, messages=messages, response_format=fmt,
                                             temperature=0.9, seed=seed, max_tokens=200)
         assert reply.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
     content, _, finishes = reassemble(api.chat.completions.create(
-        model="smol", messages=messages, response_format=fmt, temperature=0.9, seed=0, max_tokens=200, stream=True))
+        model=SMOL_NAME, messages=messages, response_format=fmt, temperature=0.9, seed=0, max_tokens=200, stream=True))
     jsonschema.validate(json.loads(content), PERSON)
     assert finishes == ["stop"]
 
     # (an open-ended "describe a cat" makes the 135M model list keys until max_tokens: JSON mode
     # bounds the syntax, not the length)
-    reply = api.chat.completions.create(model="smol", messages=user("Return a JSON object with a city and its country."),
+    reply = api.chat.completions.create(model=SMOL_NAME, messages=user("Return a JSON object with a city and its country."),
                                         temperature=0, response_format={"type": "json_object"}, max_tokens=200)
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)

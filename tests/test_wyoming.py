@@ -151,7 +151,7 @@ def test_wyoming_and_an_openai_stream_at_the_same_time(service, smol):
         def stream():
             got["openai"] = "".join(c.choices[0].delta.content or "" for c in OpenAI(
                 base_url=f"{base}/v1", api_key="x").chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "Count to twenty."}], max_tokens=40,
+                model=smol.name, messages=[{"role": "user", "content": "Count to twenty."}], max_tokens=40,
                 temperature=0, stream=True))
         t = threading.Thread(target=stream)
         t.start()

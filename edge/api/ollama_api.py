@@ -15,7 +15,9 @@ Mapping onto the shared request: `options` (temperature, top_k, top_p, min_p,
 repeat_penalty, presence/frequency_penalty, seed, num_predict, stop) become `RequestDefaults`
 fields; `num_ctx` bounds the request's context (up to the server's `--ctx`): a conversation
 that does not fit loses its oldest non-system messages, as Ollama drops them, and the log
-says so; `keep_alive` is accepted (the model always stays loaded). Options that only tune
+says so. `model` names the served model or another installed one, loaded on demand
+(`edge.api.models`); `keep_alive` is Ollama's (how long the model stays loaded after this
+request; 0 with an empty prompt or no messages unloads it at once, as `ollama stop` asks). Options that only tune
 Ollama's own runtime (threads, GPU, batch, mmap ...) and options we do not know are ignored,
 the unknown ones with a log line, as Ollama ignores them. Replies stream as NDJSON by default
 (`"stream": false` for one object); durations are nanoseconds, as Ollama reports them.
@@ -37,16 +39,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edge.api.middleware import Contained, new_app
 from edge.api.ollama_request import chat_messages, check_format, context_size, fitted_prompt, format_grammar, overrides
+from edge.api.ollama_models import FOREVER_AT, bundle_at, details, installed_bundles, iso, model_entry, modified_at
 from edge.api.origins import HttpWrapper, guard_origins
 from edge.api.text import UnicodeBody
+from edge.api.models import (ModelView, ReleaseModels, keep_alive_seconds, live, model_error, ready, resolve_key,
+                             unload, using)
 from edge.api.runtime import (CLIENT_GONE, ApiError, JobStream, ServerState, StateDep, admit, api_error,
-                              chat_prompt, check_bytes, job_events, loop_guard, message_bytes, model_error,
-                              ready_engine, request_params, tokenize, whole_answer)
+                              chat_prompt, check_bytes, job_events, loop_guard, message_bytes,
+                              request_params, tokenize, whole_answer)
 from edge.engine import ContextFull, QueueFull, RequestFailed, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import astream
 from edge.engine.tool_calls import ChatRequest
-from edge.launch.model_store import bundle_id
 from edge.launch.request import prompt_messages
 
 log = logging.getLogger("edge.ollama")
@@ -79,7 +83,7 @@ class GenerateBody(Body):
     options: dict[str, Any] | None = None
     images: list[str] | None = None
     suffix: str | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Any = None               # Ollama's duration or seconds: edge.launch.loaded_models.parse_keep_alive
     template: str | None = None
     context: list[int] | None = None
     think: bool | str | None = None
@@ -92,7 +96,7 @@ class ChatBody(Body):
     format: str | dict | None = None
     options: dict[str, Any] | None = None
     tools: list[dict] | None = None
-    keep_alive: str | int | float | None = None
+    keep_alive: Any = None               # Ollama's duration or seconds: edge.launch.loaded_models.parse_keep_alive
     think: bool | str | None = None
     tool_loop_guard: bool | None = None     # ours: False lets a call answered in this turn be made again
 
@@ -136,7 +140,7 @@ def render(exc: ApiError) -> JSONResponse:
 
 def create_ollama_app(state: ServerState) -> FastAPI:
     app = new_app(state, "edge-llm (Ollama API)", [router], render, error)
-    return guard_origins(Contained(JsonBodies(app)), state.config, error)
+    return ReleaseModels(guard_origins(Contained(JsonBodies(app)), state.config, error), state)
 
 
 class JsonBodies(HttpWrapper):
@@ -166,37 +170,57 @@ def version():
 
 @router.get("/api/tags")
 def tags(state: StateDep):
-    return {"models": [_model_entry(state)] if state.ready else []}
+    """The served model, then every other installed one (`edge-llm models`)."""
+    if not state.ready:
+        return {"models": []}
+    out, seen = [], set()
+    for bundle in [b for b in (bundle_at(state, state.default_key),) if b is not None] + installed_bundles():
+        key = str(bundle.path.resolve())
+        if key not in seen:
+            seen.add(key)
+            out.append(model_entry(bundle, state.model_id if key == state.default_key else bundle.path.name))
+    return {"models": out}
 
 
 @router.get("/api/ps")
 def ps(state: StateDep):
-    if not state.ready:
-        return {"models": []}
-    entry = _model_entry(state)
-    entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0)     # always loaded, on the CPU
-    return {"models": [entry]}
+    """What is loaded: size is its weights and KV caches; expires_at when it unloads if no
+    request comes (a far date: it stays)."""
+    out = []
+    for e in live(state):
+        entry = model_entry(e.engine.bundle, e.name)
+        until = e.expires_wall()
+        entry.update(size=e.size, size_vram=0, expires_at=iso(until) if until is not None else FOREVER_AT)
+        out.append(entry)
+    return {"models": out}
 
 
 @router.post("/api/show")
 def show(body: ModelBody, state: StateDep):
-    engine = _engine_for(state, body.wanted)
-    cfg = engine.config
+    ready(state)
+    key = resolve_key(state, body.wanted)
+    if key is None:
+        raise model_error(state, body.wanted)
+    loaded = state.models.get(key)
+    bundle = loaded.engine.bundle if loaded is not None and loaded.engine is not None else bundle_at(state, key)
+    cfg = bundle.config
+    ctx = loaded.engine.max_ctx if loaded is not None and loaded.engine is not None else \
+        min(cfg.max_position_embeddings, state.engine.max_ctx if state.engine is not None else cfg.max_position_embeddings)
     prefix = "llama"
     return {
-        "modelfile": f"# edge-llm bundle {engine.bundle.path.name}\nFROM {engine.name}\n",
-        "parameters": f"num_ctx {engine.max_ctx}",
-        "template": engine.bundle.manifest.get("chat_template") or "",
-        "details": _details(state),
+        "modelfile": f"# edge-llm bundle {bundle.path.name}\nFROM {bundle.name}\n",
+        "parameters": f"num_ctx {ctx}",
+        "template": bundle.manifest.get("chat_template") or "",
+        "details": details(bundle),
         "model_info": {"general.architecture": prefix, "general.parameter_count": cfg.parameter_count,
-                       f"{prefix}.context_length": engine.max_ctx,
+                       f"{prefix}.context_length": ctx,
                        f"{prefix}.embedding_length": cfg.hidden_size,
                        f"{prefix}.block_count": cfg.num_layers,
                        f"{prefix}.attention.head_count": cfg.num_heads,
                        f"{prefix}.attention.head_count_kv": cfg.num_kv_heads,
                        f"{prefix}.vocab_size": cfg.vocab_size},
         "capabilities": ["completion", "tools"],      # tools: the template's own, or our prompt + grammar
-        "modified_at": _modified_at(state),
+        "modified_at": modified_at(bundle),
     }
 
 
@@ -213,8 +237,10 @@ async def pull(body: PullBody, state: StateDep):
 
 @router.post("/api/create")
 def create(body: ModelBody, state: StateDep):
-    """Nothing is built here: success for the loaded model, a clear error otherwise."""
-    _engine_for(state, body.wanted, hint="this server builds no models; use edge-llm pull or edge-llm convert")
+    """Nothing is built here: success for an installed model, a clear error otherwise."""
+    ready(state)
+    if (err := model_error(state, body.wanted, "this server builds no models; use edge-llm pull or edge-llm convert")):
+        raise err
     return {"status": "success"}
 
 
@@ -233,7 +259,10 @@ def manage():
 
 @router.post("/api/chat")
 async def chat(body: ChatBody, request: Request, state: StateDep):
-    engine = _engine_for(state, body.model)
+    if not body.messages and keep_alive_seconds(body.keep_alive) == 0:     # Ollama: unload it
+        return await _unloaded(state, body.model, {"message": {"role": "assistant", "content": ""}})
+    state = await using(request, state, body.model, body.keep_alive)
+    engine = state.engine
     if any(m.images for m in body.messages):
         raise ApiError(400, "images are not supported: this model reads text only")
     messages = chat_messages(body.messages)
@@ -252,7 +281,10 @@ async def chat(body: ChatBody, request: Request, state: StateDep):
 
 @router.post("/api/generate")
 async def generate(body: GenerateBody, request: Request, state: StateDep):
-    engine = _engine_for(state, body.model)
+    if not body.prompt and keep_alive_seconds(body.keep_alive) == 0:       # Ollama: unload it
+        return await _unloaded(state, body.model, {"response": ""})
+    state = await using(request, state, body.model, body.keep_alive)
+    engine = state.engine
     if body.images:
         raise ApiError(400, "images are not supported: this model reads text only")
     if body.suffix:
@@ -370,46 +402,14 @@ def _line(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-def _loaded(state: ServerState, content: dict) -> JSONResponse:
+def _loaded(state: ModelView, content: dict) -> JSONResponse:
     return JSONResponse({"model": state.model_id, "created_at": _now(), **content, "done": True,
                          "done_reason": "load"})
 
 
-# --- the one model, by Ollama's names ------------------------------------------------------
-
-def _engine_for(state: ServerState, name: str, hint: str = ""):
-    """The engine, when `name` is the loaded model's (runtime.served_names: its name, installed
-    name or an alias, any case, ":latest" or not); else a 404 saying why."""
-    engine = ready_engine(state)
-    if (err := model_error(state, name or "", hint)) is not None:
-        raise err
-    return engine
-
-
-def _tag(state: ServerState) -> str:
-    return f"{state.model_id}:latest"
-
-
-def _model_entry(state: ServerState) -> dict:
-    bundle = state.engine.bundle
-    files = bundle.manifest["files"]
-    return {"name": _tag(state), "model": _tag(state), "modified_at": _modified_at(state),
-            "size": sum(f["size"] for f in files.values()),
-            "digest": bundle_id(bundle),
-            "details": _details(state)}
-
-
-def _details(state: ServerState) -> dict:
-    cfg = state.engine.config
-    n = cfg.parameter_count
-    return {"parent_model": "", "format": "tflite", "family": "llama", "families": ["llama"],
-            "parameter_size": f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M",
-            "quantization_level": state.engine.bundle.quant}
-
-
-def _modified_at(state: ServerState) -> str:
-    mtime = (state.engine.bundle.path / "manifest.json").stat().st_mtime
-    return datetime.fromtimestamp(mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+async def _unloaded(state: ServerState, name: str, content: dict) -> JSONResponse:
+    entry = await unload(state, name)
+    return JSONResponse({"model": entry.name if entry is not None else name, "created_at": _now(), **content, "done": True, "done_reason": "unload"})
 
 
 def _now() -> str:

@@ -31,10 +31,10 @@ from edge.api.origins import guard_origins
 from edge.api.openai_schema import (ERRORS, ChatCompletionRequest, CompletionRequest, chat_choice, chat_delta,
                                     chat_logprobs, envelope, error_body, model_card, text_choice, text_logprobs,
                                     usage_dict)
+from edge.api.models import ReleaseModels, live, model_error, resolve_key, using
 from edge.api.runtime import (CLIENT_GONE, ApiError, Jobs, JobStream, ServerState, StateDep, admit,
                               api_error, cancel_on_disconnect, chat_prompt, check_bytes, checked_token_ids, collect,
-                              installed, job_events, loop_guard, message_bytes, model_error, note_prompt, ready_engine,
-                              request_params, tokenize)
+                              job_events, loop_guard, message_bytes, note_prompt, request_params, tokenize)
 from edge.engine import ContextFull, SequenceFailed
 from edge.engine.engine import Usage
 from edge.engine.replies import Piece, astream
@@ -58,7 +58,7 @@ def create_app(state: ServerState) -> FastAPI:
     if state.config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=state.config.cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    return guard_origins(Contained(app), state.config, error_response)
+    return ReleaseModels(guard_origins(Contained(app), state.config, error_response), state)
 
 
 router = APIRouter()
@@ -70,11 +70,16 @@ def health(state: StateDep):
         return _health(503, "error", state, state.error, "model_load_failed")
     if not state.ready:
         return _health(503, "loading", state, "the model is loading", "model_loading")
-    if not state.scheduler.healthy():
-        return _health(503, "stalled", state, f"the engine has made no progress for "
-                       f"{state.scheduler.stall_seconds:g} s", "engine_stalled")
-    return {"status": "ok", "model": state.model_id, "queue_depth": state.scheduler.queue_depth,
-            "busy": state.scheduler.busy, "max_context": state.engine.max_ctx}
+    loaded = live(state)
+    stalled = next((e for e in loaded if not e.scheduler.healthy()), None)
+    if stalled is not None:
+        return _health(503, "stalled", state, f"the engine of {stalled.name} has made no progress for "
+                       f"{stalled.scheduler.stall_seconds:g} s", "engine_stalled")
+    default = state.default
+    return {"status": "ok", "model": state.model_id, "queue_depth": sum(e.scheduler.queue_depth for e in loaded),
+            "busy": any(e.scheduler.busy for e in loaded),
+            "max_context": default.engine.max_ctx if default is not None else None,
+            "loaded": [e.name for e in loaded]}
 
 
 def _health(status: int, word: str, state: ServerState, message: str, code: str) -> JSONResponse:
@@ -89,28 +94,23 @@ def metrics(state: StateDep):
 
 @router.get("/v1/models")
 def list_models(state: StateDep):
-    return {"object": "list", "data": [model_card(state.model_id, state.created)]}
+    """The served model first, then the other loaded ones."""
+    names = [state.model_id] + [e.name for e in live(state) if e.name != state.model_id]
+    return {"object": "list", "data": [model_card(n, state.created) for n in names]}
 
 
 @router.get("/v1/models/{model_id:path}")
 def get_model(model_id: str, state: StateDep):
     if (err := model_error(state, model_id)) is not None:
         raise err
-    return model_card(state.model_id, state.created)
-
-
-def check_model(state: ServerState, name: str | None) -> None:
-    """A request naming another installed model (or an alias of one) is a 404: this server
-    would answer it with a different model. Other names are answered by the loaded model
-    (OpenAI clients often send a fixed name of their own)."""
-    if name and installed(name) and (err := model_error(state, name)) is not None:
-        raise err
+    served = resolve_key(state, model_id) == state.default_key
+    return model_card(state.model_id if served else model_id, state.created)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep):
-    engine = ready_engine(state)
-    check_model(state, body.model)
+    state = await using(request, state, body.model or None)      # a name this server does not run: 404
+    engine = state.engine
     messages = [m.as_dict() for m in body.messages]
     nbytes = message_bytes(messages)
     check_bytes(engine, nbytes, "messages")
@@ -126,8 +126,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request, state: StateDep):
-    engine = ready_engine(state)
-    check_model(state, body.model)
+    state = await using(request, state, body.model or None)
+    engine = state.engine
     with admit(state, ERRORS) as ticket:
         if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], int):
             ids = checked_token_ids(body.prompt, engine)

@@ -14,7 +14,8 @@ from typing import AsyncIterator
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from edge.api.runtime import ApiError, ServerState, installed, served_names
+from edge.api.models import installed, served_names
+from edge.api.runtime import ApiError, ServerState
 from edge.launch.aliases import normalize
 from edge.launch.pull import PullError, parse_spec
 

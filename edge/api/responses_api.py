@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 
 from edge.api.openai_schema import ERRORS
 from edge.api.responses_shape import ResponseShape, chat_request
-from edge.api.runtime import (ApiError, JobStream, StateDep, admit, api_error, chat_prompt, check_bytes, installed,
-                              job_events, loop_guard, message_bytes, model_error, ready_engine, request_params, tokenize,
+from edge.api.models import ready, using
+from edge.api.runtime import (ApiError, JobStream, StateDep, admit, api_error, chat_prompt,
+                              check_bytes, job_events, loop_guard, message_bytes, request_params, tokenize,
                               whole_answer)
 from edge.engine import ContextFull, SequenceFailed
 from edge.engine.replies import astream
@@ -30,16 +31,16 @@ SAMPLING = {"max_output_tokens": ("max_tokens", int), "temperature": ("temperatu
 
 @router.post("/v1/responses")
 async def responses(request: Request, state: StateDep):
-    engine = ready_engine(state)
+    ready(state)
     try:
         body = await request.json()
     except ValueError as e:
         raise ApiError(400, f"the body is not JSON: {e}") from e
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
-    name = body.get("model")      # another installed model is a 404, as on chat completions
-    if isinstance(name, str) and name and installed(name) and (err := model_error(state, name)) is not None:
-        raise err
+    name = body.get("model")      # a model this server does not run is a 404, as on chat completions
+    state = await using(request, state, name if isinstance(name, str) and name else None)
+    engine = state.engine
     try:
         req = chat_request(body)
     except ToolError as e:

@@ -31,10 +31,10 @@ from edge.engine.replies import Answer, acollect
 from edge.engine.sampler import check_vocab
 from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
-from edge.launch import model_store
-from edge.launch.aliases import normalize
+from edge.launch.loaded_models import LoadedModels, loader_like, model_bytes, model_key, parse_keep_alive
 from edge.launch.memory import BIG_REQUEST as BIG_PROMPT, release_free_memory
-from edge.launch.request import DEFAULT_REQUEST_SECONDS, DEFAULT_TOOL_LOOP_GUARD, RequestDefaults
+from edge.launch.request import (DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS, DEFAULT_REQUEST_SECONDS,
+                                 DEFAULT_TOOL_LOOP_GUARD, RequestDefaults)
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -58,30 +58,69 @@ class ServerConfig:
 
 
 class ServerState:
-    """What the routes need. The model arrives later: it loads in the background."""
+    """What the routes need. The model arrives later: it loads in the background. Once it has,
+    `models` holds what is loaded (the served default model and any other a request named);
+    `engine` and `scheduler` are the default model's while it is loaded. A route works on the
+    model its request named through `edge.api.models.using`."""
 
     def __init__(self, model_id: str, config: ServerConfig | None = None, metrics: Metrics | None = None):
         self.model_id = model_id
         self.config = config or ServerConfig()
         self.metrics = metrics or Metrics()
         self.metrics.loaded = lambda: self.ready
-        self.engine = None
-        self.scheduler = None
+        self.models: LoadedModels | None = None
+        self.default_key: str | None = None
         self.error: str | None = None
         self.draining = False          # shutting down: open requests end with an error
         self.created = int(time.time())
 
     @property
     def ready(self) -> bool:
-        return self.scheduler is not None
+        return self.models is not None
 
-    def set_ready(self, engine, scheduler) -> None:
-        scheduler.listeners.append(self.metrics.on_event)
-        self.metrics.queue_depth = lambda: scheduler.queue_depth
-        self.metrics.running = lambda: scheduler.running
-        self.metrics.kv_pool = lambda: (engine.kv_pool.used_bytes, engine.kv_pool.budget_bytes)
+    def set_ready(self, engine, scheduler, models: LoadedModels | None = None) -> None:
+        """The default model is loaded. `models`: the registry that loads others (serve's, with
+        its flags); by default one that loads them as the default model was loaded."""
         self.model_id = engine.name
-        self.engine, self.scheduler = engine, scheduler
+        models = models or LoadedModels(loader_like(engine, scheduler), DEFAULT_MAX_LOADED_MODELS,
+                                        parse_keep_alive(DEFAULT_KEEP_ALIVE))
+        models.listeners.append(self._on_model)
+        self.metrics.queue_depth = lambda: sum(e.scheduler.queue_depth for e in self._loaded())
+        self.metrics.running = lambda: sum(e.scheduler.running for e in self._loaded())
+        self.metrics.kv_pool = self._kv_pool
+        self.default_key = model_key(engine.bundle.path)
+        scheduler.listeners.append(self.metrics.on_event)
+        models.add(self.default_key, engine, scheduler, model_bytes(engine), default=True)
+        self.models = models
+
+    def _on_model(self, what: str, entry) -> None:
+        if what == "loaded" and not entry.default:
+            entry.scheduler.listeners.append(self.metrics.on_event)
+
+    def _kv_pool(self) -> tuple[int, int]:
+        """(bytes in use, budget) of the loaded models' KV pools together."""
+        pools = [e.engine.kv_pool for e in self._loaded()]
+        return sum(p.used_bytes for p in pools), sum(p.budget_bytes for p in pools)
+
+    def _loaded(self) -> list:
+        return self.models.loaded() if self.models is not None else []
+
+    @property
+    def default(self):
+        """The default model's registry entry while it is loaded, else None."""
+        return self.models.get(self.default_key) if self.models is not None else None
+
+    @property
+    def engine(self):
+        return e.engine if (e := self.default) is not None else None
+
+    @property
+    def scheduler(self):
+        return e.scheduler if (e := self.default) is not None else None
+
+    def healthy(self) -> bool:
+        """Every loaded model's engine makes progress (the systemd watchdog's question)."""
+        return all(e.scheduler.healthy() for e in self._loaded())
 
     def set_failed(self, message: str) -> None:
         self.error = message
@@ -90,8 +129,8 @@ class ServerState:
         """Shutdown begins: every running or waiting job ends now; its client gets a 503 or,
         mid-stream, an error event."""
         self.draining = True
-        if self.scheduler is not None:
-            self.scheduler.cancel_all()
+        for e in self._loaded():
+            e.scheduler.cancel_all()
 
 
 def server_state(request: Request) -> ServerState:
@@ -134,52 +173,6 @@ def refusals(state: ServerState, table: ErrorTable):
 
 
 # --- requests -> jobs ------------------------------------------------------------------
-
-def ready_engine(state: ServerState):
-    if state.error:
-        raise ApiError(503, f"the model failed to load: {state.error}", "unavailable_error", code="model_load_failed")
-    if not state.ready:
-        raise ApiError(503, "the model is still loading; retry in a few seconds", "unavailable_error",
-                       code="model_loading", headers={"Retry-After": "5"})
-    return state.engine
-
-
-# --- models by name -------------------------------------------------------------------------
-
-def served_names(state: ServerState) -> set[str]:
-    """What a client may call the loaded model (compared after `aliases.normalize`: any case,
-    ":latest" or not): its name, its installed name (`edge-llm models`) and their aliases."""
-    names = {normalize(state.model_id)}
-    if state.engine is not None:
-        names.add(normalize(state.engine.bundle.path.name))
-    try:
-        table = model_store.alias_table().load()
-    except ValueError:
-        table = {}
-    return names | {alias for alias, target in table.items() if normalize(target) in names}
-
-
-def installed(name: str) -> bool:
-    """An installed model's name or alias (`edge-llm models`, `edge-llm alias`)."""
-    try:
-        return (model_store.alias_table().lookup(name) is not None
-                or model_store.find_by_name(name, prefix=False) is not None)
-    except (ValueError, OSError):
-        return False
-
-
-def model_error(state: ServerState, name: str, hint: str = "") -> ApiError | None:
-    """None when `name` names the loaded model; else the 404 that says what is wrong."""
-    if normalize(name) in served_names(state):
-        return None
-    if installed(name):
-        message = (f"model '{name}' is installed but not loaded: this server runs '{state.model_id}' "
-                   f"(restart it with --model {name})")
-    else:
-        message = (f"model '{name}' does not exist here; this server runs '{state.model_id}' (edge-llm pull installs "
-                   "a model from the Hugging Face Hub, edge-llm alias gives it another name)")
-    return ApiError(404, message + (f"; {hint}" if hint else ""), param="model", code="model_not_found")
-
 
 def admit(state: ServerState, table: ErrorTable):
     """A place in the queue before any work (tokenizing included); the table's answer to

@@ -175,12 +175,33 @@ def _call(url: str, body: dict | None = None, timeout: float = 30) -> dict:
     return json.loads(text.strip().splitlines()[-1]) if text.strip() else {}
 
 
+def _until(expires_at: str | None) -> str:
+    """Ollama's UNTIL column: "Forever", "4 minutes from now", "Stopping..."."""
+    from datetime import datetime, timezone
+    if not expires_at:
+        return "?"
+    try:
+        t = datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+    except ValueError:
+        return expires_at
+    if t.year >= 9999:
+        return "Forever"
+    left = (t - datetime.now(timezone.utc)).total_seconds()
+    if left <= 0:
+        return "Stopping..."
+    for unit, size in (("hour", 3600), ("minute", 60), ("second", 1)):
+        if left >= size:
+            n = round(left / size)
+            return f"{n} {unit}{'s' if n != 1 else ''} from now"
+    return "Less than a second from now"
+
+
 def cmd_ps(a) -> int:
     models = _call(server_url(a.host) + "/api/ps").get("models", [])
     rows = [("NAME", "SIZE", "QUANT", "UNTIL")]
     for m in models:
         rows.append((m.get("name", "?"), _mb(m.get("size", 0)), m.get("details", {}).get("quantization_level", "?"),
-                     m.get("expires_at", "?")))
+                     _until(m.get("expires_at"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -188,15 +209,19 @@ def cmd_ps(a) -> int:
 
 
 def cmd_stop(a) -> int:
-    """As `ollama stop`: a generate request with keep_alive 0, then a look at /api/ps."""
+    """As `ollama stop`: a generate request with an empty prompt and keep_alive 0 (the server
+    unloads the model now, or once its running requests end), then a look at /api/ps."""
     base = server_url(a.host)
-    _call(base + "/api/generate", {"model": a.name, "keep_alive": 0, "stream": False})
-    # the server answered for that name, so it is the model it runs; if /api/ps still lists it, it stayed
-    still = _call(base + "/api/ps").get("models", [])
-    if still:
-        print(f"{a.name} stays loaded: this server keeps the model it was started with; "
-              "stop the service to free its memory", file=sys.stderr)
-        return 1
+    before = {m.get("name") for m in _call(base + "/api/ps").get("models", [])}
+    reply = _call(base + "/api/generate", {"model": a.name, "prompt": "", "keep_alive": 0, "stream": False})
+    tag = reply.get("model", a.name)
+    tag = tag if ":" in tag else f"{tag}:latest"
+    if tag not in before:
+        print(f"{a.name} is not loaded")
+        return 0
+    if tag in {m.get("name") for m in _call(base + "/api/ps").get("models", [])}:
+        print(f"{a.name} unloads when its running requests end")
+        return 0
     print(f"stopped {a.name}")
     return 0
 

@@ -119,6 +119,7 @@ class Scheduler:
         self._cond = threading.Condition()       # reentrant: a ticket is given back under it
         self.last_progress = time.monotonic()    # the last step or admission, or when work arrived
         self.listeners: list[Callable[[Job, Event], None]] = []   # e.g. metrics
+        self._closed = False
         self._worker = threading.Thread(target=self._run, name="edge-llm-engine", daemon=True)
         self._worker.start()
 
@@ -211,6 +212,14 @@ class Scheduler:
         for job in jobs:
             job.cancel()
 
+    def close(self) -> None:
+        """End the worker once nothing runs or waits (its model is being unloaded), so that
+        nothing holds the engine any more."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._worker.join()
+
     def healthy(self) -> bool:
         """Nothing pending, or progress (a step, an admission) within `stall_seconds`: what
         /health reports and the systemd watchdog is fed on."""
@@ -249,6 +258,8 @@ class Scheduler:
             with self._cond:
                 if not self._waiting and not self._running:
                     while not self._waiting and not self._running:
+                        if self._closed:
+                            return
                         self._cond.wait()
                     self.last_progress = time.monotonic()       # work arrived: the stall clock starts
                 for job in [j for j in self._waiting if j.cancelled]:     # left while waiting

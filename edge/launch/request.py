@@ -41,6 +41,11 @@ TERMINAL_STOP_LOOPS = True
 DEFAULT_THREADS = "auto"        # 1 thread or all cores, whichever runs faster now (edge/model/thread_policy.py, docs/SPEED.md)
 DEFAULT_PARALLEL = 4            # serve's slots: 4 streams decode at ~3x one stream's total (README, Speed)
 WATCHDOG_STALL_SECONDS = 60.0   # serve: work pending this long with no step or admission = wedged (/health 503, no watchdog ping)
+# serve: models loaded at once (the served default one included). Two: on a 4 GB Pi the default
+# Llama 3.2 1B int4 and one more model of its size fit beside the OS; a 3B int4 takes most of
+# the memory alone (docs/MODELS.md), and loading checks the available memory as well.
+DEFAULT_MAX_LOADED_MODELS = 2
+DEFAULT_KEEP_ALIVE = "5m"       # serve: another model stays loaded this long after its last request (Ollama's default)
 
 SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 REQUEST_FIELDS = SAMPLING_FIELDS | {"max_tokens", "stop", "speculate", "stop_loops"}

@@ -22,9 +22,10 @@ from pathlib import Path
 
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
-from edge.launch.request import (DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_REQUEST_SECONDS,
-                                 DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD, OLLAMA_PORT, WATCHDOG_STALL_SECONDS,
-                                 RequestDefaults)
+from edge.launch.loaded_models import parse_keep_alive
+from edge.launch.request import (DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS,
+                                 DEFAULT_PORT, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD,
+                                 OLLAMA_PORT, WATCHDOG_STALL_SECONDS, RequestDefaults)
 from edge.launch.scheduling import start_scheduler
 from edge.service import sd_notify
 
@@ -77,6 +78,16 @@ def register(sub) -> None:
     s.add_argument("--watchdog-stall", type=number(float, 0.001), default=WATCHDOG_STALL_SECONDS,
                    help="seconds with requests pending but no engine step or admission before /health reports "
                    f"'stalled' and the systemd watchdog is no longer fed (default {WATCHDOG_STALL_SECONDS:g})")
+    m = s.add_argument_group("models by name (a request's model loads it; Ollama's keep_alive)")
+    m.add_argument("--max-loaded-models", type=number(int, 1), default=DEFAULT_MAX_LOADED_MODELS,
+                   help="installed models loaded at once, the served one included; a request for another one "
+                        "unloads the least recently used idle model first (default "
+                        f"{DEFAULT_MAX_LOADED_MODELS}: the served model and one more on a 4 GB Pi; loading also "
+                        "checks the available memory)")
+    m.add_argument("--keep-alive", type=_keep_alive, default=DEFAULT_KEEP_ALIVE, metavar="DURATION",
+                   help="how long a model other than the served one stays loaded after its last request, unless "
+                        f"the request says (Ollama's keep_alive: '5m', '1h', seconds, negative = forever; default "
+                        f"{DEFAULT_KEEP_ALIVE})")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity")
     s.add_argument("--tool-loop-guard", choices=("on", "off"), default="on" if DEFAULT_TOOL_LOOP_GUARD else "off",
@@ -104,6 +115,13 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="fetch/convert the model into the cache, load it, generate one token")
     add_model_args(p)
     p.set_defaults(func=cmd_prepare)
+
+
+def _keep_alive(value: str) -> float:
+    try:
+        return parse_keep_alive(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_or_off(value: str) -> int | None:
@@ -168,8 +186,9 @@ def cmd_serve(a) -> int:
         server.run(sockets=sockets)
     finally:
         sd_notify.stopping()
-        if state.engine is not None:
-            state.engine.persist()
+        for entry in state.models.loaded() if state.models is not None else []:
+            if entry.engine is not None:
+                entry.engine.persist()
     return 1 if state.error else 0
 
 
@@ -309,9 +328,10 @@ def load_and_start(a, state, server) -> None:
     """The background half of start-up; a failure stops the server (exit status 1)."""
     try:
         engine, scheduler = start_engine(a)
-        state.set_ready(engine, scheduler)
-        start_extra_interfaces(a, engine, scheduler)
-        sd_notify.Watchdog(scheduler.healthy).start()
+        state.set_ready(engine, scheduler, loaded_models(a))
+        if start_extra_interfaces(a, engine, scheduler):
+            state.models.pin(state.default_key)     # they hold its engine: it never unloads
+        sd_notify.Watchdog(state.healthy).start()
         sd_notify.ready(f"serving {engine.name}")
         log.info("ready: %s (%d slots of up to %d tokens sharing a KV pool of %.0f MB; queue %d)", engine.name,
                  engine.parallel, engine.max_ctx, engine.kv_cache_bytes / 2**20, scheduler.max_queue)
@@ -343,17 +363,35 @@ def warm_up(engine, generate) -> float:
     return time.perf_counter() - t0
 
 
-def start_extra_interfaces(args, engine, scheduler) -> None:
+def loaded_models(a):
+    """The registry of loaded models: others load as the served one did (same flags)."""
+    from edge.engine.scheduler import Scheduler
+    from edge.launch import load_engine
+    from edge.launch.loaded_models import LoadedModels, available_to_us, estimate_bytes
+
+    def open_model(key: str):
+        engine = load_engine(key, a.backend, a.ctx, a.threads, a.parallel, a.kv_type,
+                             getattr(a, "prompt_cache_mb", 0), log=log.info)      # sizes checked, not every hash
+        return engine, Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
+                                 stall_seconds=a.watchdog_stall)
+    return LoadedModels(open_model, a.max_loaded_models, a.keep_alive,
+                        estimate=lambda key: estimate_bytes(key, a.ctx, a.parallel, a.kv_type),
+                        available=available_to_us, wait=a.request_timeout or None)
+
+
+def start_extra_interfaces(args, engine, scheduler) -> bool:
     """Other interfaces sharing this process's engine and scheduler start here, once the
     model is ready: the serial console (`--serial PORT`) and the Wyoming service. A busy
-    port or device must not take HTTP down."""
+    port or device must not take HTTP down. True if one started."""
     from edge.serial import args as serial_args
+    started = False
     try:
-        serial_args.start_from_args(args, engine, scheduler)
+        started = serial_args.start_from_args(args, engine, scheduler) is not None
     except serial_args.SerialConsoleError as e:
         log.error("serial console not started: %s (HTTP keeps serving)", e)
     if getattr(args, "wyoming", None):
-        start_wyoming(args, engine, scheduler)
+        started = start_wyoming(args, engine, scheduler) is not None or started
+    return started
 
 
 def start_wyoming(a, engine, scheduler):
