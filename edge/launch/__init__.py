@@ -48,6 +48,14 @@ def max_context(cfg: ModelConfig, available: int | None, kv_type: str = "f32", p
     return max(ctx, 16)
 
 
+def kv_pool_bytes(kv_pool_mb: int, avail: int | None = None) -> int:
+    """The KV pool `--kv-pool-mb` asks for (0: a share of the memory available, `avail` or
+    measured now)."""
+    if kv_pool_mb:
+        return kv_pool_mb << 20
+    return int((avail or available_memory() or 4 << 30) * KV_MEMORY_SHARE)
+
+
 def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFAULT_CTX,
                 threads: int | None = None, parallel: int = 1, kv_type: str = "f32", prompt_cache_mb: int = 0,
                 log=print, verify: bool | str = True, kv_pool_mb: int = DEFAULT_KV_POOL_MB) -> Engine:
@@ -56,7 +64,7 @@ def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFA
     if kv_pool_mb < 0 or ctx < 0:
         raise ValueError(f"--ctx and --kv-pool-mb must be 0 (automatic) or positive, got {ctx} and {kv_pool_mb}")
     avail = available_memory() if 0 in (ctx, kv_pool_mb) else None
-    pool = kv_pool_mb << 20 if kv_pool_mb else int((avail or 4 << 30) * KV_MEMORY_SHARE)
+    pool = kv_pool_bytes(kv_pool_mb, avail)
     if ctx == 0:          # one sequence may take the whole pool
         ctx = min(max_context(bundle.config, avail, kv_type), pool // kv_bytes_per_token(bundle.config, kv_type))
         mib = kv_bytes_per_token(bundle.config, kv_type) * ctx / 2**20

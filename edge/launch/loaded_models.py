@@ -377,17 +377,18 @@ def loader_like(engine, scheduler) -> Callable[[str], tuple]:
     return open_model
 
 
-def estimate_bytes(key: str, ctx: int, parallel: int, kv_type: str) -> int:
-    """What loading the bundle at `key` will take: its files and its KV caches (`--ctx 0`:
-    the context `load_engine` would choose)."""
-    from edge.launch import available_memory, kv_bytes_per_token, max_context
+def estimate_bytes(key: str, ctx: int, parallel: int, kv_type: str, kv_pool_mb: int) -> int:
+    """What loading the bundle at `key` will take: its files and its KV pool (at most every
+    slot at its context; `--ctx 0`: the context `load_engine` would choose)."""
+    from edge.launch import available_memory, kv_bytes_per_token, kv_pool_bytes, max_context
     from edge.model.bundle import Bundle
     bundle = Bundle.open(key, verify=False)
     cfg = bundle.config
     if ctx == 0:
         ctx = max_context(cfg, available_memory(), kv_type, parallel)
     files = sum(f.get("size", 0) for f in bundle.manifest.get("files", {}).values())
-    return files + parallel * min(ctx, cfg.max_position_embeddings) * kv_bytes_per_token(cfg, kv_type)
+    slots = parallel * min(ctx, cfg.max_position_embeddings) * kv_bytes_per_token(cfg, kv_type)
+    return files + min(slots, kv_pool_bytes(kv_pool_mb))
 
 
 def available_to_us() -> int | None:

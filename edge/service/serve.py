@@ -371,11 +371,12 @@ def loaded_models(a):
 
     def open_model(key: str):
         engine = load_engine(key, a.backend, a.ctx, a.threads, a.parallel, a.kv_type,
-                             getattr(a, "prompt_cache_mb", 0), log=log.info)      # sizes checked, not every hash
+                             getattr(a, "prompt_cache_mb", 0), log=log.info,      # sizes checked, not every hash
+                             kv_pool_mb=a.kv_pool_mb)
         return engine, Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
                                  stall_seconds=a.watchdog_stall)
     return LoadedModels(open_model, a.max_loaded_models, a.keep_alive,
-                        estimate=lambda key: estimate_bytes(key, a.ctx, a.parallel, a.kv_type),
+                        estimate=lambda key: estimate_bytes(key, a.ctx, a.parallel, a.kv_type, a.kv_pool_mb),
                         available=available_to_us, wait=a.request_timeout or None)
 
 
