@@ -189,20 +189,27 @@ def our_ids(bundle: Path, text: Path) -> list[int]:
 def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir: Path,
                  reference: Path | None = None) -> dict:
     """llama.cpp's scores per (text, qtype), and per (text, "F32") its f32 perplexity and how
-    many of its token ids differ from those of our bundle `reference` (the same positions)."""
+    many of its token ids differ from those of our bundle `reference` (the same positions).
+    Each is cached in workdir/scores, so an interrupted run resumes."""
     results = {}
     common = ["-c", str(CTX), "-b", str(CTX), "-t", str(THREADS)]
+    cached = lambda text, q: workdir / "scores" / f"llamacpp-{q}-{text.stem}.json"
+    (workdir / "scores").mkdir(parents=True, exist_ok=True)
     for text in texts:
+        if all(cached(text, q).exists() for q in ggufs):
+            results.update({(text.stem, q): json.loads(cached(text, q).read_text()) for q in ggufs})
+            continue
         kld = workdir / "kl" / f"llamacpp-{text.stem}.kld"
-        if not kld.exists():
-            log(f"llama-perplexity F32 --kl-divergence-base on {text.stem}")
-            r = subprocess.run([str(tool), "-m", str(ggufs["F32"]), "-f", str(text), *common,
-                                "--kl-divergence-base", str(kld) + ".part"], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"llama-perplexity (base) failed on {text}:\n{r.stderr[-3000:]}")
-            os.replace(str(kld) + ".part", kld)
+        log(f"llama-perplexity F32 --kl-divergence-base on {text.stem}")
+        r = subprocess.run([str(tool), "-m", str(ggufs["F32"]), "-f", str(text), *common,
+                            "--kl-divergence-base", str(kld)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-perplexity (base) failed on {text}:\n{r.stderr[-3000:]}")
         n_ctx, theirs = kld_tokens(kld)
         f32 = {"n": len(theirs) // n_ctx * (n_ctx - 1 - n_ctx // 2)}
+        final = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
+        if final:
+            f32["ppl"] = float(final.group(1))
         if reference is not None:
             ours = our_ids(reference, text)[:len(theirs)]
             f32["token_diff"] = sum(a != b for a, b in zip(ours, theirs)) + abs(len(ours) - len(theirs))
@@ -214,12 +221,12 @@ def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir:
                                 "--kl-divergence"], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"llama-perplexity --kl-divergence {qtype} failed on {text}:\n{r.stderr[-3000:]}")
-            results[(text.stem, qtype)] = parse_kld(r.stdout + r.stderr)
-            s = results[(text.stem, qtype)]
-            f32["ppl"] = s["base_ppl"]
+            s = results[(text.stem, qtype)] = parse_kld(r.stdout + r.stderr)
+            cached(text, qtype).write_text(json.dumps(s))
             log(f"llama.cpp {qtype:7s} {text.stem:32s} ppl {s['ppl']:8.3f}  KL {s['kl_mean']:.5f}  "
                 f"top-1 {100 * s['top1']:.1f} %  ({time.perf_counter() - t0:.0f} s)")
         results[(text.stem, "F32")] = f32
+        cached(text, "F32").write_text(json.dumps(f32))
         kld.unlink()         # about 100 KB a scored token: not worth keeping
     return results
 
