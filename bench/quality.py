@@ -11,20 +11,22 @@ Steps (each output cached under --workdir and reused when it exists):
   2. Our bundles from the source: `--quant f32 | int8 | int4 | int4-b32` (the defaults of
      `edge-llm convert`), and llama.cpp's F32 -> Q8_0 / Q4_0 / Q4_K_M with `llama-quantize`.
      llama.cpp is built from the pinned sdist (bench/compare_llamacpp.py).
-  3. Per text: ours with `edge-llm perplexity --chunks --ctx 512`: the f32 bundle's
+  3. Per text: ours with `edge-llm perplexity` (ctx 512, stride 256): the f32 bundle's
      distributions saved once (`--save-base`), then every quantized bundle against them
      (`--kl-base`); llama.cpp's `llama-perplexity -c 512 --kl-divergence-base` with the F32
      GGUF, then `--kl-divergence` for every quantized GGUF.
   4. One table: per text and scheme, perplexity change against the tool's own f32, mean KL,
      99th-percentile KL, top-1 agreement, and the weight bytes a decoded token reads.
 
-Both tools score the same positions of the same tokens: `--chunks` walks the text as
-llama-perplexity does (non-overlapping 512-token chunks, the 255 tokens after each chunk's
-first half). The token ids llama.cpp used are read back from its base file and compared with
-ours; the table says how many differ (0: the same tokens). Each tool is measured against its
-own f32 model, whose perplexities the table also gives: they differ only by the two
-runtimes' float arithmetic. `--sliding` scores ours with the sliding window instead (every
-token, stride 256), as the development-text tuning does.
+Positions: ours scores every token after the first (the first window all of its tokens,
+then the last 256 of each window advanced by 256, so every token after the first window has
+256-511 tokens of context); llama-perplexity scores the 255 tokens after the first half of
+each non-overlapping 512-token chunk (256-510 tokens of context, about half the tokens).
+Each tool is measured against its own f32 model on its own positions, so the ratios compare.
+`--chunks` scores ours on llama-perplexity's positions instead (`edge-llm perplexity
+--chunks`): the same tokens in the same contexts, and then the two f32 perplexities differ
+only by the runtimes' float arithmetic. The token ids llama.cpp used are read back from its
+base file and compared with ours; the table says how many differ (0: the same tokens).
 """
 from __future__ import annotations
 
@@ -109,7 +111,7 @@ def gguf_bytes(path: Path) -> int:
 
 # ---------------------------------------------------------------- ours
 
-def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path, chunks: bool = True) -> dict:
+def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path, chunks: bool = False) -> dict:
     """Our scores per (text, scheme); the f32 bundle's base saved once per text. chunks:
     llama-perplexity's positions, else the sliding window."""
     from edge.cli.perplexity import Base, score
@@ -272,9 +274,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dev", action="store_true", help="score the development text instead of the suite")
     ap.add_argument("--schemes", nargs="+", default=list(OURS), choices=OURS)
     ap.add_argument("--no-llamacpp", action="store_true", help="only our bundles")
-    ap.add_argument("--sliding", action="store_true",
-                    help="score ours with the sliding window (ctx 512, stride 256, every token) instead of "
-                         "llama-perplexity's chunks")
+    ap.add_argument("--chunks", action="store_true",
+                    help="score ours on llama-perplexity's positions (edge-llm perplexity --chunks) instead of "
+                         "the sliding window (ctx 512, stride 256)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     ap.add_argument("--bytes", type=Path, nargs="+", metavar="BUNDLE_OR_GGUF",
                     help="only print the weight bytes a decoded token reads from these bundles and GGUFs "
@@ -303,12 +305,12 @@ def main(argv=None) -> int:
         sizes.update({q: gguf_bytes(p) for q, p in ggufs.items()})
     bundles = {q: our_bundle(src, q, work, {}) for q in ("f32", *args.schemes)}
     sizes.update({q: bundle_bytes(p) for q, p in bundles.items() if q != "f32"})
-    results.update(run_ours(bundles, texts, work, chunks=not args.sliding))
+    results.update(run_ours(bundles, texts, work, chunks=args.chunks))
     if not args.no_llamacpp:
         results.update(run_llamacpp(llama_tool("llama-perplexity", bench_dir), ggufs, texts, work, bundles["f32"]))
     n_tokens = {t: r["tokens"] for (t, s), r in results.items() if "tokens" in r}
     out = {"results": [{"text": t, "scheme": s, **r} for (t, s), r in results.items()], "bytes": sizes,
-           "loadavg": os.getloadavg(), "ctx": CTX, "positions": "sliding, stride 256" if args.sliding else "chunks"}
+           "loadavg": os.getloadavg(), "ctx": CTX, "positions": "chunks" if args.chunks else "sliding, stride 256"}
     (work / "results").mkdir(exist_ok=True)
     (work / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
     if args.json:
