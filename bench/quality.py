@@ -11,17 +11,22 @@ Steps (each output cached under --workdir and reused when it exists):
   2. Our bundles from the source: `--quant f32 | int8 | int4 | int4-b32` (the defaults of
      `edge-llm convert`), and llama.cpp's F32 -> Q8_0 / Q4_0 / Q4_K_M with `llama-quantize`.
      llama.cpp is built from the pinned sdist (bench/compare_llamacpp.py).
-  3. Per text: ours with `edge-llm perplexity`'s scoring (ctx 512, stride 256): the f32
-     bundle's distributions saved once (`--save-base`), then every quantized bundle against
-     them (`--kl-base`); llama.cpp's `llama-perplexity -c 512 --kl-divergence-base` with the
-     F32 GGUF, then `--kl-divergence` for every quantized GGUF.
+  3. Per text: ours with `edge-llm perplexity` (ctx 512, stride 256): the f32 bundle's
+     distributions saved once (`--save-base`), then every quantized bundle against them
+     (`--kl-base`); llama.cpp's `llama-perplexity -c 512 --kl-divergence-base` with the F32
+     GGUF, then `--kl-divergence` for every quantized GGUF.
   4. One table: per text and scheme, perplexity change against the tool's own f32, mean KL,
      99th-percentile KL, top-1 agreement, and the weight bytes a decoded token reads.
 
-The two tools score different positions of the same text: ours every token after the first
-window with at least 256 tokens of context, llama.cpp the second half of each 512-token chunk
-(also at least 256 tokens of context, about half the tokens). Each is measured against its
-own f32 model on the same positions, so the ratios compare; the absolute perplexities do not.
+Positions: ours scores every token after the first (the first window all of its tokens,
+then the last 256 of each window advanced by 256, so every token after the first window has
+256-511 tokens of context); llama-perplexity scores the 255 tokens after the first half of
+each non-overlapping 512-token chunk (256-510 tokens of context, about half the tokens).
+Each tool is measured against its own f32 model on its own positions, so the ratios compare.
+`--chunks` scores ours on llama-perplexity's positions instead (`edge-llm perplexity
+--chunks`): the same tokens in the same contexts, and then the two f32 perplexities differ
+only by the runtimes' float arithmetic. The token ids llama.cpp used are read back from its
+base file and compared with ours; the table says how many differ (0: the same tokens).
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ DEV = [REPO / "bench" / "eval" / "dev" / "dev-mix.txt"]
 OURS = ("int8", "int4", "int4-b32")
 PEERS = {"int8": "Q8_0", "int4": "Q4_0", "int4-b32": "Q4_K_M"}
 CTX, STRIDE, THREADS = 512, 256, 2
+BASE_K = 256           # reference tokens kept per position in our base files
 DEFAULT_WORKDIR = Path(os.environ.get("EDGE_LLM_QUALITY_DIR", "~/.cache/edge-llm-quality")).expanduser()
 
 
@@ -105,7 +111,9 @@ def gguf_bytes(path: Path) -> int:
 
 # ---------------------------------------------------------------- ours
 
-def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path) -> dict:
+def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path, chunks: bool = False) -> dict:
+    """Our scores per (text, scheme); the f32 bundle's base saved once per text. chunks:
+    llama-perplexity's positions, else the sliding window."""
     from edge.cli.perplexity import Base, score
     from edge.launch.model_store import weight_cache_dir
     from edge.model.backends import load_backend
@@ -118,8 +126,10 @@ def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path) -> dict
         bos = bundle.config.bos_token_id if bundle.manifest.get("add_bos") else None
         for text in texts:
             ids = tok.encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids
-            base_file = workdir / "kl" / f"ours-{text.stem}.npz"
-            done = workdir / "scores" / f"{path.name}-{text.stem}-{bundle.manifest.get('manifest_sha256', '')[:12]}.json"
+            mode = "-chunks" if chunks else ""
+            base_file = workdir / "kl" / f"ours-{text.stem}{mode}.npz"
+            done = workdir / "scores" / (f"{path.name}-{text.stem}{mode}-"
+                                         f"{bundle.manifest.get('manifest_sha256', '')[:12]}.json")
             if done.exists() and (scheme != "f32" or base_file.exists()):
                 results[(text.stem, scheme)] = json.loads(done.read_text())
                 continue
@@ -127,10 +137,10 @@ def run_ours(bundles: dict[str, Path], texts: list[Path], workdir: Path) -> dict
             if model is None:
                 model = load_backend(bundle, "litert", CTX, THREADS, weight_cache_dir(bundle))
             if scheme == "f32":
-                s, own = score(model, ids, CTX, STRIDE, bos, save_k=256, name="f32")
+                s, own = score(model, ids, CTX, STRIDE, bos, save_k=BASE_K, name="f32", chunks=chunks)
                 own.save(base_file)
             else:
-                s, _ = score(model, ids, CTX, STRIDE, bos, base=Base.load(base_file))
+                s, _ = score(model, ids, CTX, STRIDE, bos, base=Base.load(base_file), chunks=chunks)
             results[(text.stem, scheme)] = {**s.as_dict(), "tokens": len(ids)}
             done.parent.mkdir(exist_ok=True)
             done.write_text(json.dumps(results[(text.stem, scheme)]))
@@ -162,18 +172,49 @@ def parse_kld(output: str) -> dict:
     return got
 
 
-def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir: Path) -> dict:
+def kld_tokens(path: Path) -> tuple[int, list[int]]:
+    """(n_ctx, token ids) of a llama-perplexity --kl-divergence-base file: "_logits_", u32
+    n_ctx, i32 n_vocab, i32 n_chunk, then n_chunk * n_ctx i32 token ids."""
+    import numpy as np
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise RuntimeError(f"{path}: not a llama-perplexity logits file")
+        n_ctx, _, n_chunk = np.frombuffer(f.read(12), "<i4")
+        return int(n_ctx), np.frombuffer(f.read(4 * int(n_ctx) * int(n_chunk)), "<i4").tolist()
+
+
+def our_ids(bundle: Path, text: Path) -> list[int]:
+    from edge.model.bundle import Bundle
+    return Bundle.open(bundle).tokenizer().encode(text.read_text(encoding="utf-8"), add_special_tokens=False).ids
+
+
+def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir: Path,
+                 reference: Path | None = None) -> dict:
+    """llama.cpp's scores per (text, qtype), and per (text, "F32") its f32 perplexity and how
+    many of its token ids differ from those of our bundle `reference` (the same positions).
+    Each is cached in workdir/scores, so an interrupted run resumes."""
     results = {}
     common = ["-c", str(CTX), "-b", str(CTX), "-t", str(THREADS)]
+    cached = lambda text, q: workdir / "scores" / f"llamacpp-{q}-{text.stem}.json"
+    (workdir / "scores").mkdir(parents=True, exist_ok=True)
     for text in texts:
+        if all(cached(text, q).exists() for q in ggufs):
+            results.update({(text.stem, q): json.loads(cached(text, q).read_text()) for q in ggufs})
+            continue
         kld = workdir / "kl" / f"llamacpp-{text.stem}.kld"
-        if not kld.exists():
-            log(f"llama-perplexity F32 --kl-divergence-base on {text.stem}")
-            r = subprocess.run([str(tool), "-m", str(ggufs["F32"]), "-f", str(text), *common,
-                                "--kl-divergence-base", str(kld) + ".part"], capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"llama-perplexity (base) failed on {text}:\n{r.stderr[-3000:]}")
-            os.replace(str(kld) + ".part", kld)
+        log(f"llama-perplexity F32 --kl-divergence-base on {text.stem}")
+        r = subprocess.run([str(tool), "-m", str(ggufs["F32"]), "-f", str(text), *common,
+                            "--kl-divergence-base", str(kld)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-perplexity (base) failed on {text}:\n{r.stderr[-3000:]}")
+        n_ctx, theirs = kld_tokens(kld)
+        f32 = {"n": len(theirs) // n_ctx * (n_ctx - 1 - n_ctx // 2)}
+        final = re.search(r"Final estimate: PPL = ([\d.]+)", r.stdout + r.stderr)
+        if final:
+            f32["ppl"] = float(final.group(1))
+        if reference is not None:
+            ours = our_ids(reference, text)[:len(theirs)]
+            f32["token_diff"] = sum(a != b for a, b in zip(ours, theirs)) + abs(len(ours) - len(theirs))
         for qtype, gguf in ggufs.items():
             if qtype == "F32":
                 continue
@@ -182,10 +223,12 @@ def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir:
                                 "--kl-divergence"], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"llama-perplexity --kl-divergence {qtype} failed on {text}:\n{r.stderr[-3000:]}")
-            results[(text.stem, qtype)] = parse_kld(r.stdout + r.stderr)
-            s = results[(text.stem, qtype)]
+            s = results[(text.stem, qtype)] = parse_kld(r.stdout + r.stderr)
+            cached(text, qtype).write_text(json.dumps(s))
             log(f"llama.cpp {qtype:7s} {text.stem:32s} ppl {s['ppl']:8.3f}  KL {s['kl_mean']:.5f}  "
                 f"top-1 {100 * s['top1']:.1f} %  ({time.perf_counter() - t0:.0f} s)")
+        results[(text.stem, "F32")] = f32
+        cached(text, "F32").write_text(json.dumps(f32))
         kld.unlink()         # about 100 KB a scored token: not worth keeping
     return results
 
@@ -196,6 +239,14 @@ def table(results: dict, texts: list[Path], sizes: dict[str, int], n_tokens: dic
     lines = ["| text | scheme | Δ ppl | mean KL | p99 KL | top-1 | MB/token |", "|---|---|---|---|---|---|---|"]
     for text in texts:
         first = True
+        f32, F32 = results.get((text.stem, "f32")), results.get((text.stem, "F32"))
+        if f32 and F32 and "ppl" in F32:
+            diff = F32.get("token_diff")
+            lines.append(f"| {text.stem} ({n_tokens.get(text.stem, '?')} tokens) | f32 / F32 | ppl {f32['ppl']:.3f} / "
+                         f"{F32['ppl']:.3f} | {f32['n']} / {F32['n']} positions | "
+                         + ("same tokens" if diff == 0 else f"{diff} tokens differ" if diff is not None else "")
+                         + " | | |")
+            first = False
         for ours in OURS:
             for scheme in (ours, PEERS[ours]):
                 r = results.get((text.stem, scheme))
@@ -223,8 +274,19 @@ def main(argv=None) -> int:
     ap.add_argument("--dev", action="store_true", help="score the development text instead of the suite")
     ap.add_argument("--schemes", nargs="+", default=list(OURS), choices=OURS)
     ap.add_argument("--no-llamacpp", action="store_true", help="only our bundles")
+    ap.add_argument("--chunks", action="store_true",
+                    help="score ours on llama-perplexity's positions (edge-llm perplexity --chunks) instead of "
+                         "the sliding window (ctx 512, stride 256)")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    ap.add_argument("--bytes", type=Path, nargs="+", metavar="BUNDLE_OR_GGUF",
+                    help="only print the weight bytes a decoded token reads from these bundles and GGUFs "
+                         "(e.g. the 1B shape's, from bench/compare_llamacpp.py)")
     args = ap.parse_args(argv)
+    if args.bytes:
+        for path in args.bytes:
+            n = gguf_bytes(path) if path.is_file() else bundle_bytes(path)
+            print(f"{path.name}: {n / 1e6:.1f} MB a token ({n} bytes)")
+        return 0
     texts = args.texts or (DEV if args.dev else SUITE)
     work = args.workdir
     (work / "kl").mkdir(parents=True, exist_ok=True)
@@ -243,12 +305,12 @@ def main(argv=None) -> int:
         sizes.update({q: gguf_bytes(p) for q, p in ggufs.items()})
     bundles = {q: our_bundle(src, q, work, {}) for q in ("f32", *args.schemes)}
     sizes.update({q: bundle_bytes(p) for q, p in bundles.items() if q != "f32"})
-    results.update(run_ours(bundles, texts, work))
+    results.update(run_ours(bundles, texts, work, chunks=args.chunks))
     if not args.no_llamacpp:
-        results.update(run_llamacpp(llama_tool("llama-perplexity", bench_dir), ggufs, texts, work))
+        results.update(run_llamacpp(llama_tool("llama-perplexity", bench_dir), ggufs, texts, work, bundles["f32"]))
     n_tokens = {t: r["tokens"] for (t, s), r in results.items() if "tokens" in r}
     out = {"results": [{"text": t, "scheme": s, **r} for (t, s), r in results.items()], "bytes": sizes,
-           "loadavg": os.getloadavg(), "ctx": CTX, "stride": STRIDE}
+           "loadavg": os.getloadavg(), "ctx": CTX, "positions": "chunks" if args.chunks else "sliding, stride 256"}
     (work / "results").mkdir(exist_ok=True)
     (work / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(out, indent=2))
     if args.json:

@@ -121,3 +121,38 @@ def test_a_base_from_other_settings_is_refused(bundles, text, tmp_path):
     done = subprocess.run([*EDGE, "perplexity", str(text), "-m", str(bundles["int4"]), "--ctx", str(CTX),
                            "--stride", str(STRIDE), "--kl-base", str(tmp_path / "junk.npz")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "not a --save-base file" in done.stderr, done.stderr
+
+
+def chunk_logprobs(bundle, text) -> tuple[np.ndarray, np.ndarray]:
+    """llama-perplexity's positions, walked here: chunk c = ids[c*CTX:(c+1)*CTX], its logits at
+    CTX/2 .. CTX-2 predicting the tokens after them."""
+    import torch
+    b = Bundle.open(bundle)
+    ids = b.tokenizer().encode(text.read_text(), add_special_tokens=False).ids
+    bos = b.config.bos_token_id if b.manifest.get("add_bos") else None
+    model = load_backend(b, "litert", CTX, 2)
+    cache, rows, targets = model.new_cache(), [], []
+    for c in range(len(ids) // CTX):
+        chunk = ids[c * CTX:(c + 1) * CTX]
+        cache.truncate(0)
+        logits = np.asarray(model.prefill(chunk if bos is None else [bos] + chunk[1:], cache, all_logits=True))
+        rows += list(logits[CTX // 2:CTX - 1])
+        targets += chunk[CTX // 2 + 1:]
+    return torch.log_softmax(torch.tensor(np.array(rows), dtype=torch.float64), dim=-1).numpy(), np.array(targets)
+
+
+def test_chunks_score_llama_perplexity_positions(bundles, text, tmp_path):
+    base = tmp_path / "chunks.npz"
+    saved = perplexity_cli(text, bundles["f32"], "--chunks", "--save-base", str(base))
+    got = perplexity_cli(text, bundles["int4"], "--chunks", "--kl-base", str(base))
+    (p, ids), (q, _) = chunk_logprobs(bundles["f32"], text), chunk_logprobs(bundles["int4"], text)
+    assert saved["n"] == got["n"] == len(ids) == (len(Bundle.open(bundles["f32"]).tokenizer().encode(
+        text.read_text(), add_special_tokens=False).ids) // CTX) * (CTX - 1 - CTX // 2)
+    assert saved["ppl"] == pytest.approx(np.exp(-np.mean(p[np.arange(len(p)), ids])), rel=1e-5)
+    assert got["ppl"] == pytest.approx(np.exp(-np.mean(q[np.arange(len(q)), ids])), rel=1e-5)
+    kl = (np.exp(p) * (p - q)).sum(-1)
+    assert got["kl_mean"] == pytest.approx(kl.mean(), rel=1e-4) and got["kl_mean"] > 1e-3
+    assert got["top1"] == pytest.approx(np.mean(p.argmax(-1) == q.argmax(-1)))
+    done = subprocess.run([*EDGE, "perplexity", str(text), "-m", str(bundles["int4"]), "--ctx", str(CTX),
+                           "--stride", str(STRIDE), "--kl-base", str(base)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "other tokens or settings" in done.stderr, done.stderr

@@ -56,3 +56,22 @@ def test_the_suite_has_the_kinds_the_issue_asks_for():
     for p in SUITE:
         assert p.name in (SUITE[0].parent / "LICENSES.md").read_text(), p.name
     assert set(PEERS) == {"int8", "int4", "int4-b32"}
+
+
+def test_the_token_ids_of_a_llama_perplexity_base_file_are_read_back(tmp_path):
+    import numpy as np
+    from bench.quality import kld_tokens
+    ids = np.arange(2 * 8, dtype="<i4")
+    f = tmp_path / "base.kld"
+    f.write_bytes(b"_logits_" + np.array([8, 100, 2], "<i4").tobytes() + ids.tobytes() + b"\0" * 64)
+    assert kld_tokens(f) == (8, ids.tolist())
+    (tmp_path / "junk").write_bytes(b"junk" * 8)
+    with pytest.raises(RuntimeError, match="not a llama-perplexity logits file"):
+        kld_tokens(tmp_path / "junk")
+
+
+def test_table_gives_both_f32_perplexities_and_whether_the_tokens_match():
+    text = Path("legal.txt")
+    results = {("legal", "f32"): {"ppl": 19.2, "n": 2805}, ("legal", "F32"): {"ppl": 19.21, "n": 2805, "token_diff": 0}}
+    rows = table(results, [text], {}, {"legal": 5666}).splitlines()
+    assert rows[2] == "| legal (5666 tokens) | f32 / F32 | ppl 19.200 / 19.210 | 2805 / 2805 positions | same tokens | | |"

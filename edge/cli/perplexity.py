@@ -3,7 +3,10 @@ distributions are from a reference model's (llama.cpp's `--kl-divergence-base` /
 
 The text is tokenized once; windows of `ctx` tokens advance by `stride`, and each window
 scores only its last `stride` tokens (all of them in the first window), so every scored
-token sees at least ctx - stride tokens of context.
+token sees at least ctx - stride tokens of context. `--chunks` scores the positions
+llama.cpp's `llama-perplexity` scores instead: non-overlapping chunks of `ctx` tokens, in each
+the tokens after its first half (ctx - 1 - ctx/2 per chunk; with BOS, it replaces the chunk's
+first token), so both tools' numbers come from the same tokens in the same contexts.
 
 `--save-base FILE` (run with the f32 bundle) stores, per scored position, the reference's `k`
 most likely tokens and their log-probabilities, plus the log of the probability mass left
@@ -41,8 +44,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return logits - m - np.log(np.exp(logits - m).sum(axis=-1, keepdims=True))
 
 
-def scored_logprobs(model, ids: list[int], ctx: int, stride: int, bos: int | None = None, progress=None):
+def scored_logprobs(model, ids: list[int], ctx: int, stride: int, bos: int | None = None, progress=None,
+                    chunks: bool = False):
     """Yield (targets, log-probabilities [n, V]) for each window's scored positions, in order."""
+    if chunks:
+        yield from _chunk_logprobs(model, ids, ctx, bos, progress)
+        return
     cache = model.new_cache()
     body = ctx - (1 if bos is not None else 0)
     starts = range(0, max(len(ids) - body, 0) + 1, stride)
@@ -62,6 +69,27 @@ def scored_logprobs(model, ids: list[int], ctx: int, stride: int, bos: int | Non
         count += len(js)
         if progress:
             progress(w + 1, len(starts), math.exp(nll / max(count, 1)))
+
+
+def _chunk_logprobs(model, ids: list[int], ctx: int, bos: int | None, progress=None):
+    """llama-perplexity's positions: chunk c is ids[c*ctx:(c+1)*ctx] (its first token replaced
+    by BOS when the model uses one), scoring the tokens after position ctx/2."""
+    cache = model.new_cache()
+    n_chunks, first = len(ids) // ctx, ctx // 2
+    nll, count = 0.0, 0
+    for c in range(n_chunks):
+        tokens = list(ids[c * ctx:(c + 1) * ctx])
+        if bos is not None:
+            tokens[0] = bos
+        cache.truncate(0)
+        logits = np.asarray(model.prefill(tokens, cache, all_logits=True), np.float32)
+        lp = log_softmax(logits[first:ctx - 1])
+        targets = np.asarray(tokens[first + 1:], np.int64)
+        yield targets, lp
+        nll -= float(lp[np.arange(len(targets)), targets].sum())
+        count += len(targets)
+        if progress:
+            progress(c + 1, n_chunks, math.exp(nll / max(count, 1)))
 
 
 def perplexity(model, ids: list[int], ctx: int, stride: int, bos: int | None = None,
@@ -112,9 +140,9 @@ def kl_divergence(base_idx: np.ndarray, base_lp: np.ndarray, base_tail: np.ndarr
     return np.maximum(kept + tail, 0.0)
 
 
-def text_digest(ids: list[int], ctx: int, stride: int, bos: int | None) -> str:
+def text_digest(ids: list[int], ctx: int, stride: int, bos: int | None, chunks: bool = False) -> str:
     h = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
-    h.update(json.dumps([ctx, stride, bos]).encode())
+    h.update(json.dumps([ctx, stride, bos] + (["chunks"] if chunks else [])).encode())
     return h.hexdigest()
 
 
@@ -163,14 +191,16 @@ class Scores:
 
 
 def score(model, ids: list[int], ctx: int, stride: int, bos: int | None = None, progress=None,
-          base: Base | None = None, save_k: int = 0, name: str = "") -> tuple[Scores, Base | None]:
-    """Perplexity, and against `base` KL and top-1; with `save_k` also this model's own Base."""
-    digest = text_digest(ids, ctx, stride, bos)
+          base: Base | None = None, save_k: int = 0, name: str = "", chunks: bool = False
+          ) -> tuple[Scores, Base | None]:
+    """Perplexity, and against `base` KL and top-1; with `save_k` also this model's own Base.
+    chunks: llama-perplexity's positions (`_chunk_logprobs`) instead of the sliding window."""
+    digest = text_digest(ids, ctx, 0 if chunks else stride, bos, chunks)
     if base is not None and base.digest != digest:
         raise ValueError(f"the base file was made from other tokens or settings (model {base.model}); "
-                         "use the same text, tokenizer, --ctx and --stride")
+                         "use the same text, tokenizer, --ctx, --stride and --chunks")
     nll, n, kls, agree, saved = 0.0, 0, [], 0, []
-    for targets, lp in scored_logprobs(model, ids, ctx, stride, bos, progress):
+    for targets, lp in scored_logprobs(model, ids, ctx, stride, bos, progress, chunks):
         rows = np.arange(len(targets))
         nll -= float(lp[rows, targets].sum())
         if base is not None:
@@ -202,9 +232,11 @@ def run(args) -> int:
     bundle = Bundle.open(resolve(args.model, log=lambda m: print(m, file=sys.stderr)))
     text = Path(args.file).read_text(encoding="utf-8")
     ids = bundle.tokenizer().encode(text, add_special_tokens=False).ids
-    if len(ids) < args.ctx + 1:
-        raise ValueError(f"{args.file}: {len(ids)} tokens; need more than --ctx {args.ctx}")
-    if args.stride < 1 or args.stride > args.ctx:
+    need = 2 * args.ctx if args.chunks else args.ctx + 1
+    if len(ids) < need:
+        raise ValueError(f"{args.file}: {len(ids)} tokens; need at least {need} with --ctx {args.ctx}"
+                         + (" and --chunks" if args.chunks else ""))
+    if not args.chunks and (args.stride < 1 or args.stride > args.ctx):
         raise ValueError(f"--stride {args.stride}: must be between 1 and --ctx {args.ctx}")
     base = Base.load(Path(args.kl_base)) if args.kl_base else None
     model = load_backend(bundle, args.backend, args.ctx, args.threads, weight_cache_dir(bundle))
@@ -216,14 +248,16 @@ def run(args) -> int:
 
     name = f"{bundle.name} {bundle.quant}"
     s, own = score(model, ids, args.ctx, args.stride, bos, progress=show, base=base,
-                   save_k=args.top_k if args.save_base else 0, name=name)
+                   save_k=args.top_k if args.save_base else 0, name=name, chunks=args.chunks)
     if own is not None:
         own.save(Path(args.save_base))
     if args.json:
-        print(json.dumps({"model": name, "file": str(args.file), "ctx": args.ctx, "stride": args.stride, **s.as_dict()}))
+        how = {"chunks": True} if args.chunks else {"stride": args.stride}
+        print(json.dumps({"model": name, "file": str(args.file), "ctx": args.ctx, **how, **s.as_dict()}))
         return 0
     print(file=sys.stderr)
-    print(f"{name}: perplexity {s.ppl:.4f} over {s.n} tokens (ctx {args.ctx}, stride {args.stride})")
+    how = f"chunks of {args.ctx}, second halves" if args.chunks else f"ctx {args.ctx}, stride {args.stride}"
+    print(f"{name}: perplexity {s.ppl:.4f} over {s.n} tokens ({how})")
     if base is not None:
         print(f"  against {base.model} (perplexity {base.ppl:.4f}, {100 * (s.ppl / base.ppl - 1):+.2f} %): "
               f"mean KL {s.kl_mean:.6f}, 99th percentile KL {s.kl_p99:.6f}, max KL {s.kl_max:.4f}, "
@@ -239,6 +273,9 @@ def register(sub) -> None:
     p.add_argument("file", help="UTF-8 text file to score (e.g. bench/eval/*.txt)")
     add_model_args(p, ctx=512)
     p.add_argument("--stride", type=positive, default=256, help="tokens the window moves per step")
+    p.add_argument("--chunks", action="store_true",
+                   help="score llama-perplexity's positions: non-overlapping --ctx chunks, the tokens after "
+                        "each chunk's first half (--stride is not used)")
     p.add_argument("--save-base", metavar="FILE",
                    help="store this model's next-token distributions (run it with the f32 bundle)")
     p.add_argument("--kl-base", metavar="FILE",
