@@ -17,7 +17,7 @@ import pytest
 from edge.api.ollama_api import FOREVER_AT, create_ollama_app
 from edge.api.runtime import ServerConfig, ServerState
 from edge.engine.sampler import SamplingParams
-from edge.engine.scheduler import Scheduler
+from edge.launch.scheduling import start_scheduler
 from edge.launch import model_store
 from edge.launch.loaded_models import LoadedModels, model_key
 from edge.launch.request import RequestDefaults
@@ -48,13 +48,13 @@ class Server:
         self.models = LoadedModels(self.open, max_loaded, keep_alive=300.0)
         self.unloaded: dict[str, threading.Event] = {}
         self.models.listeners.append(self.seen)
-        self.state.set_ready(engine, Scheduler(engine), self.models)
+        self.state.set_ready(engine, start_scheduler(engine), self.models)
         self.default = engine.name
 
     @staticmethod
     def open(key):
         engine = endless_engine(key, CTX)
-        return engine, Scheduler(engine)
+        return engine, start_scheduler(engine)
 
     def seen(self, what, entry):
         if what == "unloaded":

@@ -365,7 +365,6 @@ def warm_up(engine, generate) -> float:
 
 def loaded_models(a):
     """The registry of loaded models: others load as the served one did (same flags)."""
-    from edge.engine.scheduler import Scheduler
     from edge.launch import load_engine
     from edge.launch.loaded_models import LoadedModels, available_to_us, estimate_bytes
 
@@ -373,8 +372,8 @@ def loaded_models(a):
         engine = load_engine(key, a.backend, a.ctx, a.threads, a.parallel, a.kv_type,
                              getattr(a, "prompt_cache_mb", 0), log=log.info,      # sizes checked, not every hash
                              kv_pool_mb=a.kv_pool_mb)
-        return engine, Scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout or None,
-                                 stall_seconds=a.watchdog_stall)
+        return engine, start_scheduler(engine, max_queue=a.max_queue, time_limit=a.request_timeout,
+                                       stall_seconds=a.watchdog_stall)
     return LoadedModels(open_model, a.max_loaded_models, a.keep_alive,
                         estimate=lambda key: estimate_bytes(key, a.ctx, a.parallel, a.kv_type, a.kv_pool_mb),
                         available=available_to_us, wait=a.request_timeout or None)
