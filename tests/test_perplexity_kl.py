@@ -42,13 +42,25 @@ def perplexity_cli(text, bundle, *extra) -> dict:
     return json.loads(done.stdout)
 
 
-def reference_logprobs(bundle, text) -> tuple[np.ndarray, np.ndarray]:
-    """Every scored position's log-probabilities and target, windows walked here, not by the command."""
+def scorer(bundle, text):
+    """(ids of the text, BOS or None, the bundle's model, a cache) for walking positions here."""
     b = Bundle.open(bundle)
     ids = b.tokenizer().encode(text.read_text(), add_special_tokens=False).ids
     bos = b.config.bos_token_id if b.manifest.get("add_bos") else None
     model = load_backend(b, "litert", CTX, 2)
-    cache, rows, targets = model.new_cache(), [], []
+    return ids, bos, model, model.new_cache()
+
+
+def torch_log_softmax(rows: list) -> np.ndarray:
+    """The oracle's log-softmax (torch, float64), not the command's own."""
+    import torch
+    return torch.log_softmax(torch.tensor(np.array(rows), dtype=torch.float64), dim=-1).numpy()
+
+
+def reference_logprobs(bundle, text) -> tuple[np.ndarray, np.ndarray]:
+    """Every scored position's log-probabilities and target, windows walked here, not by the command."""
+    ids, bos, model, cache = scorer(bundle, text)
+    rows, targets = [], []
     body = CTX - (bos is not None)
     for w, start in enumerate(range(0, len(ids) - body + 1, STRIDE)):
         window = ids[start:start + body]
@@ -58,8 +70,7 @@ def reference_logprobs(bundle, text) -> tuple[np.ndarray, np.ndarray]:
         offset = 1 if bos is not None else 0
         rows += [logits[offset + j - 1] for j in scored]
         targets += [window[j] for j in scored]
-    import torch
-    return torch.log_softmax(torch.tensor(np.array(rows), dtype=torch.float64), dim=-1).numpy(), np.array(targets)
+    return torch_log_softmax(rows), np.array(targets)
 
 
 def test_a_bundle_against_its_own_base(bundles, text, tmp_path):
@@ -126,19 +137,15 @@ def test_a_base_from_other_settings_is_refused(bundles, text, tmp_path):
 def chunk_logprobs(bundle, text) -> tuple[np.ndarray, np.ndarray]:
     """llama-perplexity's positions, walked here: chunk c = ids[c*CTX:(c+1)*CTX], its logits at
     CTX/2 .. CTX-2 predicting the tokens after them."""
-    import torch
-    b = Bundle.open(bundle)
-    ids = b.tokenizer().encode(text.read_text(), add_special_tokens=False).ids
-    bos = b.config.bos_token_id if b.manifest.get("add_bos") else None
-    model = load_backend(b, "litert", CTX, 2)
-    cache, rows, targets = model.new_cache(), [], []
+    ids, bos, model, cache = scorer(bundle, text)
+    rows, targets = [], []
     for c in range(len(ids) // CTX):
         chunk = ids[c * CTX:(c + 1) * CTX]
         cache.truncate(0)
         logits = np.asarray(model.prefill(chunk if bos is None else [bos] + chunk[1:], cache, all_logits=True))
         rows += list(logits[CTX // 2:CTX - 1])
         targets += chunk[CTX // 2 + 1:]
-    return torch.log_softmax(torch.tensor(np.array(rows), dtype=torch.float64), dim=-1).numpy(), np.array(targets)
+    return torch_log_softmax(rows), np.array(targets)
 
 
 def test_chunks_score_llama_perplexity_positions(bundles, text, tmp_path):

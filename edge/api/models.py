@@ -16,6 +16,7 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
+from edge.api.origins import HttpWrapper
 from edge.api.runtime import ApiError, ServerState
 from edge.launch import model_store
 from edge.launch.aliases import normalize
@@ -163,19 +164,15 @@ async def unload(state: ServerState, name: str) -> Loaded | None:
     return entry
 
 
-class ReleaseModels:
+class ReleaseModels(HttpWrapper):
     """ASGI wrapper: the models a request held (`using`) are given back when its response has
     ended, streamed or not, whoever ended it."""
 
     def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
+        super().__init__(app)
+        self.state = state
 
-    def __getattr__(self, name):          # the wrapped app's attributes
-        return getattr(self.app, name)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
+    async def http(self, scope, receive, send) -> None:
         held: list = []
         scope = {**scope, "state": {**(scope.get("state") or {}), HELD: held}}
         try:
