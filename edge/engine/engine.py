@@ -2,10 +2,9 @@
 interface uses.
 
 Interfaces hand it token ids (or chat messages) and sampling settings and read back a stream
-of `Event`s; they never see tensors. Each request runs in a **slot** (a KV cache of its
-own); a slot keeps its tokens after the request, so a later request sharing their prefix
-(same system prompt, next chat turn) only prefills the rest (slots.py: which slot, and the
-prompt cache on disk behind them). Starting a request is all or nothing: everything that can
+of `Event`s; they never see tensors. Each request runs in a **slot** (a KV cache from the
+shared pool, kv_pool.py) that keeps its tokens after the request, so a later request sharing
+their prefix only prefills the rest (slots.py: slot choice and the prompt cache on disk). Starting a request is all or nothing: everything that can
 fail for it alone is built before it claims a slot, and a failure after gives the slot back.
 
 `step(sequences)` advances every running sequence in one model pass: each decoding sequence
