@@ -283,7 +283,7 @@ def test_deep_tool_parameters_and_format_are_400_on_both_apis(smol_bundle):
 
 def test_an_empty_stop_string_on_the_serial_console_is_an_error_and_it_still_answers(tiny_bundle):
     """One slot, JSON lines: the request that once froze the console for good."""
-    from tests.test_serial_console import Terminal, jsonl, make_console, request
+    from tests.serial_terminal import Terminal, jsonl, make_console, request
     engine = endless_engine(tiny_bundle, 256, backend="numpy")
     term = Terminal()
     console = make_console(engine, start_scheduler(engine), term.path, mode="jsonl").start()
