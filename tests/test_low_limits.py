@@ -49,9 +49,10 @@ def test_a_low_descriptor_limit_shrinks_the_accept_bursts_before_the_connection_
 
 def test_serve_under_ulimit_256_answers_health_beside_a_running_stream(tiny_bundle, tmp_path):
     """Under `ulimit -n 256` the connection bound leaves room for more than one connection:
-    one stream does not make /health and every other request 503. The stream here is held
-    open by a client that reads nothing (4,000 tokens of logprobs, megabytes, cannot all be
-    buffered)."""
+    one stream does not make /health and every other request 503. The stream's connection is
+    held open by a client that reads nothing past the status line, whether or not the tiny
+    model has finished its reply (its context is 512 tokens: that can take well under a second),
+    so it counts against the bound throughout."""
     port, log = free_port(), tmp_path / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "--port", str(port), "--ctx", "4096",
                              "--ollama-port", "off"], cwd=REPO, env=serve_env(tiny_bundle, tmp_path),
@@ -69,7 +70,6 @@ def test_serve_under_ulimit_256_answers_health_beside_a_running_stream(tiny_bund
         for client in others:
             r = client.get("/health")
             assert r.status_code == 200, r.text
-        assert r.json()["busy"] is True                              # the stream still runs
         assert others[0].get("/v1/models").status_code == 200
         stream.close()
         for client in others:
