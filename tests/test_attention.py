@@ -63,13 +63,17 @@ def test_rope_rotation_is_the_rotate_half_formula_bit_for_bit(scaling):
         assert not np.array_equal(got, x) or start == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("shape", [(8, 2, 64), (9, 3, 64), (4, 4, 32)])
-def test_attention_equals_the_plain_formulation_bit_for_bit(kv_dtype, shape):
+def test_attention_equals_the_plain_formulation_bit_for_bit(kv_dtype, shape, workers, monkeypatch):
+    """On one thread, and with the KV heads split between threads (every call counts as long)."""
     heads, kv, hd = shape
     cfg = config(RopeScaling(), heads, kv, hd)
     rope = RopeTables(cfg, 512)
     attention = Attention(cfg, rope)
+    attention.workers = workers
+    monkeypatch.setattr("edge.model.attention.PARALLEL_MIN_SCORES", 0)
     ours, ref = KVCache(cfg, 512, kv_dtype), KVCache(cfg, 512, kv_dtype)
     rng = np.random.default_rng(1)
     width = (heads + 2 * kv) * hd
@@ -83,3 +87,4 @@ def test_attention_equals_the_plain_formulation_bit_for_bit(kv_dtype, shape):
             assert np.array_equal(got, want)
         start += T
     assert np.array_equal(ours.k, ref.k) and np.array_equal(ours.v, ref.v)
+    assert (attention._pool is not None) == (workers > 1)       # the heads did go to threads

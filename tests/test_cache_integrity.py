@@ -14,8 +14,10 @@ from edge.engine.engine import Engine, GenerationParams
 from edge.engine.prompt_cache import MAX_HEADER, PromptCache
 from edge.engine.sampler import SamplingParams
 from edge.model.bundle import Bundle
+from edge.model.forward import PREFILL_CHUNK
 
-SYSTEM = [3 + i % 200 for i in range(297)]          # a long prompt: stored once read (256 tokens: 4 chunks)
+SYSTEM = [3 + i % 200 for i in range(297)]          # a long prompt: stored once read (its whole prefill chunks)
+KEPT = len(SYSTEM) // PREFILL_CHUNK * PREFILL_CHUNK
 QUESTION = SYSTEM + [1, 2]
 GREEDY = GenerationParams(max_tokens=6, sampling=SamplingParams(temperature=0.0))
 
@@ -49,7 +51,7 @@ def stored(bundle, tmp_path, cold):
     assert answer(e)[0] == cold
     e.wait_for_writes()
     (path,) = tmp_path.glob("*.kv")
-    assert answer(engine(bundle, tmp_path)) == (cold, 256)       # sound: restored, same answer
+    assert answer(engine(bundle, tmp_path)) == (cold, KEPT)       # sound: restored, same answer
     return path
 
 
@@ -102,7 +104,7 @@ def test_damaged_prompt_cache_data_is_ignored_removed_and_logged(damage, bundle,
         assert got == (cold, 0)                       # read again, not loaded: the cold answer
     assert f"removing {stored.name}" in caplog.text
     e.wait_for_writes()                               # stored again, now sound
-    assert answer(engine(bundle, tmp_path)) == (cold, 256)
+    assert answer(engine(bundle, tmp_path)) == (cold, KEPT)
     for _ in range(2):                                # and again and again: no lasting failure
         assert answer(e)[0] == cold
 

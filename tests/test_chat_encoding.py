@@ -150,3 +150,16 @@ def test_engine_continues_a_final_assistant_message(tiny_bundle):
     assert closed == engine.chat.encode(chat, add_generation_prompt=True)
     assert closed[:len(prefilled)] == prefilled and len(closed) > len(prefilled)
     assert engine.encode_chat(CONVERSATIONS["user only"]) == engine.chat.encode(CONVERSATIONS["user only"])
+
+
+def test_template_tokens_that_strip_whitespace_take_it_as_the_tokenizer_does(llama3_tokenizer_json):
+    """Special tokens marked lstrip/rstrip swallow the whitespace beside them in rendered text,
+    exactly as the tokenizer's own special-token matching does."""
+    from tokenizers import AddedToken
+    tok = Tokenizer.from_str(llama3_tokenizer_json)
+    tok.add_special_tokens([AddedToken("<L>", lstrip=True, special=True), AddedToken("<R>", rstrip=True, special=True),
+                            AddedToken("<B>", lstrip=True, rstrip=True, special=True)])
+    ours = ChatEncoder(tok, ChatTemplate(LLAMA3_2_TEMPLATE, **LLAMA3_TOKENS))
+    for text in ["a <L> b", "a  \n<L>b<R>  \t c", " <B> <B>  <|eot_id|> x <R>", "<R> <L>", "x\n\n<B>\n\ny",
+                 "<|begin_of_text|>  <L><R>   <|eot_id|>"]:
+        assert ours.encode_rendered(text) == tok.encode(text, add_special_tokens=False).ids, text

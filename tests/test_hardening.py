@@ -484,6 +484,7 @@ def test_unsupported_fields_are_refused_by_name(tiny_base, extra, word):
 def test_a_cancelled_request_stops_between_prefill_chunks(tiny_bundle):
     """A client gone (or SIGTERM) during a long prefill frees the engine at the next chunk."""
     from edge.engine.engine import GenerationParams
+    from edge.model.forward import PREFILL_CHUNK
     engine = fresh_tiny(tiny_bundle, ctx=512)
     forward, cancel = engine.model.forward_batch, threading.Event()
 
@@ -494,4 +495,4 @@ def test_a_cancelled_request_stops_between_prefill_chunks(tiny_bundle):
     engine.model.forward_batch = slow_chunk
     events = list(engine.generate([5] * 300, GenerationParams(max_tokens=4), cancel))
     assert [e.finish_reason for e in events] == ["cancelled"]
-    assert engine.slots[0].cache.length == 64 and events[-1].usage.completion_tokens == 0
+    assert engine.slots[0].cache.length == PREFILL_CHUNK and events[-1].usage.completion_tokens == 0

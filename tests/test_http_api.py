@@ -28,6 +28,7 @@ from edge.engine.engine import Engine
 from edge.api.runtime import ServerState
 from edge.engine.scheduler import Scheduler
 from edge.launch.scheduling import start_scheduler
+from edge.model.forward import PREFILL_CHUNK
 from tests.http_server import SMOL_NAME, endless_engine, engine_text, free_port, ready_state, running
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,7 +130,7 @@ def test_second_chat_turn_reuses_prefix_and_matches_uncached(smol, smol_base):
     second = api.chat.completions.create(model=smol.name, messages=turns, max_tokens=20, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert 0 < cached < second.usage.prompt_tokens
-    assert cached == len(smol.encode_chat(turns[:2])) // 64 * 64     # whole prefill chunks are reused
+    assert cached == len(smol.encode_chat(turns[:2])) // PREFILL_CHUNK * PREFILL_CHUNK     # whole prefill chunks are reused
 
     smol.reset()                                   # the same request without any cache
     want, _, usage = engine_text(smol, smol.encode_chat(turns), 20, temperature=0.0)
@@ -371,7 +372,7 @@ def test_health_names_the_stall_time(tiny, monkeypatch):
 def test_metrics_in_prometheus_text_format(tiny):
     state = ready_state(tiny)
     with running(state) as base:
-        prompt = " ".join(f"w{i}" for i in range(3, 73))          # 64 of its tokens are reused
+        prompt = " ".join(f"w{i}" for i in range(3, 73))          # its whole prefill chunks are reused
         replies = [client(base).completions.create(model=tiny.name, prompt=prompt, max_tokens=n) for n in (3, 5)]
         httpx.post(f"{base}/v1/completions", json={"prompt": 5})
         text = httpx.get(f"{base}/metrics").text

@@ -15,6 +15,7 @@ import time
 
 
 from edge.serial.line_editor import Discarded, Interrupt, Line, LineEditor, TooLong
+from edge.model.forward import PREFILL_CHUNK
 from tests.serial_terminal import (PROMPT, WORDS, ask, check_fuzz_counters, fuzz, interrupt_a_long_reply, make_console, slow_down)
 from tests.serial_terminal import bundle_dir, console, consoles, engine, scheduler, term  # noqa: F401 (fixtures)
 
@@ -123,8 +124,8 @@ def test_commands_reset_system_stats_temp_max(console, term):
 
     ask(term, "second turn")
     stats = ask(term, "/stats").decode()
-    # whole 64-token prefill chunks of the first prompt are reused (the same answer as cold)
-    assert "2 turn(s)" in stats and int(re.search(r"(\d+) reused", stats).group(1)) == (used - 12) // 64 * 64, stats
+    # whole prefill chunks of the first prompt are reused (the same answer as cold)
+    assert "2 turn(s)" in stats and int(re.search(r"(\d+) reused", stats).group(1)) == (used - 12) // PREFILL_CHUNK * PREFILL_CHUNK, stats
 
     assert b"conversation cleared" in ask(term, "/reset")
     assert "context: 0/256" in ask(term, "/stats").decode() and console.protocol.conv.turns == []

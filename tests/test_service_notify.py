@@ -71,6 +71,10 @@ def test_ready_after_first_token_then_watchdog_until_wedged(tmp_path, notify_soc
     ready_at = next(t for t, m in msgs if "READY=1" in m)
     assert warmed and warmed[0] < ready_at, (warmed, msgs[:8])   # the model answered first
     assert any(m.startswith("STATUS=loading") for m in texts)
+    for t in [t for t in threading.enumerate() if t.name == "grammar-warm-up"]:
+        t.join(60)
+    grammars = state.scheduler.engine.grammars        # built (or found unusable) before any request asked
+    assert grammars._tokenizer is not None or grammars._error is not None
     pings = [t for t, m in msgs if m == "WATCHDOG=1"]
     assert len(pings) >= 10                                  # ~0.2 s apart over several seconds
     gaps = [b - a for a, b in zip(pings, pings[1:])]

@@ -13,6 +13,7 @@ from edge.engine.prompt_cache import PromptCache
 from edge.engine.sampler import SamplingParams
 from edge.launch.scheduling import start_scheduler
 from edge.model.bundle import Bundle
+from edge.model.forward import PREFILL_CHUNK
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPTS = [[5, 17, 33, 2, 9, 40, 41], [7, 7, 100], list(range(1, 80)), [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]]
@@ -112,9 +113,10 @@ def test_the_prompt_cache_survives_a_restart(tiny_bundle, tmp_path):
     second = Engine(bundle, max_ctx=512, backend="numpy", prompt_cache=PromptCache(tmp_path, "b1", 1 << 30))
     second.eos_ids = frozenset()
     got, last = tokens(list(second.generate(system + [1, 2], p)))
-    assert last.usage.cached_tokens == 256 and got == want        # the prompt's whole 64-token chunks
+    kept = len(system) // PREFILL_CHUNK * PREFILL_CHUNK
+    assert last.usage.cached_tokens == kept and got == want        # the prompt's whole prefill chunks
     other, last = tokens(list(second.generate(system + [9], p)))   # a new question after the same prompt
-    assert last.usage.cached_tokens == 256
+    assert last.usage.cached_tokens == kept
     cold = Engine(bundle, max_ctx=512, backend="numpy")
     cold.eos_ids = frozenset()
     assert tokens(list(cold.generate(system + [9], p)))[0] == other
@@ -165,7 +167,7 @@ def test_eight_http_clients_streaming_at_once_get_their_own_answers(smol_bundle)
 def test_n_choices_read_the_prompt_once_and_decode_together(tiny_bundle):
     engine = Engine(Bundle.open(tiny_bundle), max_ctx=128, backend="numpy", parallel=4)
     engine.eos_ids = frozenset()
-    prompt = PROMPTS[2]                                    # 79 tokens: two prefill chunks
+    prompt = PROMPTS[2]                                    # 79 tokens
     params = [GenerationParams(max_tokens=8, sampling=SamplingParams(temperature=1.0, seed=s)) for s in (1, 2, 3)]
     want = [alone(engine, prompt, p)[0] for p in params]
     engine.reset()
@@ -176,8 +178,9 @@ def test_n_choices_read_the_prompt_once_and_decode_together(tiny_bundle):
     jobs = scheduler.submit_choices(prompt, params)
     got = [tokens(list(j.events())) for j in jobs]
     assert [g[0] for g in got] == want
-    assert [g[1].usage.cached_tokens for g in got] == [0, 64, 64]      # the twin's whole chunk
-    assert sum(rows) == len(prompt) + 2 * (len(prompt) - 64) + 3 * 7   # the rest of the prompt per fork
+    kept = (len(prompt) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+    assert [g[1].usage.cached_tokens for g in got] == [0, kept, kept]      # the twin's whole chunks
+    assert sum(rows) == len(prompt) + 2 * (len(prompt) - kept) + 3 * 7   # the rest of the prompt per fork
 
 
 def test_a_job_whose_reader_cancels_it_while_waiting_gives_its_queue_place_back(tiny_bundle):

@@ -15,6 +15,7 @@ import pexpect
 
 from edge.launch import kv_bytes_per_token, max_context
 from edge.model.bundle import Bundle
+from edge.model.forward import PREFILL_CHUNK
 
 READY = "\x1b\\[\\?2004h"           # prompt_toolkit turns bracketed paste on for every prompt
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")
@@ -114,7 +115,7 @@ def test_ctrl_c_keeps_the_partial_reply_and_stats_stay_current(tiny_bundle, tmp_
     stats = chat.say("/stats")
     prompt, cached = map(int, re.search(r"prompt (\d+) tok \((\d+) cached\)", stats).groups())
     assert prompt > generated + 6                            # the partial reply's tokens were in the prompt
-    assert cached % 64 == 0 and cached < prompt              # reuse is by whole 64-token chunks
+    assert cached % PREFILL_CHUNK == 0 and cached < prompt   # reuse is by whole prefill chunks
     assert user_lines(chat.context()) == ["w1 w2 w3", "w4 w5"]
     chat.close()
 

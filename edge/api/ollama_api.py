@@ -274,7 +274,7 @@ async def chat(body: ChatBody, request: Request, state: StateDep):
     ctx = context_size(engine, body.options)
     with admit(state, ERRORS) as ticket:
         prompt = functools.partial(chat_prompt, engine, tools=body.tools, response_format=grammar,
-                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard), clock_last=state.config.clock_last)
         chat = await tokenize(state, functools.partial(fitted_prompt, prompt, ctx), messages, "messages", nbytes)
         return await _respond(state, request, body, chat.ids, "messages", ticket, _chat_message, chat, ctx=ctx)
 

@@ -117,7 +117,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     with admit(state, ERRORS) as ticket:
         prompt = functools.partial(chat_prompt, engine, tools=body.tools, tool_choice=body.tool_choice,
                                    parallel_tool_calls=body.parallel_tool_calls, response_format=body.response_format,
-                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard))
+                                   tool_loop_guard=loop_guard(state, body.tool_loop_guard), clock_last=state.config.clock_last)
         chat = await tokenize(state, prompt, messages, "messages", nbytes)
         note_prompt(request, state, messages)
         return await _respond(state, request, body, chat.ids, ChatShape(chat.tool_use), "messages", ticket,

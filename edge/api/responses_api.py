@@ -55,7 +55,7 @@ async def responses(request: Request, state: StateDep):
         prompt = functools.partial(chat_prompt, engine, tools=req["tools"], tool_choice=req["tool_choice"],
                                    parallel_tool_calls=req["parallel_tool_calls"],
                                    response_format=req["response_format"],
-                                   tool_loop_guard=loop_guard(state, body.get("tool_loop_guard")))
+                                   tool_loop_guard=loop_guard(state, body.get("tool_loop_guard")), clock_last=state.config.clock_last)
         chat = await tokenize(state, prompt, req["messages"], "input", nbytes)
         params = request_params(state, chat.ids, "input", **fields, **chat.overrides())
         job = state.scheduler.submit(chat.ids, params, time_limit=state.config.request_timeout, ticket=ticket)

@@ -33,8 +33,8 @@ from edge.engine.scheduler import Job
 from edge.engine.tool_calls import ChatRequest, ToolError, prepare_chat
 from edge.launch.loaded_models import LoadedModels, loader_like, model_bytes, model_key, parse_keep_alive
 from edge.launch.memory import BIG_REQUEST as BIG_PROMPT, release_free_memory
-from edge.launch.request import (DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS, DEFAULT_REQUEST_SECONDS,
-                                 DEFAULT_TOOL_LOOP_GUARD, RequestDefaults)
+from edge.launch.request import (DEFAULT_CLOCK_LAST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS,
+                                 DEFAULT_REQUEST_SECONDS, DEFAULT_TOOL_LOOP_GUARD, RequestDefaults)
 
 MAX_BODY_BYTES = 1 << 20
 CLIENT_GONE = 499                         # nginx's "client closed request", for logs and metrics
@@ -55,6 +55,7 @@ class ServerConfig:
     # serve's flags over the product defaults; max_tokens None = the rest of the context
     defaults: RequestDefaults = field(default_factory=lambda: RequestDefaults(max_tokens=None))
     tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD      # a request's own `tool_loop_guard` wins
+    clock_last: bool = DEFAULT_CLOCK_LAST                # serve --clock-line last|keep
 
 
 class ServerState:
@@ -220,12 +221,13 @@ def _encode(encode, value, param: str, big: bool) -> list[int]:
 
 
 def chat_prompt(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                response_format=None, tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD) -> ChatRequest:
+                response_format=None, tool_loop_guard: bool = DEFAULT_TOOL_LOOP_GUARD,
+                clock_last: bool = DEFAULT_CLOCK_LAST) -> ChatRequest:
     """The chat layer's prompt ids, tool use and grammar; its errors become 400s naming the field.
     `response_format` is OpenAI's object or a Grammar an adapter built from its own field."""
     try:
         chat = prepare_chat(engine, messages, tools, tool_choice, parallel_tool_calls, response_format,
-                            tool_loop_guard=tool_loop_guard)
+                            tool_loop_guard=tool_loop_guard, clock_last=clock_last)
     except ToolError as e:
         raise ApiError(400, str(e), param=e.param) from e
     except ValueError as e:       # the chat template's own raise_exception

@@ -36,10 +36,11 @@ class ChatEncoder:
         self._special_ids = {t.content: i for i, t in specials}
         plain = "|".join(re.escape(t.content) for _, t in specials) or "(?!)"
         self._special_text = re.compile(plain)
-        # as the tokenizer matches them in text: lstrip/rstrip tokens take the whitespace beside them
-        self._template_special = re.compile("|".join(
-            (r"\s*" if t.lstrip else "") + f"({re.escape(t.content)})" + (r"\s*" if t.rstrip else "")
-            for _, t in specials) or "(?!)")
+        # As the tokenizer matches them in text, lstrip/rstrip tokens take the whitespace beside
+        # them (`_strip`); found with the plain alternation of literals, which the regex engine
+        # skips through by first character (a `\s*` per alternative made it try all of them at
+        # every position: 0.22 s for a 4.5 kB prompt with Llama 3's 256 special tokens).
+        self._strips = {t.content: (t.lstrip, t.rstrip) for _, t in specials}
         self._marked = re.compile(f"{MARK_START}({plain}){MARK_END}|[{MARK_START}{MARK_END}]")
         self._as_text = Tokenizer.from_str(tokenizer.to_str())
         self._as_text.encode_special_tokens = True      # special added tokens are not matched
@@ -61,6 +62,19 @@ class ChatEncoder:
             return [self.mark(v) for v in obj]
         return obj
 
+    def _strip(self, piece: str, m: re.Match, at: int) -> tuple[int, int]:
+        """The span a special token takes in `piece`: with the whitespace before it (back to
+        `at`) when it strips left, and after it when it strips right."""
+        lstrip, rstrip = self._strips[m.group(0)]
+        start, end = m.start(), m.end()
+        if lstrip:
+            while start > at and piece[start - 1].isspace():
+                start -= 1
+        if rstrip:
+            while end < len(piece) and piece[end].isspace():
+                end += 1
+        return start, end
+
     def encode_rendered(self, text: str) -> list[int]:
         """Ids of a rendered chat: unmarked special tokens by id, the rest as plain text."""
         ids: list[int] = []
@@ -79,11 +93,14 @@ class ChatEncoder:
                 run.append(piece)
                 continue
             at = 0
-            for m in self._template_special.finditer(piece):
-                run.append(piece[at:m.start()])
+            for m in self._special_text.finditer(piece):
+                if m.start() < at:      # inside the whitespace an rstrip token took
+                    continue
+                start, end = self._strip(piece, m, at)
+                run.append(piece[at:start])
                 flush()
-                ids.append(self._special_ids[next(g for g in m.groups() if g is not None)])
-                at = m.end()
+                ids.append(self._special_ids[m.group(0)])
+                at = end
             run.append(piece[at:])
         flush()
         return ids

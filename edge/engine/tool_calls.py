@@ -35,7 +35,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from edge.engine import tool_guard
+from edge.engine import clock_line, tool_guard
 from edge.engine.call_parser import CallStream, ToolCall, parse_calls  # noqa: F401 (parse_calls: re-exported)
 from edge.engine.constraint import ConstraintError, Grammar, check_depth, closed, compact
 
@@ -282,17 +282,20 @@ class ChatRequest:
 
 
 def prepare_chat(engine, messages: list[dict], tools=None, tool_choice=None, parallel_tool_calls=None,
-                 response_format=None, tool_loop_guard: bool = False) -> ChatRequest:
+                 response_format=None, tool_loop_guard: bool = False, clock_last: bool = False) -> ChatRequest:
     """Messages (OpenAI-shaped dicts) and the client's tool / format fields -> prompt ids and
     grammar. Raises ToolError (with `param`) for anything malformed or uncompilable, and the
     template's own ValueError for a conversation it rejects. `tool_loop_guard`: calls answered
     in this turn are left out of the grammar (`tool_guard`; the interfaces' default is the
-    launch layer's)."""
+    launch layer's). `clock_last`: Home Assistant's leading clock line goes to the end of the
+    system message (engine/clock_line.py)."""
     if not isinstance(tool_loop_guard, bool):
         raise ToolError("tool_loop_guard must be true or false", "tool_loop_guard")
     use = ToolUse.of(tools, tool_choice, parallel_tool_calls)
     if use is not None and tool_loop_guard:
         use = dataclasses.replace(use, answered=tuple(tool_guard.answered_calls(messages)))
+    if clock_last:
+        messages = clock_line.clock_last(messages)
     messages = history(messages, engine.template.source)
     extra = {}
     if use is not None:

@@ -22,6 +22,7 @@ DEFAULT_REQUEST_SECONDS = 300.0 # a request's time in the queue + generating (se
 DEFAULT_PORT = 8080             # serve's HTTP port (OpenAI API, chat page)
 OLLAMA_PORT = 11434             # Ollama's own port, where its clients look first
 DEFAULT_TOOL_LOOP_GUARD = True  # a tool call answered in this turn is not generated again (engine.tool_guard)
+DEFAULT_CLOCK_LAST = True       # Home Assistant's leading clock line read last, so its prompt keeps a prefix (engine/clock_line.py)
 DEFAULT_SPOKEN_TOKENS = 64      # Wyoming: a reply ends at the first sentence end past this many tokens
 DEFAULT_PAGE_MAX_TOKENS = 1024  # the chat page's reply budget when its Max tokens field is empty
 DEFAULT_CTX = 8192              # tokens one sequence may reach (Home Assistant's num_ctx; its prompt for a 100-entity home is ~4,700)

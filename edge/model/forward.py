@@ -19,7 +19,7 @@ import numpy as np
 from edge.model.config import ModelConfig
 from edge.model.kv_cache import KVCache
 
-PREFILL_CHUNK = 64      # tokens per graph call in prefill (the graph's second input shape)
+PREFILL_CHUNK = 16      # rows per graph call in prefill, and the grain of prefix reuse (see `reusable`)
 
 
 class Segment(NamedTuple):

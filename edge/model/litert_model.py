@@ -52,6 +52,7 @@ class LiteRTModel(CausalLM):
             self.graphs[n] = GraphRunner(graph, threads=n, weight_cache=weight_cache, identity=identity)
         self.embed = bundle.embedding()                              # rows mmapped (see bundle.py)
         self.attention = Attention(cfg, RopeTables(cfg, max_ctx))
+        self.attention.workers = choices[-1]      # a long call's heads on the graph's thread count
         self.runners = {n: (g.runner("entry"), [g.runner(f"layer_{i}") for i in range(cfg.num_layers)],
                             g.runner("lm_head", fresh=True))        # the logits are handed on
                         for n, g in self.graphs.items()}
@@ -64,6 +65,7 @@ class LiteRTModel(CausalLM):
             return self._run(self.entry, self.layers, self.lm_head, tokens, segments, all_logits)
         key = rows_key(len(tokens))
         with self.policy.timed(key, len(tokens)) as n:
+            self.attention.workers = n
             return self._run(*self.runners[n], tokens, segments, all_logits)
 
     def _run(self, entry, layers, lm_head, tokens, segments, all_logits):

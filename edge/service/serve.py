@@ -23,8 +23,9 @@ from pathlib import Path
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
 from edge.launch.loaded_models import parse_keep_alive
-from edge.launch.request import (DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_QUEUE, DEFAULT_MAX_TOKENS,
-                                 DEFAULT_PORT, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS, DEFAULT_TOOL_LOOP_GUARD,
+from edge.launch.request import (DEFAULT_CLOCK_LAST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_QUEUE,
+                                 DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS,
+                                 DEFAULT_TOOL_LOOP_GUARD,
                                  OLLAMA_PORT, WATCHDOG_STALL_SECONDS, RequestDefaults)
 from edge.launch.scheduling import start_scheduler
 from edge.service import sd_notify
@@ -97,6 +98,10 @@ def register(sub) -> None:
     g = s.add_argument_group("default sampling (a request's own fields win)")
     add_sampling_args(g, max_tokens_help=f"the rest of the context; the serial console: {DEFAULT_MAX_TOKENS}")
     h = s.add_argument_group("Home Assistant")
+    h.add_argument("--clock-line", choices=("last", "keep"), default="last" if DEFAULT_CLOCK_LAST else "keep",
+                   help="Home Assistant 2025.x starts its system prompt with the current time, so no two "
+                        "conversations share a prefix to reuse: 'last' moves that line to the end of the "
+                        f"system message, 'keep' leaves it (default {'last' if DEFAULT_CLOCK_LAST else 'keep'})")
     h.add_argument("--ollama-port", type=_port_or_off, default=None, metavar="PORT|off",
                    help=f"serve the Ollama-compatible API on this port of --host (default {OLLAMA_PORT} if it is "
                         "free; 'off' to disable)")
@@ -247,7 +252,7 @@ def server_config(a, key: str | None):
                         allowed_hosts=LOOPBACK_NAMES | {a.host.lower()} | {h.lower() for h in a.allow_host}
                         if is_loopback(a.host) else None,
                         defaults=request_defaults(a, RequestDefaults(max_tokens=None)),
-                        tool_loop_guard=a.tool_loop_guard == "on")
+                        tool_loop_guard=a.tool_loop_guard == "on", clock_last=a.clock_line == "last")
 
 
 def fit_fd_limit(max_connections: int) -> tuple[int, int]:
@@ -351,7 +356,18 @@ def start_engine(a):
     sd_notify.status(f"warming up {engine.name}")
     seconds = warm_up(engine, scheduler.stream)
     log.info("warm-up token in %.0f ms", seconds * 1000)
+    threading.Thread(target=warm_up_grammars, args=(engine,), name="grammar-warm-up", daemon=True).start()
     return engine, scheduler
+
+
+def warm_up_grammars(engine) -> None:
+    """Build the grammar compiler's view of the vocabulary (1-3 s for Llama 3's 128k tokens) now,
+    not in the first request with tools or a response format (Home Assistant sends tools with
+    every command)."""
+    try:
+        engine.grammars.tokenizer
+    except ValueError as e:           # a tokenizer llguidance cannot use: such requests get a 400
+        log.info("constrained decoding unavailable: %s", e)
 
 
 def warm_up(engine, generate) -> float:
