@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     bundle = Bundle.open(Path(a.model))
     models = {f: load(bundle, a.threads, None if f == "none" else int(f, 0)) for f in a.flags.split(",")}
     chunks = [int(c) for c in a.chunks.split(",")]
-    ids = np.random.default_rng(0).integers(1000, bundle.config.vocab_size - 1000, a.n_prompt)
+    ids = np.random.default_rng(0).integers(0, bundle.config.vocab_size, a.n_prompt)
     speeds: dict[tuple[str, int], list[float]] = {}
     logits: dict[tuple[str, int], np.ndarray] = {}
     for rep in range(a.reps + 1):             # the first pass warms up and is not counted
