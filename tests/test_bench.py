@@ -133,3 +133,16 @@ def test_contention_ratios_are_to_each_engines_own_quiet_figure(monkeypatch, tmp
     assert busy1["llama.cpp"]["pp_ratio"] == pytest.approx(0.8) and busy1["llama.cpp"]["tg_ratio"] == pytest.approx(0.5)
     table = contention.markdown(rows, a)
     assert "| edge-llm | auto | 1 |" in table and "| 0.80 |" in table
+
+
+def test_prefill_ab_reports_every_variant_and_its_logits_against_the_first(tiny_int8, capsys):
+    """bench/prefill_ab.py: one line per (flags, chunk) with its median speed, and the largest
+    logit difference from the first variant (0 for the first itself)."""
+    from bench.prefill_ab import main
+    assert main(["--model", str(tiny_int8), "-p", "24", "--reps", "1", "--threads", "1",
+                 "--flags", "none,0x3", "--chunks", "8,24"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("flags")]
+    assert [ln.split()[1:4] for ln in lines] == [["none", "chunk", "8:"], ["none", "chunk", "24:"],
+                                                 ["0x3", "chunk", "8:"], ["0x3", "chunk", "24:"]]
+    assert all(float(ln.split("median")[1].split()[0]) > 0 for ln in lines)
+    assert lines[0].endswith("max |Δlogit| 0")
