@@ -37,7 +37,8 @@ from edge.model.kv_cache import KVCache
 
 log = logging.getLogger("edge.prompt_cache")
 
-FORMAT = "edge-llm-kv-2"
+# rows are whole prefill chunks (their values depend on the chunk layout): another chunk size is another format
+FORMAT = f"edge-llm-kv-2-chunk{PREFILL_CHUNK}"
 SUFFIX = ".kv"
 MAX_HEADER = 4096
 DTYPES = ("float32", "float16")
