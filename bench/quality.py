@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quantization quality of edge-llm and llama.cpp on the held-out evaluation suite, in one run.
 
-    python bench/quality.py [--workdir DIR] [--texts bench/eval/*.txt] [--dev] [--chunks]
+    python bench/quality.py [--workdir DIR] [--texts bench/eval/*.txt] [--dev] [--sliding]
                             [--variant int4:head=int8 ...] [--json]
 
 Steps (each output cached under --workdir and reused when it exists):
@@ -12,7 +12,7 @@ Steps (each output cached under --workdir and reused when it exists):
   2. Our bundles from the source: `--quant f32 | int8 | int4 | int4-b32` (the defaults of
      `edge-llm convert`), and llama.cpp's F32 -> Q8_0 / Q4_0 / Q4_K_M with `llama-quantize`.
      llama.cpp is built from the pinned sdist (bench/compare_llamacpp.py).
-  3. Per text: ours with `edge-llm perplexity` (ctx 512, stride 256): the f32 bundle's
+  3. Per text: ours with `edge-llm perplexity --chunks` (ctx 512): the f32 bundle's
      distributions saved once (`--save-base`), then every quantized bundle against them
      (`--kl-base`); llama.cpp's `llama-perplexity -c 512 --kl-divergence-base` with the F32
      GGUF, then `--kl-divergence` for every quantized GGUF.
@@ -21,14 +21,12 @@ Steps (each output cached under --workdir and reused when it exists):
      weight bytes a decoded token reads. `--variant SCHEME:KEY=VALUE` adds a conversion of one
      of our schemes with other `convert()` arguments (e.g. `int4:head=int8`) beside it.
 
-Positions: ours scores every token after the first (the first window all of its tokens,
-then the last 256 of each window advanced by 256, so every token after the first window has
-256-511 tokens of context); llama-perplexity scores the 255 tokens after the first half of
-each non-overlapping 512-token chunk (256-510 tokens of context, about half the tokens).
-Each tool is measured against its own f32 model on its own positions, so the ratios compare.
-`--chunks` scores ours on llama-perplexity's positions instead (`edge-llm perplexity
---chunks`): the same tokens in the same contexts, and then the two f32 perplexities differ
-only by the runtimes' float arithmetic. The token ids llama.cpp used are read back from its
+Positions: both tools score the same tokens in the same contexts: llama-perplexity's 255
+tokens after the first half of each non-overlapping 512-token chunk (256-510 tokens of
+context, about half the text), ours with `edge-llm perplexity --chunks`; the two f32
+perplexities then differ only by the runtimes' float arithmetic. `--sliding` scores ours on
+every token after the first instead (ctx 512, stride 256), each tool then against its own f32
+on its own positions. The token ids llama.cpp used are read back from its
 base file and compared with ours; the table says how many differ (0: the same tokens).
 """
 from __future__ import annotations
@@ -305,9 +303,10 @@ def main(argv=None) -> int:
                     help="also convert and score SCHEME with these convert() arguments changed, e.g. int4:head=int8 "
                          "(compared with SCHEME's llama.cpp peer; repeatable)")
     ap.add_argument("--no-llamacpp", action="store_true", help="only our bundles")
-    ap.add_argument("--chunks", action="store_true",
-                    help="score ours on llama-perplexity's positions (edge-llm perplexity --chunks) instead of "
-                         "the sliding window (ctx 512, stride 256)")
+    ap.add_argument("--sliding", dest="chunks", action="store_false",
+                    help="score ours with the sliding window (ctx 512, stride 256: every token after the first) "
+                         "instead of llama-perplexity's positions (edge-llm perplexity --chunks), so the two "
+                         "tools no longer score the same tokens")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     ap.add_argument("--bytes", type=Path, nargs="+", metavar="BUNDLE_OR_GGUF",
                     help="only print the weight bytes a decoded token reads from these bundles and GGUFs "
