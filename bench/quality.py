@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Quantization quality of edge-llm and llama.cpp on the held-out evaluation suite, in one run.
 
-    python bench/quality.py [--workdir DIR] [--texts bench/eval/*.txt] [--dev] [--json]
+    python bench/quality.py [--workdir DIR] [--texts bench/eval/*.txt] [--dev] [--sliding]
+                            [--variant int4:head=int8 ...] [--json]
 
 Steps (each output cached under --workdir and reused when it exists):
 
@@ -11,21 +12,21 @@ Steps (each output cached under --workdir and reused when it exists):
   2. Our bundles from the source: `--quant f32 | int8 | int4 | int4-b32` (the defaults of
      `edge-llm convert`), and llama.cpp's F32 -> Q8_0 / Q4_0 / Q4_K_M with `llama-quantize`.
      llama.cpp is built from the pinned sdist (bench/compare_llamacpp.py).
-  3. Per text: ours with `edge-llm perplexity` (ctx 512, stride 256): the f32 bundle's
+  3. Per text: ours with `edge-llm perplexity --chunks` (ctx 512): the f32 bundle's
      distributions saved once (`--save-base`), then every quantized bundle against them
      (`--kl-base`); llama.cpp's `llama-perplexity -c 512 --kl-divergence-base` with the F32
      GGUF, then `--kl-divergence` for every quantized GGUF.
-  4. One table: per text and scheme, perplexity change against the tool's own f32, mean KL,
-     99th-percentile KL, top-1 agreement, and the weight bytes a decoded token reads.
+  4. One table: per text and scheme, perplexity change against the tool's own f32, mean KL
+     (and its ratio to the llama.cpp peer's), 99th-percentile KL, top-1 agreement, and the
+     weight bytes a decoded token reads. `--variant SCHEME:KEY=VALUE` adds a conversion of one
+     of our schemes with other `convert()` arguments (e.g. `int4:head=int8`) beside it.
 
-Positions: ours scores every token after the first (the first window all of its tokens,
-then the last 256 of each window advanced by 256, so every token after the first window has
-256-511 tokens of context); llama-perplexity scores the 255 tokens after the first half of
-each non-overlapping 512-token chunk (256-510 tokens of context, about half the tokens).
-Each tool is measured against its own f32 model on its own positions, so the ratios compare.
-`--chunks` scores ours on llama-perplexity's positions instead (`edge-llm perplexity
---chunks`): the same tokens in the same contexts, and then the two f32 perplexities differ
-only by the runtimes' float arithmetic. The token ids llama.cpp used are read back from its
+Positions: both tools score the same tokens in the same contexts: llama-perplexity's 255
+tokens after the first half of each non-overlapping 512-token chunk (256-510 tokens of
+context, about half the text), ours with `edge-llm perplexity --chunks`; the two f32
+perplexities then differ only by the runtimes' float arithmetic. `--sliding` scores ours on
+every token after the first instead (ctx 512, stride 256), each tool then against its own f32
+on its own positions. The token ids llama.cpp used are read back from its
 base file and compared with ours; the table says how many differ (0: the same tokens).
 """
 from __future__ import annotations
@@ -235,34 +236,59 @@ def run_llamacpp(tool: Path, ggufs: dict[str, Path], texts: list[Path], workdir:
 
 # ---------------------------------------------------------------- table
 
-def table(results: dict, texts: list[Path], sizes: dict[str, int], n_tokens: dict[str, int]) -> str:
-    lines = ["| text | scheme | Δ ppl | mean KL | p99 KL | top-1 | MB/token |", "|---|---|---|---|---|---|---|"]
+def table(results: dict, texts: list[Path], sizes: dict[str, int], n_tokens: dict[str, int],
+          variants: dict[str, list[str]] | None = None) -> str:
+    """variants: per scheme of ours, the names of its other conversions (`--variant`), each
+    compared with the same llama.cpp peer."""
+    lines = ["| text | scheme | Δ ppl | mean KL | KL ÷ peer | p99 KL | top-1 | MB/token |",
+             "|---|---|---|---|---|---|---|---|"]
     for text in texts:
         first = True
         f32, F32 = results.get((text.stem, "f32")), results.get((text.stem, "F32"))
         if f32 and F32 and "ppl" in F32:
             diff = F32.get("token_diff")
             lines.append(f"| {text.stem} ({n_tokens.get(text.stem, '?')} tokens) | f32 / F32 | ppl {f32['ppl']:.3f} / "
-                         f"{F32['ppl']:.3f} | {f32['n']} / {F32['n']} positions | "
+                         f"{F32['ppl']:.3f} | {f32['n']} / {F32['n']} positions | | "
                          + ("same tokens" if diff == 0 else f"{diff} tokens differ" if diff is not None else "")
                          + " | | |")
             first = False
         for ours in OURS:
-            for scheme in (ours, PEERS[ours]):
+            peer = results.get((text.stem, PEERS[ours]))
+            for scheme in (ours, *(variants or {}).get(ours, ()), PEERS[ours]):
                 r = results.get((text.stem, scheme))
                 if r is None:
                     continue
                 name = f"{text.stem} ({n_tokens.get(text.stem, '?')} tokens)" if first else ""
                 first = False
-                peer = results.get((text.stem, PEERS[ours])) if scheme == ours else None
-                mark = (lambda a, b: "**" if peer is not None and a <= b else "")
+                vs = peer if scheme != PEERS[ours] else None
+                mark = (lambda a, b: "**" if vs is not None and a <= b else "")
                 dppl = 100 * (r["ppl"] / r["base_ppl"] - 1)
-                pd = 100 * (peer["ppl"] / peer["base_ppl"] - 1) if peer else None
+                pd = 100 * (vs["ppl"] / vs["base_ppl"] - 1) if vs else None
+                ratio = f"{r['kl_mean'] / vs['kl_mean']:.2f}x" if vs and vs["kl_mean"] > 0 else ""
                 lines.append(
                     f"| {name} | {scheme} | {mark(dppl, pd)}{dppl:+.2f} %{mark(dppl, pd)} "
-                    f"| {mark(r['kl_mean'], peer['kl_mean'] if peer else 0)}{r['kl_mean']:.4f}{mark(r['kl_mean'], peer['kl_mean'] if peer else 0)} "
-                    f"| {r['kl_p99']:.3f} | {100 * r['top1']:.1f} % | {sizes.get(scheme, 0) / 1e6:.0f} |")
+                    f"| {mark(r['kl_mean'], vs['kl_mean'] if vs else 0)}{r['kl_mean']:.4f}{mark(r['kl_mean'], vs['kl_mean'] if vs else 0)} "
+                    f"| {ratio} | {r['kl_p99']:.3f} | {100 * r['top1']:.1f} % | {sizes.get(scheme, 0) / 1e6:.0f} |")
     return "\n".join(lines)
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"int4:head=int8" -> ("int4", {"head": "int8"}): a conversion of one of our schemes with
+    `convert()` keyword arguments changed."""
+    scheme, _, rest = spec.partition(":")
+    if scheme not in OURS or not rest:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected SCHEME:KEY=VALUE[,KEY=VALUE], SCHEME one of {', '.join(OURS)}")
+    extra = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{spec!r}: {item!r} is not KEY=VALUE")
+        extra[key] = {"true": True, "false": False}.get(value, value)
+    return scheme, extra
+
+
+def variant_name(scheme: str, extra: dict) -> str:
+    return scheme + "".join(f" {k}={v}" for k, v in sorted(extra.items()))
 
 
 def main(argv=None) -> int:
@@ -273,10 +299,14 @@ def main(argv=None) -> int:
     ap.add_argument("--texts", type=Path, nargs="+", default=None, help="default: every bench/eval/*.txt")
     ap.add_argument("--dev", action="store_true", help="score the development text instead of the suite")
     ap.add_argument("--schemes", nargs="+", default=list(OURS), choices=OURS)
+    ap.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="SCHEME:KEY=VALUE",
+                    help="also convert and score SCHEME with these convert() arguments changed, e.g. int4:head=int8 "
+                         "(compared with SCHEME's llama.cpp peer; repeatable)")
     ap.add_argument("--no-llamacpp", action="store_true", help="only our bundles")
-    ap.add_argument("--chunks", action="store_true",
-                    help="score ours on llama-perplexity's positions (edge-llm perplexity --chunks) instead of "
-                         "the sliding window (ctx 512, stride 256)")
+    ap.add_argument("--sliding", dest="chunks", action="store_false",
+                    help="score ours with the sliding window (ctx 512, stride 256: every token after the first) "
+                         "instead of llama-perplexity's positions (edge-llm perplexity --chunks), so the two "
+                         "tools no longer score the same tokens")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     ap.add_argument("--bytes", type=Path, nargs="+", metavar="BUNDLE_OR_GGUF",
                     help="only print the weight bytes a decoded token reads from these bundles and GGUFs "
@@ -304,6 +334,11 @@ def main(argv=None) -> int:
             ggufs[q] = quantize(qtool, f32_gguf, work / "gguf" / f"smollm2-135m-{q}.gguf", q)
         sizes.update({q: gguf_bytes(p) for q, p in ggufs.items()})
     bundles = {q: our_bundle(src, q, work, {}) for q in ("f32", *args.schemes)}
+    variants: dict[str, list[str]] = {}
+    for scheme, extra in args.variant:
+        name = variant_name(scheme, extra)
+        bundles[name] = our_bundle(src, scheme, work, extra)
+        variants.setdefault(scheme, []).append(name)
     sizes.update({q: bundle_bytes(p) for q, p in bundles.items() if q != "f32"})
     results.update(run_ours(bundles, texts, work, chunks=args.chunks))
     if not args.no_llamacpp:
@@ -316,7 +351,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(table(results, texts, sizes, n_tokens))
+        print(table(results, texts, sizes, n_tokens, variants))
         print(f"\nΔ ppl: perplexity against the same tool's f32; KL: KL(f32 || scheme) per position, nats; "
               f"bold: ours at or below its llama.cpp peer ({', '.join(f'{a}/{b}' for a, b in PEERS.items())}). "
               f"Load average at the end {os.getloadavg()[0]:.1f}.")

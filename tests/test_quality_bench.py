@@ -45,8 +45,27 @@ def test_table_marks_where_ours_is_at_or_below_its_peer():
     results = {("legal", "int8"): {"ppl": 10.1, "base_ppl": 10.0, "kl_mean": 0.002, "kl_p99": 0.02, "top1": 0.97},
                ("legal", "Q8_0"): {"ppl": 10.2, "base_ppl": 10.0, "kl_mean": 0.001, "kl_p99": 0.01, "top1": 0.98}}
     rows = table(results, [text], {"int8": 140e6, "Q8_0": 145e6}, {"legal": 6000}).splitlines()
-    assert rows[2] == "| legal (6000 tokens) | int8 | **+1.00 %** | 0.0020 | 0.020 | 97.0 % | 140 |"
-    assert rows[3] == "|  | Q8_0 | +2.00 % | 0.0010 | 0.010 | 98.0 % | 145 |"
+    assert rows[2] == "| legal (6000 tokens) | int8 | **+1.00 %** | 0.0020 | 2.00x | 0.020 | 97.0 % | 140 |"
+    assert rows[3] == "|  | Q8_0 | +2.00 % | 0.0010 |  | 0.010 | 98.0 % | 145 |"
+
+
+def test_a_variant_is_compared_with_its_schemes_peer():
+    from bench.quality import parse_variant, variant_name
+    scheme, extra = parse_variant("int4:head=int8")
+    name = variant_name(scheme, extra)
+    assert (scheme, extra, name) == ("int4", {"head": "int8"}, "int4 head=int8")
+    text = Path("legal.txt")
+    results = {("legal", "int4"): {"ppl": 13.0, "base_ppl": 10.0, "kl_mean": 0.3, "kl_p99": 2.0, "top1": 0.7},
+               (("legal", name)): {"ppl": 12.0, "base_ppl": 10.0, "kl_mean": 0.1, "kl_p99": 1.0, "top1": 0.8},
+               ("legal", "Q4_0"): {"ppl": 12.5, "base_ppl": 10.0, "kl_mean": 0.2, "kl_p99": 1.5, "top1": 0.75}}
+    rows = table(results, [text], {"int4": 72e6, name: 86e6, "Q4_0": 90e6}, {"legal": 6000},
+                 {"int4": [name]}).splitlines()
+    assert rows[2] == "| legal (6000 tokens) | int4 | +30.00 % | 0.3000 | 1.50x | 2.000 | 70.0 % | 72 |"
+    assert rows[3] == "|  | int4 head=int8 | **+20.00 %** | **0.1000** | 0.50x | 1.000 | 80.0 % | 86 |"
+    assert rows[4] == "|  | Q4_0 | +25.00 % | 0.2000 |  | 1.500 | 75.0 % | 90 |"
+    for bad in ("int5:head=int8", "int4", "int4:head"):
+        with pytest.raises(Exception, match="expected|KEY=VALUE"):
+            parse_variant(bad)
 
 
 def test_the_suite_has_the_kinds_the_issue_asks_for():
@@ -74,4 +93,4 @@ def test_table_gives_both_f32_perplexities_and_whether_the_tokens_match():
     text = Path("legal.txt")
     results = {("legal", "f32"): {"ppl": 19.2, "n": 2805}, ("legal", "F32"): {"ppl": 19.21, "n": 2805, "token_diff": 0}}
     rows = table(results, [text], {}, {"legal": 5666}).splitlines()
-    assert rows[2] == "| legal (5666 tokens) | f32 / F32 | ppl 19.200 / 19.210 | 2805 / 2805 positions | same tokens | | |"
+    assert rows[2] == "| legal (5666 tokens) | f32 / F32 | ppl 19.200 / 19.210 | 2805 / 2805 positions | | same tokens | | |"
