@@ -246,6 +246,10 @@ class Hessians:
         self._last = (group, (damp, act_order), prepare(h, damp, act_order, overwrite=True, perm=perm))
         return self._last[2]
 
+    def release(self) -> None:
+        """Let go of the last group's factor (the next group's is made when asked for)."""
+        self._last = None
+
     def close(self) -> None:
         self._last = None
         self._pending.clear()
