@@ -221,8 +221,9 @@ class _GraphWeights:
             # both calibrations run on them as the graph writer reaches the layer; the
             # calibration tokens' embedding rows come from one rotation of the table.
             from convert.sweep import Sweep
-            sweep = Sweep(get, CalibrationRows(get, segments), cfg, quant, head,
-                          tokens if smooth else None, segments if gptq else None, down_rotation)
+            tables = _tables(ckpt, rotation)
+            sweep = Sweep(get, CalibrationRows(get, segments, tables.get("embed")), cfg, quant, head,
+                          tokens if smooth else None, segments if gptq else None, down_rotation, tables)
             get = sweep
         return _GraphWeights(get, cfg, sweep.importance if sweep else {}, down_rotation,
                              rotate, bool(sweep and sweep.smoothing), rotation,
@@ -232,6 +233,21 @@ class _GraphWeights:
     def head_divisor(self) -> np.ndarray | None:
         """The lm_head's smoothing scales [D] (known once the graph is written)."""
         return self.smoothing.scales["head"] if self.smoothing is not None else None
+
+
+def _tables(ckpt: Checkpoint, rotation) -> dict:
+    """The embedding and the lm_head as convert.table.Table (read by blocks of rows, rotated as
+    `Rotation.weights` rotates them) when they are too large to make whole; {} otherwise."""
+    from convert.table import streamed
+    tables = {}
+    head_source = "embed" if ckpt.config.tie_word_embeddings else "lm_head"
+    for name, source in (("embed", "embed"), ("lm_head", head_source)):
+        t = streamed(ckpt, name, source)
+        if t is not None and rotation is not None:
+            t = rotation.table(name, t, ckpt.tensor("final_norm") if name == "lm_head" else None)
+        if t is not None:
+            tables[name] = t
+    return tables
 
 
 def _calibration_tokens(ckpt: Checkpoint, stream: dict, max_tokens: int) -> list[np.ndarray] | None:

@@ -120,8 +120,9 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
 HEAD_BLOCK_ELEMS = 1 << 25    # weights per row block of the head (128 MB of float32)
 
 
-def by_row_blocks(w: np.ndarray, quantize_rows: Callable[[np.ndarray], QuantizedWeight]) -> QuantizedWeight:
-    """quantize_rows(w) of a [V, D] table, a block of rows at a time into one result: every
+def by_row_blocks(w, quantize_rows: Callable[[np.ndarray], QuantizedWeight]) -> QuantizedWeight:
+    """quantize_rows(w) of a [V, D] table (an array or a convert.table.Table, which makes each
+    block when it is sliced), a block of rows at a time into one result: every
     scheme rounds each row on its own, so the bytes are the same, but the temporaries (the
     clip search's levels, GPTQ's) are a block's, not the table's (the 3B head is 1.6 GB of
     float32; its int8 levels alone would be 394 MB). Blocks are whole multiples of GPTQ's row
@@ -131,7 +132,7 @@ def by_row_blocks(w: np.ndarray, quantize_rows: Callable[[np.ndarray], Quantized
     chunk = max(1, _CHUNK_ELEMS // k)
     rows = max(1, HEAD_BLOCK_ELEMS // (k * chunk)) * chunk
     if n <= rows:
-        return quantize_rows(w)
+        return quantize_rows(w if isinstance(w, np.ndarray) else w[0:n])
     data = scales = first = None
     for lo in range(0, n, rows):
         part = quantize_rows(w[lo:lo + rows])

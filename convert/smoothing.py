@@ -28,6 +28,7 @@ import numpy as np
 
 from convert.calibration import matmul_inputs
 from convert.quantize import quantize
+from convert.table import Table
 from edge.model.config import ModelConfig
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -51,6 +52,8 @@ def search_rows(w: np.ndarray | list[np.ndarray]) -> np.ndarray:
     parts = w if isinstance(w, list) else [w]
     n = sum(len(p) for p in parts)
     rows = np.unique(np.linspace(0, n - 1, min(SEARCH_ROWS, n)).astype(int))
+    if isinstance(w, Table):                        # read by rows: only these rows are read
+        return w.take(rows)
     if not isinstance(w, list):
         return w[rows]
     out, start = [], 0

@@ -20,7 +20,8 @@ passes write.
 The pass runs on a thread of its own (convert/prefetch.py), making layer i+1 while the writer
 rounds layer i, and starts layer i+2 only once the writer has taken i+1: memory holds two
 layers' weights and inputs at most (about 1.4 GB on the 3B shape). The head's table is read,
-rotated and smoothed once, when the writer reaches the final norm.
+rotated and smoothed once, when the writer reaches the final norm; a large one (`tables`,
+convert/table.py) by blocks of rows as the writer quantizes them, never whole in float32.
 """
 from __future__ import annotations
 
@@ -42,13 +43,16 @@ class Sweep:
 
     get: the rotated (or plain) weights of an untied checkpoint. rows: "embed" answered with
     the calibration tokens' rows (convert/reuse.CalibrationRows). smooth_segments /
-    gptq_segments: the calibration tokens of each step, or None to skip it."""
+    gptq_segments: the calibration tokens of each step, or None to skip it. tables: "lm_head"
+    (and "embed") as convert.table.Table, transformed as `get` would, read by blocks of rows."""
 
     def __init__(self, get: Callable[[str], np.ndarray], rows: Callable[[str], np.ndarray], cfg: ModelConfig,
                  scheme: str, head_scheme: str, smooth_segments: list[np.ndarray] | None,
-                 gptq_segments: list[np.ndarray] | None, down_rotation: np.ndarray | None = None):
+                 gptq_segments: list[np.ndarray] | None, down_rotation: np.ndarray | None = None,
+                 tables: dict | None = None):
         from convert.smoothing import Smoothing
         self._get, self.cfg, self.scheme, self.head_scheme = get, cfg, scheme, head_scheme
+        self._tables = tables or {}
         self.down_rotation = down_rotation
         self.smoothing = Smoothing({}, {}, cfg) if smooth_segments else None
         self.importance = self.smoothing.importance if self.smoothing else {}
@@ -61,7 +65,7 @@ class Sweep:
         self._head: dict | None = None
         self._turn = threading.Semaphore(1)            # the pass makes a layer only when its turn comes
         self._closed = False
-        self._pass = Prefetch(self._layers(), ahead=1, name="edge-llm-calibration")
+        self._pass: Prefetch | None = None             # started when the writer first asks
         self.hessians = None
         if gptq_segments:
             from convert.gptq import Hessians
@@ -105,6 +109,8 @@ class Sweep:
     # --- the writer's side ----------------------------------------------------------------
     def _take(self) -> None:
         """The next layer (or the head's streams) from the pass."""
+        if self._pass is None:
+            self._pass = Prefetch(self._layers(), ahead=1, name="edge-llm-calibration")
         tensors, inputs = next(self._pass)
         if self._next == self.cfg.num_layers:
             self._head = inputs
@@ -137,17 +143,26 @@ class Sweep:
         streams = self._head
         if self.hessians is not None:
             self.hessians.release()                  # the last layer's factor: the table comes next
-        head = self._made("lm_head")
+        table = self._tables.get("lm_head")
+        head = self._made("lm_head") if table is None else table
+        if table is not None:
+            self.made["lm_head"] = self.made.get("lm_head", 0) + 1
         final_norm = self._made("final_norm")
         if self.smoothing is not None:
             x = streams["smooth"].head(final_norm)
             self.smoothing.fit_group("head", x, lambda n: head, self.scheme, self.head_scheme, self.down_rotation)
             del x
             smoothed = self.smoothing.weights({"final_norm": final_norm, "lm_head": head}.pop)
-            final_norm, head = smoothed("final_norm"), smoothed("lm_head")
+            final_norm = smoothed("final_norm")
+            head = smoothed("lm_head") if table is None else table.then(self._smooth_head_rows)
         if streams["gptq"] is not None:
             self._inputs = {"head": streams["gptq"].head(final_norm)}
         self._head = {"final_norm": final_norm, "lm_head": head, "done": True}
+
+    def _smooth_head_rows(self, rows: np.ndarray) -> np.ndarray:
+        """What `Smoothing.weights` does to the lm_head, on a block of its rows."""
+        rows *= self.smoothing.scales["head"][None, :]
+        return rows
 
     def take_inputs(self, group: str) -> np.ndarray:
         if group == "head":
@@ -164,7 +179,8 @@ class Sweep:
         self._layer, self._inputs, self._head = {}, {}, None
         self._closed = True
         self._turn.release()                          # a pass waiting for its turn can see the stop
-        self._pass.close()
+        if self._pass is not None:
+            self._pass.close()
 
     def __enter__(self) -> "Sweep":
         return self

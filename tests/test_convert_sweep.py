@@ -130,3 +130,39 @@ def test_head_in_row_blocks_is_the_head_in_one_call(monkeypatch, scheme, with_gp
     assert blocks.data.dtype == whole.data.dtype and blocks.data.shape == whole.data.shape
     np.testing.assert_array_equal(blocks.data, whole.data)
     np.testing.assert_array_equal(blocks.scales, whole.scales)
+
+
+def test_a_large_table_is_read_by_rows_never_whole(tiny, tmp_path, monkeypatch):
+    """Above STREAM_ELEMS the embedding and the lm_head are read from the checkpoint a block of
+    rows at a time (never through `tensor`), rotated and smoothed per block; the rows equal the
+    whole table's to float rounding, and the bundle's head to a level or so of int4."""
+    import convert.table as table
+    from convert.checkpoint import Checkpoint
+    from edge.model.bundle import Bundle
+    d, ckpt = tiny
+    cfg = ckpt.config
+    monkeypatch.setattr(calibration, "calibration_tokens", lambda *a: _segments(cfg.vocab_size))
+    whole = convert(d, tmp_path / "whole", quant="int4", quiet=True)
+
+    get, ucfg = untie(ckpt.tensor, cfg)
+    rot = Rotation(ucfg)
+    t = rot.table("lm_head", table.Table((cfg.vocab_size, cfg.hidden_size), lambda lo, hi: ckpt.rows("embed", lo, hi)),
+                  ckpt.tensor("final_norm"))
+    ref = rot.weights(get)("lm_head")
+    np.testing.assert_allclose(t[10:50], ref[10:50], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(t.take(np.array([0, 7, 255])), ref[[0, 7, 255]], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(t.gather(np.array([3, 100, 200])), ref[[3, 100, 200]], rtol=0, atol=1e-5)
+
+    monkeypatch.setattr(table, "STREAM_ELEMS", 0)
+    monkeypatch.setattr(table, "BLOCK_ELEMS", 64 * 50)           # rows gathered 50 at a time
+    monkeypatch.setattr(gptq, "_CHUNK_ELEMS", 64 * 37)
+    monkeypatch.setattr(llama_graph, "HEAD_BLOCK_ELEMS", 64 * 37 * 2)   # the head in blocks of 74 rows
+    whole_reads = []
+    tensor = Checkpoint.tensor
+    monkeypatch.setattr(Checkpoint, "tensor", lambda self, n: whole_reads.append(n) or tensor(self, n))
+    streamed = convert(d, tmp_path / "streamed", quant="int4", quiet=True)
+    assert "embed" not in whole_reads and "lm_head" not in whole_reads
+    a, b = Bundle.open(whole), Bundle.open(streamed)
+    assert a.manifest["gptq"] and b.manifest["gptq"] and b.manifest["smoothing"]
+    ea, eb = a.embedding()(np.arange(cfg.vocab_size)), b.embedding()(np.arange(cfg.vocab_size))
+    np.testing.assert_allclose(eb, ea, rtol=0, atol=0.05 * np.abs(ea).max())
