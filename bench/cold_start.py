@@ -13,8 +13,8 @@ with stderr and stdout read as they come. The phases are the closing lines each 
 (edge/model/progress.py; download: edge/launch/wheel_fetch.py), timed where they appear:
 
     download     "downloaded <wheel>: ..."            (from the start)
-    calibration  "calibrating on N tokens: ... done"  (after the download)
-    gptq         "converting ... done"                (GPTQ and the graph writer)
+    calibration  "calibrating on N tokens: ... done"  (versions with a calibration pass of its own)
+    gptq         "converting ... done"                (the one pass: calibration, GPTQ, the writer)
     cache        "packing weights for XNNPACK ..."    (XNNPACK's packed-weight cache)
     first token  the first byte on stdout             (the rest: loading, prefill, one step)
     first_token_at  the first byte, from the start    (what the user waits)

@@ -79,32 +79,52 @@ def matmul_inputs(get: Callable[[str], np.ndarray], cfg: ModelConfig,
     """Yield (group name, float32 input [T, K]) for every matmul group, layer by layer: the
     reference model's own `llama_layer`, observed, over each segment (a 1-D array is one),
     with the segments' rows concatenated. Each layer's weights are read once."""
-    if isinstance(segments, np.ndarray) and segments.ndim == 1:
-        segments = [segments]
-    eps = cfg.rms_norm_eps
-    attention = Attention(cfg, RopeTables(cfg, max(len(s) for s in segments)))
-    embed = get("embed")
-    xs = [embed[s] for s in segments]
-    del embed
+    stream = HiddenStates(get("embed"), cfg, segments, down_rotation)
     for i in range(cfg.num_layers):
         L = layer_weights(get, i)
+        seen = stream.layer(i, L)
+        del L
+        for group in list(seen):                 # handed over: the consumer's is the only reference
+            v = seen.pop(group)
+            yield f"layers.{i}.{group}", v
+            del v
+    yield "head", stream.head(get("final_norm"))
+
+
+class HiddenStates:
+    """The calibration segments' residual stream, advanced one layer at a time: `layer(i, L)`
+    runs layer i with the weights L (`layer_weights`' layout) and returns the input of each of
+    its matmul groups, [T, K] with the segments' rows concatenated; `head(final_norm)` the
+    lm_head's input. embed: the table (or its rows of the segments' ids) the stream starts from."""
+
+    def __init__(self, embed, cfg: ModelConfig, segments: list[np.ndarray] | np.ndarray,
+                 down_rotation: np.ndarray | None = None):
+        if isinstance(segments, np.ndarray) and segments.ndim == 1:
+            segments = [segments]
+        self.cfg, self.down_rotation = cfg, down_rotation
+        self.attention = Attention(cfg, RopeTables(cfg, max(len(s) for s in segments)))
+        self.xs = [embed[s] for s in segments]
+        self.n_tokens = sum(len(s) for s in segments)
+
+    def layer(self, i: int, L: dict) -> dict[str, np.ndarray]:
         seen: dict[str, list[np.ndarray]] = {}
 
         def observe(group: str, v: np.ndarray) -> np.ndarray:
-            if group == "down" and down_rotation is not None:
-                v = rotate_blocks(v, down_rotation)      # what the graph's block rotation feeds w_down
+            if group == "down" and self.down_rotation is not None:
+                v = rotate_blocks(v, self.down_rotation)      # what the graph's block rotation feeds w_down
             seen.setdefault(group, []).append(v)
             return v
 
+        xs = self.xs
         for j, x in enumerate(xs):
-            cache = KVCache(cfg, len(x))
-            xs[j] = llama_layer(x, L, lambda qkv: attention(i, qkv, cache, 0), eps, observe)
-        del L
-        for group in list(seen):                 # handed over: the consumer's is the only reference
+            cache = KVCache(self.cfg, len(x))
+            xs[j] = llama_layer(x, L, lambda qkv: self.attention(i, qkv, cache, 0), self.cfg.rms_norm_eps, observe)
+        out = {}
+        for group in list(seen):
             parts = seen.pop(group)
-            v = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            out[group] = np.concatenate(parts) if len(parts) > 1 else parts[0]
             del parts
-            yield f"layers.{i}.{group}", v
-            del v
-    final_norm = get("final_norm")
-    yield "head", np.concatenate([rms_norm(x, final_norm, eps) for x in xs])
+        return out
+
+    def head(self, final_norm: np.ndarray) -> np.ndarray:
+        return np.concatenate([rms_norm(x, final_norm, self.cfg.rms_norm_eps) for x in self.xs])

@@ -60,6 +60,7 @@ class Checkpoint:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token/eos_token text
     add_bos: bool = True                          # raw (non-chat) prompts start with BOS
     stored_names: dict[str, str] = field(default_factory=dict)  # canonical -> where the file keeps it
+    row_loaders: dict[str, Callable[[int, int], np.ndarray]] = field(default_factory=dict)  # rows lo:hi, lazily
 
     def names(self) -> list[str]:
         return list(self.loaders)
@@ -76,6 +77,27 @@ class Checkpoint:
             arr = arr.copy()
         if arr.shape != want:
             raise CheckpointError(f"{self.source}: tensor {name!r} has shape {arr.shape}, config implies {want}")
+        bad = count_non_finite(arr)
+        if bad:
+            stored = self.stored_names.get(name)
+            where = f" ({stored})" if stored else ""
+            raise CheckpointError(f"{self.source}: tensor {name!r}{where} has {bad} non-finite value(s) (NaN or "
+                                  f"infinity) after dequantization; the checkpoint is damaged")
+        return arr
+
+    def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows lo:hi of a tensor as float32, checked as `tensor` checks it: what a reader with
+        a row loader can give without the whole tensor (see `row_loaders`)."""
+        want = expected_shapes(self.config).get(name)
+        if name not in self.row_loaders or want is None:
+            raise CheckpointError(f"{self.source}: tensor {name!r} cannot be read by rows")
+        arr = np.asarray(self.row_loaders[name](lo, hi), dtype=np.float32)
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        n = max(0, min(hi, want[0]) - lo)
+        if arr.shape != (n,) + want[1:]:
+            raise CheckpointError(f"{self.source}: rows {lo}:{hi} of {name!r} have shape {arr.shape}, "
+                                  f"config implies {(n,) + want[1:]}")
         bad = count_non_finite(arr)
         if bad:
             stored = self.stored_names.get(name)

@@ -14,7 +14,7 @@ from convert.bundle_writer import atomic_bundle, clean_partials
 from convert.checkpoint import Checkpoint, CheckpointError
 from convert.progress import Progress
 from convert.quantize import SCHEMES, default_quant
-from convert.reuse import CalibrationRows, Reuse
+from convert.reuse import CalibrationRows
 from edge.model.config import ModelConfig
 from edge.model.thread_policy import parse_threads
 
@@ -114,7 +114,8 @@ def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rot
         g = g.transformed(ckpt, quant, rotate, smooth, quant in GPTQ_BY_DEFAULT if gptq is None else gptq,
                           head, stream)
 
-    how = f"{quant}, GPTQ on {g.hessians.n_tokens} tokens" if g.hessians else quant
+    how = ", ".join([quant] + (["smoothing"] if g.smoothed else [])
+                    + ([f"GPTQ on {g.hessians.n_tokens} tokens"] if g.hessians else []))
     bar = Progress(len(names) * (2 if floats else 1) + 1, f"converting {Path(src).name} ({how})", **stream)
 
     def counted(get):
@@ -125,7 +126,7 @@ def _convert(ckpt: Checkpoint, src, dest, quant: str, overwrite: bool, name, rot
     tensor = counted(ckpt.tensor)
 
     embedding = {"scheme": "float"}
-    with atomic_bundle(dest, overwrite, log=note) as w, g.hessians or contextlib.nullcontext():
+    with atomic_bundle(dest, overwrite, log=note) as w, g.sweep or contextlib.nullcontext():
         layout = write_llama_graph(w.dir / "model.tflite", counted(g.get), g.cfg, quant, g.importance,
                                    g.down_rotation, g.hessians, head=head)
         with w.tensor_file("weights.bin") as tf:
@@ -188,8 +189,9 @@ class _GraphWeights:
     rotated: bool = False
     smoothed: bool = False
     rotation: object = None                     # convert.rotation.Rotation, when rotated
-    head_divisor: np.ndarray | None = None      # the lm_head's smoothing scales [D]
+    smoothing: object = None                    # convert.smoothing.Smoothing, when smoothed
     hessians: object = None                     # convert.gptq.Hessians when the levels are GPTQ-rounded
+    sweep: object = None                        # convert.sweep.Sweep: the pass that makes them all
 
     @classmethod
     def plain(cls, ckpt: Checkpoint) -> "_GraphWeights":
@@ -213,22 +215,39 @@ class _GraphWeights:
             from convert.rotation import Rotation
             rotation = Rotation(cfg)
             get, down_rotation = rotation.weights(get), rotation.down_rotation
-        # Each tensor made once per pass (convert/reuse.py): smoothing's pass and search share a
-        # layer's rotated weights, GPTQ's pass and the writer its smoothed ones, and both passes
-        # take the calibration tokens' embedding rows from one rotation of the table.
-        rows = CalibrationRows(get, segments) if segments else None
-        smoothing = None
-        if smooth and tokens is not None:
-            smoothing = _fit_smoothing(ckpt, Reuse(rows), cfg, quant, head, tokens, stream, down_rotation)
-            get = smoothing.weights(get)
-        hessians = None
-        if gptq and tokens is not None:       # run lazily, as the graph writer reaches each group
-            from convert.gptq import Hessians
-            get = Reuse(get)
-            hessians = Hessians.collect(rows.on(get), cfg, segments, down_rotation)
-        return _GraphWeights(get, cfg, smoothing.importance if smoothing else {}, down_rotation,
-                             rotate, smoothing is not None, rotation,
-                             smoothing.scales["head"] if smoothing else None, hessians)
+        sweep = None
+        if (smooth or gptq) and tokens is not None:
+            # One pass (convert/sweep.py): each layer's weights read, rotated and smoothed once,
+            # both calibrations run on them as the graph writer reaches the layer; the
+            # calibration tokens' embedding rows come from one rotation of the table.
+            from convert.sweep import Sweep
+            tables = _tables(ckpt, rotation)
+            sweep = Sweep(get, CalibrationRows(get, segments, tables.get("embed")), cfg, quant, head,
+                          tokens if smooth else None, segments if gptq else None, down_rotation, tables)
+            get = sweep
+        return _GraphWeights(get, cfg, sweep.importance if sweep else {}, down_rotation,
+                             rotate, bool(sweep and sweep.smoothing), rotation,
+                             sweep.smoothing if sweep else None, sweep.hessians if sweep else None, sweep)
+
+    @property
+    def head_divisor(self) -> np.ndarray | None:
+        """The lm_head's smoothing scales [D] (known once the graph is written)."""
+        return self.smoothing.scales["head"] if self.smoothing is not None else None
+
+
+def _tables(ckpt: Checkpoint, rotation) -> dict:
+    """The embedding and the lm_head as convert.table.Table (read by blocks of rows, rotated as
+    `Rotation.weights` rotates them) when they are too large to make whole; {} otherwise."""
+    from convert.table import streamed
+    tables = {}
+    head_source = "embed" if ckpt.config.tie_word_embeddings else "lm_head"
+    for name, source in (("embed", "embed"), ("lm_head", head_source)):
+        t = streamed(ckpt, name, source)
+        if t is not None and rotation is not None:
+            t = rotation.table(name, t, ckpt.tensor("final_norm") if name == "lm_head" else None)
+        if t is not None:
+            tables[name] = t
+    return tables
 
 
 def _calibration_tokens(ckpt: Checkpoint, stream: dict, max_tokens: int) -> list[np.ndarray] | None:
@@ -240,16 +259,6 @@ def _calibration_tokens(ckpt: Checkpoint, stream: dict, max_tokens: int) -> list
         print("note: the tokenizer cannot read the calibration text; quantizing without smoothing or GPTQ",
               file=stream.get("stream", sys.stderr))
     return tokens
-
-
-def _fit_smoothing(ckpt: Checkpoint, get, cfg: ModelConfig, quant: str, head: str, tokens: np.ndarray,
-                   stream: dict, down_rotation: np.ndarray | None):
-    """Calibrated smoothing scales (convert/smoothing.py)."""
-    from convert.smoothing import Smoothing
-    bar = Progress(4 * ckpt.config.num_layers + 1, f"calibrating on {sum(map(len, tokens))} tokens", **stream)
-    smoothing = Smoothing.fit(get, cfg, tokens, quant, head, on_group=bar.step, down_rotation=down_rotation)
-    bar.close()
-    return smoothing
 
 
 def _check_tokenizer(ckpt: Checkpoint) -> None:

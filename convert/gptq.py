@@ -13,9 +13,11 @@ integer levels under those fixed scales. The result is a `QuantizedWeight` exact
 `quantize()`'s: the graph writer and the runtime see nothing new.
 
 `Hessians` takes the inputs X of every matmul group from a float forward pass of the weights
-actually quantized (after rotation and smoothing: `matmul_inputs` on the rewritten weights sees
-x / s), run lazily as the graph writer reaches each group, so memory holds one layer's inputs
+actually quantized (after rotation and smoothing: the pass on the rewritten weights sees
+x / s), run lazily as the graph writer reaches each group, so memory holds a layer's inputs
 and one group's H (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them.
+A conversion feeds it from its one pass over the layers (convert/sweep.py); `collect` runs a
+pass of its own over any weights.
 The pass reads GPTQ_TOKENS tokens of the calibration text (convert/calibration.py).
 """
 from __future__ import annotations
@@ -245,6 +247,10 @@ class Hessians:
         del x
         self._last = (group, (damp, act_order), prepare(h, damp, act_order, overwrite=True, perm=perm))
         return self._last[2]
+
+    def release(self) -> None:
+        """Let go of the last group's factor (the next group's is made when asked for)."""
+        self._last = None
 
     def close(self) -> None:
         self._last = None

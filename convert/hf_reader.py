@@ -150,12 +150,13 @@ def read_hf(root: Path) -> Checkpoint:
         raise CheckpointError(f"{tok_path}: missing (convert needs the Hugging Face tokenizer.json)")
     tok_cfg = _read_json(root / "tokenizer_config.json", required=False)
 
-    loaders, stored, unused = {}, {}, []
+    loaders, row_loaders, stored, unused = {}, {}, {}, []
     for shard in _shards(root):
         for hf_name in shard.names():
             name = _canonical(hf_name)
             if name:
                 loaders[name] = (lambda s=shard, n=hf_name: s.load(n))
+                row_loaders[name] = (lambda lo, hi, s=shard, n=hf_name: s.load(n, (lo, hi)))
                 stored[name] = f"{hf_name} in {shard.path.name}"
             elif not hf_name.endswith(_DERIVED):
                 unused.append((str(shard.path), hf_name))
@@ -171,7 +172,7 @@ def read_hf(root: Path) -> Checkpoint:
         chat_template=_chat_template(root, tok_cfg),
         special_tokens={k: _token_text(tok_cfg[k]) for k in ("bos_token", "eos_token") if tok_cfg.get(k)},
         add_bos=bool(tok_cfg.get("add_bos_token", cfg.bos_token_id is not None)),
-        stored_names=stored,
+        stored_names=stored, row_loaders=row_loaders,
     )
     ckpt.validate()
     return ckpt

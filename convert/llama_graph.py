@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from convert.quantize import SCHEMES, quantize
+from convert.quantize import SCHEMES, QuantizedWeight, quantize
 from convert.tflite_writer import Act, GraphBuilder, ModelBuilder
 from edge.model.config import ModelConfig
 
@@ -108,13 +108,45 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
 
     g = mb.subgraph("lm_head")
     head_w = get("embed") if cfg.tie_word_embeddings else get("lm_head")
-    head_q = quant_for(head_w, "head", head)
+    head_q = by_row_blocks(head_w, lambda w: quant_for(w, "head", head))
     del head_w                                    # [V, D] float32: 1 GB on the 1B shape
     g.output("logits", g.fully_connected(g.input("h", D), head_q, "logits"))
     head_out.append(HeadLayout(head_q.scheme, head_q.shape, mb.weight_buffers(head_q), None,
                                head_q.block_size,
                                None if head_q.block_size or head_q.scales is None else head_q.scales))
     return mb
+
+
+HEAD_BLOCK_ELEMS = 1 << 25    # weights per row block of the head (128 MB of float32)
+
+
+def by_row_blocks(w, quantize_rows: Callable[[np.ndarray], QuantizedWeight]) -> QuantizedWeight:
+    """quantize_rows(w) of a [V, D] table (an array or a convert.table.Table, which makes each
+    block when it is sliced), a block of rows at a time into one result: every
+    scheme rounds each row on its own, so the bytes are the same, but the temporaries (the
+    clip search's levels, GPTQ's) are a block's, not the table's (the 3B head is 1.6 GB of
+    float32; its int8 levels alone would be 394 MB). Blocks are whole multiples of GPTQ's row
+    chunk, so GPTQ sees the same chunks it would see in one call."""
+    from convert.gptq import _CHUNK_ELEMS
+    n, k = w.shape
+    chunk = max(1, _CHUNK_ELEMS // k)
+    rows = max(1, HEAD_BLOCK_ELEMS // (k * chunk)) * chunk
+    if n <= rows:
+        return quantize_rows(w if isinstance(w, np.ndarray) else w[0:n])
+    data = scales = first = None
+    for lo in range(0, n, rows):
+        part = quantize_rows(w[lo:lo + rows])
+        r, per_row = part.shape[0], part.data.size // part.shape[0]
+        if first is None:
+            first = (part.scheme, part.data.shape[1:], part.block_size)
+            data = np.empty((n * per_row,), part.data.dtype)       # int4: packed bytes, row-major
+            scales = None if part.scales is None else np.empty((n,) + part.scales.shape[1:], part.scales.dtype)
+        data.reshape(n, per_row)[lo:lo + r] = part.data.reshape(r, per_row)
+        if scales is not None:
+            scales[lo:lo + r] = part.scales
+        del part
+    scheme, row_shape, block_size = first
+    return QuantizedWeight(scheme, (n, k), data.reshape((n,) + row_shape) if row_shape else data, scales, block_size)
 
 
 def head_scheme(quant: str, head: str | None = None) -> str:

@@ -1,8 +1,8 @@
 """An iterator run on a thread of its own, a bounded number of items ahead of its consumer.
 
-GPTQ's calibration pass (a float forward pass in NumPy, layer by layer) and the rounding of
-the weights it feeds (Hessian factorisation, GPTQ's column loop, the writer) take turns when
-run on one thread. They depend on each other only through the pass's outputs, so the pass
+The calibration pass (a float forward pass in NumPy, layer by layer: convert/sweep.py) and
+the rounding of the weights it feeds (Hessian factorisation, GPTQ's column loop, the writer)
+take turns when run on one thread. They depend on each other only through the pass's outputs, so the pass
 can run one layer ahead on a second thread while the writer works on the layer before.
 
 Each side runs its NumPy calls on its own thread with one BLAS thread (the conversion's

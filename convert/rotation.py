@@ -77,6 +77,17 @@ class Rotation:
         block = np.gcd(cfg.intermediate_size, DOWN_BLOCK)
         self.down_rotation = random_orthogonal(block, SEED + 2).astype(np.float32) if block >= 16 else None
 
+    def table_rows(self, name: str, w: np.ndarray, final_norm: np.ndarray | None = None) -> np.ndarray:
+        """Rows of "embed" (rotated) or "lm_head" (the final norm folded in, then rotated), in
+        place: the whole table or a block of its rows (convert/table.py)."""
+        if name == "lm_head":
+            w *= final_norm
+        return rotate_rows(w, self.q)
+
+    def table(self, name: str, t, final_norm: np.ndarray | None = None):
+        """A convert.table.Table of "embed" or "lm_head" with the rotation `weights` gives it."""
+        return t.then(lambda w: self.table_rows(name, w, final_norm))
+
     def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
         """An accessor over `get`'s names (plus "lm_head") returning rotated float tensors."""
         cfg, q, h = self.cfg, self.q, self.h
@@ -89,12 +100,8 @@ class Rotation:
 
         def rotated(name: str) -> np.ndarray:
             layer, _, kind = name.rpartition(".")
-            if name == "embed":
-                return rotate_rows(get("embed"), q)
-            if name == "lm_head":
-                w = get("lm_head")
-                w *= get("final_norm")
-                return rotate_rows(w, q)
+            if name in ("embed", "lm_head"):
+                return self.table_rows(name, get(name), get("final_norm") if name == "lm_head" else None)
             if name == "final_norm" or kind in ("attn_norm", "ffn_norm"):
                 return np.ones_like(get(name))
             if kind in ("wq", "wk", "wv"):

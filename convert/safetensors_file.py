@@ -48,12 +48,18 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def load(self, name: str) -> np.ndarray:
-        """The tensor as a fresh float32 array (bf16 is the top half of a float32)."""
+    def load(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or its rows lo:hi) as a fresh float32 array (bf16 is the top half of a
+        float32)."""
         e = self.entries[name]
         begin, end = e["data_offsets"]
         dtype = np.dtype(_DTYPES[e["dtype"]])
         count = (end - begin) // dtype.itemsize
+        shape = list(e["shape"])
+        if rows is not None:
+            per_row = count // shape[0] if shape and shape[0] else 0
+            lo, hi = max(0, rows[0]), min(shape[0], rows[1])
+            begin, count, shape[0] = begin + lo * per_row * dtype.itemsize, max(0, hi - lo) * per_row, max(0, hi - lo)
         bf16 = e["dtype"] == "BF16"
         out = np.empty(count, np.uint32 if bf16 else np.float32)
         step = READ_CHUNK // dtype.itemsize
@@ -68,4 +74,4 @@ class SafetensorsFile:
         if bf16:
             out <<= 16
             out = out.view(np.float32)
-        return out.reshape(e["shape"])
+        return out.reshape(shape)

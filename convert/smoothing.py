@@ -28,6 +28,7 @@ import numpy as np
 
 from convert.calibration import matmul_inputs
 from convert.quantize import quantize
+from convert.table import Table
 from edge.model.config import ModelConfig
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
@@ -45,15 +46,31 @@ def fake_quant_rows(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.rint(x / scale) + zero, -128, 127) - zero) * scale
 
 
-def search_scale(x: np.ndarray, w: np.ndarray, scheme: str,
+def search_rows(w: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """The SEARCH_ROWS output rows the search simulates, evenly spaced, of w or of the
+    concatenation of a list of weights (taken part by part: no concatenated copy)."""
+    parts = w if isinstance(w, list) else [w]
+    n = sum(len(p) for p in parts)
+    rows = np.unique(np.linspace(0, n - 1, min(SEARCH_ROWS, n)).astype(int))
+    if isinstance(w, Table):                        # read by rows: only these rows are read
+        return w.take(rows)
+    if not isinstance(w, list):
+        return w[rows]
+    out, start = [], 0
+    for p in parts:
+        out.append(p[rows[(rows >= start) & (rows < start + len(p))] - start])
+        start += len(p)
+    return np.concatenate(out)
+
+
+def search_scale(x: np.ndarray, w: np.ndarray | list[np.ndarray], scheme: str,
                  tie: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> np.ndarray:
     """The s [K] for input x [T, K] and weight w [N, K] that minimises the simulated error.
 
     tie maps a per-channel statistic to one that respects a constraint (GQA: the query
     heads sharing a KV head must share s), by taking the max over each tied set.
     """
-    rows = np.unique(np.linspace(0, w.shape[0] - 1, min(SEARCH_ROWS, w.shape[0])).astype(int))
-    w = w[rows]
+    w = search_rows(w)
     y = x @ w.T
     ax = np.maximum(tie(np.abs(x).max(axis=0)), 1e-8)
     aw = np.maximum(tie(np.abs(w).max(axis=0)), 1e-8)
@@ -107,25 +124,31 @@ class Smoothing:
             down_rotation: np.ndarray | None = None) -> "Smoothing":
         """down_rotation: the graph rotates w_down's input (convert/rotation.py); its channels
         are then mixtures, so no 1/s can fold into w_up and that group keeps s = 1."""
-        kv_tie = _kv_tie(cfg)
-        scales, importance = {}, {}
+        sm = cls({}, {}, cfg)
         for group, x in matmul_inputs(get, cfg, tokens, down_rotation):
-            layer, _, kind = group.rpartition(".")
-            w = lambda n: get(f"{layer}.{n}")
-            if kind == "qkv":
-                scales[group] = search_scale(x, np.concatenate([w("wq"), w("wk"), w("wv")]), scheme)
-            elif kind == "wo":
-                scales[group] = search_scale(x, w("wo"), scheme, kv_tie)
-            elif kind == "gate_up":
-                scales[group] = search_scale(x, np.concatenate([w("w_gate"), w("w_up")]), scheme)
-            elif kind == "down":
-                scales[group] = (np.ones(x.shape[1], np.float32) if down_rotation is not None
-                                 else search_scale(x, w("w_down"), scheme))
-            else:
-                scales[group] = search_scale(x, get("lm_head"), head_scheme)
-            importance[group] = input_importance(x / scales[group])
+            sm.fit_group(group, x, get, scheme, head_scheme, down_rotation)
             on_group(group)
-        return cls(scales, importance, cfg)
+        return sm
+
+    def fit_group(self, group: str, x: np.ndarray, get: Callable[[str], np.ndarray], scheme: str,
+                  head_scheme: str, down_rotation: np.ndarray | None = None) -> None:
+        """The scale and importance of one group from its input x (unsmoothed) and its
+        unsmoothed weights (`get`, by the checkpoint's names)."""
+        layer, _, kind = group.rpartition(".")
+        w = lambda n: get(f"{layer}.{n}")
+        if kind == "qkv":
+            s = search_scale(x, [w("wq"), w("wk"), w("wv")], scheme)
+        elif kind == "wo":
+            s = search_scale(x, w("wo"), scheme, _kv_tie(self.cfg))
+        elif kind == "gate_up":
+            s = search_scale(x, [w("w_gate"), w("w_up")], scheme)
+        elif kind == "down":
+            s = (np.ones(x.shape[1], np.float32) if down_rotation is not None
+                 else search_scale(x, w("w_down"), scheme))
+        else:
+            s = search_scale(x, get("lm_head"), head_scheme)
+        self.scales[group] = s
+        self.importance[group] = input_importance(x / s)
 
     def weights(self, get: Callable[[str], np.ndarray]) -> Callable[[str], np.ndarray]:
         """An accessor with the same names as `get` whose tensors carry the scales. The

@@ -80,7 +80,7 @@ def test_conversion_peak_rss_is_bounded_by_the_largest_tensor(mid_checkpoint, tm
     # tokenizer's calibration parse, and one smoothing candidate's temporaries per core
     # (measured 1.54x with the candidates tried one at a time, 1.61x with one per core on 2
     # cores; a second copy of the largest tensor would be 2x and more), plus one layer's GPTQ
-    # calibration inputs made ahead of the rounding (convert/prefetch.py: 1.72x measured)
+    # calibration inputs made ahead of the rounding (convert/sweep.py)
     from convert.calibration import GPTQ_TOKENS
     layer_inputs = GPTQ_TOKENS * (D + H * HD + D + F) * 4          # qkv, wo, gate_up, down inputs
     assert layer_inputs < 0.2 * largest
