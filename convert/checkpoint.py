@@ -77,13 +77,7 @@ class Checkpoint:
             arr = arr.copy()
         if arr.shape != want:
             raise CheckpointError(f"{self.source}: tensor {name!r} has shape {arr.shape}, config implies {want}")
-        bad = count_non_finite(arr)
-        if bad:
-            stored = self.stored_names.get(name)
-            where = f" ({stored})" if stored else ""
-            raise CheckpointError(f"{self.source}: tensor {name!r}{where} has {bad} non-finite value(s) (NaN or "
-                                  f"infinity) after dequantization; the checkpoint is damaged")
-        return arr
+        return self._finite(name, arr)
 
     def rows(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Rows lo:hi of a tensor as float32, checked as `tensor` checks it: what a reader with
@@ -98,6 +92,9 @@ class Checkpoint:
         if arr.shape != (n,) + want[1:]:
             raise CheckpointError(f"{self.source}: rows {lo}:{hi} of {name!r} have shape {arr.shape}, "
                                   f"config implies {(n,) + want[1:]}")
+        return self._finite(name, arr)
+
+    def _finite(self, name: str, arr: np.ndarray) -> np.ndarray:
         bad = count_non_finite(arr)
         if bad:
             stored = self.stored_names.get(name)
