@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-STREAM_ELEMS = 1 << 27          # tables above this (512 MB of float32) are read by blocks of rows
+STREAM_ELEMS = 1 << 25          # tables above this (128 MB of float32) are read by blocks of rows
 BLOCK_ELEMS = 1 << 24           # values per block while gathering rows (64 MB of float32)
 
 
