@@ -121,9 +121,7 @@ class Sweep:
 
     def __call__(self, name: str) -> np.ndarray:
         if name.startswith("layers."):
-            i = int(name.split(".")[1])
-            while self._next <= i:
-                self._take()
+            self._reach(name)
             if name not in self._layer:
                 raise KeyError(f"{name} was handed to the writer already, or its layer is behind")
             return self._layer.pop(name)
@@ -133,6 +131,12 @@ class Sweep:
         if name == "embed":
             return self._made("embed")
         raise KeyError(name)
+
+    def _reach(self, name: str) -> None:
+        """Run the pass up to the layer `name` ("layers.I...") belongs to."""
+        i = int(name.split(".")[1])
+        while self._next <= i:
+            self._take()
 
     def _head_step(self) -> None:
         """The final norm, the lm_head (read, rotated and smoothed once) and its GPTQ inputs."""
@@ -168,9 +172,7 @@ class Sweep:
         if group == "head":
             self._head_step()
         elif group.startswith("layers."):
-            i = int(group.split(".")[1])
-            while self._next <= i:
-                self._take()
+            self._reach(group)
         if group not in self._inputs:
             raise KeyError(f"no calibration inputs (left) for {group!r}")
         return self._inputs.pop(group)

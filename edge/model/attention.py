@@ -28,7 +28,7 @@ class Attention:
         self.scale = np.float32(1.0 / np.sqrt(self.hd))
         self.rope = rope
         self.workers = 1           # threads for a long call's heads (the graph pass's thread count)
-        self._pool = None
+        self._pool, self._pool_size = None, 0
 
     def _map(self, fn, kv: int, work: int) -> None:
         """fn(a, b) over KV-head ranges covering 0..kv, on up to `workers` threads."""
@@ -36,9 +36,9 @@ class Attention:
         if n <= 1:
             fn(0, kv)
             return
-        if self._pool is None or self._pool._max_workers < n:
+        if self._pool_size < n:
             from concurrent.futures import ThreadPoolExecutor
-            self._pool = ThreadPoolExecutor(n, thread_name_prefix="attention")
+            self._pool, self._pool_size = ThreadPoolExecutor(n, thread_name_prefix="attention"), n
         bounds = [kv * i // n for i in range(n + 1)]
         futures = [self._pool.submit(fn, a, b) for a, b in zip(bounds[1:-1], bounds[2:])]
         fn(bounds[0], bounds[1])
