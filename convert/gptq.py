@@ -22,10 +22,12 @@ The pass reads GPTQ_TOKENS tokens of the calibration text (convert/calibration.p
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import numpy as np
 
+from convert import workers
 from convert.calibration import GROUPS, matmul_inputs
 from convert.prefetch import Prefetch
 from convert.quantize import QuantizedWeight, encode_levels, quantize, runtime_scales
@@ -146,13 +148,15 @@ def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance:
     step = max(1, _CHUNK_ELEMS // k)
     unperm = None if perm is None else _inverse(perm)
     cols = col_group if perm is None else col_group[perm]
-    for r0 in range(0, n, step):
+
+    def rows(r0: int) -> None:                      # one chunk: the same call on any worker
         wt = w[r0:r0 + step].T.copy()               # [K, R]: a column is a contiguous row here
         wt[dead] = 0.0
         if perm is not None:
             wt = wt[perm]
         levels = _gptq_columns(wt, np.ascontiguousarray(s[r0:r0 + step].T), cols, u, lo, hi)
         q[r0:r0 + step] = (levels if unperm is None else levels[unperm]).T
+    workers.map_ordered(rows, range(0, n, step))   # chunks never re-cut: the bytes are the same on any count
     return encode_levels(scheme, (n, k), q, stored_scales)
 
 
@@ -172,6 +176,7 @@ def _gptq_columns(wt: np.ndarray, st: np.ndarray, cols: np.ndarray, u: np.ndarra
     q = np.empty((k, r), np.int8)
     err = np.empty((BLOCK, r), np.float32)
     lv = np.empty(r, np.float32)
+    upd = np.empty((BLOCK, r), np.float32)          # each column's update, in place of a fresh temporary
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
         w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
@@ -181,10 +186,31 @@ def _gptq_columns(wt: np.ndarray, st: np.ndarray, cols: np.ndarray, u: np.ndarra
             q[i1 + i] = lv
             np.subtract(col, np.multiply(lv, sc, out=e), out=e)
             e /= u1[i, i]
-            w1[i:] -= u1[i, i:, None] * e
+            d = upd[:i2 - i1 - i]
+            np.subtract(w1[i:], np.multiply(u1[i, i:, None], e, out=d), out=w1[i:])
         if i2 < k:
             wt[i2:] -= u[i1:i2, i2:].T @ err[:i2 - i1]
     return q
+
+
+def _factor(x: np.ndarray, damp: float, act_order: bool) -> tuple:
+    """`prepare`'s (U, perm, dead) from a group's inputs X [T, K] (taken over: X is freed)."""
+    perm = None
+    if act_order:                                   # descending diag(H) = column sums of x^2
+        perm = np.argsort(-np.einsum("tk,tk->k", x, x), kind="stable")
+        x = x[:, perm]
+    h = x.T @ x
+    del x
+    return prepare(h, damp, act_order, overwrite=True, perm=perm)
+
+
+def _next_in_layer(group: str) -> str | None:
+    """The group after `group` in its layer ("layers.3.wo" -> "layers.3.gate_up"), if any.
+    Never the next layer's: taking its inputs early would let the pass make one more layer."""
+    layer, _, kind = group.rpartition(".")
+    if not layer.startswith("layers.") or kind not in GROUPS or kind == GROUPS[-1]:
+        return None
+    return f"{layer}.{GROUPS[GROUPS.index(kind) + 1]}"
 
 
 class Hessians:
@@ -200,6 +226,7 @@ class Hessians:
         self.n_tokens = n_tokens
         self._pending: dict[str, np.ndarray] = {}      # yielded by the pass, not yet asked for
         self._last: tuple[str, tuple, tuple] | None = None   # (group, (damp, act_order), factor)
+        self._ahead: tuple[str, tuple, Future] | None = None  # the next group's factor, being made
 
     @classmethod
     def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: list[np.ndarray],
@@ -239,21 +266,28 @@ class Hessians:
                 raise ValueError(f"{group}: prepared with {self._last[1]}, asked with {(damp, act_order)}")
             return self._last[2]
         self._last = None                           # free the previous group's factor first
-        x, perm = self.inputs(group), None
-        if act_order:                               # descending diag(H) = column sums of x^2
-            perm = np.argsort(-np.einsum("tk,tk->k", x, x), kind="stable")
-            x = x[:, perm]
-        h = x.T @ x
-        del x
-        self._last = (group, (damp, act_order), prepare(h, damp, act_order, overwrite=True, perm=perm))
-        return self._last[2]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == group:
+            if ahead[1] != (damp, act_order):
+                raise ValueError(f"{group}: prepared with {ahead[1]}, asked with {(damp, act_order)}")
+            factor = ahead[2].result()
+        else:
+            if ahead is not None:
+                ahead[2].cancel()
+            factor = _factor(self.inputs(group), damp, act_order)
+        self._last = (group, (damp, act_order), factor)
+        nxt = _next_in_layer(group)
+        if nxt in self._groups:                    # made on a worker while this group is rounded
+            self._ahead = (nxt, (damp, act_order), workers.submit(_factor, self.inputs(nxt), damp, act_order))
+        return factor
 
     def release(self) -> None:
         """Let go of the last group's factor (the next group's is made when asked for)."""
         self._last = None
+        self._ahead = None
 
     def close(self) -> None:
-        self._last = None
+        self._last = self._ahead = None
         self._pending.clear()
         self._inputs.close()
 
