@@ -204,13 +204,14 @@ def _factor(x: np.ndarray, damp: float, act_order: bool) -> tuple:
     return prepare(h, damp, act_order, overwrite=True, perm=perm)
 
 
-def _next_in_layer(group: str) -> str | None:
-    """The group after `group` in its layer ("layers.3.wo" -> "layers.3.gate_up"), if any.
-    Never the next layer's: taking its inputs early would let the pass make one more layer."""
+def _rest_of_layer(group: str) -> list[str]:
+    """`group` and the groups after it in its layer ("layers.3.wo" -> wo, gate_up, down), or
+    just [group] outside the layers. Never the next layer's: taking its inputs early would
+    let the pass make one more layer."""
     layer, _, kind = group.rpartition(".")
-    if not layer.startswith("layers.") or kind not in GROUPS or kind == GROUPS[-1]:
-        return None
-    return f"{layer}.{GROUPS[GROUPS.index(kind) + 1]}"
+    if not layer.startswith("layers.") or kind not in GROUPS:
+        return [group]
+    return [f"{layer}.{g}" for g in GROUPS[GROUPS.index(kind):]]
 
 
 class Hessians:
@@ -225,8 +226,9 @@ class Hessians:
         self._inputs, self._groups, self._on_group = inputs, groups, on_group
         self.n_tokens = n_tokens
         self._pending: dict[str, np.ndarray] = {}      # yielded by the pass, not yet asked for
+        self._taken: set[str] = set()                  # groups whose inputs were asked for
         self._last: tuple[str, tuple, tuple] | None = None   # (group, (damp, act_order), factor)
-        self._ahead: tuple[str, tuple, Future] | None = None  # the next group's factor, being made
+        self._ahead: dict[str, tuple[tuple, Future]] = {}    # the layer's factors, being made
 
     @classmethod
     def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: list[np.ndarray],
@@ -245,6 +247,7 @@ class Hessians:
 
     def inputs(self, group: str) -> np.ndarray:
         """X [T, K] of one group; each group's inputs can be taken once."""
+        self._taken.add(group)
         while group not in self._pending:
             try:
                 name, x = next(self._inputs)
@@ -266,28 +269,29 @@ class Hessians:
                 raise ValueError(f"{group}: prepared with {self._last[1]}, asked with {(damp, act_order)}")
             return self._last[2]
         self._last = None                           # free the previous group's factor first
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == group:
-            if ahead[1] != (damp, act_order):
-                raise ValueError(f"{group}: prepared with {ahead[1]}, asked with {(damp, act_order)}")
-            factor = ahead[2].result()
-        else:
-            if ahead is not None:
-                ahead[2].cancel()
-            factor = _factor(self.inputs(group), damp, act_order)
-        self._last = (group, (damp, act_order), factor)
-        nxt = _next_in_layer(group)
-        if nxt in self._groups:                    # made on a worker while this group is rounded
-            self._ahead = (nxt, (damp, act_order), workers.submit(_factor, self.inputs(nxt), damp, act_order))
-        return factor
+        for g in [g for g in self._ahead if g.rpartition(".")[0] != group.rpartition(".")[0]]:
+            del self._ahead[g]                     # another layer's, never asked for
+        if group not in self._ahead:
+            # The rest of the layer's factors are made on the workers while the writer rounds
+            # the groups before them, the widest (w_down's) first: it takes longest.
+            rest = [g for g in _rest_of_layer(group)
+                    if g in self._groups and g not in self._ahead and (g == group or g not in self._taken)]
+            inputs = {g: self.inputs(g) for g in rest}
+            for g in sorted(rest, key=lambda g: -inputs[g].shape[1]):
+                self._ahead[g] = ((damp, act_order), workers.submit(_factor, inputs.pop(g), damp, act_order))
+        settings, future = self._ahead.pop(group)
+        if settings != (damp, act_order):
+            raise ValueError(f"{group}: prepared with {settings}, asked with {(damp, act_order)}")
+        self._last = (group, settings, future.result())
+        return self._last[2]
 
     def release(self) -> None:
-        """Let go of the last group's factor (the next group's is made when asked for)."""
+        """Let go of the factors made so far (the next group's is made when asked for)."""
         self._last = None
-        self._ahead = None
+        self._ahead = {}
 
     def close(self) -> None:
-        self._last = self._ahead = None
+        self._last, self._ahead = None, {}
         self._pending.clear()
         self._inputs.close()
 
