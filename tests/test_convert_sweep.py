@@ -195,3 +195,46 @@ def test_the_bundle_is_the_same_on_any_number_of_workers(tiny, tmp_path, monkeyp
         files[n] = {f: (out / f).read_bytes() for f in ("model.tflite", "weights.bin")}
         assert any(s.startswith("edge-llm-convert") for s in seen) == (n > 1)    # pieces did go to workers
     assert files[2] == files[1] and files[3] == files[1]
+
+
+def test_workers_keep_the_order_finish_every_piece_and_run_nested_pieces_inline():
+    """map_ordered gives results in the items' order whatever finishes first; a failing piece
+    raises only once every piece is done; a piece's own pieces run in its thread (a bounded
+    pool waiting on itself could stall); one worker runs everything in the caller."""
+    from convert import workers
+    finished = []
+    release, done = threading.Event(), threading.Semaphore(0)
+
+    def piece(i):
+        if i == 0:
+            assert release.wait(30)                  # the first finishes last
+        finished.append(i)
+        done.release()
+        return i * i, threading.current_thread().name, workers.map_ordered(lambda j: threading.current_thread().name, [0, 1])
+
+    with workers.limited(2):
+        result = []
+        caller = threading.Thread(target=lambda: result.append(workers.map_ordered(piece, range(4))))
+        caller.start()
+        for _ in range(3):                           # pieces 1-3 finish while piece 0 waits
+            assert done.acquire(timeout=30)
+        release.set()
+        caller.join(30)
+        out = result[0]
+        assert [r[0] for r in out] == [0, 1, 4, 9] and finished[-1] == 0
+        assert all(inner == [name, name] for _, name, inner in out)     # nested: inline, same thread
+
+        def failing(i):
+            if i == 1:
+                raise ValueError("piece 1")
+            finished.append(("done", i))
+        finished.clear()
+        with pytest.raises(ValueError, match="piece 1"):
+            workers.map_ordered(failing, range(4))
+        assert sorted(finished) == [("done", 0), ("done", 2), ("done", 3)]
+    with workers.limited(1):
+        assert workers.map_ordered(lambda i: threading.current_thread().name, range(3)) == \
+            [threading.current_thread().name] * 3
+    with pytest.raises(ValueError):
+        with workers.limited(0):
+            pass
