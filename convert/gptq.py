@@ -14,8 +14,10 @@ integer levels under those fixed scales. The result is a `QuantizedWeight` exact
 
 `Hessians` takes the inputs X of every matmul group from a float forward pass of the weights
 actually quantized (after rotation and smoothing: the pass on the rewritten weights sees
-x / s), run lazily as the graph writer reaches each group, so memory holds a layer's inputs
-and one group's H (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them.
+x / s), run lazily as the graph writer reaches each layer, so memory holds one layer's inputs
+and factors (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them; a
+layer's factors are made on the conversion's workers (convert/workers.py) while the writer
+rounds the groups before them.
 A conversion feeds it from its one pass over the layers (convert/sweep.py); `collect` runs a
 pass of its own over any weights.
 The pass reads GPTQ_TOKENS tokens of the calibration text (convert/calibration.py).
@@ -218,7 +220,7 @@ class Hessians:
     """The Hessian H = X^T X of each matmul group's calibration inputs, made when the graph
     writer asks for it. The float forward pass (`matmul_inputs`) is advanced lazily, group by
     group; the writer asks in the order the pass yields (qkv, wo, gate_up, down of each layer,
-    then the head), so only one layer's inputs and one group's factor exist at a time, and
+    then the head), so only one layer's inputs and factors exist at a time, and
     nothing is written to disk (4096 tokens of the 1B model's inputs would be 3.7 GB)."""
 
     def __init__(self, inputs: Iterator[tuple[str, np.ndarray]], groups: set[str], n_tokens: int,
