@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from convert import workers
 from convert.rotation import rotate_blocks
 from edge.model.attention import Attention
 from edge.model.config import ModelConfig
@@ -107,21 +108,27 @@ class HiddenStates:
         self.n_tokens = sum(len(s) for s in segments)
 
     def layer(self, i: int, L: dict) -> dict[str, np.ndarray]:
-        seen: dict[str, list[np.ndarray]] = {}
-
-        def observe(group: str, v: np.ndarray) -> np.ndarray:
-            if group == "down" and self.down_rotation is not None:
-                v = rotate_blocks(v, self.down_rotation)      # what the graph's block rotation feeds w_down
-            seen.setdefault(group, []).append(v)
-            return v
-
+        """The segments are independent sequences: each runs as one piece on the conversion's
+        workers (convert/workers.py), and their inputs are joined in the segments' order."""
         xs = self.xs
-        for j, x in enumerate(xs):
-            cache = KVCache(self.cfg, len(x))
-            xs[j] = llama_layer(x, L, lambda qkv: self.attention(i, qkv, cache, 0), self.cfg.rms_norm_eps, observe)
+
+        def segment(j: int) -> dict[str, np.ndarray]:
+            seen: dict[str, np.ndarray] = {}
+
+            def observe(group: str, v: np.ndarray) -> np.ndarray:
+                if group == "down" and self.down_rotation is not None:
+                    v = rotate_blocks(v, self.down_rotation)      # what the graph's block rotation feeds w_down
+                seen[group] = v
+                return v
+            cache = KVCache(self.cfg, len(xs[j]))
+            xs[j] = llama_layer(xs[j], L, lambda qkv: self.attention(i, qkv, cache, 0), self.cfg.rms_norm_eps,
+                                observe)
+            return seen
+
+        per_segment = workers.map_ordered(segment, range(len(xs)))
         out = {}
-        for group in list(seen):
-            parts = seen.pop(group)
+        for group in list(per_segment[0]):
+            parts = [seen.pop(group) for seen in per_segment]
             out[group] = np.concatenate(parts) if len(parts) > 1 else parts[0]
             del parts
         return out

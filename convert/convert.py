@@ -33,10 +33,11 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 ROTATE_BY_DEFAULT = ("int8", "int4", "int4-b32")
 ROTATE_ONLY_WITH_GPTQ = ("int4", "int4-b32")
 GPTQ_BY_DEFAULT = ("int8", "int4", "int4-b32")
-# NumPy's BLAS threads while converting. One: beside busy processes OpenBLAS's threads wait for
-# each other at every matmul (calibration 11.4 s -> 309.5 s, GPTQ 37 s -> 896 s at load 13,
-# where one thread would lose only its share of the CPU), and its results change with the
+# NumPy's BLAS threads per worker while converting. One: beside busy processes OpenBLAS's threads
+# wait for each other at every matmul (calibration 11.4 s -> 309.5 s, GPTQ 37 s -> 896 s at load
+# 13, where one thread would lose only its share of the CPU), and its results change with the
 # thread count, so a fixed count keeps the bundle the same whatever the load (docs/SPEED.md).
+# The cores are used by the conversion's workers instead (convert/workers.py).
 CONVERT_THREADS = 1
 
 
@@ -83,10 +84,12 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     `ROTATE_ONLY_WITH_GPTQ` say), smoothed with calibrated scales (convert/smoothing.py;
     smooth=False skips it, for comparison) and rounded with GPTQ (convert/gptq.py; gptq=False
     rounds to nearest; None: `GPTQ_BY_DEFAULT`). head: the lm_head's scheme (None: llama_graph.head_scheme's choice).
-    quant None: `default_quant` for the checkpoint's size. threads: NumPy's BLAS pool for the
-    whole conversion (None/"auto": CONVERT_THREADS). It is fixed, not timed and switched as the
-    runtime's is: OpenBLAS's results change with its thread count, and a bundle must not
-    depend on what else ran while it was made."""
+    quant None: `default_quant` for the checkpoint's size. threads: the conversion's worker
+    threads (convert/workers.py; None/"auto": one per core). Each runs NumPy with
+    CONVERT_THREADS BLAS threads, fixed, not timed and switched as the runtime's are:
+    OpenBLAS's results change with its thread count, and a bundle must not depend on what else
+    ran while it was made. The workers split the work into the same pieces whatever their
+    number, so the bundle is the same for every `threads`."""
     from convert.llama_graph import head_scheme
     if quant is not None and quant not in SCHEMES:
         raise ValueError(f"unknown --quant {quant!r}; choose from {', '.join(SCHEMES)}")
@@ -98,8 +101,10 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     _check_tokenizer(ckpt)
     head = head_scheme(quant, head)
     import threadpoolctl
+    from convert import workers
     threads = parse_threads(threads)
-    with threadpoolctl.threadpool_limits(threads if isinstance(threads, int) else CONVERT_THREADS, user_api="blas"):
+    with threadpoolctl.threadpool_limits(CONVERT_THREADS, user_api="blas"), \
+            workers.limited(threads if isinstance(threads, int) else None):
         return _convert(ckpt, src, dest, quant, overwrite, name, rotate, smooth, gptq, head, stream)
 
 

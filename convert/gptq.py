@@ -14,18 +14,22 @@ integer levels under those fixed scales. The result is a `QuantizedWeight` exact
 
 `Hessians` takes the inputs X of every matmul group from a float forward pass of the weights
 actually quantized (after rotation and smoothing: the pass on the rewritten weights sees
-x / s), run lazily as the graph writer reaches each group, so memory holds a layer's inputs
-and one group's H (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them.
+x / s), run lazily as the graph writer reaches each layer, so memory holds one layer's inputs
+and factors (the 1B model's w_down H alone is 8192^2 f32 = 256 MB), never all of them; a
+layer's factors are made on the conversion's workers (convert/workers.py) while the writer
+rounds the groups before them.
 A conversion feeds it from its one pass over the layers (convert/sweep.py); `collect` runs a
 pass of its own over any weights.
 The pass reads GPTQ_TOKENS tokens of the calibration text (convert/calibration.py).
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
 from typing import Callable, Iterator
 
 import numpy as np
 
+from convert import workers
 from convert.calibration import GROUPS, matmul_inputs
 from convert.prefetch import Prefetch
 from convert.quantize import QuantizedWeight, encode_levels, quantize, runtime_scales
@@ -146,13 +150,15 @@ def gptq_quantize(w: np.ndarray, scheme: str, h: np.ndarray | tuple, importance:
     step = max(1, _CHUNK_ELEMS // k)
     unperm = None if perm is None else _inverse(perm)
     cols = col_group if perm is None else col_group[perm]
-    for r0 in range(0, n, step):
+
+    def rows(r0: int) -> None:                      # one chunk: the same call on any worker
         wt = w[r0:r0 + step].T.copy()               # [K, R]: a column is a contiguous row here
         wt[dead] = 0.0
         if perm is not None:
             wt = wt[perm]
         levels = _gptq_columns(wt, np.ascontiguousarray(s[r0:r0 + step].T), cols, u, lo, hi)
         q[r0:r0 + step] = (levels if unperm is None else levels[unperm]).T
+    workers.map_ordered(rows, range(0, n, step))   # chunks never re-cut: the bytes are the same on any count
     return encode_levels(scheme, (n, k), q, stored_scales)
 
 
@@ -172,6 +178,7 @@ def _gptq_columns(wt: np.ndarray, st: np.ndarray, cols: np.ndarray, u: np.ndarra
     q = np.empty((k, r), np.int8)
     err = np.empty((BLOCK, r), np.float32)
     lv = np.empty(r, np.float32)
+    upd = np.empty((BLOCK, r), np.float32)          # each column's update, in place of a fresh temporary
     for i1 in range(0, k, BLOCK):
         i2 = min(i1 + BLOCK, k)
         w1, u1 = wt[i1:i2], u[i1:i2, i1:i2]
@@ -181,17 +188,39 @@ def _gptq_columns(wt: np.ndarray, st: np.ndarray, cols: np.ndarray, u: np.ndarra
             q[i1 + i] = lv
             np.subtract(col, np.multiply(lv, sc, out=e), out=e)
             e /= u1[i, i]
-            w1[i:] -= u1[i, i:, None] * e
+            d = upd[:i2 - i1 - i]
+            np.subtract(w1[i:], np.multiply(u1[i, i:, None], e, out=d), out=w1[i:])
         if i2 < k:
             wt[i2:] -= u[i1:i2, i2:].T @ err[:i2 - i1]
     return q
+
+
+def _factor(x: np.ndarray, damp: float, act_order: bool) -> tuple:
+    """`prepare`'s (U, perm, dead) from a group's inputs X [T, K] (taken over: X is freed)."""
+    perm = None
+    if act_order:                                   # descending diag(H) = column sums of x^2
+        perm = np.argsort(-np.einsum("tk,tk->k", x, x), kind="stable")
+        x = x[:, perm]
+    h = x.T @ x
+    del x
+    return prepare(h, damp, act_order, overwrite=True, perm=perm)
+
+
+def _rest_of_layer(group: str) -> list[str]:
+    """`group` and the groups after it in its layer ("layers.3.wo" -> wo, gate_up, down), or
+    just [group] outside the layers. Never the next layer's: taking its inputs early would
+    let the pass make one more layer."""
+    layer, _, kind = group.rpartition(".")
+    if not layer.startswith("layers.") or kind not in GROUPS:
+        return [group]
+    return [f"{layer}.{g}" for g in GROUPS[GROUPS.index(kind):]]
 
 
 class Hessians:
     """The Hessian H = X^T X of each matmul group's calibration inputs, made when the graph
     writer asks for it. The float forward pass (`matmul_inputs`) is advanced lazily, group by
     group; the writer asks in the order the pass yields (qkv, wo, gate_up, down of each layer,
-    then the head), so only one layer's inputs and one group's factor exist at a time, and
+    then the head), so only one layer's inputs and factors exist at a time, and
     nothing is written to disk (4096 tokens of the 1B model's inputs would be 3.7 GB)."""
 
     def __init__(self, inputs: Iterator[tuple[str, np.ndarray]], groups: set[str], n_tokens: int,
@@ -199,7 +228,9 @@ class Hessians:
         self._inputs, self._groups, self._on_group = inputs, groups, on_group
         self.n_tokens = n_tokens
         self._pending: dict[str, np.ndarray] = {}      # yielded by the pass, not yet asked for
+        self._taken: set[str] = set()                  # groups whose inputs were asked for
         self._last: tuple[str, tuple, tuple] | None = None   # (group, (damp, act_order), factor)
+        self._ahead: dict[str, tuple[tuple, Future]] = {}    # the layer's factors, being made
 
     @classmethod
     def collect(cls, get: Callable[[str], np.ndarray], cfg: ModelConfig, tokens: list[np.ndarray],
@@ -218,6 +249,7 @@ class Hessians:
 
     def inputs(self, group: str) -> np.ndarray:
         """X [T, K] of one group; each group's inputs can be taken once."""
+        self._taken.add(group)
         while group not in self._pending:
             try:
                 name, x = next(self._inputs)
@@ -239,21 +271,29 @@ class Hessians:
                 raise ValueError(f"{group}: prepared with {self._last[1]}, asked with {(damp, act_order)}")
             return self._last[2]
         self._last = None                           # free the previous group's factor first
-        x, perm = self.inputs(group), None
-        if act_order:                               # descending diag(H) = column sums of x^2
-            perm = np.argsort(-np.einsum("tk,tk->k", x, x), kind="stable")
-            x = x[:, perm]
-        h = x.T @ x
-        del x
-        self._last = (group, (damp, act_order), prepare(h, damp, act_order, overwrite=True, perm=perm))
+        for g in [g for g in self._ahead if g.rpartition(".")[0] != group.rpartition(".")[0]]:
+            del self._ahead[g]                     # another layer's, never asked for
+        if group not in self._ahead:
+            # The rest of the layer's factors are made on the workers while the writer rounds
+            # the groups before them, the widest (w_down's) first: it takes longest.
+            rest = [g for g in _rest_of_layer(group)
+                    if g in self._groups and g not in self._ahead and (g == group or g not in self._taken)]
+            inputs = {g: self.inputs(g) for g in rest}
+            for g in sorted(rest, key=lambda g: -inputs[g].shape[1]):
+                self._ahead[g] = ((damp, act_order), workers.submit(_factor, inputs.pop(g), damp, act_order))
+        settings, future = self._ahead.pop(group)
+        if settings != (damp, act_order):
+            raise ValueError(f"{group}: prepared with {settings}, asked with {(damp, act_order)}")
+        self._last = (group, settings, future.result())
         return self._last[2]
 
     def release(self) -> None:
-        """Let go of the last group's factor (the next group's is made when asked for)."""
+        """Let go of the factors made so far (the next group's is made when asked for)."""
         self._last = None
+        self._ahead = {}
 
     def close(self) -> None:
-        self._last = None
+        self._last, self._ahead = None, {}
         self._pending.clear()
         self._inputs.close()
 

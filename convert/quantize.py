@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 
+from convert import workers
 from edge.model.embedding import bf16_round as _bf16, unpack_int4   # the runtime decodes with these too
 
 SCHEMES = ("int8", "int4", "int4-b32", "f16", "f32")
@@ -159,8 +160,10 @@ def _by_rows(fn, groups: np.ndarray, fmt: _ScaleFormat, imp: np.ndarray) -> tupl
     q = np.empty(groups.shape, np.int8)
     scales = np.empty(groups.shape[:2], fmt.dtype)
     step = max(1, _CHUNK_ELEMS // (groups.shape[1] * groups.shape[2]))
-    for lo in range(0, groups.shape[0], step):
+
+    def rows(lo: int) -> None:
         q[lo:lo + step], scales[lo:lo + step] = fn(groups[lo:lo + step], fmt, imp)
+    workers.map_ordered(rows, range(0, groups.shape[0], step))   # the same chunks on any number of workers
     return q, scales
 
 

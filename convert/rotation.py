@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from convert import workers
+
 from edge.model.config import ModelConfig
 from edge.model.embedding import OrthogonalFactors, hadamard
 
@@ -43,9 +45,11 @@ def rotate_blocks(x: np.ndarray, h: np.ndarray) -> np.ndarray:
 
 def rotate_rows(w: np.ndarray, q: np.ndarray, rows: int = 4096) -> np.ndarray:
     """w @ q computed in place, a chunk of rows at a time: the 1B model's [V, D] tables are
-    1 GB in float32, and `w @ q` would hold two of them."""
-    for lo in range(0, w.shape[0], rows):
+    1 GB in float32, and `w @ q` would hold two of them. The chunks run on the conversion's
+    workers (convert/workers.py), each the same call whatever their number."""
+    def chunk(lo: int) -> None:
         w[lo:lo + rows] = w[lo:lo + rows] @ q
+    workers.map_ordered(chunk, range(0, w.shape[0], rows))
     return w
 
 

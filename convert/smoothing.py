@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from convert import workers
 from convert.calibration import matmul_inputs
 from convert.quantize import quantize
 from convert.table import Table
@@ -82,27 +83,10 @@ def search_scale(x: np.ndarray, w: np.ndarray | list[np.ndarray], scheme: str,
         return s, float(np.square(fake_quant_rows(x / s) @ wq.T - y).sum())
 
     best, best_err = candidates[0], np.inf
-    for s, err in _pool().map(trial, candidates):  # in order: the same choice on any number of workers
+    for s, err in workers.map_ordered(trial, candidates):   # in order: the same choice on any number of workers
         if err < best_err:                        # a NaN error (overflowing candidate) never wins
             best, best_err = s, err
     return best
-
-
-_POOL = None
-
-
-def _pool():
-    """Worker threads for the candidates, one per core. Each candidate is one unit of work
-    whose result does not depend on which worker runs it or when (NumPy's BLAS runs one
-    thread per call while converting: convert.CONVERT_THREADS), so the scales are the same
-    with any number of workers, and a worker descheduled by another process holds up only
-    its own candidate, not every matmul."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-        from edge.model.thread_policy import available_cores
-        _POOL = ThreadPoolExecutor(max_workers=available_cores(), thread_name_prefix="smoothing")
-    return _POOL
 
 
 def input_importance(x: np.ndarray) -> np.ndarray:

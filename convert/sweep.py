@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from convert import workers
 from convert.calibration import GROUPS, HiddenStates
 from convert.prefetch import Prefetch
 from edge.model.config import ModelConfig
@@ -88,7 +89,8 @@ class Sweep:
             if self._closed:
                 return
             p = f"layers.{i}."
-            w = {p + n: self._made(p + n) for n in LAYER_TENSORS}
+            names = [p + n for n in LAYER_TENSORS]
+            w = dict(zip(names, workers.map_ordered(self._made, names)))     # read and rotated on the workers
             if smooth is not None:
                 seen = smooth.layer(i, layer_weights(w.__getitem__, i))
                 for group in GROUPS:

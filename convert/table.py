@@ -18,6 +18,8 @@ from typing import Callable
 
 import numpy as np
 
+from convert import workers
+
 STREAM_ELEMS = 1 << 25          # tables above this (128 MB of float32) are read by blocks of rows
 BLOCK_ELEMS = 1 << 24           # values per block while gathering rows (64 MB of float32)
 
@@ -57,10 +59,12 @@ class Table:
         """table[ids] for sorted unique ids, by blocks of rows: every row is read once."""
         out = np.empty((len(ids), self.shape[1]), np.float32)
         step = max(1, BLOCK_ELEMS // self.shape[1])
-        for lo in range(0, self.shape[0], step):
+
+        def block(lo: int) -> None:                   # a block on a worker (convert/workers.py)
             at = np.flatnonzero((ids >= lo) & (ids < lo + step))
             if len(at):
                 out[at] = self[lo:lo + step][ids[at] - lo]
+        workers.map_ordered(block, range(0, self.shape[0], step))
         return out
 
 

@@ -4,6 +4,8 @@ runs at most one layer ahead of the writer, and the head quantized in row blocks
 quantized whole."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -166,3 +168,73 @@ def test_a_large_table_is_read_by_rows_never_whole(tiny, tmp_path, monkeypatch):
     assert a.manifest["gptq"] and b.manifest["gptq"] and b.manifest["smoothing"]
     ea, eb = a.embedding()(np.arange(cfg.vocab_size)), b.embedding()(np.arange(cfg.vocab_size))
     np.testing.assert_allclose(eb, ea, rtol=0, atol=0.05 * np.abs(ea).max())
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_the_bundle_is_the_same_on_any_number_of_workers(tiny, tmp_path, monkeypatch, quant):
+    """GPTQ's chunks of rows, the clip search's chunks, the next group's Hessian factor and
+    smoothing's candidates run on the conversion's workers (convert/workers.py): the bytes do
+    not depend on how many. Small chunks, so every weight is several pieces."""
+    import convert.quantize as quantize_module
+    from convert import workers
+    d, ckpt = tiny
+    monkeypatch.setattr(calibration, "calibration_tokens", lambda *a: _segments(ckpt.config.vocab_size))
+    monkeypatch.setattr(gptq, "_CHUNK_ELEMS", 7 * ckpt.config.hidden_size)        # 7 rows a chunk
+    monkeypatch.setattr(quantize_module, "_CHUNK_ELEMS", 5 * ckpt.config.hidden_size)
+    seen = set()
+    submit = workers.submit
+
+    def counting(fn, *args):
+        seen.add(threading.current_thread().name)
+        return submit(lambda: (seen.add(threading.current_thread().name), fn(*args))[1])
+    monkeypatch.setattr(workers, "submit", counting)
+    files = {}
+    for n in (1, 2, 3):
+        seen.clear()
+        out = convert(d, tmp_path / f"w{n}", quant=quant, quiet=True, threads=n)
+        files[n] = {f: (out / f).read_bytes() for f in ("model.tflite", "weights.bin")}
+        assert any(s.startswith("edge-llm-convert") for s in seen) == (n > 1)    # pieces did go to workers
+    assert files[2] == files[1] and files[3] == files[1]
+
+
+def test_workers_keep_the_order_finish_every_piece_and_run_nested_pieces_inline():
+    """map_ordered gives results in the items' order whatever finishes first; a failing piece
+    raises only once every piece is done; a piece's own pieces run in its thread (a bounded
+    pool waiting on itself could stall); one worker runs everything in the caller."""
+    from convert import workers
+    finished = []
+    release, done = threading.Event(), threading.Semaphore(0)
+
+    def piece(i):
+        if i == 0:
+            assert release.wait(30)                  # the first finishes last
+        finished.append(i)
+        done.release()
+        return i * i, threading.current_thread().name, workers.map_ordered(lambda j: threading.current_thread().name, [0, 1])
+
+    with workers.limited(2):
+        result = []
+        caller = threading.Thread(target=lambda: result.append(workers.map_ordered(piece, range(4))))
+        caller.start()
+        for _ in range(3):                           # pieces 1-3 finish while piece 0 waits
+            assert done.acquire(timeout=30)
+        release.set()
+        caller.join(30)
+        out = result[0]
+        assert [r[0] for r in out] == [0, 1, 4, 9] and finished[-1] == 0
+        assert all(inner == [name, name] for _, name, inner in out)     # nested: inline, same thread
+
+        def failing(i):
+            if i == 1:
+                raise ValueError("piece 1")
+            finished.append(("done", i))
+        finished.clear()
+        with pytest.raises(ValueError, match="piece 1"):
+            workers.map_ordered(failing, range(4))
+        assert sorted(finished) == [("done", 0), ("done", 2), ("done", 3)]
+    with workers.limited(1):
+        assert workers.map_ordered(lambda i: threading.current_thread().name, range(3)) == \
+            [threading.current_thread().name] * 3
+    with pytest.raises(ValueError):
+        with workers.limited(0):
+            pass

@@ -145,9 +145,10 @@ def test_dead_columns_and_prepared_factor():
 
 
 def test_hessians_run_the_calibration_pass_as_the_writer_asks(tmp_path):
-    """H = X^T X of the calibration pass's inputs, one group at a time: asking in the pass's
-    order leaves nothing pending (one layer's inputs at most in memory); asking out of order
-    still gives the right H; a group's factor is reused for the weights that share it."""
+    """H = X^T X of the calibration pass's inputs: asking for a group of a layer makes the
+    factors of the rest of that layer (on the workers), never the next layer's; asking in the
+    pass's order leaves nothing pending (one layer's inputs at most in memory); asking out of
+    order still gives the right H; a group's factor is reused for the weights that share it."""
     d = tmp_path / "src"
     write_tiny_llama(d)
     ckpt = read_checkpoint(d)
@@ -160,18 +161,22 @@ def test_hessians_run_the_calibration_pass_as_the_writer_asks(tmp_path):
         assert hs.n_tokens == 64 and not seen                  # nothing runs until asked
         assert "head" in hs and "layers.0.down" in hs and "layers.0.nothing" not in hs
         first = hs.prepared("layers.0.qkv")
-        assert seen == ["layers.0.qkv"]
+        assert seen == [f"layers.0.{g}" for g in ("qkv", "wo", "gate_up", "down")]   # the layer, not the next
         assert hs.prepared("layers.0.qkv") is first             # wq, wk, wv share one factor
         with pytest.raises(ValueError, match="asked with"):
             hs.prepared("layers.0.qkv", damp=0.5)                # its inputs are gone: no second factor
-        h = hs.hessian("layers.0.gate_up")                      # out of order: wo waits
-        x = expected["layers.0.gate_up"]
-        assert x.shape == (64, cfg.hidden_size)
-        np.testing.assert_allclose(h, x.T @ x, rtol=1e-5, atol=1e-5)
         assert hs.prepared("layers.0.down")[0].shape == (cfg.intermediate_size,) * 2
         assert hs.prepared("layers.0.wo")[0].shape == (cfg.num_heads * cfg.head_dim,) * 2
-        hs.prepared("layers.1.qkv")
-        assert not hs._pending                                 # layer 0's inputs are gone
+        with pytest.raises(ValueError, match="asked with"):
+            hs.prepared("layers.0.gate_up", damp=0.5)            # made ahead with the layer's settings
+        h = hs.hessian("layers.1.gate_up")                      # out of order: qkv and wo wait
+        x = expected["layers.1.gate_up"]
+        assert x.shape == (64, cfg.hidden_size)
+        np.testing.assert_allclose(h, x.T @ x, rtol=1e-5, atol=1e-5)
+        assert seen[4:] == [f"layers.1.{g}" for g in ("qkv", "wo", "gate_up")]
+        hs.prepared("layers.1.qkv")                             # qkv, wo and down: gate_up's are taken
+        assert not hs._pending                                  # layer 1's inputs are gone
+        assert seen[4:] == [f"layers.1.{g}" for g in ("qkv", "wo", "gate_up", "down")]
         with pytest.raises(KeyError):
             hs.hessian("layers.0.qkv")                          # taken once
     with Hessians.collect(get, cfg, segments) as hs:          # act-order permutes X, then builds H

@@ -200,9 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="integer quants: the lm_head's format (and so a tied embedding's), e.g. int8, int4, "
                         "int4-b32; default: the one chosen for --quant")
     v.add_argument("--threads", type=positive, default=None,
-                   help=f"NumPy threads while converting (default {CONVERT_THREADS}: steady beside other work, "
-                        "and the same bundle whatever the load; bundles made with different counts differ in "
-                        "rounding)")
+                   help=f"worker threads while converting (default: one per core), each with {CONVERT_THREADS} "
+                        "NumPy thread: steady beside other work, and the same bundle for any count")
     v.set_defaults(func=cmd_convert)
 
     from edge.cli import bench, models, perplexity
