@@ -11,6 +11,20 @@ from edge.launch import wheel_fetch
 ASSETS = Path(os.environ.get("EDGE_LLM_TEST_ASSETS", Path.home() / ".cache" / "edge-llm-test-assets"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_schedulers():
+    """After each module, what its servers started ends, so their engines can go (an engine
+    left behind keeps its packed weights: the suite reached 9 GB and 300 threads)."""
+    yield
+    import gc
+
+    from edge.launch.memory import release_free_memory
+    from tests.http_server import close_started
+    close_started()
+    gc.collect()
+    release_free_memory()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     # one directory per asset: transformers picks up any tokenizer.model lying beside a GGUF

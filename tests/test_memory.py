@@ -149,3 +149,22 @@ def test_the_scheduler_releases_buffers_once_nothing_runs(tiny_int8):
         assert idle.wait(60)
     finally:
         scheduler.close()
+
+
+def test_a_closed_scheduler_ends_its_threads(tiny_int8):
+    import threading
+
+    from edge.engine.engine import Engine, GenerationParams
+    from edge.engine.scheduler import Scheduler
+    engine = Engine(Bundle.open(tiny_int8), max_ctx=64, threads=1)
+    scheduler = Scheduler(engine, max_queue=2, time_limit=None)
+    list(scheduler.submit([5, 6, 7], GenerationParams(max_tokens=2)).events())
+    assert scheduler.tokenize(len, "abc").result() == 3
+    before = {t.name for t in threading.enumerate()}
+    assert any(n.startswith("edge-llm-tokenizer") for n in before)
+    assert scheduler.close(timeout=60)
+    assert not scheduler._worker.is_alive()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        scheduler.tokenize(len, "abc")
+    with pytest.raises(RuntimeError, match="shutdown"):
+        scheduler.readers.submit(len, "abc")

@@ -217,13 +217,19 @@ class Scheduler:
         for job in jobs:
             job.cancel()
 
-    def close(self) -> None:
-        """End the worker once nothing runs or waits (its model is being unloaded), so that
-        nothing holds the engine any more."""
+    def close(self, timeout: float | None = None) -> bool:
+        """End the worker once nothing runs or waits (its model is being unloaded) and the
+        idle reader and tokenizer threads, so that nothing holds the engine any more. False
+        when the worker is still busy after `timeout` seconds (None: wait for it)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join()
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            return False
+        self.readers.shutdown(wait=False)
+        self._tokenizer.shutdown(wait=False)
+        return True
 
     def healthy(self) -> bool:
         """Nothing pending, or progress (a step, an admission) within `stall_seconds`: what
