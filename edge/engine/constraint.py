@@ -129,7 +129,7 @@ class Grammars:
 
     Given the engine's own `tokenizers.Tokenizer` of a byte-level BPE vocabulary (Llama 3,
     SmolLM2), llguidance gets each token's bytes from it once and encodes through it
-    (`_Vocabulary`): Llama 3's 128k vocabulary then takes ~55 MB and ~2 s to build, against
+    (`_Vocabulary`): Llama 3's 128k vocabulary then takes ~55 MB and ~2.5 s to build, against
     ~120 MB and ~6 s from tokenizer.json, from which llguidance builds a second tokenizer of
     its own (docs/MODELS.md, "Memory"). Other tokenizers go through tokenizer.json, where
     llguidance knows each format's pieces."""
