@@ -321,7 +321,7 @@ class Engine:
 
     def release_buffers(self) -> None:
         """Between requests: the model's buffers for prompt chunks go (made again by the next
-        prompt in about a millisecond; docs/MODELS.md, "Memory")."""
+        prompt in about a millisecond; docs/MODELS.md, "Where the runtime's memory goes")."""
         with self._step_lock:
             self.model.release_buffers()
 
