@@ -131,8 +131,8 @@ class Grammars:
     SmolLM2), llguidance gets each token's bytes from it once and encodes through it
     (`_Vocabulary`): Llama 3's 128k vocabulary then takes ~55 MB and ~2.5 s to build, against
     ~120 MB and ~6 s from tokenizer.json, from which llguidance builds a second tokenizer of
-    its own (docs/MODELS.md, "Where the runtime's memory goes"). Other tokenizers go through tokenizer.json, where
-    llguidance knows each format's pieces."""
+    its own (docs/MODELS.md, "Where the runtime's memory goes"). Other tokenizers go through
+    tokenizer.json, where llguidance knows each format's pieces."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids, tokenizer=None):
         self._tokenizer_json = tokenizer_json
