@@ -108,24 +108,7 @@ def ready_state(engine, max_queue: int = DEFAULT_MAX_QUEUE, **config) -> ServerS
     config.setdefault("defaults", RequestDefaults(max_tokens=None, sampling=SamplingParams()))
     state = ServerState(engine.name, ServerConfig(**config))
     state.set_ready(engine, start_scheduler(engine, max_queue=max_queue, time_limit=config.get("request_timeout")))
-    STARTED.append(state)
     return state
-
-
-STARTED: list = []      # states made by ready_state; conftest closes them after each module
-
-
-def close_started(timeout: float = 30) -> None:
-    """Stop what `ready_state` started: the threads of its models table and of its scheduler
-    hold the engine (graph, packed weights, KV), which would otherwise live to the end of the
-    session."""
-    while STARTED:
-        state = STARTED.pop()
-        state.models.close()
-        for entry in state.models.loaded():
-            if entry.scheduler is not None:
-                entry.scheduler.cancel_all()
-                entry.scheduler.close(timeout)
 
 
 def engine_text(engine, ids, max_tokens: int, stop=(), **sampling):
