@@ -11,6 +11,29 @@ from edge.launch import wheel_fetch
 ASSETS = Path(os.environ.get("EDGE_LLM_TEST_ASSETS", Path.home() / ".cache" / "edge-llm-test-assets"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _close_schedulers():
+    """After each module, the threads its servers started end (the models table's reaper and
+    the schedulers' workers hold their engines), so the engines can go: an engine left behind
+    keeps its packed weights, and the suite reached 9 GB and 300 threads."""
+    yield
+    import gc
+
+    from edge.engine.scheduler import Scheduler
+    from edge.launch.loaded_models import LoadedModels
+    from edge.launch.memory import release_free_memory
+    gc.collect()
+    for obj in gc.get_objects():
+        if issubclass(type(obj), LoadedModels):      # type(): no proxy object's __class__
+            obj.close()
+    for obj in gc.get_objects():
+        if issubclass(type(obj), Scheduler) and not obj._closed:
+            obj.cancel_all()
+            obj.close(timeout=5)          # a test's wedged engine stays (its thread never returns)
+    gc.collect()
+    release_free_memory()
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     # one directory per asset: transformers picks up any tokenizer.model lying beside a GGUF

@@ -125,11 +125,18 @@ def _ll():
 
 class Grammars:
     """One model's grammar compiler: its tokenizer as llguidance sees it (built once, on first
-    use: about a second and 74 MB for Llama 3's 128k vocabulary), with the model's vocabulary
-    size and eos ids."""
+    use), with the model's vocabulary size and eos ids.
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids):
+    Given the engine's own `tokenizers.Tokenizer` of a byte-level BPE vocabulary (Llama 3,
+    SmolLM2), llguidance gets each token's bytes from it once and encodes through it
+    (`_Vocabulary`): Llama 3's 128k vocabulary then takes ~55 MB and ~2.5 s to build, against
+    ~120 MB and ~6 s from tokenizer.json, from which llguidance builds a second tokenizer of
+    its own (docs/MODELS.md, "Where the runtime's memory goes"). Other tokenizers go through
+    tokenizer.json, where llguidance knows each format's pieces."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids, tokenizer=None):
         self._tokenizer_json = tokenizer_json
+        self._hf = tokenizer if tokenizer is not None and _byte_level(tokenizer) and eos_ids else None
         self.vocab_size = vocab_size
         self.eos_ids = sorted(eos_ids)
         self._tokenizer = None
@@ -137,10 +144,11 @@ class Grammars:
         self._lock = threading.Lock()
 
     @classmethod
-    def of_bundle(cls, bundle, eos_ids=None) -> Grammars:
-        """The compiler for a bundle's tokenizer (eos ids: the bundle's own unless given)."""
+    def of_bundle(cls, bundle, eos_ids=None, tokenizer=None) -> Grammars:
+        """The compiler for a bundle's tokenizer (eos ids: the bundle's own unless given;
+        `tokenizer`: the bundle's, already loaded, to share)."""
         return cls((bundle.path / bundle.manifest["tokenizer"]).read_text(), bundle.config.vocab_size,
-                   bundle.config.eos_token_ids if eos_ids is None else eos_ids)
+                   bundle.config.eos_token_ids if eos_ids is None else eos_ids, tokenizer)
 
     @property
     def tokenizer(self):
@@ -148,16 +156,22 @@ class Grammars:
             if self._tokenizer is None and self._error is None:
                 ll = _ll()
                 eos = self.eos_ids or None
+                source = (ll.TokenizerWrapper(_Vocabulary(self._hf, self.eos_ids)) if self._hf is not None
+                          else self._tokenizer_json)
                 try:
                     try:        # the model's vocabulary (often padded past the tokenizer's)...
-                        self._tokenizer = ll.LLTokenizer(self._tokenizer_json, n_vocab=self.vocab_size, eos_token=eos)
+                        self._tokenizer = ll.LLTokenizer(source, n_vocab=self.vocab_size, eos_token=eos)
                     except ValueError as e:
                         if "vocab size too small" not in str(e):
                             raise
                         # ...or the tokenizer's, when it has more entries than the model has logits
-                        self._tokenizer = ll.LLTokenizer(self._tokenizer_json, eos_token=eos)
+                        self._tokenizer = ll.LLTokenizer(source, eos_token=eos)
                 except Exception as e:      # llguidance rejects some tokenizers (e.g. word-level ones)
                     self._error = f"this model's tokenizer cannot be used for constrained decoding: {e}"
+                finally:
+                    if not isinstance(source, str):
+                        source.tokens = source._gtokenizer.tokens = None    # copied into llguidance's trie
+                    self._tokenizer_json = None                               # read once
             if self._error:
                 raise ConstraintError(self._error)
             return self._tokenizer
@@ -180,6 +194,27 @@ class Grammars:
         if m.is_error():
             raise ConstraintError(f"{grammar.origin}: the schema cannot be compiled: {m.get_error()}")
         return Matcher(m, self.tokenizer.vocab_size, self.vocab_size)
+
+
+def _byte_level(tokenizer) -> bool:
+    import tokenizers
+    return isinstance(tokenizer.decoder, tokenizers.decoders.ByteLevel)
+
+
+class _Vocabulary:
+    """What `llguidance.TokenizerWrapper` reads: each token's exact bytes, the special ids, an
+    eos id, and text -> ids (the engine's tokenizer, as llguidance's own would encode)."""
+
+    def __init__(self, tokenizer, eos_ids):
+        from edge.engine.detokenizer import TokenBytes
+        token_bytes = TokenBytes(tokenizer)
+        self.tokens = [token_bytes(i) for i in range(tokenizer.get_vocab_size(with_added_tokens=True))]
+        self.special_token_ids = [i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special]
+        self.eos_token_id, self.bos_token_id = eos_ids[0], None
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: bytes) -> list[int]:
+        return self._tokenizer.encode(text.decode("utf-8", "replace"), add_special_tokens=False).ids
 
 
 def _limits():

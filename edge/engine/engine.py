@@ -215,7 +215,7 @@ class Engine:
     def grammars(self) -> Grammars:
         """The grammar compiler for this model's tokenizer (built on first use)."""
         if self._grammars is None:
-            self._grammars = Grammars.of_bundle(self.bundle, self.eos_ids)
+            self._grammars = Grammars.of_bundle(self.bundle, self.eos_ids, self.tokenizer)
         return self._grammars
 
     def check_grammar(self, grammar: Grammar) -> None:
@@ -318,6 +318,12 @@ class Engine:
             self.slot_pool.release(slot, seq, forget=True)
             raise
         return seq
+
+    def release_buffers(self) -> None:
+        """Between requests: the model's buffers for prompt chunks go (made again by the next
+        prompt in about a millisecond; docs/MODELS.md, "Where the runtime's memory goes")."""
+        with self._step_lock:
+            self.model.release_buffers()
 
     def free_slots(self) -> int:
         return self.slot_pool.free()

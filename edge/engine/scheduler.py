@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import queue
 import threading
 import time
@@ -36,6 +37,7 @@ from edge.engine.engine import Engine, Event, GenerationParams, Sequence
 from edge.engine.replies import aevents
 
 _END = object()
+log = logging.getLogger("edge.engine")
 SPARE_READERS = 8          # reader threads beyond one per queue place and slot: left by clients gone
 
 
@@ -103,10 +105,13 @@ class Job:
 
 class Scheduler:
     def __init__(self, engine: Engine, *, max_queue: int, time_limit: float | None,
-                 stall_seconds: float | None = None):
+                 stall_seconds: float | None = None, on_idle: Callable[[], None] | None = None):
         """`max_queue`: requests waiting beyond the running ones; `time_limit`: a request's
-        seconds in the queue + generating (None: no limit)."""
+        seconds in the queue + generating (None: no limit); `on_idle`: called on the worker
+        each time the last running request has ended and none waits, after the engine's
+        buffers for prompt chunks are let go (e.g. to hand freed memory back)."""
         self.engine = engine
+        self.on_idle = on_idle
         self.stall_seconds = stall_seconds      # work pending this long without progress = wedged (None: never)
         self.max_queue = max_queue
         self.time_limit = time_limit
@@ -212,13 +217,19 @@ class Scheduler:
         for job in jobs:
             job.cancel()
 
-    def close(self) -> None:
-        """End the worker once nothing runs or waits (its model is being unloaded), so that
-        nothing holds the engine any more."""
+    def close(self, timeout: float | None = None) -> bool:
+        """End the worker once nothing runs or waits (its model is being unloaded) and the
+        idle reader and tokenizer threads, so that nothing holds the engine any more. False
+        when the worker is still busy after `timeout` seconds (None: wait for it)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join()
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            return False
+        self.readers.shutdown(wait=False)
+        self._tokenizer.shutdown(wait=False)
+        return True
 
     def healthy(self) -> bool:
         """Nothing pending, or progress (a step, an admission) within `stall_seconds`: what
@@ -296,3 +307,15 @@ class Scheduler:
                     job._events.put(ev if ev.error is None else ev.error)
                 if seq.done:
                     job._events.put(_END)
+            if not self._running and not self._waiting:
+                self._idle()
+
+    def _idle(self) -> None:
+        """Nothing runs or waits: memory that only running requests use goes back (a request
+        arriving meanwhile waits for it: milliseconds)."""
+        try:
+            self.engine.release_buffers()
+            if self.on_idle is not None:
+                self.on_idle()
+        except Exception as e:           # the worker goes on; the memory stays taken
+            log.warning("could not release memory between requests: %s", e)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from edge.engine.engine import KV_TYPES, Engine
 from edge.engine.prompt_cache import PromptCache
+from edge.launch.memory import release_free_memory
 from edge.launch.model_store import bundle_id, open_bundle, prompt_cache_dir, weight_cache_dir
 from edge.launch.request import DEFAULT_CTX, DEFAULT_KV_POOL_MB
 from edge.model.config import ModelConfig
@@ -73,8 +74,10 @@ def load_engine(model: str | None = None, backend: str = "auto", ctx: int = DEFA
     cache = None
     if prompt_cache_mb > 0:
         cache = PromptCache(prompt_cache_dir(bundle), bundle_id(bundle), prompt_cache_mb << 20)
-    return Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle),
-                  parallel=parallel, kv_type=kv_type, prompt_cache=cache, kv_pool_bytes=pool)
+    engine = Engine(bundle, max_ctx=ctx, backend=backend, threads=threads, weight_cache=weight_cache_dir(bundle),
+                    parallel=parallel, kv_type=kv_type, prompt_cache=cache, kv_pool_bytes=pool)
+    release_free_memory()      # what reading tokenizer.json freed (Llama 3: ~120 MB) goes back to the system
+    return engine
 
 
 def engine_from_args(a, log=print, verify: bool | str = True) -> Engine:

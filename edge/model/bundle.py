@@ -16,7 +16,8 @@ copy, not two. Untied integer bundles keep int8 rows + scales in weights.bin; fl
 the float table.
 
 Loading checks the format version and every file's hash before anything else reads it, and
-refuses a damaged bundle with a message naming the bad file. Tensors are memory-mapped.
+refuses a damaged bundle with a message naming the bad file. Tensors are memory-mapped, but
+the embedding table's rows are read one by one as tokens ask for them (`tensor_rows`).
 """
 from __future__ import annotations
 
@@ -162,6 +163,15 @@ class Bundle:
         return np.memmap(self.path / t["file"], dtype=np.dtype(t["dtype"]), mode="r",
                          offset=t["offset"], shape=tuple(t["shape"]))
 
+    def tensor_rows(self, name: str):
+        """One tensor's rows, each read from the file when asked (`FileRows`: nothing mapped)."""
+        from edge.model.embedding import FileRows
+        try:
+            t = self.manifest["tensors"][name]
+        except KeyError:
+            raise BundleError(f"{self.path / MANIFEST}: no tensor {name!r}") from None
+        return FileRows(self.path / t["file"], t["offset"], tuple(t["shape"]), np.dtype(t["dtype"]))
+
     @property
     def has_graph(self) -> bool:
         return "model.tflite" in self.manifest["files"]
@@ -183,7 +193,7 @@ class Bundle:
                                       np.asarray(self.tensor("embed_rotation_r")))
                     if self.has_tensor("embed_rotation_signs") else None)
         divisor, norm = opt("embed_divisor"), opt("embed_norm")
-        return Embedding(self.tensor("embed"), spec["scheme"], self.config.hidden_size, opt("embed_scale"),
+        return Embedding(self.tensor_rows("embed"), spec["scheme"], self.config.hidden_size, opt("embed_scale"),
                          int(spec.get("block_size", 0)),
                          None if divisor is None else np.asarray(divisor),
                          None if norm is None else np.asarray(norm), rotation)

@@ -134,6 +134,10 @@ class CausalLM:
         n = min(cache.common_prefix(ids), len(ids) - 1, cache.canonical)
         return n - n % PREFILL_CHUNK
 
+    def release_buffers(self) -> None:
+        """Let go of what the backend keeps for multi-row calls (a prompt's chunks) while
+        nothing runs; the next such call makes it again."""
+
     def _forward(self, tokens: np.ndarray, segments: list[Segment], all_logits: bool) -> np.ndarray:
         """Logits of all stacked rows [R, V] (all_logits) or of each segment's last row [B, V]."""
         raise NotImplementedError

@@ -325,6 +325,12 @@ class GraphRunner:
         outs = sig(*(inputs[n] for n in sig.inputs))
         return {n: o.copy() for n, o in zip(sig.outputs, outs)}
 
+    def release_buffers(self) -> None:
+        """Drop every signature's buffers kept for calls of more than one row (not while a
+        call runs); one-row (decode) buffers stay."""
+        for sig in self._sigs.values():
+            sig.release()
+
     def runner(self, signature: str, fresh: bool = False) -> Callable[..., tuple[np.ndarray, ...]]:
         """Fast form: f(*inputs in `input_names` order) -> outputs in `output_names` order.
 
@@ -380,6 +386,14 @@ class _Signature:
         self._sets[t] = kept
         _, self._in_caps, self._out_caps, self._out, self._out_flat, self._shapes = kept
         self._t = t
+
+    def release(self) -> None:
+        """Forget the buffers of every T > 1; the next call of such a T makes them again."""
+        for t in [t for t in self._sets if t > 1]:
+            del self._sets[t]
+        if self._t > 1:
+            self._t = -1
+            self._in_caps = self._out_caps = self._out = self._out_flat = self._shapes = ()
 
     def __call__(self, *xs: np.ndarray) -> tuple[np.ndarray, ...]:
         self._invoke(xs)

@@ -23,6 +23,7 @@ from pathlib import Path
 from edge.launch import engine_from_args
 from edge.launch.args import add_model_args, add_parallel_args, add_sampling_args, number, port, request_defaults
 from edge.launch.loaded_models import parse_keep_alive
+from edge.launch.memory import release_free_memory
 from edge.launch.request import (DEFAULT_CLOCK_LAST, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_LOADED_MODELS, DEFAULT_MAX_QUEUE,
                                  DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_REQUEST_SECONDS, DEFAULT_SPOKEN_TOKENS,
                                  DEFAULT_TOOL_LOOP_GUARD,
@@ -368,6 +369,7 @@ def warm_up_grammars(engine) -> None:
         engine.grammars.tokenizer
     except ValueError as e:           # a tokenizer llguidance cannot use: such requests get a 400
         log.info("constrained decoding unavailable: %s", e)
+    release_free_memory()             # the build's temporaries
 
 
 def warm_up(engine, generate) -> float:
