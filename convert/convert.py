@@ -96,7 +96,7 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     ckpt = read_checkpoint(src)
     quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
-    head = head_scheme(quant, head)
+    head = head_scheme(quant, head, ckpt.config.hidden_size)
     import threadpoolctl
     threads = parse_threads(threads)
     with threadpoolctl.threadpool_limits(threads if isinstance(threads, int) else CONVERT_THREADS, user_api="blas"):
