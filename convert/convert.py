@@ -23,8 +23,11 @@ FLOAT_QUANTS = {"f32": np.float32, "f16": np.float16}
 # - int8: rotation + smoothing + GPTQ. Rotation spreads activation outliers (+0.70 % -> +0.19 %
 #   perplexity, top-1 0.927 -> 0.949: folded rotations, then the in-graph one before w_down);
 #   GPTQ (act-order, 4096 tokens, int8's damping: convert.gptq.damping) gives +0.03 % / 96.3 %.
-# - int4 (per channel): rotation + smoothing + GPTQ (act-order, 4096 tokens): +15.8 % / 74.7 %,
-#   +19.6 % / 71.7 % with its int4 head (Q4_0: +21.2 % / 68.8 %). Neither helps alone (first
+# - int4 (per channel): as chosen on the development text (docs/QUANTIZATION.md), an int4-b32
+#   head, w_down of the first and last layer at int8 and GPTQ damping 0.03 (convert.llama_graph,
+#   convert.gptq). On the Shakespeare text, every matrix int4, rotation + smoothing + GPTQ
+#   (act-order, 4096 tokens): +15.8 % / 74.7 % with an int8 head,
+#   +19.6 % / 71.7 % with an int4 head (Q4_0: +21.2 % / 68.8 %). Neither helps alone (first
 #   1024 tokens, ctx 256: round-to-nearest +31 %, rotation alone +173 %, as it scatters the
 #   Q4_1 source's grid; GPTQ alone +44 %).
 # - int4-b32: rotation + smoothing + GPTQ: +9.9 % / 79.2 % (round-to-nearest +12.6 % / 77.0 %).
@@ -99,7 +102,7 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     ckpt = read_checkpoint(src)
     quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
-    head = head_scheme(quant, head)
+    head = head_scheme(quant, head, ckpt.config.hidden_size)
     import threadpoolctl
     from convert import workers
     threads = parse_threads(threads)

@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from convert.quantize import SCHEMES, QuantizedWeight, quantize
+from convert.quantize import INT4_BLOCK, SCHEMES, QuantizedWeight, quantize
 from convert.tflite_writer import Act, GraphBuilder, ModelBuilder
 from edge.model.config import ModelConfig
 
@@ -44,7 +44,7 @@ def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`. head None:
     `head_scheme(quant)`."""
     return _build(weights_by_name, config, quant, importance, down_rotation, [], hessians,
-                  head_scheme(quant, head)).finish()
+                  head_scheme(quant, head, config.hidden_size)).finish()
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
     The lm_head's `HeadLayout` (buffer indices, not yet file offsets) is appended to head_out."""
     get = weights_by_name if callable(weights_by_name) else weights_by_name.__getitem__
 
-    def quant_for(w: np.ndarray, group: str, scheme: str = quant):
+    def quant_for(w: np.ndarray, group: str, scheme: str | None = None):
+        scheme = scheme or group_scheme(quant, group, cfg.num_layers)
         if hessians is not None and group in hessians:
             from convert.gptq import damping, gptq_quantize
             return gptq_quantize(w, scheme, hessians.prepared(group, damping(scheme)), importance.get(group))
@@ -149,18 +150,42 @@ def by_row_blocks(w, quantize_rows: Callable[[np.ndarray], QuantizedWeight]) -> 
     return QuantizedWeight(scheme, (n, k), data.reshape((n,) + row_shape) if row_shape else data, scales, block_size)
 
 
-def head_scheme(quant: str, head: str | None = None) -> str:
+def head_scheme(quant: str, head: str | None = None, hidden_size: int | None = None) -> str:
     """The lm_head's format for each --quant (or the `--head` override, checked here): the one
     place this is decided. A tied model's embedding lookup reads the same rows, so this is the
-    embedding's format too. Per-channel int4 has an int4 head: with rotation and GPTQ it costs
-    SmolLM2 +19.6 % perplexity / 71.7 % top-1 against +15.8 % / 74.7 % with an int8 head, still
-    better than llama.cpp's Q4_0 (+21.2 % / 68.8 %), for 131 MB less to read per token on the
-    1B shape. int4-b32 keeps an int8 head, as llama.cpp keeps its output matrix at Q6_K."""
+    embedding's format too. Per-channel int4 has an int4-b32 head (blocks of 32 along the hidden
+    size, bf16-valued fp16 scales) when the hidden size allows it, else an int4 one: on the
+    development text (docs/QUANTIZATION.md) mean KL 0.2187 -> 0.2040 and perplexity +24.5 % ->
+    +22.8 % against the int4 head, for 14.4 MB more a token on the 1B shape (625 -> 640 MB,
+    llama.cpp's Q4_0 763); an int8 head would gain more (0.178) but read 131 MB more.
+    int4-b32 keeps an int8 head, as llama.cpp keeps its output matrix at Q6_K."""
     if head is not None:
         if head not in SCHEMES:
             raise ValueError(f"unknown head scheme {head!r}; choose from {', '.join(SCHEMES)}")
         return head
+    if quant == "int4":
+        return "int4-b32" if hidden_size is None or hidden_size % INT4_BLOCK == 0 else "int4"
     return "int8" if quant == "int4-b32" else quant
+
+
+# Matmul groups a scheme keeps at a wider format: (which layer, group) -> scheme. Per-channel
+# int4 keeps w_down of the first and the last layer at int8: on the development text
+# (docs/QUANTIZATION.md) mean KL 0.2187 -> 0.2071 and perplexity +24.5 % -> +22.8 % alone, for
+# 8.4 MB a token each on the 1B shape (2 of its 112 matrices).
+WIDER_GROUPS: dict[str, dict[tuple[str, str], str]] = {
+    "int4": {("first", "down"): "int8", ("last", "down"): "int8"},
+}
+
+
+def group_scheme(quant: str, group: str, num_layers: int) -> str:
+    """The format of one matmul group's weights ("layers.{i}.qkv|wo|gate_up|down"): --quant's,
+    unless `WIDER_GROUPS` keeps it wider. The head's is `head_scheme`'s."""
+    parts = group.split(".")
+    if len(parts) != 3 or parts[0] != "layers":
+        return quant
+    i = int(parts[1])
+    where = "first" if i == 0 else "last" if i == num_layers - 1 else "middle"
+    return WIDER_GROUPS.get(quant, {}).get((where, parts[2]), quant)
 
 
 def _qkv(g: GraphBuilder, x: Act, get, i: int, quant_for, eps: float) -> Act:

@@ -9,6 +9,7 @@ converter's smoothing search relies on; that pins the scheme down.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -18,7 +19,7 @@ import pytest
 from ai_edge_litert import schema_py_generated as fb
 
 from convert.checkpoint import expected_shapes
-from convert.llama_graph import build_llama_graph, head_scheme
+from convert.llama_graph import build_llama_graph, group_scheme, head_scheme
 import convert.quantize as quantize_mod
 from convert.quantize import CLIP_RATIOS, SCHEMES, pack_int4, quantize, unpack_int4
 from convert.smoothing import fake_quant_rows
@@ -331,7 +332,8 @@ def _reference(w, cfg, quant):
         p = f"layers.{i}."
         h = x + fc(attn, w[p + "wo"])
         n = _rms(h, w[p + "ffn_norm"], eps)
-        x_out = h + fc(_silu(fc(n, w[p + "w_gate"])) * fc(n, w[p + "w_up"]), w[p + "w_down"])
+        x_out = h + fc(_silu(fc(n, w[p + "w_gate"])) * fc(n, w[p + "w_up"]), w[p + "w_down"],
+                       group_scheme(quant, p + "down", L))
         if i < L - 1:
             return {"x_out": x_out, "qkv": qkv(x_out, i + 1)}
         return {"h_final": _rms(x_out, w["final_norm"], eps)}
@@ -372,6 +374,28 @@ def test_fused_llama_graph_matches_numpy(tmp_path, rng, quant, tied, rtol):
         assert r.delegated                                      # still, after the resize
     qkv_width = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
     assert r.run("entry", x=np.ones((1, D), np.float32))["qkv"].shape == (1, qkv_width)
+
+
+def test_int4_keeps_the_first_and_last_w_down_at_int8(tmp_path, rng):
+    """Per-channel int4's graph: w_down of the first and the last layer at int8 (WIDER_GROUPS),
+    every other matmul int4, the head int4-b32; the graph computes exactly those hybrid FCs."""
+    cfg = dataclasses.replace(_small_config(True), num_layers=3)
+    assert [group_scheme("int4", f"layers.{i}.{g}", 3) for i in range(3) for g in ("qkv", "down")] == \
+        ["int4", "int8", "int4", "int4", "int4", "int8"]
+    assert group_scheme("int8", "layers.0.down", 3) == "int8" and group_scheme("int4-b32", "layers.2.down", 3) == "int4-b32"
+    w = _random_weights(cfg, rng)
+    r = _runner(tmp_path, build_llama_graph(w, cfg, "int4"))
+    assert r.delegated
+    ref = _reference(w, cfg, "int4")
+    D, A = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+    for sig in ("layer_0", "layer_1", "layer_2"):
+        ins = {"x": rng.standard_normal((3, D)).astype(np.float32), "attn": rng.standard_normal((3, A)).astype(np.float32)}
+        got, want = r.run(sig, **ins), ref[sig](**ins)
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=0, atol=1e-4 * np.abs(want[k]).max(), err_msg=f"{sig}.{k}")
+    h = rng.standard_normal((2, D)).astype(np.float32)
+    np.testing.assert_allclose(r.run("lm_head", h=h)["logits"], ref["lm_head"](h=h)["logits"], rtol=0,
+                               atol=1e-4 * np.abs(ref["lm_head"](h=h)["logits"]).max())
 
 
 def test_unknown_quantization_is_refused(rng):
