@@ -264,9 +264,11 @@ class Hessians:
         x = self.inputs(group)
         return x.T @ x
 
-    def prepared(self, group: str, damp: float = DAMP, act_order: bool = ACT_ORDER) -> tuple:
+    def prepared(self, group: str, damp: float = DAMP, act_order: bool = ACT_ORDER,
+                 damp_of: Callable[[str], float] | None = None) -> tuple:
         """`prepare`'s (U, perm, dead) for a group, made once: its inputs can be taken once, so
-        a group's weights must all ask with the same settings."""
+        a group's weights must all ask with the same settings. damp_of(g): the damping the
+        layer's later groups will ask with (made ahead); None: `damp` for all of them."""
         if self._last is not None and self._last[0] == group:
             if self._last[1] != (damp, act_order):
                 raise ValueError(f"{group}: prepared with {self._last[1]}, asked with {(damp, act_order)}")
@@ -281,7 +283,8 @@ class Hessians:
                     if g in self._groups and g not in self._ahead and (g == group or g not in self._taken)]
             inputs = {g: self.inputs(g) for g in rest}
             for g in sorted(rest, key=lambda g: -inputs[g].shape[1]):
-                self._ahead[g] = ((damp, act_order), workers.submit(_factor, inputs.pop(g), damp, act_order))
+                d = damp if damp_of is None or g == group else damp_of(g)
+                self._ahead[g] = ((d, act_order), workers.submit(_factor, inputs.pop(g), d, act_order))
         settings, future = self._ahead.pop(group)
         if settings != (damp, act_order):
             raise ValueError(f"{group}: prepared with {settings}, asked with {(damp, act_order)}")

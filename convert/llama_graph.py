@@ -90,7 +90,9 @@ def _build(weights_by_name: Weights, cfg: ModelConfig, quant: str, importance: I
         scheme = scheme or group_scheme(quant, group, cfg.num_layers)
         if hessians is not None and group in hessians:
             from convert.gptq import damping, gptq_quantize
-            return gptq_quantize(w, scheme, hessians.prepared(group, damping(scheme)), importance.get(group))
+            factor = hessians.prepared(group, damping(scheme),
+                                       damp_of=lambda g: damping(group_scheme(quant, g, cfg.num_layers)))
+            return gptq_quantize(w, scheme, factor, importance.get(group))
         return quantize(w, scheme, importance.get(group))
     mb = ModelBuilder(f"edge-llm llama {quant}")
     D, L, eps = cfg.hidden_size, cfg.num_layers, cfg.rms_norm_eps

@@ -186,6 +186,13 @@ def test_hessians_run_the_calibration_pass_as_the_writer_asks(tmp_path):
         np.testing.assert_array_equal(perm, perm_ref)
         np.testing.assert_array_equal(dead, dead_ref)
         np.testing.assert_allclose(np.triu(u), np.triu(u_ref), rtol=1e-4, atol=1e-4 * np.abs(u_ref).max())
+    with Hessians.collect(get, cfg, segments) as hs:          # a wider w_down asks with its own damping
+        hs.prepared("layers.0.qkv", damp=0.03, damp_of=lambda g: 0.1 if g.endswith(".down") else 0.03)
+        hs.prepared("layers.0.wo", damp=0.03)
+        u, _, _ = hs.prepared("layers.0.down", damp=0.1)
+        x = expected["layers.0.down"].astype(np.float64)
+        u_ref, _, _ = prepare(x.T @ x, damp=0.1)
+        np.testing.assert_allclose(np.triu(u), np.triu(u_ref), rtol=1e-4, atol=1e-4 * np.abs(u_ref).max())
 
 
 def test_gptq_bundle_runs_and_says_so(tmp_path, monkeypatch):
