@@ -154,22 +154,22 @@ class Bundle:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of one tensor (its stored dtype)."""
+    def _tensor_entry(self, name: str) -> dict:
         try:
-            t = self.manifest["tensors"][name]
+            return self.manifest["tensors"][name]
         except KeyError:
             raise BundleError(f"{self.path / MANIFEST}: no tensor {name!r}") from None
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of one tensor (its stored dtype)."""
+        t = self._tensor_entry(name)
         return np.memmap(self.path / t["file"], dtype=np.dtype(t["dtype"]), mode="r",
                          offset=t["offset"], shape=tuple(t["shape"]))
 
     def tensor_rows(self, name: str):
         """One tensor's rows, each read from the file when asked (`FileRows`: nothing mapped)."""
         from edge.model.embedding import FileRows
-        try:
-            t = self.manifest["tensors"][name]
-        except KeyError:
-            raise BundleError(f"{self.path / MANIFEST}: no tensor {name!r}") from None
+        t = self._tensor_entry(name)
         return FileRows(self.path / t["file"], t["offset"], tuple(t["shape"]), np.dtype(t["dtype"]))
 
     @property
