@@ -102,7 +102,7 @@ def convert(src: Path, dest: Path, quant: str | None = None, overwrite: bool = F
     ckpt = read_checkpoint(src)
     quant = quant or default_quant(ckpt.config.parameter_count)
     _check_tokenizer(ckpt)
-    head = head_scheme(quant, head, ckpt.config.hidden_size)
+    head = head_scheme(quant, head)
     import threadpoolctl
     from convert import workers
     threads = parse_threads(threads)

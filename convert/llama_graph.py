@@ -30,7 +30,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from convert.quantize import INT4_BLOCK, SCHEMES, QuantizedWeight, quantize
+from convert.quantize import SCHEMES, QuantizedWeight, quantize
 from convert.tflite_writer import Act, GraphBuilder, ModelBuilder
 from edge.model.config import ModelConfig
 
@@ -44,7 +44,7 @@ def build_llama_graph(weights_by_name: Weights, config: ModelConfig, quant: str,
     """The whole graph file as bytes (small models, tests); see `write_llama_graph`. head None:
     `head_scheme(quant)`."""
     return _build(weights_by_name, config, quant, importance, down_rotation, [], hessians,
-                  head_scheme(quant, head, config.hidden_size)).finish()
+                  head_scheme(quant, head)).finish()
 
 
 @dataclass(frozen=True)
@@ -152,21 +152,19 @@ def by_row_blocks(w, quantize_rows: Callable[[np.ndarray], QuantizedWeight]) -> 
     return QuantizedWeight(scheme, (n, k), data.reshape((n,) + row_shape) if row_shape else data, scales, block_size)
 
 
-def head_scheme(quant: str, head: str | None = None, hidden_size: int | None = None) -> str:
+def head_scheme(quant: str, head: str | None = None) -> str:
     """The lm_head's format for each --quant (or the `--head` override, checked here): the one
     place this is decided. A tied model's embedding lookup reads the same rows, so this is the
-    embedding's format too. Per-channel int4 has an int4-b32 head (blocks of 32 along the hidden
-    size, bf16-valued fp16 scales) when the hidden size allows it, else an int4 one: on the
-    development text (docs/QUANTIZATION.md) mean KL 0.2187 -> 0.2040 and perplexity +24.5 % ->
-    +22.8 % against the int4 head, for 14.4 MB more a token on the 1B shape (625 -> 640 MB,
-    llama.cpp's Q4_0 763); an int8 head would gain more (0.178) but read 131 MB more.
-    int4-b32 keeps an int8 head, as llama.cpp keeps its output matrix at Q6_K."""
+    embedding's format too. Per-channel int4 keeps a per-channel int4 head: an int4-b32 head
+    measured better on the development text (mean KL 0.2187 -> 0.2040, docs/QUANTIZATION.md),
+    but XNNPACK's blockwise int4 kernels are 2-3x slower than its per-channel ones on x86
+    (AVX2), and with it the 1B int4 decode fell from ~46 to ~32 t/s (docs/SPEED.md), so it is
+    `--head int4-b32`, not the default. int4-b32 keeps an int8 head, as llama.cpp keeps its
+    output matrix at Q6_K."""
     if head is not None:
         if head not in SCHEMES:
             raise ValueError(f"unknown head scheme {head!r}; choose from {', '.join(SCHEMES)}")
         return head
-    if quant == "int4":
-        return "int4-b32" if hidden_size is None or hidden_size % INT4_BLOCK == 0 else "int4"
     return "int8" if quant == "int4-b32" else quant
 
 

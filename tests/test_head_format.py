@@ -24,10 +24,8 @@ def test_head_formats_compute_their_quantized_rows(tmp_path, scheme):
 
 
 def test_head_scheme_default_and_override():
-    assert head_scheme("int8") == "int8" and head_scheme("int4") == "int4-b32" and head_scheme("int4-b32") == "int8"
-    # per-channel int4's head takes blocks of 32 along the hidden size, when it divides it
-    assert head_scheme("int4", hidden_size=2048) == "int4-b32" and head_scheme("int4", hidden_size=48) == "int4"
-    assert head_scheme("int4", "int4", hidden_size=2048) == "int4"
+    assert head_scheme("int8") == "int8" and head_scheme("int4") == "int4" and head_scheme("int4-b32") == "int8"
+    assert head_scheme("int4", "int4") == "int4"
     assert head_scheme("int4", "int4-b32") == "int4-b32"
     for bad in ("int3", "int4/int8:8"):
         with pytest.raises(ValueError):
